@@ -1,0 +1,80 @@
+"""stepcascade's runtime: a small model writes reasoning steps; gates decide, step by step,
+whether a larger model writes (or re-writes) a step instead.
+
+    import cascade
+    result = cascade.solve("a=17;b=a*3;c=b-25;?c", budget=400)   # embedded default pair
+    print(result.answer, result.cost.total, result.escalation_rate)
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from cascade.answer import extract_answer
+from cascade.cost import Cost, CostModel, Prices, Usage
+from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
+from cascade.errors import CascadeError, ConfigError, StepFailedError
+from cascade.gates import (
+    GATES,
+    AlwaysLarge,
+    AlwaysSmall,
+    Confidence,
+    ConfidenceGate,
+    Gate,
+    GateState,
+    decide,
+    make_gate,
+)
+from cascade.records import Decision, Result, Step
+from cascade.runtime import Cascade, SolveOptions
+
+__all__ = [
+    "AlwaysLarge",
+    "AlwaysSmall",
+    "Cascade",
+    "CascadeError",
+    "Confidence",
+    "ConfidenceGate",
+    "ConfigError",
+    "Cost",
+    "CostModel",
+    "DEFAULT_EMBEDDED_GATE",
+    "Decision",
+    "GATES",
+    "Gate",
+    "GateState",
+    "Prices",
+    "Result",
+    "SolveOptions",
+    "Step",
+    "StepFailedError",
+    "Usage",
+    "decide",
+    "embedded_cascade",
+    "extract_answer",
+    "make_gate",
+    "solve",
+]
+
+# The gate the embedded pair uses by default (chosen on the calibration split; see README).
+DEFAULT_EMBEDDED_GATE = ConfidenceGate(threshold=0.5, signal="min_prob", mode="speculate")
+
+
+@lru_cache(maxsize=4)
+def _load_embedded(tiers: tuple[str, ...]):
+    from decoding import HFBackend
+
+    return tuple(HFBackend.from_pretrained(embedded_path(t), step_delimiter=EMBEDDED_DELIMITER)
+                 for t in tiers)
+
+
+def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small", "large")) -> Cascade:
+    """A Cascade over the shipped embedded models (loaded once per process and shared)."""
+    options = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
+    gates = [gate or DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1)
+    return Cascade(models=list(_load_embedded(tuple(tiers))), gates=gates, options=options)
+
+
+def solve(problem: str, budget: float | None = None, *, gate: Gate | None = None) -> Result:
+    """Solve one problem with the embedded default pair. `budget`: hard cap in cost units."""
+    return embedded_cascade(gate).solve(problem, budget)

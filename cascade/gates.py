@@ -1,0 +1,206 @@
+"""Gates: a gate maps the state of a step to a score; `score >= threshold` escalates.
+
+A gate never decides by itself: `decide` below is the one place where a score meets a
+threshold. So a calibration sweep over thresholds is a replay over recorded scores,
+and any gate can be calibrated by the same machinery.
+
+Modes:
+- "route": the gate sees a probe of the lower tier's first `probe_tokens` tokens of the
+  step (0 = nothing: decide before the step) and decides before the step is finished
+  (STEER-style). If it does not escalate, the lower tier finishes the step.
+- "speculate": the lower tier drafts the whole step; the gate judges the draft; a
+  rejected draft is thrown away (its cost still counts).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from decoding import ScoreOutput, StepOutput
+
+from cascade.errors import ConfigError
+
+__all__ = [
+    "Mode",
+    "Signal",
+    "Confidence",
+    "GateState",
+    "Gate",
+    "ConfidenceGate",
+    "AlwaysSmall",
+    "AlwaysLarge",
+    "decide",
+    "GATES",
+    "make_gate",
+]
+
+Mode = Literal["route", "speculate"]
+Signal = Literal["min_prob", "mean_prob", "entropy", "first_k"]
+SIGNALS: tuple[str, ...] = ("min_prob", "mean_prob", "entropy", "first_k")
+
+
+@dataclass(frozen=True)
+class Confidence:
+    """Confidence signals of a generated step (or probe), from its token log-probabilities.
+
+    mean_logprob: mean log-probability of the step's tokens (nats).
+    min_prob: smallest token probability in the step.
+    mean_entropy: mean entropy of the next-token distributions (nats).
+    first_k_mean_logprob: mean log-probability of the first k tokens (a pre-step signal).
+    An empty step has full confidence (logprob 0, probability 1, entropy 0).
+    """
+
+    mean_logprob: float
+    min_prob: float
+    mean_entropy: float
+    first_k_mean_logprob: float
+    tokens: int
+
+    @classmethod
+    def of(cls, output: StepOutput, k: int = 4) -> "Confidence":
+        lps, ents = output.logprobs, output.entropies
+        if not lps:
+            return cls(0.0, 1.0, 0.0, 0.0, 0)
+        first = lps[: max(1, k)]
+        return cls(
+            mean_logprob=math.fsum(lps) / len(lps),
+            min_prob=math.exp(min(lps)),
+            mean_entropy=math.fsum(ents) / len(ents) if ents else 0.0,
+            first_k_mean_logprob=math.fsum(first) / len(first),
+            tokens=len(lps),
+        )
+
+    def value(self, signal: Signal) -> float:
+        """The signal as a confidence in [0, 1] (1 = certain)."""
+        if signal == "min_prob":
+            return self.min_prob
+        if signal == "mean_prob":
+            return math.exp(self.mean_logprob)  # geometric mean of token probabilities
+        if signal == "entropy":
+            return math.exp(-self.mean_entropy)
+        if signal == "first_k":
+            return math.exp(self.first_k_mean_logprob)
+        raise ConfigError(f"unknown signal {signal!r}; choose one of {SIGNALS}")
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class GateState:
+    """All a gate may look at when judging tier `tier`'s output for one step.
+
+    output: the probe (route mode) or the whole draft (speculate mode).
+    verification: the next tier's scoring of the draft, when the gate asks for it.
+    """
+
+    problem: str
+    step_index: int
+    tier: int
+    context: str
+    output: StepOutput
+    confidence: Confidence
+    verification: ScoreOutput | None = None
+
+
+@runtime_checkable
+class Gate(Protocol):
+    """One scalar threshold and a score; higher score = more reason to escalate."""
+
+    threshold: float
+    mode: Mode
+    probe_tokens: int
+    requires_verification: bool
+
+    def score(self, state: GateState) -> float: ...
+
+
+def _check_threshold(threshold: float) -> None:
+    if not isinstance(threshold, (int, float)) or math.isnan(threshold):
+        raise ConfigError(f"threshold must be a number, got {threshold!r}")
+
+
+def _check_mode(mode: str, probe_tokens: int) -> None:
+    if mode not in ("route", "speculate"):
+        raise ConfigError(f"mode must be 'route' or 'speculate', got {mode!r}")
+    if not isinstance(probe_tokens, int) or probe_tokens < 0:
+        raise ConfigError(f"probe_tokens must be an integer >= 0, got {probe_tokens!r}")
+
+
+@dataclass(frozen=True)
+class ConfidenceGate:
+    """Escalate when the lower tier is unsure of its own step (STEER-style, no extra model).
+
+    score = 1 - confidence, confidence in [0, 1] from `signal`; so threshold t escalates
+    steps whose confidence is <= 1 - t. Higher threshold = fewer escalations = cheaper.
+    """
+
+    threshold: float = 0.5
+    signal: Signal = "min_prob"
+    mode: Mode = "speculate"
+    probe_tokens: int = 4
+    requires_verification: bool = False
+
+    def __post_init__(self) -> None:
+        _check_threshold(self.threshold)
+        _check_mode(self.mode, self.probe_tokens)
+        if self.signal not in SIGNALS:
+            raise ConfigError(f"signal must be one of {SIGNALS}, got {self.signal!r}")
+        if self.mode == "route" and self.probe_tokens == 0:
+            raise ConfigError("a route-mode ConfidenceGate needs probe_tokens >= 1 to see any confidence")
+
+    def score(self, state: GateState) -> float:
+        return 1.0 - state.confidence.value(self.signal)
+
+
+@dataclass(frozen=True)
+class AlwaysSmall:
+    """Never escalate: the lower tier writes every step."""
+
+    threshold: float = math.inf
+    mode: Mode = "route"
+    probe_tokens: int = 0
+    requires_verification: bool = False
+
+    def score(self, state: GateState) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class AlwaysLarge:
+    """Always escalate, before the lower tier writes anything."""
+
+    threshold: float = 0.0
+    mode: Mode = "route"
+    probe_tokens: int = 0
+    requires_verification: bool = False
+
+    def score(self, state: GateState) -> float:
+        return 1.0
+
+
+def decide(gate: Gate, state: GateState) -> tuple[float, bool]:
+    """The one place a score meets a threshold: returns (score, escalate)."""
+    score = float(gate.score(state))
+    if math.isnan(score):
+        raise ConfigError(f"{type(gate).__name__} returned a NaN score at step {state.step_index}")
+    return score, score >= gate.threshold
+
+
+GATES: dict[str, type] = {
+    "confidence": ConfidenceGate,
+    "always-small": AlwaysSmall,
+    "always-large": AlwaysLarge,
+}
+
+
+def make_gate(name: str, **options) -> Gate:
+    """Build a gate by registry name (CLI and HTTP edge); the error lists valid names."""
+    if name not in GATES:
+        raise ConfigError(f"unknown gate {name!r}; choose one of {sorted(GATES)}")
+    try:
+        return GATES[name](**options)
+    except TypeError as error:
+        raise ConfigError(f"bad options for gate {name!r}: {error}") from error

@@ -1,0 +1,125 @@
+"""Frozen records of what a cascade did: Decision, Step, Result."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from cascade.cost import Cost, Usage
+from cascade.gates import Confidence
+
+__all__ = ["Decision", "Step", "Result", "StopReason"]
+
+StopReason = Literal["answer", "eos", "max_steps", "budget", "error"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One gate decision: the output of tier `tier` was scored against `threshold`.
+
+    escalated: tier + 1 took over the step. capped: the gate asked to escalate but the
+    next tier's worst case did not fit in what was left of the budget, so it did not.
+    """
+
+    tier: int
+    score: float
+    threshold: float
+    escalated: bool
+    capped: bool = False
+
+    def to_json(self) -> dict:
+        score = self.score if math.isfinite(self.score) else None
+        threshold = self.threshold if math.isfinite(self.threshold) else None
+        return {"tier": self.tier, "score": score, "threshold": threshold,
+                "escalated": self.escalated, "capped": self.capped}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One accepted step.
+
+    text: the step without its trailing delimiter. tier / author: who wrote it.
+    confidence: signals of the author's own tokens. decisions: every gate decision taken
+    for this step, in order. usage: per tier, everything this step spent (probes,
+    rejected drafts, verification and the accepted text). drafts: rejected outputs.
+    """
+
+    index: int
+    text: str
+    tier: int
+    author: str
+    confidence: Confidence
+    decisions: tuple[Decision, ...]
+    usage: tuple[Usage, ...]
+    drafts: tuple[str, ...] = ()
+
+    @property
+    def cost(self) -> float:
+        return math.fsum(u.cost for u in self.usage)
+
+    @property
+    def escalated(self) -> bool:
+        return self.tier > 0
+
+    @property
+    def gate_score(self) -> float | None:
+        return self.decisions[-1].score if self.decisions else None
+
+    def to_json(self) -> dict:
+        return {
+            "index": self.index, "text": self.text, "tier": self.tier, "author": self.author,
+            "confidence": self.confidence.to_json(),
+            "decisions": [d.to_json() for d in self.decisions],
+            "usage": [u.__dict__.copy() for u in self.usage], "cost": self.cost,
+            "drafts": list(self.drafts),
+        }
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one problem.
+
+    answer: the extracted final answer, or None. stop_reason: why the loop ended.
+    cap_intervened: the hard cap changed what happened (an escalation refused, a step
+    shortened, or the request stopped). budget: the cap it ran under (None = none).
+    """
+
+    problem: str
+    answer: str | None
+    steps: tuple[Step, ...]
+    cost: Cost
+    tier_names: tuple[str, ...]
+    stop_reason: StopReason
+    cap_intervened: bool
+    budget: float | None
+
+    @property
+    def text(self) -> str:
+        return "\n".join(step.text for step in self.steps)
+
+    @property
+    def escalation_rate(self) -> float:
+        """Fraction of steps not written by the cheapest tier."""
+        if not self.steps:
+            return 0.0
+        return sum(step.tier > 0 for step in self.steps) / len(self.steps)
+
+    @property
+    def tier_rates(self) -> tuple[float, ...]:
+        """Fraction of steps written by each tier."""
+        n = max(1, len(self.steps))
+        return tuple(sum(step.tier == k for step in self.steps) / n for k in range(len(self.tier_names)))
+
+    def to_json(self) -> dict:
+        return {
+            "problem": self.problem, "answer": self.answer,
+            "cost": self.cost.to_json(), "escalation_rate": self.escalation_rate,
+            "tier_names": list(self.tier_names), "tier_rates": list(self.tier_rates),
+            "stop_reason": self.stop_reason, "cap_intervened": self.cap_intervened,
+            "budget": self.budget, "steps": [step.to_json() for step in self.steps],
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json())

@@ -1,0 +1,155 @@
+"""Records and the backend protocol: what a cascade asks of a model, and what comes back.
+
+This module owns the narrow interface between the cascade runtime and any model engine.
+It knows nothing about gates, costs or budgets.
+
+A request's context is plain text: the problem (which each backend renders with its own
+prompt template) and the steps accepted so far, concatenated. Backends are free to keep
+per-request caches keyed by `request_id`; the text is the source of truth, so a backend
+whose cache diverged from the text (a rejected draft, a calibration sweep branching)
+catches up by itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, Sequence, runtime_checkable
+
+__all__ = [
+    "StopReason",
+    "ModelInfo",
+    "StepRequest",
+    "ScoreRequest",
+    "StepOutput",
+    "ScoreOutput",
+    "Backend",
+    "BackendError",
+    "ModelLoadError",
+]
+
+StopReason = Literal["delimiter", "eos", "max_tokens"]
+
+
+class BackendError(RuntimeError):
+    """A model backend failed (engine error, server down, malformed output)."""
+
+    def __init__(self, message: str, backend: str = "") -> None:
+        super().__init__(f"[{backend}] {message}" if backend else message)
+        self.backend = backend
+
+
+class ModelLoadError(BackendError, ValueError):
+    """A model could not be loaded from the given path or hub id."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs to know about a model.
+
+    name: path or hub id it was loaded from (or a user-given name).
+    fingerprint: hex digest identifying the weights (calibration files are tied to it).
+    num_parameters: used by the default FLOPs-based cost model.
+    step_delimiter: text that ends a step ("\\n\\n" for real math models).
+    """
+
+    name: str
+    fingerprint: str
+    num_parameters: int
+    step_delimiter: str
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    """Generate the next step of one request.
+
+    context: steps accepted so far (text after the prompt), each ending in the delimiter.
+    max_tokens: generation stops after this many tokens (a route gate's probe uses a
+        small value; the step then continues with the probe text appended to context).
+    temperature: 0 = greedy. With temperature > 0 the sampler is seeded from
+        (seed, problem, context), so the same seed and context give the same step.
+    return_hidden: also return the last-layer hidden state after the last token.
+    """
+
+    request_id: str
+    problem: str
+    context: str
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+    return_hidden: bool = False
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Per-token log-probabilities of `text` following the problem's prompt + context."""
+
+    request_id: str
+    problem: str
+    context: str
+    text: str
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One generated step.
+
+    text: decoded text of the generated tokens, including the delimiter when it stopped
+        there (EOS is not part of the text).
+    token_ids, logprobs, entropies: shape (generated_tokens,); logprobs of the chosen
+        tokens and entropies (nats) of the distributions they were drawn from.
+    prefill_tokens: tokens the backend had to feed to catch up with the context
+        (0 when its cache already held it).
+    seconds: wall-clock seconds of this call for this request.
+    hidden: last-layer hidden state after the last token, shape (hidden_size,), or None.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    entropies: tuple[float, ...]
+    stop_reason: StopReason
+    prefill_tokens: int
+    seconds: float
+    hidden: tuple[float, ...] | None = field(default=None, repr=False)
+
+    @property
+    def generated_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class ScoreOutput:
+    """Log-probabilities of a given text. prefill_tokens counts the catch-up only;
+    scored_tokens (= len(logprobs)) are also fed through the model."""
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    prefill_tokens: int
+    seconds: float
+
+    @property
+    def scored_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A model engine. Calls take a batch; a backend may run it as one batch or one by one."""
+
+    info: ModelInfo
+
+    def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
+        """Generate one step for each request (stop at the delimiter, EOS or max_tokens)."""
+        ...
+
+    def score_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
+        """Score each given text in one forward pass per request."""
+        ...
+
+    def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
+        """An upper bound on the tokens a call with this context would have to prefill."""
+        ...
+
+    def release(self, request_id: str) -> None:
+        """Free the request's cached state (idempotent)."""
+        ...

@@ -1,0 +1,6 @@
+#!/bin/bash
+# Trains the embedded pair one after the other, both cores each; resumable (re-run to continue).
+cd "$(dirname "$0")/.."
+export PYTHONPATH=.
+python -m bench.train_embedded --size small --steps 3000 --learning-rate 2e-3 --out runs/train/small
+python -m bench.train_embedded --size large --steps 1000 --learning-rate 1e-3 --out runs/train/large
