@@ -38,7 +38,12 @@ def _rank(n: int, alpha: float) -> int:
 def min_n_conformal(alpha: float) -> int:
     """Smallest n with ceil((n + 1)(1 - alpha)) <= n, i.e. ceil(1/alpha) - 1.
 
-    Below it the split-conformal (1 - alpha) quantile is +inf.
+    Below it the split-conformal (1 - alpha) quantile is +inf, so no finite
+    bound with coverage >= 1 - alpha exists for exchangeable scores. ``alpha``
+    in (0, 1); returns a number of calibration problems.
+
+    Reference: Angelopoulos & Bates, "A Gentle Introduction to Conformal
+    Prediction" (2021), Sec. 1.
     """
     alpha = check_probability("alpha", alpha)
     return max(1, ceil_tol((1.0 - alpha) / alpha))

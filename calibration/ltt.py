@@ -87,7 +87,13 @@ def min_n_ltt(alpha: float, delta: float, pvalue: PValueMethod = "binomial") -> 
     """Smallest n at which zero violations give a p-value <= delta.
 
     For both p-value families p(k=0) = (1 - alpha)^n, so this is
-    ceil(log(delta) / log(1 - alpha)). Below it LTT can certify nothing.
+    ceil(log(delta) / log(1 - alpha)). Below it LTT can certify nothing
+    (for i.i.d. problems no data set would reject H0 at level delta). Use
+    ``delta / m`` for Bonferroni over m candidates. Returns a number of
+    calibration problems.
+
+    Reference: Angelopoulos et al., "Learn then Test" (2021); Bates et al.,
+    RCPS (2021).
     """
     alpha = check_probability("alpha", alpha)
     delta = check_probability("delta", delta)

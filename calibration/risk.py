@@ -36,6 +36,12 @@ def risk_control_bound(costs: ArrayLike, cost_max: float) -> np.ndarray:
 
     Returns:
         float array, shape (n_thresholds,), cost units.
+
+    Guarantee: for exchangeable problems and costs monotone along the
+    candidate order, selecting the most escalating candidate with bound <= B
+    gives E[cost_test] <= B (see :func:`select_risk_control`).
+
+    Reference: Angelopoulos et al., "Conformal Risk Control" (2022), Thm. 1.
     """
     arr = check_costs(costs)
     n = arr.shape[0]

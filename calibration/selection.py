@@ -141,6 +141,9 @@ def choose_by_objective(selection: Selection, objective: ArrayLike, maximize: bo
     certified set; for the conformal methods, under the stated monotonicity,
     every candidate earlier in the order costs no more than the chosen one), so
     choosing among them with data-dependent, label-free criteria keeps it.
+
+    Reference: Angelopoulos et al., "Learn then Test" (2021) (FWER over the
+    certified set); Angelopoulos et al., "Conformal Risk Control" (2022).
     """
     obj = np.asarray(objective, dtype=float)
     if obj.shape != (selection.n_thresholds,):

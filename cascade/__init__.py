@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from cascade.answer import extract_answer
+from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep
 from cascade.cost import Cost, CostModel, Prices, Usage
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from cascade.errors import CascadeError, ConfigError, StepFailedError
@@ -31,6 +32,8 @@ from cascade.runtime import Cascade, SolveOptions
 __all__ = [
     "AlwaysLarge",
     "AlwaysSmall",
+    "Calibration",
+    "CalibrationFileError",
     "Cascade",
     "CascadeError",
     "Confidence",
@@ -48,12 +51,15 @@ __all__ = [
     "SolveOptions",
     "Step",
     "StepFailedError",
+    "SweepResult",
     "Usage",
+    "calibrate",
     "decide",
     "embedded_cascade",
     "extract_answer",
     "make_gate",
     "solve",
+    "sweep",
 ]
 
 # The gate the embedded pair uses by default (chosen on the calibration split; see README).
@@ -64,8 +70,8 @@ DEFAULT_EMBEDDED_GATE = ConfidenceGate(threshold=0.5, signal="min_prob", mode="s
 def _load_embedded(tiers: tuple[str, ...]):
     from decoding import HFBackend
 
-    return tuple(HFBackend.from_pretrained(embedded_path(t), step_delimiter=EMBEDDED_DELIMITER)
-                 for t in tiers)
+    return tuple(HFBackend.from_pretrained(embedded_path(t), step_delimiter=EMBEDDED_DELIMITER,
+                                           name=f"embedded:{t}") for t in tiers)
 
 
 def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small", "large")) -> Cascade:

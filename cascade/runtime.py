@@ -97,7 +97,7 @@ class Cascade:
                  gate: Gate | None = None, *, models: Sequence[Backend] | None = None,
                  gates: Sequence[Gate] | None = None, cost_model: CostModel | None = None,
                  tier_names: Sequence[str] | None = None,
-                 options: SolveOptions = SolveOptions()) -> None:
+                 options: SolveOptions = SolveOptions(), calibration=None) -> None:
         if models is None:
             if small is None or large is None:
                 raise ConfigError("give small= and large=, or models=[...]")
@@ -126,6 +126,10 @@ class Cascade:
         if len(self.tier_names) != len(models):
             raise ConfigError(f"tier_names has {len(self.tier_names)} names for {len(models)} models")
         self.options = options
+        self.calibration = None
+        if calibration is not None:
+            calibration.check_models(self)
+            self.calibration = calibration
 
     def _check_gates(self, gates: Sequence[Gate]) -> list[Gate]:
         gates = list(gates)
@@ -156,6 +160,23 @@ class Cascade:
                                               device=device) for p in paths]
         return cls(models=backends, gate=gate, gates=gates, options=options, cost_model=cost_model)
 
+    @classmethod
+    def from_calibration(cls, path: str | Path, models: Sequence[Backend] | None = None,
+                         options: SolveOptions | None = None) -> "Cascade":
+        """A cascade that looks its thresholds up in a saved calibration.
+
+        Without `models`, the models are loaded by the names the calibration recorded
+        ("embedded:<tier>" for the shipped ones); either way their fingerprints must match.
+        """
+        from cascade.calibrate import Calibration
+
+        calibration = Calibration.load(path)
+        if models is None:
+            models = [_load_named(m["name"]) for m in calibration.models]
+        gates = calibration.gates_for(math.inf)
+        return cls(models=models, gates=gates, options=options or _default_options(models),
+                   calibration=calibration)
+
     # ---- public entry points ------------------------------------------------------------
 
     def solve(self, problem: str, budget: float | None = None, *,
@@ -173,6 +194,10 @@ class Cascade:
         otherwise the first error is raised once every request has ended."""
         problems = [_check_problem(p) for p in problems]
         budget = _check_budget(budget)
+        if gates is None and self.calibration is not None and budget is not None:
+            # The threshold certified for the largest calibrated budget <= this one; the
+            # budget itself is still enforced as a hard cap.
+            gates = self.calibration.gates_for(budget)
         gates = self._check_gates(gates) if gates is not None else self.gates
         options = options or self.options
         if not isinstance(concurrency, int) or concurrency < 1:
@@ -355,6 +380,23 @@ class _Run:
                       steps=tuple(self.steps), cost=Cost(tuple(self.spent)),
                       tier_names=self.cascade.tier_names, stop_reason=stop_reason,
                       cap_intervened=self.cap_intervened, budget=self.budget)
+
+
+def _load_named(name: str) -> Backend:
+    from cascade.embedded import EMBEDDED_DELIMITER, embedded_path
+
+    if name.startswith("embedded:"):
+        tier = name.split(":", 1)[1]
+        return HFBackend.from_pretrained(embedded_path(tier), step_delimiter=EMBEDDED_DELIMITER, name=name)
+    return HFBackend.from_pretrained(name)
+
+
+def _default_options(models: Sequence[Backend]) -> SolveOptions:
+    from cascade.embedded import EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS
+
+    if all(m.info.name.startswith("embedded:") for m in models):
+        return SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
+    return SolveOptions()
 
 
 def _join(first: StepOutput, second: StepOutput) -> StepOutput:

@@ -10,6 +10,7 @@ This module knows nothing about gates, costs or budgets.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -99,12 +100,15 @@ class HFBackend:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, step_delimiter: str = "\n\n",
                         prompt_template: str | None = None, dtype: str = "float32",
-                        device: str = "cpu", **model_kwargs) -> "HFBackend":
-        """Load any causal LM + tokenizer from a local directory or a hub id."""
+                        device: str = "cpu", name: str | None = None, **model_kwargs) -> "HFBackend":
+        """Load any causal LM + tokenizer from a local directory or a hub id.
+
+        name: what `info.name` reports (default: the path or id as given)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        display_name = name
         name = str(name_or_path)
         local = Path(name).expanduser()
         looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -118,7 +122,7 @@ class HFBackend:
         model.to(device)
         fingerprint = weights_fingerprint(local) if local.is_dir() else hashlib.sha256(
             json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return cls(model, tokenizer, name=name, step_delimiter=step_delimiter,
+        return cls(model, tokenizer, name=display_name or name, step_delimiter=step_delimiter,
                    prompt_template=prompt_template, fingerprint=fingerprint, device=device)
 
     # ---- prompt and tokenization -------------------------------------------------------
@@ -157,7 +161,8 @@ class HFBackend:
     # ---- cache management ----------------------------------------------------------------
 
     @torch.no_grad()
-    def _feed(self, session: _Session, ids: list[int], keep_logits: int = 1) -> torch.Tensor:
+    def _feed(self, session: _Session, ids: list[int], keep_logits: int = 1,
+              hidden: bool = False) -> torch.Tensor:
         """Run `ids` through the model on top of the session's cache.
 
         Returns float32 log-probabilities for the last `keep_logits` positions,
@@ -170,13 +175,13 @@ class HFBackend:
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
         try:
             out = self.model(input_ids=input_ids, past_key_values=session.cache, use_cache=True,
-                             logits_to_keep=keep_logits, output_hidden_states=True)
+                             logits_to_keep=keep_logits, output_hidden_states=hidden)
         except (RuntimeError, IndexError) as error:
             raise BackendError(f"forward pass failed: {error}", self.info.name) from error
         session.cache = out.past_key_values
         logits = out.logits[0].float()
         session.next_logits = logits[-1]
-        session.next_hidden = out.hidden_states[-1][0, -1].float()
+        session.next_hidden = out.hidden_states[-1][0, -1].float() if hidden else None
         session.ids.extend(ids)
         return torch.log_softmax(logits, dim=-1)
 
@@ -192,7 +197,8 @@ class HFBackend:
                 keep = (tokens, chars)
         return keep
 
-    def _catch_up(self, request_id: str, problem: str, context: str) -> tuple[_Session, int]:
+    def _catch_up(self, request_id: str, problem: str, context: str,
+                  hidden: bool = False) -> tuple[_Session, int]:
         """Bring the session to prompt + context; returns it and the number of tokens fed."""
         session = self._sessions.setdefault(request_id, _Session())
         prompt, add_special = self.render_prompt(problem)
@@ -205,7 +211,7 @@ class HFBackend:
             prompt_ids = self._encode(prompt, add_special_tokens=add_special)
             if not prompt_ids:
                 raise BackendError("the prompt encoded to no tokens", self.info.name)
-            self._feed(session, prompt_ids)
+            self._feed(session, prompt_ids, hidden=hidden)
             fed += len(prompt_ids)
             tokens, chars = len(prompt_ids), len(prompt)
             session.text = prompt
@@ -218,12 +224,12 @@ class HFBackend:
             del session.ids[tokens - 1:]
             session.text = target[:chars]
             session.boundaries = [b for b in session.boundaries if b[0] <= tokens]
-            self._feed(session, [last])
+            self._feed(session, [last], hidden=hidden)
             fed += 1
         rest = target[chars:]
         if rest:
             ids = self._encode(rest)
-            self._feed(session, ids)
+            self._feed(session, ids, hidden=hidden)
             fed += len(ids)
             session.text = target
             session.boundaries.append((len(session.ids), len(target)))
@@ -251,12 +257,19 @@ class HFBackend:
     def release(self, request_id: str) -> None:
         self._sessions.pop(request_id, None)
 
+    def fork(self, source_id: str, target_id: str) -> None:
+        """Give `target_id` a copy of `source_id`'s cached state (KV cache included), so two
+        branches of a calibration sweep each continue exactly as an independent run would."""
+        source = self._sessions.get(source_id)
+        self._sessions[target_id] = copy.deepcopy(source) if source is not None else _Session()
+
     @torch.no_grad()
     def _next_step(self, request: StepRequest) -> StepOutput:
         if request.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
         started = time.perf_counter()
-        session, fed = self._catch_up(request.request_id, request.problem, request.context)
+        session, fed = self._catch_up(request.request_id, request.problem, request.context,
+                                      hidden=request.return_hidden)
         generator = None
         if request.temperature > 0:
             seed = zlib.crc32(f"{request.seed}\x00{request.problem}\x00{request.context}".encode())
@@ -281,11 +294,16 @@ class HFBackend:
             if token in self.eos_ids:
                 stop_reason = "eos"
                 break
-            self._feed(session, [token])
-            text = self._decode_after(anchor, [t for t in token_ids])
-            if delimiter in text:
-                stop_reason = "delimiter"
-                break
+            self._feed(session, [token], hidden=request.return_hidden)
+            # Decoding the whole step each token is quadratic; only look when this token
+            # could have completed the delimiter (decoded text is matched, not token ids).
+            if delimiter[-1] in self.tokenizer.decode([token], skip_special_tokens=False):
+                text = self._decode_after(anchor, token_ids)
+                if delimiter in text:
+                    stop_reason = "delimiter"
+                    break
+        if stop_reason == "max_tokens":
+            text = self._decode_after(anchor, token_ids)
         if token_ids and token_ids[-1] in self.eos_ids:
             text = self._decode_after(anchor, token_ids[:-1]) if len(token_ids) > 1 else ""
         session.text += text

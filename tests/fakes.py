@@ -81,5 +81,9 @@ class FakeBackend:
                                        tuple(-0.5 for _ in request.text), fed, 0.001))
         return outputs
 
+    def fork(self, source_id: str, target_id: str) -> None:
+        if source_id in self.cached:
+            self.cached[target_id] = self.cached[source_id]
+
     def release(self, request_id: str) -> None:
         self.cached.pop(request_id, None)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from calibration import (
+    CalibrationError,
     InfeasibleBudgetError,
     InsufficientDataError,
     conformal_quantile,
@@ -45,7 +46,7 @@ def test_quantile_too_few_points_states_minimum_n() -> None:
 
 @pytest.mark.parametrize("bad", [[1.0, np.nan], [1.0, np.inf], [], [[1.0, 2.0]]])
 def test_quantile_rejects_bad_scores(bad: list) -> None:
-    with pytest.raises(ValueError, match="scores"):
+    with pytest.raises(CalibrationError, match="scores"):
         conformal_quantile(bad, 0.1)
 
 

@@ -178,7 +178,9 @@ def _naive(cal: np.ndarray, budget: float, alpha: float, order: np.ndarray) -> i
     return int(order[ok[-1]])
 
 
-def _fwer(family, budget: float, alpha: float, delta: float, n_splits: int, seed: int, pvalue: str = "binomial"):
+def _fwer(
+    family, budget: float, alpha: float, delta: float, n_splits: int, seed: int, pvalue: str = "binomial"
+) -> np.ndarray:
     """Fractions of calibration draws whose choice has TRUE risk > alpha.
 
     Calibration sets of 300 problems are drawn with replacement from the pool,

@@ -136,7 +136,8 @@ def test_bad_alpha(name: str, alpha) -> None:
 @pytest.mark.parametrize("name", WITH_DELTA)
 @pytest.mark.parametrize("delta", [0.0, 1.0, -0.5, 2.0, np.nan])
 def test_bad_delta(name: str, delta: float) -> None:
-    with pytest.raises(CalibrationError, match=r"delta must be in \(0, 1\), got " + repr(delta).replace(".", r"\.")):
+    pattern = r"delta must be in \(0, 1\), got " + repr(delta).replace(".", r"\.")
+    with pytest.raises(CalibrationError, match=pattern):
         _call(name, delta=delta)
 
 
@@ -150,7 +151,13 @@ def test_bad_budget(name: str, budget: float) -> None:
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize(
     "order, pattern",
-    [((), "non-empty"), ((0, 0, 1), "repeat"), ((0, 3), r"\[0, 2\]"), ((-1, 0), r"\[0, 2\]"), ((0.0, 1.0), "integer")],
+    [
+        ((), "non-empty"),
+        ((0, 0, 1), "repeat"),
+        ((0, 3), r"\[0, 2\]"),
+        ((-1, 0), r"\[0, 2\]"),
+        ((0.0, 1.0), "integer"),
+    ],
 )
 def test_bad_order(name: str, order: tuple, pattern: str) -> None:
     with pytest.raises(CalibrationError, match=pattern):

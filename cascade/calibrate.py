@@ -1,0 +1,447 @@
+"""Label-free calibration of a cascade's gate thresholds, and the memoized sweep behind it.
+
+`sweep` runs a cascade at many threshold candidates on each problem and records arrays
+(cost, escalation, answer); `calibrate` hands them to the pure `calibration` package to
+certify, for each budget B of a grid, a threshold whose cost exceeds B on a new problem
+with probability at most alpha (with confidence 1 - delta for Learn-then-Test), and
+picks among certified thresholds by a label-free objective (default: agreement of the
+final answer with the top tier's own answer). The result is a frozen, versioned,
+checksummed `Calibration` that `Cascade.solve(budget=B)` looks thresholds up in.
+
+Costs are recorded without a cap. At serving time the hard cap still holds for every
+request; the calibration certifies that the cap has to intervene on at most a fraction
+alpha of problems, so the calibrated accuracy is what users get on the others.
+
+The sweep is memoized as a tree: for one problem, all candidates run in lockstep, and
+candidates whose calls so far were identical share one backend session and one model
+call. When their next calls differ, the session is forked (KV cache copied), so every
+branch's prefill and cost are exactly those of an independent run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+import calibration as cal
+from cascade.errors import CascadeError, ConfigError
+from cascade.gates import GATES, AlwaysLarge, Gate
+from cascade.records import Result
+from cascade.runtime import Cascade, SolveOptions
+from decoding import ScoreRequest, StepRequest
+
+__all__ = ["SweepResult", "Calibration", "CalibrationFileError", "sweep", "calibrate",
+           "default_thresholds", "SCHEMA_VERSION"]
+
+SCHEMA_VERSION = 1
+Method = Literal["ltt", "conformal", "risk"]
+Objective = Literal["agreement", "max_escalation", "min_cost"]
+
+
+class CalibrationFileError(CascadeError, ValueError):
+    """A calibration file is corrupt, edited, of another schema, or for other models."""
+
+
+def default_thresholds(k: int = 21) -> tuple[float, ...]:
+    """k thresholds evenly spaced in [0, 1] (scores of the built-in gates lie there)."""
+    return tuple(float(x) for x in np.round(np.linspace(0.0, 1.0, k), 6))
+
+
+# ---- the sweep ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SweepResult:
+    """Per-problem outcomes at each candidate.
+
+    candidates: threshold vectors, shape (K, n_gates). costs, escalation: shape (n, K).
+    answers: n lists of K answers. reference_answers: the top tier's own answer per problem.
+    executed_tokens / independent_tokens: tokens the sweep ran vs. what K independent
+    runs of the same candidates would have run (prefill + generated, all tiers).
+    """
+
+    candidates: tuple[tuple[float, ...], ...]
+    problems: tuple[str, ...]
+    costs: np.ndarray
+    escalation: np.ndarray
+    answers: tuple[tuple[str | None, ...], ...]
+    reference_answers: tuple[str | None, ...]
+    executed_tokens: int = 0
+    independent_tokens: int = 0
+    seconds: float = 0.0
+
+    @property
+    def agreement(self) -> np.ndarray:
+        """(n, K) bool: the candidate's answer equals the top tier's answer (both present)."""
+        return np.array([[a is not None and a == ref for a in row]
+                         for row, ref in zip(self.answers, self.reference_answers)], dtype=bool)
+
+
+class _SharedView:
+    """A backend as the step machines of one sweep see it: machine request ids are mapped
+    to the shared session of their branch (calls themselves go through the driver)."""
+
+    def __init__(self, backend, route: dict[str, str]) -> None:
+        self.backend = backend
+        self.route = route
+        self.info = backend.info
+
+    def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
+        return self.backend.prefill_bound(self.route[request_id], problem, context)
+
+    def release(self, request_id: str) -> None:  # sessions are released by the sweep
+        pass
+
+    def next_steps(self, requests):  # pragma: no cover - the sweep driver calls the backend
+        raise AssertionError("sweep machines must not call backends directly")
+
+    score_steps = next_steps
+
+
+def _call_key(tier: int, request) -> tuple:
+    return (tier, type(request).__name__, dataclasses.replace(request, request_id=""))
+
+
+def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Gate]],
+                   options: SolveOptions, tag: str) -> tuple[list[Result], int]:
+    """Run every candidate on one problem as a shared tree; returns results and tokens run."""
+    models = cascade.models
+    shareable = all(hasattr(m, "fork") for m in models)
+    route: dict[str, str] = {}
+    views = [_SharedView(m, route) for m in models]
+    runner = Cascade(models=views, gates=candidate_gates[0], cost_model=cascade.cost_model,
+                     tier_names=cascade.tier_names, options=options)
+    machine_ids = [f"{tag}:m{k}" for k in range(len(candidate_gates))]
+    for k, mid in enumerate(machine_ids):
+        route[mid] = f"{tag}:s0" if shareable else f"{tag}:s{k}"
+    machines = [runner.step_machine(problem, None, gates, options, request_id=mid)
+                for gates, mid in zip(candidate_gates, machine_ids)]
+    results: list[Result | None] = [None] * len(machines)
+    pending: dict[int, tuple] = {}
+    executed = 0
+    fresh = iter(range(1, 1 << 30))
+
+    def advance(k: int, value=None) -> None:
+        try:
+            pending[k] = machines[k].send(value)
+        except StopIteration as stop:
+            results[k] = stop.value
+            pending.pop(k, None)
+
+    for k in range(len(machines)):
+        advance(k)
+    try:
+        while pending:
+            buckets: dict[tuple, list[int]] = {}
+            for k, (tier, request) in pending.items():
+                buckets.setdefault((route[machine_ids[k]], _call_key(tier, request)), []).append(k)
+            # Branches that diverge this round get their own copy of the session first.
+            seen: set[str] = set()
+            for (session, _), members in buckets.items():
+                if session in seen:
+                    branch = f"{tag}:s{next(fresh)}"
+                    for model in models:
+                        model.fork(session, branch)
+                    for k in members:
+                        route[machine_ids[k]] = branch
+                seen.add(session)
+            for (_, _), members in buckets.items():
+                tier, request = pending[members[0]]
+                request = dataclasses.replace(request, request_id=route[machine_ids[members[0]]])
+                if isinstance(request, StepRequest):
+                    output = models[tier].next_steps([request])[0]
+                    executed += output.prefill_tokens + output.generated_tokens
+                else:
+                    assert isinstance(request, ScoreRequest)
+                    output = models[tier].score_steps([request])[0]
+                    executed += output.prefill_tokens + output.scored_tokens
+                for k in members:
+                    advance(k, output)
+    finally:
+        for session in set(route.values()):
+            for model in models:
+                model.release(session)
+    return results, executed  # type: ignore[return-value]
+
+
+def _with_threshold(gate: Gate, threshold: float) -> Gate:
+    if not dataclasses.is_dataclass(gate):
+        raise ConfigError(f"{type(gate).__name__} is not a dataclass gate; cannot sweep its threshold")
+    return dataclasses.replace(gate, threshold=threshold)
+
+
+def _tokens(result: Result) -> int:
+    return sum(u.prefill_tokens + u.generated_tokens for u in result.cost.per_tier)
+
+
+def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequence[float]],
+          *, gates: Sequence[Gate] | None = None, options: SolveOptions | None = None,
+          progress: Callable[[int, int], None] | None = None,
+          rows: list[dict] | None = None, on_row: Callable[[dict], None] | None = None) -> SweepResult:
+    """Run the cascade at each candidate threshold vector (and top-tier only) on each problem.
+
+    candidates: K threshold vectors, one threshold per gate. rows: rows of an earlier,
+    interrupted sweep of the same candidates (resumed, not recomputed); on_row is called
+    with each new row so callers can persist it.
+    """
+    gates = list(gates or cascade.gates)
+    options = options or cascade.options
+    candidates = [tuple(float(t) for t in c) for c in candidates]
+    if not candidates or any(len(c) != len(gates) for c in candidates):
+        raise ConfigError(f"candidates must be non-empty threshold vectors of length {len(gates)}")
+    candidate_gates = [[_with_threshold(g, t) for g, t in zip(gates, c)] for c in candidates]
+    candidate_gates.append([AlwaysLarge()] * len(gates))  # the label-free reference
+    done = list(rows or [])
+    started = time.perf_counter()
+    for index in range(len(done), len(problems)):
+        problem = problems[index]
+        results, executed = _sweep_problem(cascade, problem, candidate_gates, options, f"sweep{index}")
+        row = {"problem": problem, "costs": [r.cost.total for r in results[:-1]],
+               "escalation": [r.escalation_rate for r in results[:-1]],
+               "answers": [r.answer for r in results[:-1]], "reference_answer": results[-1].answer,
+               "executed_tokens": executed,
+               "independent_tokens": sum(_tokens(r) for r in results[:-1])}
+        done.append(row)
+        if on_row is not None:
+            on_row(row)
+        if progress is not None:
+            progress(index + 1, len(problems))
+    for row, problem in zip(done, problems):
+        if row["problem"] != problem or len(row["costs"]) != len(candidates):
+            raise ConfigError("resumed sweep rows do not match these problems and candidates")
+    return SweepResult(
+        candidates=tuple(candidates), problems=tuple(problems),
+        costs=np.array([r["costs"] for r in done], dtype=float).reshape(len(done), len(candidates)),
+        escalation=np.array([r["escalation"] for r in done], dtype=float).reshape(len(done), len(candidates)),
+        answers=tuple(tuple(r["answers"]) for r in done),
+        reference_answers=tuple(r["reference_answer"] for r in done),
+        executed_tokens=sum(r["executed_tokens"] for r in done),
+        independent_tokens=sum(r["independent_tokens"] for r in done),
+        seconds=time.perf_counter() - started,
+    )
+
+
+# ---- the calibration record ---------------------------------------------------------------
+
+def _gate_spec(gate: Gate) -> dict:
+    names = {cls: name for name, cls in GATES.items()}
+    if type(gate) not in names or not dataclasses.is_dataclass(gate):
+        raise ConfigError(f"cannot record gate {type(gate).__name__}: register it in cascade.GATES")
+    fields = {f.name: getattr(gate, f.name) for f in dataclasses.fields(gate) if f.name != "threshold"}
+    return {"type": names[type(gate)], **fields}
+
+
+def _gate_from_spec(spec: dict, threshold: float) -> Gate:
+    spec = dict(spec)
+    kind = spec.pop("type")
+    if kind not in GATES:
+        raise CalibrationFileError(f"calibration names unknown gate {kind!r}; known: {sorted(GATES)}")
+    return GATES[kind](threshold=threshold, **spec)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Certified thresholds for a grid of budgets, and the curves they were chosen from.
+
+    entries: one per budget, sorted by budget: {"budget", "index" (candidate index or None
+        when infeasible), "thresholds", "statement", "reason"}.
+    curves: per candidate (length K) — cost quantile at 1 - alpha, mean cost, escalation
+        rate, agreement with the top tier, and accuracy when labels were given.
+    """
+
+    gate_specs: tuple[dict, ...]
+    models: tuple[dict, ...]
+    alpha: float
+    delta: float
+    n: int
+    method: str
+    objective: str
+    candidates: tuple[tuple[float, ...], ...]
+    entries: tuple[dict, ...]
+    curves: dict = field(default_factory=dict)
+    sweep_stats: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def entry_for(self, budget: float) -> dict | None:
+        """The entry of the largest grid budget <= budget that has a certified threshold."""
+        usable = [e for e in self.entries if e["budget"] <= budget and e["index"] is not None]
+        return usable[-1] if usable else None
+
+    def gates_for(self, budget: float) -> list[Gate]:
+        """Gates at the thresholds certified for `budget` (see entry_for); below every
+        certified grid budget, the cheapest candidate (the hard cap still holds)."""
+        entry = self.entry_for(budget)
+        thresholds = entry["thresholds"] if entry is not None else self.candidates[0]
+        return [_gate_from_spec(spec, t) for spec, t in zip(self.gate_specs, thresholds)]
+
+    def check_models(self, cascade: Cascade) -> None:
+        """Refuse a cascade whose models are not the ones this calibration was made for."""
+        have = [{"name": m.info.name, "fingerprint": m.info.fingerprint} for m in cascade.models]
+        if have != list(self.models):
+            raise CalibrationFileError(f"calibration was made for models {list(self.models)}, "
+                                       f"not {have}")
+
+    def summary(self) -> str:
+        lines = [f"Calibration ({self.method}, alpha={self.alpha}, delta={self.delta}, n={self.n}, "
+                 f"objective={self.objective}) for " + " -> ".join(m["name"] for m in self.models)]
+        for entry in self.entries:
+            if entry["index"] is None:
+                lines.append(f"  budget {entry['budget']:g}: no certified threshold ({entry['reason']})")
+            else:
+                lines.append(f"  budget {entry['budget']:g}: thresholds {entry['thresholds']} - "
+                             f"{entry['statement']}")
+        stats = self.sweep_stats
+        if stats.get("independent_tokens"):
+            lines.append(f"  sweep ran {stats['executed_tokens']} tokens for {len(self.candidates)} "
+                         f"candidates ({stats['executed_tokens'] / stats['independent_tokens']:.3f} of "
+                         f"independent runs)")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        payload = dataclasses.asdict(self)
+        payload["candidates"] = [list(c) for c in self.candidates]
+        return payload
+
+    def save(self, path: str | Path) -> Path:
+        payload = self.to_json()
+        body = json.dumps(payload, sort_keys=True)
+        document = {"checksum": hashlib.sha256(body.encode()).hexdigest(), "calibration": payload}
+        path = Path(path)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        path = Path(path)
+        try:
+            document = json.loads(path.read_text())
+            payload = document["calibration"]
+            checksum = document["checksum"]
+        except FileNotFoundError:
+            raise CalibrationFileError(f"no calibration file at {str(path)!r}") from None
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
+            raise CalibrationFileError(f"{path} is not a calibration file: {error}") from None
+        if hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest() != checksum:
+            raise CalibrationFileError(f"{path} was edited or corrupted: its checksum does not match")
+        if payload.get("schema_version") != SCHEMA_VERSION:
+            raise CalibrationFileError(f"{path} has schema version {payload.get('schema_version')!r}; "
+                                       f"this stepcascade reads version {SCHEMA_VERSION}")
+        try:
+            payload["candidates"] = tuple(tuple(c) for c in payload["candidates"])
+            for key in ("gate_specs", "models", "entries"):
+                payload[key] = tuple(payload[key])
+            return cls(**payload)
+        except TypeError as error:
+            raise CalibrationFileError(f"{path} does not match the calibration schema: {error}") from None
+
+
+# ---- calibrate ------------------------------------------------------------------------------
+
+def _select(method: str, costs: np.ndarray, budget: float, alpha: float, delta: float,
+            order: np.ndarray, cost_max: float | None, thresholds: np.ndarray):
+    if method == "ltt":
+        return cal.select_ltt(costs, budget, alpha, delta, order, thresholds=thresholds)
+    if method == "conformal":
+        return cal.select_conformal(costs, budget, alpha, order, thresholds=thresholds)
+    if method == "risk":
+        if cost_max is None:
+            raise ConfigError("method='risk' needs cost_max, an upper bound on one problem's cost")
+        return cal.select_risk_control(costs, budget, order, cost_max=cost_max, thresholds=thresholds)
+    raise ConfigError(f"method must be 'ltt', 'conformal' or 'risk', got {method!r}")
+
+
+def _objective_values(objective: str, swept: SweepResult) -> np.ndarray:
+    if objective == "agreement":
+        return swept.agreement.mean(axis=0)
+    if objective == "max_escalation":
+        return swept.escalation.mean(axis=0)
+    if objective == "min_cost":
+        return -swept.costs.mean(axis=0)
+    raise ConfigError(f"objective must be 'agreement', 'max_escalation' or 'min_cost', got {objective!r}")
+
+
+def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = None, *,
+              budgets: Sequence[float] | None = None, alpha: float = 0.1, delta: float = 0.05,
+              method: Method = "ltt", objective: Objective = "agreement",
+              thresholds: Sequence[float] | None = None,
+              candidates: Sequence[Sequence[float]] | None = None,
+              labels: Sequence[str | None] | None = None, cost_max: float | None = None,
+              swept: SweepResult | None = None, progress: Callable[[int, int], None] | None = None,
+              ) -> Calibration:
+    """Certify a threshold (vector) for each budget from unlabeled `problems`.
+
+    Candidates: `candidates` (threshold vectors, one per gate) or `thresholds` (the same
+    threshold at every gate; default 21 points in [0, 1]). They are tested from the
+    highest thresholds (least escalation, cheapest) down: an order fixed before seeing
+    data, as fixed-sequence Learn-then-Test requires. With several gates this is an
+    ordered path through the threshold grid, tested in sequence (FWER <= delta).
+
+    Guarantees (problems exchangeable with future ones; i.i.d. for LTT):
+    - "ltt": with probability >= 1 - delta over the calibration set,
+      P(cost > B) <= alpha at the chosen thresholds (no monotonicity needed);
+    - "conformal": P(cost > B) <= alpha, if cost is monotone along the order;
+    - "risk": E[cost] <= B (needs cost_max, an upper bound on any problem's cost).
+    labels (optional) are used only to report accuracy, never to choose.
+    """
+    problems = list(problems)
+    if not problems:
+        raise ConfigError("calibrate needs at least one problem")
+    if budgets is None:
+        if budget is None:
+            raise ConfigError("give budget= or budgets=")
+        budgets = [budget]
+    budgets = sorted(float(b) for b in budgets)
+    if any(not math.isfinite(b) or b < 0 for b in budgets):
+        raise ConfigError(f"budgets must be finite and >= 0, got {budgets}")
+    n_gates = len(cascade.gates)
+    if candidates is None:
+        grid = sorted(set(float(t) for t in (thresholds or default_thresholds())), reverse=True)
+        candidates = [(t,) * n_gates for t in grid]
+    candidates = [tuple(c) for c in candidates]
+    if swept is None:
+        swept = sweep(cascade, problems, candidates, progress=progress)
+    order = np.arange(len(candidates))  # as given: cheapest (highest thresholds) first
+    threshold_array = np.array(candidates)[:, 0] if n_gates == 1 else np.array(candidates)
+    objective_values = _objective_values(objective, swept)
+    entries = []
+    for b in budgets:
+        try:
+            selection = _select(method, swept.costs, b, alpha, delta, order, cost_max, threshold_array)
+            certified = list(selection.certified)
+            best = cal.choose_by_objective(selection, objective_values, maximize=True)
+            entries.append({"budget": b, "index": int(best), "thresholds": list(candidates[best]),
+                            "certified": certified, "statement": selection.at(best).statement(),
+                            "reason": ""})
+        except cal.CalibrationError as error:
+            if len(budgets) == 1:
+                raise
+            entries.append({"budget": b, "index": None, "thresholds": None, "certified": [],
+                            "statement": "", "reason": str(error)})
+    q = min(len(problems), math.ceil((len(problems) + 1) * (1 - alpha)))
+    curves = {
+        "thresholds": [list(c) for c in candidates],
+        "cost_quantile": [float(np.sort(swept.costs[:, j])[q - 1]) for j in range(len(candidates))],
+        "mean_cost": swept.costs.mean(axis=0).tolist(),
+        "escalation_rate": swept.escalation.mean(axis=0).tolist(),
+        "agreement": swept.agreement.mean(axis=0).tolist(),
+    }
+    if labels is not None:
+        curves["accuracy"] = [float(np.mean([a is not None and a == y for a, y in zip(col, labels)]))
+                              for col in zip(*swept.answers)]
+    return Calibration(
+        gate_specs=tuple(_gate_spec(g) for g in cascade.gates),
+        models=tuple({"name": m.info.name, "fingerprint": m.info.fingerprint} for m in cascade.models),
+        alpha=alpha, delta=delta, n=len(problems), method=method, objective=objective,
+        candidates=tuple(candidates), entries=tuple(entries), curves=curves,
+        sweep_stats={"executed_tokens": swept.executed_tokens,
+                     "independent_tokens": swept.independent_tokens, "seconds": swept.seconds},
+    )

@@ -1,0 +1,150 @@
+"""cascade.calibrate: the memoized sweep, the Calibration file, serving from it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fakes import FakeBackend, counting_script
+
+import calibration as cal
+from cascade import (
+    Calibration,
+    CalibrationFileError,
+    Cascade,
+    ConfidenceGate,
+    ConfigError,
+    SolveOptions,
+    calibrate,
+    sweep,
+)
+from cascade.calibrate import default_thresholds
+from decoding import HFBackend
+
+OPTIONS = SolveOptions(max_steps=10, max_step_tokens=12)
+GRID = [(t,) for t in sorted(default_thresholds(11), reverse=True)]
+
+
+def fake_cascade(steps=5, gate=None):
+    small = FakeBackend("small", 100, counting_script(steps, confident=False))
+    large = FakeBackend("large", 1000, counting_script(steps, confident=True))
+    return Cascade(small, large, gate or ConfidenceGate(0.5), options=OPTIONS)
+
+
+def test_sweep_equals_independent_runs_and_costs_less():
+    cascade = fake_cascade()
+    problems = [f"p{i}" for i in range(12)]
+    swept = sweep(cascade, problems, GRID)
+    for j, (threshold,) in enumerate(GRID):
+        runs = [cascade.solve(p, gates=[ConfidenceGate(threshold)]) for p in problems]
+        assert np.array_equal(swept.costs[:, j], [r.cost.total for r in runs])
+        assert [row[j] for row in swept.answers] == [r.answer for r in runs]
+        assert np.array_equal(swept.escalation[:, j], [r.escalation_rate for r in runs])
+    assert swept.executed_tokens < 0.5 * swept.independent_tokens
+
+
+def test_sweep_on_real_models_forks_kv_caches_exactly(tiny_dirs):
+    small = HFBackend.from_pretrained(tiny_dirs[0], step_delimiter="\n")
+    large = HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n")
+    options = SolveOptions(max_steps=3, max_step_tokens=6)
+    cascade = Cascade(small, large, ConfidenceGate(0.5), options=options)
+    grid = [(0.9,), (0.6,), (0.3,), (0.0,)]
+    problems = ["a=1;?a", "a=7;b=a+2;?b"]
+    swept = sweep(cascade, problems, grid)
+    for j, (threshold,) in enumerate(grid):
+        runs = [cascade.solve(p, gates=[ConfidenceGate(threshold)]) for p in problems]
+        assert np.allclose(swept.costs[:, j], [r.cost.total for r in runs])
+        assert [row[j] for row in swept.answers] == [r.answer for r in runs]
+    assert not small._sessions and not large._sessions  # branches were released
+
+
+def test_sweep_resumes_from_rows():
+    cascade = fake_cascade()
+    problems = [f"p{i}" for i in range(6)]
+    rows: list[dict] = []
+    first = sweep(cascade, problems[:3], GRID, on_row=rows.append)
+    resumed = sweep(cascade, problems, GRID, rows=rows)
+    full = sweep(cascade, problems, GRID)
+    assert np.array_equal(resumed.costs, full.costs) and np.array_equal(first.costs, full.costs[:3])
+    with pytest.raises(ConfigError, match="do not match"):
+        sweep(cascade, ["other"] + problems[1:], GRID, rows=rows)
+
+
+def _calibrated(tmp_path, **kw):
+    cascade = fake_cascade()
+    problems = [f"p{i}" for i in range(60)]
+    result = calibrate(cascade, problems, budgets=[30, 60, 120], alpha=0.2, delta=0.2,
+                       thresholds=[g[0] for g in GRID], **kw)
+    return cascade, result
+
+
+def test_calibration_certifies_and_serves_thresholds(tmp_path):
+    cascade, result = _calibrated(tmp_path, objective="max_escalation")
+    assert len({tuple(e["thresholds"]) for e in result.entries}) > 1  # budgets get different thresholds
+    assert [e["budget"] for e in result.entries] == [30, 60, 120]
+    for entry in result.entries:
+        if entry["index"] is not None:
+            # Re-check the certificate from the recorded curves' source: the chosen index
+            # must be inside the certified set and its statement must name the budget.
+            assert entry["index"] in entry["certified"]
+            assert f"P(cost > {entry['budget']:g})" in entry["statement"]
+    path = result.save(tmp_path / "calib.json")
+    loaded = Calibration.load(path)
+    assert loaded == result
+    served = Cascade(models=cascade.models, gates=cascade.gates, options=OPTIONS, calibration=loaded)
+    for budget in (35.0, 75.0, 500.0):
+        entry = loaded.entry_for(budget)
+        chosen = served.solve("p1", budget=budget)
+        expected = cascade.solve("p1", budget=budget, gates=loaded.gates_for(budget))
+        assert chosen.to_json()["steps"] == expected.to_json()["steps"]
+        assert chosen.cost.total <= budget
+        assert entry is None or entry["budget"] <= budget
+
+
+def test_ltt_choice_matches_the_pure_function():
+    cascade = fake_cascade()
+    problems = [f"p{i}" for i in range(60)]
+    swept = sweep(cascade, problems, GRID)
+    result = calibrate(cascade, problems, budget=60, alpha=0.2, delta=0.2, swept=swept,
+                       candidates=GRID, objective="max_escalation")
+    selection = cal.select_ltt(swept.costs, 60, 0.2, 0.2, np.arange(len(GRID)))
+    best = cal.choose_by_objective(selection, swept.escalation.mean(axis=0))
+    assert result.entries[0]["index"] == best
+
+
+def test_infeasible_single_budget_is_a_clear_error():
+    cascade = fake_cascade()
+    with pytest.raises(cal.InfeasibleBudgetError, match="cheapest"):
+        calibrate(cascade, [f"p{i}" for i in range(60)], budget=1, alpha=0.2, delta=0.2)
+
+
+def test_corrupt_edited_and_foreign_files_are_refused(tmp_path):
+    cascade, result = _calibrated(tmp_path)
+    path = result.save(tmp_path / "c.json")
+    document = json.loads(path.read_text())
+    document["calibration"]["alpha"] = 0.5
+    (tmp_path / "edited.json").write_text(json.dumps(document))
+    with pytest.raises(CalibrationFileError, match="checksum"):
+        Calibration.load(tmp_path / "edited.json")
+    (tmp_path / "torn.json").write_text(path.read_text()[:50])
+    with pytest.raises(CalibrationFileError, match="not a calibration file"):
+        Calibration.load(tmp_path / "torn.json")
+    with pytest.raises(CalibrationFileError, match="no calibration file"):
+        Calibration.load(tmp_path / "missing.json")
+    other = fake_cascade()
+    other.models[1].info = type(other.models[1].info)("large", "different", 1000, "\n")
+    with pytest.raises(CalibrationFileError, match="made for models"):
+        Cascade(models=other.models, gates=other.gates, calibration=result)
+
+
+def test_bad_calibrate_arguments():
+    cascade = fake_cascade()
+    with pytest.raises(ConfigError, match="at least one problem"):
+        calibrate(cascade, [], budget=10)
+    with pytest.raises(ConfigError, match="budget"):
+        calibrate(cascade, ["p"], budgets=[-1])
+    with pytest.raises(ConfigError, match="method"):
+        calibrate(cascade, ["p"] * 30, budget=100, method="magic")
+    with pytest.raises(ConfigError, match="cost_max"):
+        calibrate(cascade, ["p"] * 30, budget=100, method="risk")
