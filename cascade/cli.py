@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+from pathlib import Path
 
 from cascade.errors import CascadeError
 from cascade.gates import GATES, make_gate
@@ -43,11 +45,10 @@ def _print_result(result, colour: bool) -> None:
           + ("  [hard cap intervened]" if result.cap_intervened else ""))
 
 
-def _solve(args) -> int:
+def _build_cascade(args, gate):
     import cascade
     from cascade.runtime import Cascade, SolveOptions
 
-    gate = _gate_from_args(args)
     models = args.models.split(",") if args.models else None
     if models or args.small or args.large:
         if models and (args.small or args.large):
@@ -60,6 +61,28 @@ def _solve(args) -> int:
                                          options=options)
     else:
         runner = cascade.embedded_cascade(gate)
+    return runner
+
+
+def _progress(label: str):
+    started = time.time()
+
+    def report(done: int, total: int) -> None:
+        elapsed = time.time() - started
+        eta = elapsed / done * (total - done) if done else 0.0
+        end = "\n" if done == total else ""
+        print(f"\r{label}: {done}/{total} problems, {elapsed:.0f}s elapsed, eta {eta:.0f}s",
+              end=end, file=sys.stderr, flush=True)
+    return report
+
+
+def _solve(args) -> int:
+    from cascade.runtime import Cascade
+
+    if args.calibration:
+        runner = Cascade.from_calibration(args.calibration)
+    else:
+        runner = _build_cascade(args, _gate_from_args(args))
     result = runner.solve(args.problem, budget=args.budget)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -68,24 +91,85 @@ def _solve(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    from bench.datasets import load_dataset
+    from cascade.calibrate import calibrate, default_thresholds, sweep
+
+    problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
+    runner = _build_cascade(args, _gate_from_args(args))
+    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [args.budget]
+    if budgets == [None]:
+        raise CascadeError("give --budget or --budgets")
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else default_thresholds()
+    candidates = [(t,) * len(runner.gates) for t in sorted(set(thresholds), reverse=True)]
+    # Resumable: every finished problem's sweep row is appended to <out>.sweep.jsonl.
+    partial = Path(str(args.output) + ".sweep.jsonl")
+    header = {"models": [[m.info.name, m.info.fingerprint] for m in runner.models],
+              "candidates": candidates, "gates": [repr(g) for g in runner.gates]}
+    rows = []
+    if partial.exists():
+        lines = partial.read_text().splitlines()
+        if lines and json.loads(lines[0]) == json.loads(json.dumps(header)):
+            rows = [json.loads(line) for line in lines[1:] if line.strip()]
+            print(f"resuming: {len(rows)} problems already swept", file=sys.stderr)
+        else:
+            partial.write_text(json.dumps(header) + "\n")
+    else:
+        partial.write_text(json.dumps(header) + "\n")
+
+    def keep(row: dict) -> None:
+        with partial.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    swept = sweep(runner, problems, candidates, rows=rows, on_row=keep,
+                  progress=_progress("calibrate"))
+    result = calibrate(runner, problems, budgets=budgets, alpha=args.alpha, delta=args.delta,
+                       method=args.method, objective=args.objective, candidates=candidates,
+                       swept=swept, cost_max=args.cost_max)
+    result.save(args.output)
+    print(result.summary())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--small", help="small model: local path or hub id")
+    parser.add_argument("--large", help="large model: local path or hub id")
+    parser.add_argument("--models", help="comma-separated models, cheapest first (N tiers)")
+    parser.add_argument("--delimiter", default="\n\n", help="step delimiter for --small/--large")
+    parser.add_argument("--gate", choices=sorted(GATES), default=None)
+    parser.add_argument("--threshold", type=float, default=None)
+    parser.add_argument("--signal", default="min_prob", help="confidence signal of --gate confidence")
+    parser.add_argument("--mode", default="speculate", choices=["route", "speculate"])
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--max-step-tokens", type=int, default=None)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description="Step-level model cascades.")
     commands = parser.add_subparsers(dest="command", required=True)
     solve = commands.add_parser("solve", help="solve one problem and print its trace")
     solve.add_argument("problem", help="problem text (embedded default: e.g. 'a=17;b=a*3;?b')")
     solve.add_argument("--budget", type=float, default=None, help="hard cap in cost units")
-    solve.add_argument("--small", help="small model: local path or hub id")
-    solve.add_argument("--large", help="large model: local path or hub id")
-    solve.add_argument("--models", help="comma-separated models, cheapest first (N tiers)")
-    solve.add_argument("--delimiter", default="\n\n", help="step delimiter for --small/--large")
-    solve.add_argument("--gate", choices=sorted(GATES), default=None)
-    solve.add_argument("--threshold", type=float, default=None)
-    solve.add_argument("--signal", default="min_prob", help="confidence signal of --gate confidence")
-    solve.add_argument("--mode", default="speculate", choices=["route", "speculate"])
-    solve.add_argument("--max-steps", type=int, default=None)
-    solve.add_argument("--max-step-tokens", type=int, default=None)
+    _add_model_options(solve)
+    solve.add_argument("--calibration", help="a calibration file: thresholds looked up by --budget")
     solve.add_argument("--json", action="store_true", help="print the whole Result as JSON")
     solve.set_defaults(run=_solve)
+
+    calib = commands.add_parser("calibrate", help="certify gate thresholds on unlabeled problems")
+    calib.add_argument("--problems", required=True, help="JSONL with a 'problem' field per line")
+    calib.add_argument("--limit", type=int, default=None, help="use the first N problems")
+    calib.add_argument("--budget", type=float, default=None, help="budget in cost units")
+    calib.add_argument("--budgets", default=None, help="comma-separated grid of budgets")
+    calib.add_argument("--alpha", type=float, default=0.1, help="allowed P(cost > budget)")
+    calib.add_argument("--delta", type=float, default=0.05, help="LTT: allowed failure probability")
+    calib.add_argument("--method", default="ltt", choices=["ltt", "conformal", "risk"])
+    calib.add_argument("--objective", default="agreement", choices=["agreement", "max_escalation", "min_cost"])
+    calib.add_argument("--thresholds", default=None, help="comma-separated threshold grid")
+    calib.add_argument("--cost-max", type=float, default=None, help="method risk: cost upper bound")
+    calib.add_argument("-o", "--output", required=True, type=Path, help="calibration JSON to write")
+    _add_model_options(calib)
+    calib.set_defaults(run=_calibrate)
     return parser
 
 
