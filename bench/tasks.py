@@ -25,6 +25,7 @@ import json
 import random
 import re
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 from pathlib import Path
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_CONFIG",
     "EASY_CONFIG",
     "SPLIT_SEEDS",
+    "RESERVED",
     "generate_problem",
     "generate_split",
     "write_split",
@@ -107,10 +109,14 @@ class Problem:
         return asdict(self)
 
 
+_MAX_TRIES = 1000
+
+
 def _pick_step(rng: random.Random, values: dict[str, int], names: list[str],
-               config: TaskConfig) -> tuple[str, str, str, int]:
-    """Draw one step (first operand, op, second operand, value) whose value is in range."""
-    while True:
+               config: TaskConfig) -> tuple[str, str, str, int] | None:
+    """Draw one step (first operand, op, second operand, value) whose value is in range;
+    None when no draw fits (e.g. ops="+" and every value is already max_value)."""
+    for _ in range(_MAX_TRIES):
         if len(names) == 1 or rng.random() < config.p_previous:
             left = names[-1]
         else:
@@ -137,6 +143,7 @@ def _pick_step(rng: random.Random, values: dict[str, int], names: list[str],
         value = _apply(left_value, op, right_value)
         if 0 <= value <= config.max_value:
             return left, op, right, value
+    return None
 
 
 def _apply(left: int, op: str, right: int) -> int:
@@ -150,6 +157,14 @@ def _apply(left: int, op: str, right: int) -> int:
 def generate_problem(rng: random.Random, config: TaskConfig = DEFAULT_CONFIG,
                      problem_id: str = "") -> Problem:
     """Draw one problem from `rng` (a `random.Random`; same state -> same problem)."""
+    while True:
+        problem = _draw_problem(rng, config, problem_id)
+        if problem is not None:
+            return problem
+        # A chain that painted itself into a corner (possible with ops lacking "-"): redraw.
+
+
+def _draw_problem(rng: random.Random, config: TaskConfig, problem_id: str) -> Problem | None:
     n_steps = rng.randint(config.min_steps, config.max_steps)
     first = rng.randint(1, config.max_value)
     names = [_VARIABLES[0]]
@@ -158,7 +173,10 @@ def generate_problem(rng: random.Random, config: TaskConfig = DEFAULT_CONFIG,
     lines = []
     for index in range(1, n_steps + 1):
         name = _VARIABLES[index]
-        left, op, right, value = _pick_step(rng, values, names, config)
+        picked = _pick_step(rng, values, names, config)
+        if picked is None:
+            return None
+        left, op, right, value = picked
         definitions.append(f"{name}={left}{op}{right}")
         right_text = str(values[right]) if right in values else right
         lines.append(f"{name}={values[left]}{op}{right_text}={value}")
@@ -170,18 +188,29 @@ def generate_problem(rng: random.Random, config: TaskConfig = DEFAULT_CONFIG,
     return Problem(id=problem_id, problem=problem, solution="\n".join(lines), answer=answer)
 
 
+# Every split excludes the first RESERVED problems of each earlier split (and training
+# excludes calibration's and test's), so splits of up to RESERVED problems are disjoint
+# whatever sizes are asked for, and a split's first n problems do not depend on n.
+RESERVED = 5000
+
+
+@lru_cache(maxsize=16)
+def _reserved(split: str, config: TaskConfig) -> frozenset[str]:
+    return frozenset(p.problem for p in generate_split(split, RESERVED, config))
+
+
 def generate_split(split: str, n: int, config: TaskConfig = DEFAULT_CONFIG) -> list[Problem]:
     """The first `n` problems of a named split ("train", "calibration", "test").
 
-    Deterministic. Problems that also occur among the first `n` of an earlier split
-    (in the order train, calibration, test) are skipped, so splits are disjoint.
+    Deterministic and prefix-stable. Problems among the first RESERVED of an earlier
+    split (in the order train, calibration, test) are skipped, so splits are disjoint.
     """
     if split not in SPLIT_SEEDS:
         raise ValueError(f"unknown split {split!r}; choose one of {sorted(SPLIT_SEEDS)}")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    earlier = [s for s in SPLIT_SEEDS if s != split][: list(SPLIT_SEEDS).index(split)]
-    excluded = {p.problem for s in earlier for p in generate_split(s, n, config)}
+    earlier = list(SPLIT_SEEDS)[: list(SPLIT_SEEDS).index(split)]
+    excluded = frozenset().union(*(_reserved(s, config) for s in earlier))
     rng = random.Random(SPLIT_SEEDS[split])
     problems: list[Problem] = []
     seen: set[str] = set()
@@ -260,7 +289,7 @@ def check_step(problem: str, previous_lines: list[str], step: str) -> bool:
     if not match or len(done) == len(defined):
         return False
     name, left_text, op, right_text, value_text = match.groups()
-    expected_name = defined[len(done)]
+    expected_name = next(name for name in defined if name not in stated)
     if name != expected_name:
         return False
     definition = dict(definitions)[name]

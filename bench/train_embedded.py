@@ -27,7 +27,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from bench.tasks import DEFAULT_CONFIG, TaskConfig, generate_problem, generate_split
+from bench.tasks import DEFAULT_CONFIG, RESERVED, TaskConfig, generate_problem, generate_split
 
 __all__ = ["ModelSize", "SIZES", "TrainConfig", "build_tokenizer", "build_model", "train", "main"]
 
@@ -71,6 +71,8 @@ class TrainConfig:
     # Fraction of steps at the start drawn from short chains with small values.
     curriculum_fraction: float = 0.1
     bf16: bool = True
+    # A saved model directory to start from (a second training phase) instead of random init.
+    init_from: str = ""
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -152,6 +154,9 @@ def train(config: TrainConfig, out: str | Path) -> Path:
     torch.set_num_threads(config.threads)
     tokenizer = build_tokenizer()
     model = build_model(SIZES[config.size], tokenizer, config.seed)
+    if config.init_from:
+        start = LlamaForCausalLM.from_pretrained(config.init_from, dtype=torch.float32)
+        model.load_state_dict(start.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                   betas=(0.9, 0.98), weight_decay=config.weight_decay)
     rng = random.Random(config.seed)
@@ -159,7 +164,10 @@ def train(config: TrainConfig, out: str | Path) -> Path:
     checkpoint_path = out / "checkpoint.pt"
     if checkpoint_path.exists():
         state = torch.load(checkpoint_path, weights_only=False)
-        if state["config"] != asdict(config):
+        # Fields added after a checkpoint was written count as matching at their defaults.
+        # `steps` may grow: extending a run stretches its cosine schedule from here on.
+        saved = {**asdict(TrainConfig()), **state["config"], "steps": config.steps}
+        if saved != asdict(config):
             raise ValueError(f"{checkpoint_path} was written with another config: {state['config']}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -172,7 +180,7 @@ def train(config: TrainConfig, out: str | Path) -> Path:
         _log(out, f"start {config.size}: {sum(p.numel() for p in model.parameters())} parameters")
 
     # Never train on a problem that is held out for calibration or test.
-    excluded = {p.problem for split in ("calibration", "test") for p in generate_split(split, 5000)}
+    excluded = {p.problem for split in ("calibration", "test") for p in generate_split(split, RESERVED)}
     easy = replace(DEFAULT_CONFIG, min_steps=1, max_steps=4, max_value=30)
     full = replace(DEFAULT_CONFIG, min_steps=1)
     model.train()
@@ -223,11 +231,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + field.replace("_", "-"), type=int, default=getattr(defaults, field))
     parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--no-bf16", action="store_true", help="train in float32")
+    parser.add_argument("--init-from", default="", help="saved model dir to continue from")
+    parser.add_argument("--curriculum-fraction", type=float, default=defaults.curriculum_fraction)
     args = parser.parse_args(argv)
     config = TrainConfig(size=args.size, steps=args.steps, batch_size=args.batch_size,
                          learning_rate=args.learning_rate, seed=args.seed, threads=args.threads,
                          checkpoint_every=args.checkpoint_every, log_every=args.log_every,
-                         bf16=not args.no_bf16)
+                         bf16=not args.no_bf16, init_from=args.init_from,
+                         curriculum_fraction=args.curriculum_fraction)
     train(config, args.out)
 
 

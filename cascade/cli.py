@@ -77,8 +77,10 @@ def _progress(label: str):
 
 
 def _solve(args) -> int:
-    from cascade.runtime import Cascade
+    from cascade.runtime import Cascade, _check_budget, _check_problem
 
+    _check_problem(args.problem)  # before loading any model: bad input fails fast
+    _check_budget(args.budget)
     if args.calibration:
         runner = Cascade.from_calibration(args.calibration)
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_tiny_run_writes_checkpoint_log_and_model(straight_run):
     assert "step 3/6 loss" in log and "step 6/6 loss" in log
     assert "resumed" not in log
     assert "saved" in log
-    for match in __import__("re").findall(r"loss (\S+)", log):
+    for match in re.findall(r"loss (\S+)", log):
         assert math.isfinite(float(match))
 
     model_dir = out / "model"

@@ -1,0 +1,68 @@
+"""The `cascade` command line on tiny models: trace printing, JSON, errors, calibrate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cascade.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_solve_prints_a_trace(capsys, tiny_dirs):
+    code, out, _ = run(capsys, "solve", "a=1;b=a+2;?b", "--small", tiny_dirs[0], "--large", tiny_dirs[2],
+                       "--delimiter", "\n", "--max-steps", "3", "--max-step-tokens", "6", "--budget", "50")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[-2].startswith("answer:") and lines[-1].startswith("cost:")
+    assert all(line.split()[0] in ("small", "large") for line in lines[:-2])
+    assert "of budget 50" in lines[-1]
+
+
+def test_solve_json_is_the_result(capsys, tiny_dirs):
+    code, out, _ = run(capsys, "solve", "a=1;?a", "--models", f"{tiny_dirs[0]},{tiny_dirs[1]},{tiny_dirs[2]}",
+                       "--delimiter", "\n", "--max-steps", "2", "--max-step-tokens", "4", "--json",
+                       "--gate", "confidence", "--threshold", "0.5")
+    assert code == 0
+    result = json.loads(out)
+    assert result["tier_names"] == ["small", "medium", "large"]
+    assert result["cost"]["total"] == pytest.approx(sum(s["cost"] for s in result["steps"]))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--budget", "-5"], "budget"),
+    (["--small", "/no/such/model", "--large", "/no/such/model"], "no model at"),
+    (["--small", "x"], "go together"),
+    (["--gate", "confidence", "--signal", "vibes", "--small", "S", "--large", "S"], "signal"),
+])
+def test_solve_errors_are_one_clear_line(capsys, tiny_dirs, argv, message):
+    argv = [tiny_dirs[0] if a == "S" else a for a in argv]
+    code, out, err = run(capsys, "solve", "a=1;?a", "--delimiter", "\n", *argv)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_empty_problem_is_rejected(capsys, tiny_dirs):
+    code, _, err = run(capsys, "solve", "  ", "--small", tiny_dirs[0], "--large", tiny_dirs[2])
+    assert code == 2 and "problem is empty" in err
+
+
+def test_calibrate_writes_a_loadable_file_and_resumes(capsys, tiny_dirs, tmp_path):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"a={i};?a"}) + "\n" for i in range(25)))
+    argv = ["calibrate", "--problems", str(problems), "--budgets", "5,50,500", "--alpha", "0.3",
+            "--delta", "0.3", "--small", tiny_dirs[0], "--large", tiny_dirs[2], "--delimiter", "\n",
+            "--max-steps", "2", "--max-step-tokens", "4", "--thresholds", "0.9,0.5,0.1",
+            "-o", str(tmp_path / "c.json")]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "wrote" in out
+    from cascade import Calibration
+    first = Calibration.load(tmp_path / "c.json")
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "resuming: 25 problems" in err
+    assert Calibration.load(tmp_path / "c.json").entries == first.entries
