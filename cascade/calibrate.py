@@ -62,7 +62,8 @@ class SweepResult:
     """Per-problem outcomes at each candidate.
 
     candidates: threshold vectors, shape (K, n_gates). costs, escalation: shape (n, K).
-    answers: n lists of K answers. reference_answers: the top tier's own answer per problem.
+    answers: n lists of K answers. reference_answers, reference_costs: the top tier's own
+    answer and cost per problem (the label-free reference).
     executed_tokens / independent_tokens: tokens the sweep ran vs. what K independent
     runs of the same candidates would have run (prefill + generated, all tiers).
     """
@@ -73,6 +74,7 @@ class SweepResult:
     escalation: np.ndarray
     answers: tuple[tuple[str | None, ...], ...]
     reference_answers: tuple[str | None, ...]
+    reference_costs: tuple[float, ...] = ()
     executed_tokens: int = 0
     independent_tokens: int = 0
     seconds: float = 0.0
@@ -206,7 +208,7 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
         row = {"problem": problem, "costs": [r.cost.total for r in results[:-1]],
                "escalation": [r.escalation_rate for r in results[:-1]],
                "answers": [r.answer for r in results[:-1]], "reference_answer": results[-1].answer,
-               "executed_tokens": executed,
+               "reference_cost": results[-1].cost.total, "executed_tokens": executed,
                "independent_tokens": sum(_tokens(r) for r in results[:-1])}
         done.append(row)
         if on_row is not None:
@@ -222,6 +224,7 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
         escalation=np.array([r["escalation"] for r in done], dtype=float).reshape(len(done), len(candidates)),
         answers=tuple(tuple(r["answers"]) for r in done),
         reference_answers=tuple(r["reference_answer"] for r in done),
+        reference_costs=tuple(r.get("reference_cost", math.nan) for r in done),
         executed_tokens=sum(r["executed_tokens"] for r in done),
         independent_tokens=sum(r["independent_tokens"] for r in done),
         seconds=time.perf_counter() - started,
