@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.oracle import OracleGate
 from bench.tasks import DEFAULT_CONFIG, check_answer, check_step, generate_split
 from calibration import auroc
 from cascade import AlwaysLarge, AlwaysSmall, Cascade, ConfidenceGate, SolveOptions
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     policies = {"small": AlwaysSmall(), "large": AlwaysLarge()}
     for t in thresholds:
         policies[f"confidence@{t:g}"] = ConfidenceGate(threshold=t, signal=args.signal)
+    policies["oracle"] = OracleGate()
     cascades = {name: Cascade(small, large, gate, options=options) for name, gate in policies.items()}
     problems = generate_split(args.split, args.n, DEFAULT_CONFIG)
 

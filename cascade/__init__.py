@@ -23,6 +23,7 @@ from cascade.gates import (
     ConfidenceGate,
     Gate,
     GateState,
+    VerifyGate,
     decide,
     make_gate,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "StepFailedError",
     "SweepResult",
     "Usage",
+    "VerifyGate",
     "calibrate",
     "decide",
     "embedded_cascade",

@@ -31,6 +31,7 @@ __all__ = [
     "ConfidenceGate",
     "AlwaysSmall",
     "AlwaysLarge",
+    "VerifyGate",
     "decide",
     "GATES",
     "make_gate",
@@ -181,6 +182,37 @@ class AlwaysLarge:
         return 1.0
 
 
+@dataclass(frozen=True)
+class VerifyGate:
+    """Draft-then-verify (SpecReason-style): the next tier scores the draft in one forward
+    pass; reject (escalate) when its confidence in the draft is low.
+
+    score = 1 - exp(mean log-probability) of the draft under the next tier ("mean"), or
+    1 - its smallest token probability ("min"). The verification's prefill is charged
+    to the next tier; an accepted draft is then already in that tier's KV cache.
+    """
+
+    threshold: float = 0.5
+    reduce: Literal["mean", "min"] = "mean"
+    mode: Mode = "speculate"
+    probe_tokens: int = 0
+    requires_verification: bool = True
+
+    def __post_init__(self) -> None:
+        _check_threshold(self.threshold)
+        if self.mode != "speculate" or not self.requires_verification:
+            raise ConfigError("VerifyGate judges whole drafts: mode must be 'speculate'")
+        if self.reduce not in ("mean", "min"):
+            raise ConfigError(f"reduce must be 'mean' or 'min', got {self.reduce!r}")
+
+    def score(self, state: GateState) -> float:
+        if state.verification is None or not state.verification.logprobs:
+            return 0.0  # nothing to verify (empty draft, or the cap left no room to score it)
+        logprobs = state.verification.logprobs
+        value = math.fsum(logprobs) / len(logprobs) if self.reduce == "mean" else min(logprobs)
+        return 1.0 - math.exp(value)
+
+
 def decide(gate: Gate, state: GateState) -> tuple[float, bool]:
     """The one place a score meets a threshold: returns (score, escalate)."""
     score = float(gate.score(state))
@@ -193,6 +225,7 @@ GATES: dict[str, type] = {
     "confidence": ConfidenceGate,
     "always-small": AlwaysSmall,
     "always-large": AlwaysLarge,
+    "verify": VerifyGate,
 }
 
 

@@ -1,0 +1,69 @@
+"""End to end on the shipped embedded pair: loading, solving, determinism, examples."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import cascade
+from bench.tasks import EASY_CONFIG, check_answer, generate_problem
+from cascade.embedded import EMBEDDED_DELIMITER, embedded_path
+from decoding import HFBackend
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("tier", ["small", "large"])
+def test_shipped_weights_load_through_the_standard_path(tier):
+    backend = HFBackend.from_pretrained(embedded_path(tier), step_delimiter=EMBEDDED_DELIMITER)
+    assert backend.info.num_parameters > 50_000
+    assert backend.render_prompt("a=1;?a")[0] == "<s>a=1;?a\n"
+
+
+def test_large_model_solves_easy_problems():
+    rng = random.Random(123)
+    problems = [generate_problem(rng, EASY_CONFIG) for _ in range(8)]
+    runner = cascade.embedded_cascade(cascade.AlwaysLarge())
+    results = runner.solve_many([p.problem for p in problems])
+    assert sum(check_answer(p.problem, r.answer) for p, r in zip(problems, results)) >= 7
+
+
+def test_default_solve_is_deterministic_and_within_budget():
+    problem = "a=17;b=a*3;c=b-25;d=c+a;?d"
+    first = cascade.solve(problem, budget=300).to_json()
+    second = cascade.solve(problem, budget=300).to_json()
+
+    def without_timing(result: dict) -> dict:
+        for step in result["steps"]:
+            for usage in step["usage"]:
+                usage.pop("seconds")
+        for usage in result["cost"]["per_tier"]:
+            usage.pop("seconds")
+        return result
+
+    assert without_timing(first) == without_timing(second)
+    assert first["cost"]["total"] <= 300
+    assert first["answer"] is not None
+
+
+def test_tight_budget_is_a_hard_cap():
+    problem = "a=17;b=a*3;c=b-25;d=c+a;e=d*2;?e"
+    for budget in (0, 5, 20, 40):
+        result = cascade.solve(problem, budget=budget, gate=cascade.AlwaysLarge())
+        assert result.cost.total <= budget
+    assert cascade.solve(problem, budget=5, gate=cascade.AlwaysLarge()).cap_intervened
+
+
+@pytest.mark.parametrize("script,args", [
+    ("solve.py", ["a=5;b=a*7;?b", "--budget", "200"]),
+    ("calibrate.py", ["--n", "30", "--budget", "60", "--alpha", "0.3", "--delta", "0.3"]),
+])
+def test_examples_run(script, args):
+    done = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip()
