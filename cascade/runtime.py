@@ -312,6 +312,8 @@ class _Run:
                 bound = self.prefill_bound(tier + 1, self.context + output.text)
                 if self.cascade.cost_model.charge(tier + 1, bound, 0) <= self.remaining():
                     verification = yield from self.verify(tier + 1, output.text)
+                else:
+                    self.cap_intervened = True  # no room to verify: the draft stands
             state = GateState(self.problem, index, tier, self.context, output,
                               Confidence.of(output, getattr(gate, "probe_tokens", 4) or 4), verification)
             score, escalate = decide(gate, state)

@@ -19,6 +19,7 @@ from cascade import (
     Prices,
     SolveOptions,
     StepFailedError,
+    VerifyGate,
     decide,
 )
 from cascade.gates import Confidence, GateState
@@ -112,12 +113,14 @@ def test_flops_prices_make_a_large_token_cost_one():
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(budget=st.floats(0, 300), threshold=st.floats(0, 1), mode=st.sampled_from(["route", "speculate"]),
+@given(budget=st.floats(0, 300), threshold=st.floats(0, 1),
+       kind=st.sampled_from(["route", "speculate", "verify"]),
        tiers=st.sampled_from([2, 3]), steps=st.integers(1, 6))
-def test_hard_cap_is_never_exceeded(budget, threshold, mode, tiers, steps):
+def test_hard_cap_is_never_exceeded(budget, threshold, kind, tiers, steps):
     models = [FakeBackend(f"m{k}", 10 ** (k + 2), counting_script(steps, confident=k == tiers - 1))
               for k in range(tiers)]
-    gates = [ConfidenceGate(threshold, mode=mode, probe_tokens=2)] * (tiers - 1)
+    gate = VerifyGate(threshold) if kind == "verify" else ConfidenceGate(threshold, mode=kind, probe_tokens=2)
+    gates = [gate] * (tiers - 1)
     result = Cascade(models=models, gates=gates, options=OPTIONS).solve("cap", budget=budget)
     assert result.cost.total <= budget + 1e-9
     if result.stop_reason == "budget":
@@ -189,3 +192,20 @@ def test_tiny_models_end_to_end_deterministic(tiny_dirs):
     assert [s.text for s in first.steps] == [s.text for s in second.steps]
     assert [s.author for s in first.steps] == [s.author for s in second.steps]
     assert first.cost.total <= 200
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tiny_dirs):
+    return (HFBackend.from_pretrained(tiny_dirs[0], step_delimiter="\n"),
+            HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n"))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(budget=st.floats(0, 120), threshold=st.floats(0, 1), kind=st.sampled_from(["route", "speculate", "verify"]))
+def test_hard_cap_holds_on_real_models(tiny_pair, budget, threshold, kind):
+    """The cap check relies on the backend's prefill bound being a true upper bound."""
+    gate = VerifyGate(threshold) if kind == "verify" else ConfidenceGate(threshold, mode=kind, probe_tokens=2)
+    cascade = Cascade(*tiny_pair, gate, options=SolveOptions(max_steps=4, max_step_tokens=6))
+    result = cascade.solve("a=2;b=a+5;?b", budget=budget)
+    assert result.cost.total <= budget + 1e-9
