@@ -134,6 +134,58 @@ def _calibrate(args) -> int:
     return 0
 
 
+def _bench_command(args) -> str:
+    """The bench command as given (flags with a value), for run.json and the summaries;
+    a value with control characters (--delimiter "\\n") is written $'\\n' (bash quoting)."""
+    import shlex
+
+    def quote(value: str) -> str:
+        if value.isprintable():
+            return shlex.quote(value)
+        return "$'" + value.encode("unicode_escape").decode("ascii").replace("'", "\\'") + "'"
+
+    parts = ["cascade", "bench"]
+    for flag, value in (("--dataset", args.dataset), ("--path", args.path), ("--policies", args.policies),
+                        ("--calibration", args.calibration), ("--threshold", args.threshold),
+                        ("--budget", args.budget), ("--limit", args.limit), ("--backend", args.backend),
+                        ("--small", args.small), ("--large", args.large), ("--models", args.models),
+                        ("--delimiter", args.delimiter), ("--signal", args.signal), ("--mode", args.mode),
+                        ("--max-steps", args.max_steps), ("--max-step-tokens", args.max_step_tokens),
+                        ("-o", args.output)):
+        if value is not None:
+            parts += [flag, quote(str(value))]
+    if args.no_math_verify:
+        parts.append("--no-math-verify")
+    return " ".join(parts)
+
+
+def _bench(args) -> int:
+    from bench import harness
+    from bench.datasets import load_dataset
+
+    if args.backend != "hf":
+        raise CascadeError(f"backend {args.backend!r} is not built yet: only --backend hf (transformers) "
+                           "is available; the vllm and openai backends are not built yet")
+    if args.gate is not None:
+        raise CascadeError("bench names its gates with --policies (e.g. small,large,confidence@0.3), "
+                           "not --gate")
+    threshold = 0.5 if args.threshold is None else args.threshold
+    # Everything that can be checked without models fails before any is loaded.
+    harness.parse_policies(args.policies, dataset=args.dataset, threshold=threshold,
+                           calibration=args.calibration, budget=args.budget)
+    examples = load_dataset(args.dataset, args.limit, args.path)
+    runner = _build_cascade(args, None)
+    summary = harness.run_benchmark(
+        runner, args.dataset, out_dir=args.output, policies=args.policies, limit=args.limit,
+        path=args.path, budget=args.budget, calibration=args.calibration, threshold=threshold,
+        signal=args.signal, mode=args.mode, examples=examples, command=_bench_command(args),
+        use_math_verify=not args.no_math_verify)
+    print((Path(args.output) / harness.SUMMARY_MD).read_text())
+    print(f"wrote {args.output}: {summary['n_rows']} result rows, {harness.SUMMARY_JSON}, "
+          f"{harness.SUMMARY_MD}, {', '.join(harness.PLOT_FILES)}")
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", help="small model: local path or hub id")
     parser.add_argument("--large", help="large model: local path or hub id")
@@ -172,6 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("-o", "--output", required=True, type=Path, help="calibration JSON to write")
     _add_model_options(calib)
     calib.set_defaults(run=_calibrate)
+
+    bench = commands.add_parser("bench", help="benchmark gate policies on a dataset (resumable)")
+    bench.add_argument("--dataset", default="embedded",
+                       help="embedded, gsm8k, math500, aime24, aime25, jsonl (with --path) "
+                            "or hf:<id>[:<config>]")
+    bench.add_argument("--path", default=None, help="the JSONL file of --dataset jsonl")
+    bench.add_argument("--policies", default="small,large,confidence",
+                       help="comma-separated: small, large, confidence[@T], verify[@T], oracle (embedded "
+                            "only), calibrated (with --calibration and --budget)")
+    bench.add_argument("--calibration", default=None, help="calibration file of the 'calibrated' policy")
+    bench.add_argument("--budget", type=float, default=None, help="hard cap per problem, in cost units")
+    bench.add_argument("--limit", type=int, default=None, help="the first N problems")
+    bench.add_argument("--backend", default="hf", help="model backend: hf (the only one built so far)")
+    bench.add_argument("--no-math-verify", action="store_true",
+                       help="grade math answers by normalized comparison only")
+    bench.add_argument("-o", "--output", required=True, type=Path,
+                       help="output directory (re-run the same command to resume)")
+    _add_model_options(bench)  # --threshold: of confidence/verify named without @T (default 0.5)
+    bench.set_defaults(run=_bench)
     return parser
 
 
