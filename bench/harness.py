@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cascade.cli import progress_printer
 from bench.datasets import Example, load_dataset
 from cascade.errors import CascadeError, ConfigError
 
@@ -312,19 +313,6 @@ def _git_commit() -> str:
     return commit()
 
 
-def _stderr_progress() -> Callable[[int, int], None]:
-    started = time.time()
-
-    def report(done: int, total: int) -> None:
-        elapsed = time.time() - started
-        eta = elapsed / done * (total - done) if done else math.nan
-        eta_text = f"{eta:.0f}s" if math.isfinite(eta) else "?"
-        end = "\n" if done == total else ""
-        print(f"\rbench: {done}/{total} solves, {elapsed:.0f}s elapsed, eta {eta_text}   ",
-              end=end, file=sys.stderr, flush=True)
-    return report
-
-
 # ---- the run --------------------------------------------------------------------------------
 
 def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
@@ -386,7 +374,7 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
     if session["skipped"]:
         print(f"bench: resuming {out}: {session['skipped']} of {len(examples) * len(built)} "
               f"(problem, policy) pairs already done", file=sys.stderr)
-    report = _stderr_progress() if progress is True else (progress or None)
+    report = progress_printer("bench", "solves") if progress is True else (progress or None)
 
     if todo:
         pending = {p.spec.label for _, p in todo}

@@ -11,7 +11,7 @@ from pathlib import Path
 from cascade.errors import CascadeError
 from cascade.gates import GATES, make_gate
 
-__all__ = ["main"]
+__all__ = ["main", "progress_printer"]
 
 _COLOURS = {"small": "\033[32m", "medium": "\033[33m", "large": "\033[35m"}
 _RESET = "\033[0m"
@@ -64,14 +64,15 @@ def _build_cascade(args, gate):
     return runner
 
 
-def _progress(label: str):
+def progress_printer(label: str, unit: str = "problems"):
+    """A progress callback (done, total) that prints elapsed time and an ETA to stderr."""
     started = time.time()
 
     def report(done: int, total: int) -> None:
         elapsed = time.time() - started
-        eta = elapsed / done * (total - done) if done else 0.0
+        eta = f"{elapsed / done * (total - done):.0f}s" if done else "?"
         end = "\n" if done == total else ""
-        print(f"\r{label}: {done}/{total} problems, {elapsed:.0f}s elapsed, eta {eta:.0f}s",
+        print(f"\r{label}: {done}/{total} {unit}, {elapsed:.0f}s elapsed, eta {eta}   ",
               end=end, file=sys.stderr, flush=True)
     return report
 
@@ -124,7 +125,7 @@ def _calibrate(args) -> int:
             handle.write(json.dumps(row) + "\n")
 
     swept = sweep(runner, problems, candidates, rows=rows, on_row=keep,
-                  progress=_progress("calibrate"))
+                  progress=progress_printer("calibrate"))
     result = calibrate(runner, problems, budgets=budgets, alpha=args.alpha, delta=args.delta,
                        method=args.method, objective=args.objective, candidates=candidates,
                        swept=swept, cost_max=args.cost_max)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from fakes import FakeBackend, counting_script
+from fakes import FakeBackend
 
 from bench.oracle import OracleGate
 from cascade import Cascade, ConfigError, SolveOptions, VerifyGate, make_gate
