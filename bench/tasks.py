@@ -58,7 +58,9 @@ class TaskConfig:
     min_steps, max_steps: number of derived variables (steps before the answer line).
     max_value: every stated value (inputs, constants, intermediate results) lies in
         [0, max_value]; 99 keeps operands at two digits.
-    ops: operations drawn from; "*" always multiplies by a single digit.
+    ops: operations drawn from; "*" always multiplies by a single digit. The default
+        leaves "*" out: a one-digit multiplication table was the slowest thing for the
+        embedded models to learn on 2 CPU cores (see README, model card).
     p_previous: probability that a step's first operand is the variable defined just
         before it (an easy copy); otherwise an earlier variable (a long-range copy).
     p_variable_operand: probability that the second operand is a variable rather than
@@ -66,9 +68,9 @@ class TaskConfig:
     """
 
     min_steps: int = 2
-    max_steps: int = 8
+    max_steps: int = 6
     max_value: int = 99
-    ops: str = "+-*"
+    ops: str = "+-"
     p_previous: float = 0.6
     p_variable_operand: float = 0.4
 

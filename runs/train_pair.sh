@@ -3,4 +3,5 @@
 cd "$(dirname "$0")/.."
 export PYTHONPATH=.
 python -m bench.train_embedded --size small --steps 3000 --learning-rate 2e-3 --out runs/train/small
-python -m bench.train_embedded --size large --steps 1000 --learning-rate 1e-3 --out runs/train/large
+python -m bench.train_embedded --size large --steps 2400 --batch-size 32 --learning-rate 1.5e-3 \
+    --curriculum-fraction 0.05 --out runs/train/large
