@@ -1,6 +1,6 @@
 """Solve one problem with the embedded pair and print who wrote each step.
 
-    python examples/solve.py "a=17;b=a*3;c=b-25;?c" --budget 300
+    python examples/solve.py "a=17;b=a+38;c=b-25;?c" --budget 300
 """
 
 import argparse
@@ -8,7 +8,7 @@ import argparse
 import cascade
 
 parser = argparse.ArgumentParser()
-parser.add_argument("problem", nargs="?", default="a=17;b=a*3;c=b-25;d=c+a;?d")
+parser.add_argument("problem", nargs="?", default="a=17;b=a+38;c=b-25;d=c+a;?d")
 parser.add_argument("--budget", type=float, default=None, help="hard cap, large-token equivalents")
 parser.add_argument("--threshold", type=float, default=0.5)
 args = parser.parse_args()

@@ -33,7 +33,7 @@ def test_large_model_solves_easy_problems():
 
 
 def test_default_solve_is_deterministic_and_within_budget():
-    problem = "a=17;b=a*3;c=b-25;d=c+a;?d"
+    problem = "a=17;b=a+38;c=b-25;d=c+a;?d"
     first = cascade.solve(problem, budget=300).to_json()
     second = cascade.solve(problem, budget=300).to_json()
 
@@ -48,10 +48,12 @@ def test_default_solve_is_deterministic_and_within_budget():
     assert without_timing(first) == without_timing(second)
     assert first["cost"]["total"] <= 300
     assert first["answer"] is not None
+    # b = 17+38 = 55, c = 55-25 = 30, d = 30+17 = 47: the large model alone gets it right.
+    assert cascade.solve(problem, gate=cascade.AlwaysLarge()).answer == "47"
 
 
 def test_tight_budget_is_a_hard_cap():
-    problem = "a=17;b=a*3;c=b-25;d=c+a;e=d*2;?e"
+    problem = "a=17;b=a+38;c=b-25;d=c+a;e=d-9;?e"
     for budget in (0, 5, 20, 40):
         result = cascade.solve(problem, budget=budget, gate=cascade.AlwaysLarge())
         assert result.cost.total <= budget
@@ -59,10 +61,12 @@ def test_tight_budget_is_a_hard_cap():
 
 
 @pytest.mark.parametrize("script,args", [
-    ("solve.py", ["a=5;b=a*7;?b", "--budget", "200"]),
+    ("solve.py", ["a=5;b=a+7;?b", "--budget", "200"]),
     ("calibrate.py", ["--n", "30", "--budget", "60", "--alpha", "0.3", "--delta", "0.3"]),
+    ("benchmark.py", ["--limit", "4", "--out", "{tmp}/bench", "--policies", "small,large,confidence@0.5"]),
 ])
-def test_examples_run(script, args):
+def test_examples_run(script, args, tmp_path):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     done = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
