@@ -355,3 +355,15 @@ def test_generation_terminates_for_every_accepted_config():
         pytest.fail(f"generate_problem never returned for (ops, max_value, seed) = {last}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("done")
+
+
+@pytest.mark.parametrize("split", ["calibration", "test"])
+def test_committed_split_files_match_the_generator(split):
+    # The JSONL files in bench/data are what users calibrate on from the CLI; they must
+    # be exactly the generator's split with the parameters recorded beside them.
+    path = Path(__file__).resolve().parents[2] / "bench" / "data" / f"embedded_{split}.jsonl"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    params = json.loads(Path(str(path) + ".params.json").read_text())
+    assert params["split"] == split and params["n"] == len(lines) == 1000
+    assert params["config"] == asdict(DEFAULT_CONFIG)
+    assert lines == [p.to_json() for p in generate_split(split, len(lines))]
