@@ -94,15 +94,25 @@ def test_conformal_holds_on_real_traces(pool):
 def test_naive_selection_fails_where_ltt_holds(pool):
     """Choosing the most escalating threshold whose *empirical* violation rate <= alpha
     overshoots: with a small calibration set it picks thresholds whose true risk exceeds
-    alpha far more often than delta. This is the failure LTT exists to prevent."""
+    alpha far more often than delta. This is the failure LTT exists to prevent (and
+    `test_ltt_holds_on_real_traces` checks LTT at these same budgets).
+
+    How often naive selection overshoots depends on how close some threshold's true risk
+    sits to alpha at a given budget, so it is asserted at most of the budgets (2 of 3),
+    not at every one: at a budget where every threshold's true risk is far from alpha,
+    even the naive rule is right.
+    """
     rng = np.random.default_rng(2)
-    budget = _budgets(pool)[1]
-    true_risk = (pool > budget).mean(axis=0)
-    naive_bad = 0
-    for _ in range(N_SPLITS):
-        sample = pool[rng.integers(0, len(pool), 60)]
-        rates = (sample > budget).mean(axis=0)
-        ok = np.flatnonzero(rates <= ALPHA)
-        if ok.size:
-            naive_bad += true_risk[ok.max()] > ALPHA
-    assert naive_bad / N_SPLITS > DELTA + 3 * math.sqrt(DELTA * (1 - DELTA) / N_SPLITS)
+    tolerance = DELTA + 3 * math.sqrt(DELTA * (1 - DELTA) / N_SPLITS)
+    failing = []
+    for budget in _budgets(pool):
+        true_risk = (pool > budget).mean(axis=0)
+        naive_bad = 0
+        for _ in range(N_SPLITS):
+            sample = pool[rng.integers(0, len(pool), 60)]
+            rates = (sample > budget).mean(axis=0)
+            ok = np.flatnonzero(rates <= ALPHA)
+            if ok.size:
+                naive_bad += true_risk[ok.max()] > ALPHA
+        failing.append(naive_bad / N_SPLITS > tolerance)
+    assert sum(failing) >= 2, failing
