@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from decoding.prompting import render_prompt
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -139,13 +140,8 @@ class HFBackend:
 
     def render_prompt(self, problem: str) -> tuple[str, bool]:
         """The prompt text for a problem, and whether the tokenizer should add its specials."""
-        if self.prompt_template is not None:
-            return self.prompt_template.format(problem=problem), True
-        if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": problem}], tokenize=False, add_generation_prompt=True)
-            return text, False
-        return problem + self.info.step_delimiter, True
+        return render_prompt(problem, tokenizer=self.tokenizer, step_delimiter=self.info.step_delimiter,
+                             prompt_template=self.prompt_template)
 
     def _encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))

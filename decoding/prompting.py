@@ -1,0 +1,126 @@
+"""What every backend does the same way: turn a problem into prompt text, count the
+tokens a request's next call must prefill, estimate an entropy from top-k logprobs.
+
+`HFBackend`, `VLLMBackend` and `OpenAIBackend` all render prompts here, so the three
+see the same prompt for the same problem and their costs and traces can be compared.
+This module knows nothing about any engine, gates, costs or budgets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+__all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "entropy_from_top"]
+
+
+def check_prompt_settings(step_delimiter: str, prompt_template: str | None) -> None:
+    """The constructor checks every backend shares (a ValueError naming the parameter)."""
+    if not isinstance(step_delimiter, str) or not step_delimiter:
+        raise ValueError(f"step_delimiter must be a non-empty string, got {step_delimiter!r}")
+    if prompt_template is not None and "{problem}" not in prompt_template:
+        raise ValueError(f"prompt_template must contain '{{problem}}', got {prompt_template!r}")
+
+
+def render_prompt(problem: str, *, tokenizer=None, step_delimiter: str,
+                  prompt_template: str | None = None) -> tuple[str, bool]:
+    """The prompt text for a problem, and whether the tokenizer should add its specials.
+
+    `prompt_template` (a format string with `{problem}`) when given; else the tokenizer's
+    chat template (one user message, generation prompt added) when it has one; else the
+    problem followed by the step delimiter.
+    """
+    if prompt_template is not None:
+        return prompt_template.format(problem=problem), True
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": problem}], tokenize=False, add_generation_prompt=True)
+        return text, False
+    return problem + step_delimiter, True
+
+
+@dataclass
+class _Entry:
+    text: str = ""
+    tokens: int = 0
+    # (tokens, characters) after each piece sent or generated: the places a cache that
+    # holds this text can be cut back to without re-encoding (as HFBackend crops its KV).
+    boundaries: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
+
+
+class PrefixLedger:
+    """Per-request record of the text a (prefix-caching) engine has already seen.
+
+    A backend that re-sends the whole prompt each call (a server, vLLM) still only
+    computes the tokens past the cached prefix; this ledger counts those tokens with the
+    same rule `HFBackend` applies to its own KV cache: keep the last piece boundary inside
+    the shared prefix, re-feed one token when the text diverged after it, then the rest.
+    Counting with the same rule is what makes costs, and so calibrations, comparable
+    across backends. Not thread-safe: the owning backend serializes access.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _Entry] = {}
+
+    def _keep(self, entry: _Entry, target: str) -> tuple[int, int]:
+        shared = 0
+        limit = min(len(entry.text), len(target))
+        while shared < limit and entry.text[shared] == target[shared]:
+            shared += 1
+        keep = (0, 0)
+        for tokens, chars in entry.boundaries:
+            if chars <= shared:
+                keep = (tokens, chars)
+        return keep
+
+    def prefill(self, request_id: str, prompt: str, context: str,
+                count: Callable[[str, bool], int]) -> int:
+        """Tokens a call on prompt + context must prefill. count(text, is_prompt) -> tokens."""
+        entry = self._entries.get(request_id, _Entry())
+        tokens, chars = self._keep(entry, prompt + context)
+        if tokens == 0:
+            return count(prompt, True) + (count(context, False) if context else 0)
+        rest = (prompt + context)[chars:]
+        return int(tokens < entry.tokens) + (count(rest, False) if rest else 0)
+
+    def record(self, request_id: str, prompt: str, context: str, pieces: Iterable[tuple[str, int]],
+               count: Callable[[str, bool], int]) -> None:
+        """After a call: the engine now holds prompt + context + the pieces (text, tokens)
+        it generated or scored."""
+        entry = self._entries.get(request_id, _Entry())
+        target = prompt + context
+        tokens, chars = self._keep(entry, target)
+        if tokens == 0:
+            entry = _Entry()
+            entry.tokens = count(prompt, True)
+            entry.text = prompt
+            entry.boundaries.append((entry.tokens, len(prompt)))
+            tokens, chars = entry.tokens, len(prompt)
+        else:
+            entry.tokens = tokens
+            entry.text = target[:chars]
+            entry.boundaries = [b for b in entry.boundaries if b[0] <= tokens]
+        rest = target[chars:]
+        if rest:
+            entry.tokens += count(rest, False)
+            entry.text = target
+            entry.boundaries.append((entry.tokens, len(target)))
+        for text, n in pieces:
+            entry.tokens += n
+            entry.text += text
+            entry.boundaries.append((entry.tokens, len(entry.text)))
+        self._entries[request_id] = entry
+
+    def release(self, request_id: str) -> None:
+        self._entries.pop(request_id, None)
+
+
+def entropy_from_top(logprobs: Iterable[float]) -> float:
+    """Entropy (nats) of a distribution known only by its top-k log-probabilities: the
+    unseen mass is lumped into one outcome, so this is a lower bound on the true entropy,
+    exact when the top-k cover the whole support."""
+    probs = [math.exp(lp) for lp in logprobs if lp is not None and math.isfinite(lp)]
+    total = math.fsum(probs)
+    rest = max(0.0, 1.0 - total)
+    return -math.fsum(p * math.log(p) for p in probs if p > 0) - (rest * math.log(rest) if rest > 0 else 0.0)
