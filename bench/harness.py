@@ -62,6 +62,7 @@ __all__ = [
     "run_benchmark",
     "summarize",
     "summarize_rows",
+    "unknown_characters",
 ]
 
 POLICY_NAMES: tuple[str, ...] = ("small", "large", "confidence", "verify", "oracle", "calibrated")
@@ -241,7 +242,7 @@ def _unique(rows: Sequence[dict]) -> list[dict]:
 
 
 def _row(example: Example, policy: str, result, wall: float, correct: bool | None,
-         error: str | None) -> dict:
+         error: str | None, unknown_chars: int | None = None) -> dict:
     per_tier = [{"tier": name, "prefill_tokens": u.prefill_tokens, "generated_tokens": u.generated_tokens,
                  "seconds": u.seconds, "cost": u.cost}
                 for name, u in zip(result.tier_names, result.cost.per_tier)]
@@ -257,7 +258,28 @@ def _row(example: Example, policy: str, result, wall: float, correct: bool | Non
         "cost": result.cost.total, "escalation_rate": result.escalation_rate,
         "wall_seconds": wall, "stop_reason": result.stop_reason,
         "cap_intervened": result.cap_intervened, "budget": result.budget, "error": error,
+        "unknown_chars": unknown_chars,
     }
+
+
+def unknown_characters(models: Sequence, text: str) -> int | None:
+    """How many characters of `text` the models' tokenizers cannot represent (they become
+    the unknown token), the most over the models; None when no model exposes a tokenizer
+    (an HTTP backend, say). Byte-level tokenizers give 0; the embedded char-level one
+    counts every character outside its task alphabet, e.g. the capitals and LaTeX of a
+    natural-language problem: the model then reads a degraded problem, and the summary
+    says how many problems were affected."""
+    counts = []
+    for model in models:
+        tokenizer = getattr(model, "tokenizer", None)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if tokenizer is None:
+            continue
+        if unk is None:  # no unknown token: nothing is mapped to one
+            counts.append(0)
+            continue
+        counts.append(list(tokenizer.encode(text, add_special_tokens=False)).count(unk))
+    return max(counts) if counts else None
 
 
 # ---- settings and resume -------------------------------------------------------------------
@@ -286,6 +308,8 @@ def _settings(cascade, dataset: str, path, limit, examples, policies: Sequence[_
         "tier_names": list(cascade.tier_names),
         "prices": [[p.input, p.output] for p in cascade.cost_model.prices],
         "delimiter": cascade.delimiter,
+        # what each model's backend wraps the problem in (None: its tokenizer's chat template)
+        "prompt_templates": [getattr(m, "prompt_template", None) for m in cascade.models],
         "budget": budget,
         "calibration": ({"path": str(Path(calibration).resolve()), "sha256": _sha256_file(calibration)}
                         if calibration is not None else None),
@@ -384,10 +408,13 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
                 policy.solve(examples[0].problem, budget)
                 session["warmup_seconds"][policy.spec.label] = time.perf_counter() - begin
         _write_json(run_path, header)
+        unknown: dict[str, int | None] = {}
         with Grader(use_math_verify=use_math_verify) as grader, \
                 results_path.open("a", encoding="utf-8") as sink:
             for count, (example, policy) in enumerate(todo, start=1):
-                row = _solve_one(policy, example, budget, grader)
+                if example.id not in unknown:
+                    unknown[example.id] = unknown_characters(cascade.models, example.problem)
+                row = _solve_one(policy, example, budget, grader, unknown[example.id])
                 sink.write(json.dumps(row) + "\n")
                 sink.flush()
                 os.fsync(sink.fileno())
@@ -400,7 +427,8 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
     return summarize(out, plots=plots)
 
 
-def _solve_one(policy: _Policy, example: Example, budget: float | None, grader) -> dict:
+def _solve_one(policy: _Policy, example: Example, budget: float | None, grader,
+               unknown_chars: int | None = None) -> dict:
     error = None
     begin = time.perf_counter()
     try:
@@ -414,7 +442,7 @@ def _solve_one(policy: _Policy, example: Example, budget: float | None, grader) 
     correct = None
     if example.answer is not None:
         correct = bool(grader.grade(result.answer, example.answer, example.kind))
-    return _row(example, policy.spec.label, result, wall, correct, error)
+    return _row(example, policy.spec.label, result, wall, correct, error, unknown_chars)
 
 
 # ---- summary --------------------------------------------------------------------------------
@@ -473,6 +501,12 @@ def summarize_rows(rows: Sequence[dict]) -> dict:
             "mean_tokens": {t: {"prefill": _mean([r["tokens"]["prefill"][k] for r in cells]),
                                 "generated": _mean([r["tokens"]["generated"][k] for r in cells])}
                             for k, t in enumerate(tier_names)},
+            # per-model time split: seconds inside each tier's backend calls, and the rest of the
+            # wall time (gates, cost accounting, grading is not included: it runs after timing)
+            "mean_seconds_per_tier": {t: _mean([r["seconds_per_tier"][k] for r in cells])
+                                      for k, t in enumerate(tier_names)},
+            "mean_overhead_seconds": _mean([r["wall_seconds"] - math.fsum(r["seconds_per_tier"])
+                                            for r in cells]),
             "mean_cost": _mean([r["cost"] for r in cells]),
             "escalation_rate": _mean([r["escalation_rate"] for r in cells]),
             "step_escalation_rate": escalated_steps / steps_total if steps_total else 0.0,
@@ -491,7 +525,10 @@ def summarize_rows(rows: Sequence[dict]) -> dict:
                 cost_ratio = stats["mean_cost"] / large["mean_cost"]
         stats["speedup_vs_large"] = speedup
         stats["cost_ratio_vs_large"] = cost_ratio
-    return {"n_rows": len(rows), "n_problems": len({r["id"] for r in rows}), "policies": policies}
+    unknown = {r["id"]: r.get("unknown_chars") for r in rows}
+    return {"n_rows": len(rows), "n_problems": len({r["id"] for r in rows}), "policies": policies,
+            "problems_with_unknown_chars": sum(bool(v) for v in unknown.values()),
+            "unknown_chars_known": any(v is not None for v in unknown.values())}
 
 
 def summarize(out_dir: str | Path, *, plots: bool = True) -> dict:
@@ -536,8 +573,8 @@ def _markdown(summary: dict) -> str:
         f"Budget (hard cap per problem): {_fmt(summary.get('budget'), 'g')}",
         "",
         "| policy | n | accuracy (95% CI) | mean s | p50 s | p95 s | speedup vs large | mean cost "
-        "| cost vs large | escalation rate | tokens out per tier |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| cost vs large | escalation rate | tokens out per tier | model s per tier |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, s in summary["policies"].items():
         if s["accuracy"] is None:
@@ -545,12 +582,13 @@ def _markdown(summary: dict) -> str:
         else:
             accuracy = f"{s['accuracy']:.3f} ({s['accuracy_ci95'][0]:.3f}-{s['accuracy_ci95'][1]:.3f})"
         tokens = ", ".join(f"{t} {_fmt(v['generated'], '.1f')}" for t, v in s["mean_tokens"].items())
+        seconds = ", ".join(f"{t} {_fmt(v, '.4f')}" for t, v in s["mean_seconds_per_tier"].items())
         wall = s["wall_seconds"]
         lines.append(f"| {name} | {s['n']} | {accuracy} | {_fmt(wall['mean'], '.4f')} | "
                      f"{_fmt(wall['p50'], '.4f')} | {_fmt(wall['p95'], '.4f')} | "
                      f"{_fmt(s['speedup_vs_large'], '.2f')} | {_fmt(s['mean_cost'], '.2f')} | "
                      f"{_fmt(s['cost_ratio_vs_large'], '.3f')} | {_fmt(s['escalation_rate'], '.3f')} | "
-                     f"{tokens} |")
+                     f"{tokens} | {seconds} |")
     lines.append("")
     if summary["expected_rows"] is not None and summary["n_rows"] < summary["expected_rows"]:
         lines.append(f"**Incomplete**: {summary['n_rows']} of {summary['expected_rows']} (problem, policy) "
@@ -560,11 +598,16 @@ def _markdown(summary: dict) -> str:
                      f"{summary['dataset']!r} (the embedded pair, for one, was trained only on the synthetic "
                      "task and cannot read natural language); cost, latency and escalation figures are "
                      "still measured, accuracy is not informative.  ")
+    if summary.get("problems_with_unknown_chars"):
+        lines.append(f"**Tokenizer**: {summary['problems_with_unknown_chars']} of {summary['n_problems']} "
+                     "problems contain characters the models' tokenizers cannot represent (read as the "
+                     "unknown token; per problem: `unknown_chars` in results.jsonl).  ")
     warm = summary.get("warmup_seconds") or {}
     if warm:
         lines.append("Warm-up solve per policy (excluded): "
                      + ", ".join(f"{k} {v:.3f} s" for k, v in warm.items()) + ".  ")
-    lines.append("Latency: wall seconds per problem, batch 1, policies interleaved per problem. "
+    lines.append("Latency: wall seconds per problem, batch 1, policies interleaved per problem; "
+                 "model s per tier: seconds inside each model's calls (the rest is runtime overhead). "
                  "Cost: large-model token equivalents.")
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOT_FILES)]
     return "\n".join(lines)

@@ -58,6 +58,7 @@ def _build_cascade(args, gate):
             raise CascadeError("--small and --large go together")
         options = SolveOptions(max_steps=args.max_steps or 32, max_step_tokens=args.max_step_tokens or 256)
         runner = Cascade.from_pretrained(models=paths, gate=gate, step_delimiter=args.delimiter,
+                                         prompt_template=getattr(args, "prompt_template", None),
                                          options=options)
     else:
         runner = cascade.embedded_cascade(gate)
@@ -65,14 +66,18 @@ def _build_cascade(args, gate):
 
 
 def progress_printer(label: str, unit: str = "problems"):
-    """A progress callback (done, total) that prints elapsed time and an ETA to stderr."""
+    """A progress callback (done, total) that prints a bar, elapsed time and an ETA to stderr."""
     started = time.time()
+    width = 20
 
     def report(done: int, total: int) -> None:
         elapsed = time.time() - started
         eta = f"{elapsed / done * (total - done):.0f}s" if done else "?"
         end = "\n" if done == total else ""
-        print(f"\r{label}: {done}/{total} {unit}, {elapsed:.0f}s elapsed, eta {eta}   ",
+        filled = width * done // total if total else width
+        bar = "#" * filled + "-" * (width - filled)
+        percent = 100 * done // total if total else 100
+        print(f"\r{label}: {done}/{total} {unit} [{bar}] {percent}%, {elapsed:.0f}s elapsed, eta {eta}   ",
               end=end, file=sys.stderr, flush=True)
     return report
 
@@ -135,6 +140,49 @@ def _calibrate(args) -> int:
     return 0
 
 
+_SCORERS = ("exact", "large-likelihood", "prm:PATH")
+
+
+def _scorer_from_args(args, runner):
+    """--scorer: exact (the embedded task's checker), large-likelihood, prm:PATH."""
+    from cascade.scorers import LikelihoodScorer, PRMScorer
+
+    if args.scorer == "exact":
+        from bench.router_data import ExactStepScorer
+
+        return ExactStepScorer()
+    if args.scorer == "large-likelihood":
+        return LikelihoodScorer(runner.models[1])
+    if args.scorer.startswith("prm:") and len(args.scorer) > 4:
+        return PRMScorer.from_pretrained(args.scorer[4:], format=args.prm_format, step_tag=args.step_tag)
+    raise CascadeError(f"unknown scorer {args.scorer!r}; choose one of {', '.join(_SCORERS)}")
+
+
+def _train_router(args) -> int:
+    from bench.datasets import load_dataset
+    from cascade.router import collect_router_data, train_router
+
+    if args.scorer not in ("exact", "large-likelihood") and not args.scorer.startswith("prm:"):
+        raise CascadeError(f"unknown scorer {args.scorer!r}; choose one of {', '.join(_SCORERS)}")
+    problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
+    runner = _build_cascade(args, None)
+    if len(runner.models) != 2:
+        raise CascadeError(f"train-router trains a router for one small/large pair; got {len(runner.models)} models")
+    scorer = _scorer_from_args(args, runner)
+    data_path = args.data or Path(str(args.output) + ".data.jsonl")  # resumable: rows appended
+    dataset = collect_router_data(runner.models[0], runner.models[1], problems, scorer, data_path,
+                                  projection_dim=args.projection_dim, projection_seed=args.seed,
+                                  max_steps=runner.options.max_steps,
+                                  max_step_tokens=runner.options.max_step_tokens,
+                                  progress=progress_printer("train-router"))
+    npz = dataset.save(Path(data_path).with_suffix(".npz"))
+    router = train_router(dataset, tau=args.tau, holdout=args.holdout, seed=args.seed)
+    router.save(args.output)
+    print(router.summary())
+    print(f"wrote {args.output} (dataset: {data_path}, {npz}; {len(dataset)} steps)")
+    return 0
+
+
 def _bench_command(args) -> str:
     """The bench command as given (flags with a value), for run.json and the summaries;
     a value with control characters (--delimiter "\\n") is written $'\\n' (bash quoting)."""
@@ -149,6 +197,7 @@ def _bench_command(args) -> str:
     for flag, value in (("--dataset", args.dataset), ("--path", args.path), ("--policies", args.policies),
                         ("--calibration", args.calibration), ("--threshold", args.threshold),
                         ("--budget", args.budget), ("--limit", args.limit), ("--backend", args.backend),
+                        ("--template", args.template),
                         ("--small", args.small), ("--large", args.large), ("--models", args.models),
                         ("--delimiter", args.delimiter), ("--signal", args.signal), ("--mode", args.mode),
                         ("--max-steps", args.max_steps), ("--max-step-tokens", args.max_step_tokens),
@@ -171,6 +220,7 @@ def _bench(args) -> int:
         raise CascadeError("bench names its gates with --policies (e.g. small,large,confidence@0.3), "
                            "not --gate")
     threshold = 0.5 if args.threshold is None else args.threshold
+    _apply_template(args)
     # Everything that can be checked without models fails before any is loaded.
     harness.parse_policies(args.policies, dataset=args.dataset, threshold=threshold,
                            calibration=args.calibration, budget=args.budget)
@@ -185,6 +235,24 @@ def _bench(args) -> int:
     print(f"wrote {args.output}: {summary['n_rows']} result rows, {harness.SUMMARY_JSON}, "
           f"{harness.SUMMARY_MD}, {', '.join(harness.PLOT_FILES)}")
     return 0
+
+
+def _apply_template(args) -> None:
+    """--template: the prompt format and (unless --delimiter is given) the step delimiter."""
+    from bench.prompts import get_template
+
+    external = bool(args.models or args.small or args.large)
+    name = args.template or ("chat" if external else "embedded")
+    template = get_template(name)
+    if not external and name != "embedded":
+        raise CascadeError(f"--template {name} needs --small/--large (or --models); the embedded pair "
+                           "only reads its own prompt (--template embedded)")
+    if external and name == "embedded":
+        raise CascadeError("--template embedded is the shipped pair's own prompt; leave out --small/--large "
+                           "to use the embedded pair")
+    args.prompt_template = template.format
+    if args.delimiter is None:
+        args.delimiter = template.delimiter
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -226,6 +294,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(calib)
     calib.set_defaults(run=_calibrate)
 
+    router = commands.add_parser("train-router", help="train an advantage router (when is the large "
+                                 "model's step meaningfully better?)")
+    router.add_argument("--problems", required=True, help="JSONL of training problems ('problem' field)")
+    router.add_argument("--scorer", required=True, help="step scorer: exact (embedded task), "
+                        "large-likelihood, or prm:PATH (a process reward model, local path or hub id)")
+    router.add_argument("--prm-format", default="auto", choices=["auto", "step-tag", "reward-head"])
+    router.add_argument("--step-tag", default=None, help="the step tag of a step-tag PRM")
+    router.add_argument("--tau", type=float, default=0.0,
+                        help="label = score(large) - score(small) > tau")
+    router.add_argument("--limit", type=int, default=None, help="use the first N problems")
+    router.add_argument("--holdout", type=float, default=0.2, help="held-out fraction of the problems")
+    router.add_argument("--projection-dim", type=int, default=16, help="hidden-state projection size")
+    router.add_argument("--seed", type=int, default=0, help="projection and held-out split seed")
+    router.add_argument("--data", type=Path, default=None,
+                        help="collected rows (JSONL, resumable; default <output>.data.jsonl)")
+    router.add_argument("-o", "--output", required=True, type=Path, help="router file to write (.pt)")
+    _add_model_options(router)
+    router.set_defaults(run=_train_router)
+
     bench = commands.add_parser("bench", help="benchmark gate policies on a dataset (resumable)")
     bench.add_argument("--dataset", default="embedded",
                        help="embedded, gsm8k, math500, aime24, aime25, jsonl (with --path) "
@@ -238,12 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--budget", type=float, default=None, help="hard cap per problem, in cost units")
     bench.add_argument("--limit", type=int, default=None, help="the first N problems")
     bench.add_argument("--backend", default="hf", help="model backend: hf (the only one built so far)")
+    bench.add_argument("--template", default=None,
+                       help="prompt template of --small/--large: qwen25-math-cot, plain, chat (the "
+                            "tokenizer's chat template; default) or embedded (the shipped pair); sets the "
+                            "step delimiter unless --delimiter is given")
     bench.add_argument("--no-math-verify", action="store_true",
                        help="grade math answers by normalized comparison only")
     bench.add_argument("-o", "--output", required=True, type=Path,
                        help="output directory (re-run the same command to resume)")
     _add_model_options(bench)  # --threshold: of confidence/verify named without @T (default 0.5)
-    bench.set_defaults(run=_bench)
+    bench.set_defaults(run=_bench, delimiter=None)  # None: the --template's delimiter
     return parser
 
 
