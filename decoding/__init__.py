@@ -1,9 +1,11 @@
 """Model backends behind one small protocol: generate the next step, score a given step.
 
-`decoding` is a leaf: it imports none of the project's other packages.
+`decoding` is a leaf: it imports none of the project's other packages. `VLLMBackend` is
+loaded on first use, so importing `decoding` never needs vllm (an optional extra).
 """
 
 from decoding.hf import HFBackend, weights_fingerprint
+from decoding.openai_backend import OpenAIBackend
 from decoding.types import (
     Backend,
     BackendError,
@@ -22,6 +24,7 @@ __all__ = [
     "HFBackend",
     "ModelInfo",
     "ModelLoadError",
+    "OpenAIBackend",
     "ScoreOutput",
     "ScoreRequest",
     "StepOutput",
@@ -29,3 +32,13 @@ __all__ = [
     "StopReason",
     "weights_fingerprint",
 ]
+
+
+def __getattr__(name: str):
+    # `decoding.VLLMBackend` loads on first use; it stays out of __all__ so that
+    # `from decoding import *` works without the optional vllm extra.
+    if name == "VLLMBackend":
+        from decoding.vllm_backend import VLLMBackend
+
+        return VLLMBackend
+    raise AttributeError(f"module 'decoding' has no attribute {name!r}")

