@@ -14,6 +14,8 @@ Policies (`POLICY_NAMES`), each used at every gate position of an N-tier cascade
 - ``small``: `AlwaysSmall`; ``large``: `AlwaysLarge`;
 - ``confidence`` / ``confidence@T``: `ConfidenceGate` at threshold T (default: `threshold`);
 - ``verify`` / ``verify@T``: `VerifyGate` at threshold T;
+- ``advantage`` / ``advantage@T``: `AdvantageGate` at threshold T, with the router file given
+  as `router` (``--router FILE``, from ``cascade train-router``; refused for other models);
 - ``oracle``: `bench.oracle.OracleGate` (the embedded dataset only: it reads the exact checker);
 - ``calibrated``: `Cascade.from_calibration(calibration, models=cascade.models)`, solved
   with `budget` so that the threshold certified for it is looked up.
@@ -65,8 +67,8 @@ __all__ = [
     "unknown_characters",
 ]
 
-POLICY_NAMES: tuple[str, ...] = ("small", "large", "confidence", "verify", "oracle", "calibrated")
-_THRESHOLD_POLICIES = ("confidence", "verify")
+POLICY_NAMES: tuple[str, ...] = ("small", "large", "confidence", "verify", "advantage", "oracle", "calibrated")
+_THRESHOLD_POLICIES = ("confidence", "verify", "advantage")
 PLOT_FILES: tuple[str, ...] = ("accuracy_vs_cost.png", "accuracy_vs_latency.png", "escalation_by_step.png")
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -103,7 +105,8 @@ def _policy_list(policies: str | Sequence[str]) -> list[str]:
 
 
 def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: float = 0.5,
-                   calibration: str | Path | None = None, budget: float | None = None) -> list[PolicySpec]:
+                   calibration: str | Path | None = None, budget: float | None = None,
+                   router: str | Path | None = None) -> list[PolicySpec]:
     """Parse and check policy names before any model is loaded. Raises `BenchError`."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
         raise BenchError(f"threshold must be a number, got {threshold!r}")
@@ -134,6 +137,9 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
         if kind == "oracle" and dataset != "embedded":
             raise BenchError(f"policy 'oracle' reads the exact checker of the embedded task; it runs only "
                              f"with --dataset embedded, not {dataset!r}")
+        if kind == "advantage" and router is None:
+            raise BenchError("policy 'advantage' needs a router file (--router FILE, made by "
+                             "cascade train-router)")
         if kind == "calibrated":
             if calibration is None:
                 raise BenchError("policy 'calibrated' needs a calibration file (--calibration FILE)")
@@ -158,7 +164,7 @@ class _Policy:
 
 
 def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget, signal: str,
-                    mode: str) -> list[_Policy]:
+                    mode: str, router=None) -> list[_Policy]:
     from cascade import AlwaysLarge, AlwaysSmall, ConfidenceGate, VerifyGate
     from cascade.runtime import Cascade
 
@@ -178,6 +184,13 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
                 gate = ConfidenceGate(threshold=spec.threshold, signal=signal, mode=mode)
             elif spec.kind == "verify":
                 gate = VerifyGate(threshold=spec.threshold)
+            elif spec.kind == "advantage":
+                from cascade import AdvantageGate
+                from cascade.router import Router
+
+                if not isinstance(router, Router):
+                    router = Router.load(router, models=cascade.models)  # refuses other models
+                gate = AdvantageGate(router, threshold=spec.threshold)
             else:
                 from bench.oracle import OracleGate
 
@@ -294,7 +307,7 @@ def _examples_hash(examples: Sequence[Example]) -> str:
 
 
 def _settings(cascade, dataset: str, path, limit, examples, policies: Sequence[_Policy], budget,
-              calibration) -> dict:
+              calibration, router=None) -> dict:
     options = cascade.options
     settings = {
         "dataset": dataset,
@@ -316,6 +329,8 @@ def _settings(cascade, dataset: str, path, limit, examples, policies: Sequence[_
         "options": {"max_steps": options.max_steps, "max_step_tokens": options.max_step_tokens,
                     "temperature": options.temperature, "seed": options.seed},
     }
+    if router is not None:  # only then: directories made before routers existed still resume
+        settings["router"] = {"path": str(Path(router).resolve()), "sha256": _sha256_file(router)}
     return json.loads(json.dumps(settings))  # as it reads back from the file
 
 
@@ -346,7 +361,7 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
                   threshold: float = 0.5, signal: str = "min_prob", mode: str = "speculate",
                   examples: Sequence[Example] | None = None, command: str | None = None,
                   progress: bool | Callable[[int, int], None] = True, plots: bool = True,
-                  use_math_verify: bool = True) -> dict:
+                  use_math_verify: bool = True, router: str | Path | None = None) -> dict:
     """Run `policies` on `cascade`'s models over `dataset` (a `bench.datasets` name; `path`
     for "jsonl"), resuming what `out_dir` already holds. Returns the summary (also written
     to summary.json / summary.md, with the plots).
@@ -356,22 +371,24 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
     gate. examples: already loaded `load_dataset(dataset, limit, path)` (else loaded here).
     command: recorded in run.json and the summaries (default: this process's argv).
     progress: True = progress with ETA on stderr, or a callable(done, total).
+    router: the router file of the advantage policies (`cascade train-router`).
     """
     from bench.grading import Grader
     from cascade.runtime import _check_budget
 
     budget = _check_budget(budget)
     specs = parse_policies(policies, dataset=dataset, threshold=threshold, calibration=calibration,
-                           budget=budget)
+                           budget=budget, router=router)
     if examples is None:
         examples = load_dataset(dataset, limit, None if path is None else str(path))
     examples = list(examples)
     if not examples:
         raise BenchError(f"dataset {dataset!r} has no problems")
-    built = _build_policies(specs, cascade, calibration=calibration, budget=budget, signal=signal, mode=mode)
+    built = _build_policies(specs, cascade, calibration=calibration, budget=budget, signal=signal, mode=mode,
+                            router=router)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(cascade, dataset, path, limit, examples, built, budget, calibration)
+    settings = _settings(cascade, dataset, path, limit, examples, built, budget, calibration, router)
     run_path, results_path = out / RUN_FILE, out / RESULTS_FILE
     if run_path.exists():
         header = json.loads(run_path.read_text())

@@ -17,6 +17,7 @@ from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBED
 from cascade.errors import CascadeError, ConfigError, StepFailedError
 from cascade.gates import (
     GATES,
+    AdvantageGate,
     AlwaysLarge,
     AlwaysSmall,
     Confidence,
@@ -28,9 +29,12 @@ from cascade.gates import (
     make_gate,
 )
 from cascade.records import Decision, Result, Step
+from cascade.router import Router, collect_router_data, train_router
 from cascade.runtime import Cascade, SolveOptions
+from cascade.scorers import LikelihoodScorer, PRMScorer, StepScorer
 
 __all__ = [
+    "AdvantageGate",
     "AlwaysLarge",
     "AlwaysSmall",
     "Calibration",
@@ -47,21 +51,27 @@ __all__ = [
     "GATES",
     "Gate",
     "GateState",
+    "LikelihoodScorer",
+    "PRMScorer",
     "Prices",
     "Result",
+    "Router",
     "SolveOptions",
     "Step",
     "StepFailedError",
+    "StepScorer",
     "SweepResult",
     "Usage",
     "VerifyGate",
     "calibrate",
+    "collect_router_data",
     "decide",
     "embedded_cascade",
     "extract_answer",
     "make_gate",
     "solve",
     "sweep",
+    "train_router",
 ]
 
 # The gate the embedded pair uses by default (chosen on the calibration split; see README).

@@ -32,6 +32,8 @@ __all__ = [
     "AlwaysSmall",
     "AlwaysLarge",
     "VerifyGate",
+    "AdvantageModel",
+    "AdvantageGate",
     "decide",
     "GATES",
     "make_gate",
@@ -213,6 +215,48 @@ class VerifyGate:
         return 1.0 - math.exp(value)
 
 
+@runtime_checkable
+class AdvantageModel(Protocol):
+    """What `AdvantageGate` needs of a router (`cascade.router.Router` is one)."""
+
+    def advantage_probability(self, state: GateState) -> float:
+        """P(the next tier's step would be meaningfully better than this draft)."""
+        ...
+
+
+@dataclass(frozen=True)
+class AdvantageGate:
+    """Escalate when a learned router says the next tier's step would be meaningfully
+    better than the draft (Arbitrage-style): score = P(large better), in [0, 1].
+
+    The router reads the drafting model's hidden state, so the runtime asks that tier's
+    backend for it (`requires_hidden`). Load a trained router with
+    `cascade.router.Router.load(path, models=(small, large))`, which refuses a router
+    trained for other models. One scalar threshold: calibration applies unchanged.
+    """
+
+    router: AdvantageModel
+    threshold: float = 0.5
+    mode: Mode = "speculate"
+    probe_tokens: int = 0
+    requires_verification: bool = False
+    requires_hidden: bool = True
+
+    def __post_init__(self) -> None:
+        _check_threshold(self.threshold)
+        if not isinstance(self.router, AdvantageModel):
+            raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state), got "
+                              f"{type(self.router).__name__} (load one with cascade.router.Router.load)")
+        if self.mode != "speculate" or self.requires_verification or not self.requires_hidden:
+            raise ConfigError("AdvantageGate judges whole drafts from their hidden state: mode must be "
+                              "'speculate', requires_hidden True, requires_verification False")
+
+    def score(self, state: GateState) -> float:
+        if not state.output.token_ids:
+            return 0.0  # no draft (the cap left no room): nothing to judge
+        return float(self.router.advantage_probability(state))
+
+
 def decide(gate: Gate, state: GateState) -> tuple[float, bool]:
     """The one place a score meets a threshold: returns (score, escalate)."""
     score = float(gate.score(state))
@@ -226,6 +270,7 @@ GATES: dict[str, type] = {
     "always-small": AlwaysSmall,
     "always-large": AlwaysLarge,
     "verify": VerifyGate,
+    "advantage": AdvantageGate,
 }
 
 

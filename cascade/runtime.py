@@ -269,7 +269,10 @@ class _Run:
 
     def generate(self, tier: int, context: str, max_tokens: int):
         request = StepRequest(self.request_id, self.problem, context, max_tokens,
-                              self.options.temperature, self.options.seed, self.options.return_hidden)
+                              self.options.temperature, self.options.seed,
+                              # A gate that reads hidden states (AdvantageGate) gets them.
+                              self.options.return_hidden or (tier < self.n - 1 and getattr(
+                                  self.gates[tier], "requires_hidden", False)))
         output = yield (tier, request)
         if output.generated_tokens > max_tokens:
             raise BackendError(f"returned {output.generated_tokens} tokens, more than the "

@@ -31,6 +31,7 @@ from decoding.types import (
     ScoreRequest,
     StepOutput,
     StepRequest,
+    StopReason,
 )
 
 __all__ = ["HFBackend", "weights_fingerprint"]
@@ -70,6 +71,81 @@ class _Session:
     next_hidden: torch.Tensor | None = None  # (hidden,) after the last id
 
 
+@dataclass
+class _Row:
+    """One request's step while it decodes inside a batch."""
+
+    request: StepRequest
+    session: _Session
+    prefill: int  # tokens fed to catch up before decoding
+    generator: torch.Generator | None  # None = greedy
+    anchor: int | None  # the token before the step (for decoding its text)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    entropies: list[float] = field(default_factory=list)
+    text: str = ""
+    stop_reason: StopReason | None = None  # None while the row still decodes
+    seconds: float = 0.0
+
+
+def _is_plain_dynamic(cache: object) -> bool:
+    """A DynamicCache of full-attention layers holding one row: what the batch can pad."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return (isinstance(cache, DynamicCache) and bool(cache.layers)
+            and all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
+                    and layer.keys.shape[0] == 1 for layer in cache.layers))
+
+
+def _merge_caches(sessions: Sequence[_Session]) -> tuple[object, list[int]]:
+    """One batched cache from per-request caches, each left-padded with zeros to the
+    longest; returns it and each row's padding (columns the attention mask must hide).
+    A single session's cache is used as is (batch size 1 costs nothing extra)."""
+    from transformers import DynamicCache
+
+    if len(sessions) == 1:
+        return sessions[0].cache, [0]
+    lengths = [len(session.ids) for session in sessions]
+    longest = max(lengths)
+    layers = []
+    for index in range(len(sessions[0].cache.layers)):
+        parts = [session.cache.layers[index] for session in sessions]
+        merged = []
+        for tensors in ([layer.keys for layer in parts], [layer.values for layer in parts]):
+            _, heads, _, width = tensors[0].shape
+            batch = tensors[0].new_zeros((len(sessions), heads, longest, width))
+            for row, (tensor, length) in enumerate(zip(tensors, lengths)):
+                assert tensor.shape[-2] == length, "session cache and ids disagree"
+                batch[row, :, longest - length:] = tensor[0]
+            merged.append(batch)
+        layers.append((merged[0], merged[1]))
+    return DynamicCache(ddp_cache_data=layers), [longest - length for length in lengths]
+
+
+def _row_cache(cache, row: int, pad: int):
+    """Row `row` of a batched cache as a one-row cache of its own, padding dropped."""
+    from transformers import DynamicCache
+
+    # DynamicCache copies the slices (its layers concatenate), so the batch can be freed.
+    return DynamicCache(ddp_cache_data=[(layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:])
+                                        for layer in cache.layers])
+
+
+def _select_rows(cache, pads: list[int], keep: list[int]) -> tuple[object, list[int]]:
+    """Keep only rows `keep` of a batched cache, and drop the columns that are now padding
+    in every remaining row."""
+    cache.batch_select_indices(torch.tensor(keep, device=cache.layers[0].keys.device))
+    pads = [pads[k] for k in keep]
+    trim = min(pads)
+    if trim:
+        for layer in cache.layers:
+            layer.keys = layer.keys[:, :, trim:]
+            layer.values = layer.values[:, :, trim:]
+        pads = [pad - trim for pad in pads]
+    return cache, pads
+
+
 class HFBackend:
     """A causal LM and its tokenizer, behind the `decoding.Backend` protocol.
 
@@ -97,6 +173,7 @@ class HFBackend:
             step_delimiter=step_delimiter,
         )
         self._sessions: dict[str, _Session] = {}
+        self._ends_delimiter: dict[int, bool] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, step_delimiter: str = "\n\n",
@@ -245,7 +322,37 @@ class HFBackend:
         return int(tokens < len(session.ids)) + (len(self._encode(rest)) if rest else 0)
 
     def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
-        return [self._next_step(request) for request in requests]
+        """Generate one step for each request, all rows decoding together as one padded batch.
+
+        Each request is first caught up on its own cache (only its new tokens are fed);
+        then the per-request caches are left-padded into one batched cache and every row
+        decodes token by token in one forward pass per token, with an attention mask over
+        the padding and explicit position ids; a row leaves the batch (and gets its cache
+        back, padding dropped) as soon as it stops. Greedy and seeded-sampled rows give
+        the same tokens as running each request alone.
+
+        `StepOutput.seconds` is the latency this request saw: wall seconds from the start
+        of this call until its row stopped (rows share the batch's time, so the seconds of
+        one call's rows add up to more than the call's wall time).
+        """
+        for request in requests:
+            if request.max_tokens < 1:
+                raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+        outputs: list[StepOutput | None] = [None] * len(requests)
+        # A request id may appear only once per batch (its rows would share one cache):
+        # repeated ids go to later rounds, in their order, as if called one after another.
+        remaining = list(range(len(requests)))
+        while remaining:
+            seen: set[str] = set()
+            this_round, later = [], []
+            for index in remaining:
+                rid = requests[index].request_id
+                (later if rid in seen else this_round).append(index)
+                seen.add(rid)
+            for index, output in zip(this_round, self._next_step_batch([requests[i] for i in this_round])):
+                outputs[index] = output
+            remaining = later
+        return outputs  # type: ignore[return-value]
 
     def score_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
         return [self._score(request) for request in requests]
@@ -259,58 +366,144 @@ class HFBackend:
         source = self._sessions.get(source_id)
         self._sessions[target_id] = copy.deepcopy(source) if source is not None else _Session()
 
+    # ---- batched decoding ----------------------------------------------------------------
+
     @torch.no_grad()
-    def _next_step(self, request: StepRequest) -> StepOutput:
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
+    def _next_step_batch(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
+        """One step for requests with distinct ids: catch each up alone, decode all together."""
         started = time.perf_counter()
-        session, fed = self._catch_up(request.request_id, request.problem, request.context,
-                                      hidden=request.return_hidden)
-        generator = None
-        if request.temperature > 0:
-            seed = zlib.crc32(f"{request.seed}\x00{request.problem}\x00{request.context}".encode())
-            generator = torch.Generator().manual_seed(seed)
-        anchor = session.ids[-1] if session.ids else None
-        delimiter = self.info.step_delimiter
-        token_ids: list[int] = []
-        logprobs: list[float] = []
-        entropies: list[float] = []
-        text = ""
-        stop_reason = "max_tokens"
-        for _ in range(request.max_tokens):
-            log_probs = torch.log_softmax(session.next_logits, dim=-1)
-            if generator is None:
-                token = int(torch.argmax(log_probs))
+        rows: list[_Row] = []
+        try:
+            for request in requests:
+                session, fed = self._catch_up(request.request_id, request.problem, request.context,
+                                              hidden=request.return_hidden)
+                generator = None
+                if request.temperature > 0:
+                    # Seeded from the request alone, so a row samples the same step whatever
+                    # else shares its batch.
+                    seed = zlib.crc32(f"{request.seed}\x00{request.problem}\x00{request.context}".encode())
+                    generator = torch.Generator().manual_seed(seed)
+                rows.append(_Row(request, session, fed, generator, session.ids[-1] if session.ids else None))
+            if len(rows) > 1 and not all(_is_plain_dynamic(row.session.cache) for row in rows):
+                for row in rows:  # a cache layout we cannot pad (sliding window, recurrent...)
+                    self._decode([row], started)
             else:
-                probs = torch.softmax(session.next_logits / request.temperature, dim=-1)
-                token = int(torch.multinomial(probs, 1, generator=generator))
-            token_ids.append(token)
-            logprobs.append(float(log_probs[token]))
-            entropies.append(float(-(log_probs.exp() * log_probs).nan_to_num().sum()))
-            if token in self.eos_ids:
-                stop_reason = "eos"
+                self._decode(rows, started)
+        except BaseException:
+            # A failure can leave caches inside the merged batch: drop these requests'
+            # sessions, so their next call starts over from the text instead of a bad cache.
+            for request in requests:
+                self._sessions.pop(request.request_id, None)
+            raise
+        return [self._finish(row) for row in rows]
+
+    def _decode(self, rows: list[_Row], started: float) -> None:
+        """Decode every row until it stops; each row's session ends with its cache, ids and
+        next-token logits exactly as if it had been decoded alone."""
+        active = list(rows)
+        cache, pads = _merge_caches([row.session for row in active])
+        if len(active) > 1:
+            for row in active:
+                row.session.cache = None  # the batch holds it until the row leaves
+        logits = torch.stack([row.session.next_logits for row in active])  # (rows, vocab)
+        want_hidden = any(row.request.return_hidden for row in active)
+        while active:
+            log_probs = torch.log_softmax(logits, dim=-1)
+            entropies = -(log_probs.exp() * log_probs).nan_to_num().sum(dim=-1)
+            tokens = torch.argmax(log_probs, dim=-1)
+            if any(row.generator is not None for row in active):
+                tokens = tokens.clone()
+                for k, row in enumerate(active):
+                    if row.generator is not None:
+                        probs = torch.softmax(logits[k] / row.request.temperature, dim=-1)
+                        tokens[k] = torch.multinomial(probs, 1, generator=row.generator)[0]
+            chosen = log_probs.gather(1, tokens[:, None])[:, 0]
+            token_list = tokens.tolist()
+            for row, token, logprob, entropy in zip(active, token_list, chosen.tolist(), entropies.tolist()):
+                row.token_ids.append(token)
+                row.logprobs.append(logprob)
+                row.entropies.append(entropy)
+                if token in self.eos_ids:
+                    row.stop_reason = "eos"  # EOS is not fed: the cache ends before it
+            cache, pads, logits, active, token_list = self._leave(
+                active, cache, pads, logits, token_list, started)
+            if not active:
                 break
-            self._feed(session, [token], hidden=request.return_hidden)
-            # Decoding the whole step each token is quadratic; only look when this token
-            # could have completed the delimiter (decoded text is matched, not token ids).
-            if delimiter[-1] in self.tokenizer.decode([token], skip_special_tokens=False):
-                text = self._decode_after(anchor, token_ids)
-                if delimiter in text:
-                    stop_reason = "delimiter"
-                    break
-        if stop_reason == "max_tokens":
-            text = self._decode_after(anchor, token_ids)
-        if token_ids and token_ids[-1] in self.eos_ids:
-            text = self._decode_after(anchor, token_ids[:-1]) if len(token_ids) > 1 else ""
+            positions = torch.tensor([[len(row.session.ids)] for row in active], dtype=torch.long,
+                                     device=self.device)
+            mask = None
+            if any(pads):
+                mask = torch.ones((len(active), cache.get_seq_length() + 1), dtype=torch.long,
+                                  device=self.device)
+                for k, pad in enumerate(pads):
+                    mask[k, :pad] = 0
+            try:
+                out = self.model(input_ids=torch.tensor([[t] for t in token_list], device=self.device),
+                                 attention_mask=mask, position_ids=positions, past_key_values=cache,
+                                 use_cache=True, logits_to_keep=1, output_hidden_states=want_hidden)
+            except (RuntimeError, IndexError) as error:
+                raise BackendError(f"forward pass failed: {error}", self.info.name) from error
+            cache = out.past_key_values
+            logits = out.logits[:, -1].float()
+            hidden = out.hidden_states[-1][:, -1].float() if want_hidden else None
+            delimiter = self.info.step_delimiter
+            for k, (row, token) in enumerate(zip(active, token_list)):
+                row.session.ids.append(token)
+                row.session.next_hidden = hidden[k] if hidden is not None and row.request.return_hidden else None
+                # Decoding the whole step each token is quadratic; only look when this token
+                # could have completed the delimiter (decoded text is matched, not token ids).
+                if self._may_end_delimiter(token):
+                    row.text = self._decode_after(row.anchor, row.token_ids)
+                    if delimiter in row.text:
+                        row.stop_reason = "delimiter"
+                        continue
+                if len(row.token_ids) >= row.request.max_tokens:
+                    row.stop_reason = "max_tokens"
+            cache, pads, logits, active, token_list = self._leave(
+                active, cache, pads, logits, token_list, started)
+
+    def _leave(self, active: list[_Row], cache, pads: list[int], logits: torch.Tensor,
+               token_list: list[int], started: float):
+        """Hand the stopped rows their caches back (padding dropped) and shrink the batch."""
+        keep = [k for k, row in enumerate(active) if row.stop_reason is None]
+        if len(keep) == len(active):
+            return cache, pads, logits, active, token_list
+        now = time.perf_counter() - started
+        for k, row in enumerate(active):
+            if row.stop_reason is not None:
+                row.seconds = now
+                row.session.next_logits = logits[k].clone() if len(active) > 1 else logits[k]
+                row.session.cache = cache if len(active) == 1 else _row_cache(cache, k, pads[k])
+        if not keep:
+            return None, [], logits[:0], [], []
+        cache, pads = _select_rows(cache, pads, keep)
+        return (cache, pads, logits[keep], [active[k] for k in keep], [token_list[k] for k in keep])
+
+    def _may_end_delimiter(self, token: int) -> bool:
+        """Does this token's text contain the delimiter's last character? (memoized per id)"""
+        known = self._ends_delimiter.get(token)
+        if known is None:
+            text = self.tokenizer.decode([token], skip_special_tokens=False)
+            known = self._ends_delimiter[token] = self.info.step_delimiter[-1] in text
+        return known
+
+    def _finish(self, row: _Row) -> StepOutput:
+        """The row's StepOutput; records the generated text in its session."""
+        text = row.text
+        if row.stop_reason == "max_tokens":
+            text = self._decode_after(row.anchor, row.token_ids)
+        if row.token_ids and row.token_ids[-1] in self.eos_ids:
+            text = self._decode_after(row.anchor, row.token_ids[:-1]) if len(row.token_ids) > 1 else ""
+        session = row.session
         session.text += text
         session.boundaries.append((len(session.ids), len(session.text)))
         hidden = None
-        if request.return_hidden and session.next_hidden is not None:
+        if row.request.return_hidden and session.next_hidden is not None:
             hidden = tuple(float(x) for x in session.next_hidden)
         return StepOutput(
-            text=text, token_ids=tuple(token_ids), logprobs=tuple(logprobs),
-            entropies=tuple(entropies), stop_reason=stop_reason, prefill_tokens=fed,
-            seconds=time.perf_counter() - started, hidden=hidden,
+            text=text, token_ids=tuple(row.token_ids), logprobs=tuple(row.logprobs),
+            entropies=tuple(row.entropies), stop_reason=row.stop_reason or "max_tokens",
+            prefill_tokens=row.prefill, seconds=row.seconds, hidden=hidden,
         )
 
     @torch.no_grad()

@@ -1,0 +1,598 @@
+"""The advantage router (Arbitrage-style): learn when the large model's step would be
+meaningfully better than the small model's draft, from features known at decision time.
+
+This module owns
+
+- the decision-time features of a draft (`FeatureSpec`, `step_features`): the small
+  model's confidence signals, the step index, the draft length and a fixed random
+  projection of the small model's last hidden state;
+- data collection (`collect_router_data`): along the small model's own trajectory of
+  each training problem, the small draft and the large model's step from the same
+  prefix, both scored by a `cascade.scorers.StepScorer`; label = score(large) -
+  score(small) > tau. Rows are appended to a JSONL file as they come (resumable);
+- training (`train_router`): class-balanced, L2-regularised logistic regression
+  (numpy, Newton steps) with a held-out split by problem, reporting AUROC and the
+  fraction of the oracle's advantage captured at the oracle's escalation rate;
+- the saved `Router` (torch file with its feature spec, projection, tau, metrics and
+  the names + fingerprints of the two models it was trained for; loading it for other
+  models is refused).
+
+`cascade.gates.AdvantageGate` turns a Router into a gate. This module knows nothing
+about any task; task-specific scorers live outside `cascade`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from calibration import auroc
+from decoding import Backend, ModelInfo, StepOutput, StepRequest
+
+from cascade.answer import extract_answer
+from cascade.errors import ConfigError
+from cascade.gates import Confidence, GateState
+from cascade.scorers import StepScorer
+
+__all__ = [
+    "FeatureSpec",
+    "RouterDataset",
+    "RouterFileError",
+    "RouterMetrics",
+    "Router",
+    "step_features",
+    "collect_router_data",
+    "load_router_data",
+    "train_router",
+    "fit_logistic",
+]
+
+# Scalar features, in order. Log of the smallest token probability rather than the
+# probability itself: the informative range is near 0, where a linear model sees nothing.
+SCALAR_FEATURES: tuple[str, ...] = ("mean_logprob", "min_logprob", "mean_entropy",
+                                    "first_k_mean_logprob", "step_index", "draft_tokens")
+_MIN_LOGPROB_FLOOR = -30.0
+_CONFIDENCE_K = 4  # first-k window; the runtime uses 4 for gates with probe_tokens=0
+DATA_FORMAT = "stepcascade-router-data-v1"
+ROUTER_FORMAT = "stepcascade-router-v1"
+
+
+class RouterFileError(ConfigError):
+    """A router or router-data file cannot be used: other models, other settings, corrupt."""
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which features a router reads.
+
+    hidden_size: the small model's hidden size (length of `StepOutput.hidden`).
+    projection_dim: the hidden state is projected to this many dimensions by a fixed
+        Gaussian matrix drawn from `projection_seed` (0 = no hidden-state features).
+    """
+
+    hidden_size: int
+    projection_dim: int = 16
+    projection_seed: int = 0
+    scalars: tuple[str, ...] = SCALAR_FEATURES
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "projection_dim", "projection_seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.projection_dim > 0 and self.hidden_size < 1:
+            raise ConfigError("projection_dim > 0 needs hidden_size >= 1")
+        unknown = set(self.scalars) - set(SCALAR_FEATURES)
+        if unknown:
+            raise ConfigError(f"unknown scalar features {sorted(unknown)}; known: {SCALAR_FEATURES}")
+
+    @property
+    def size(self) -> int:
+        return len(self.scalars) + self.projection_dim
+
+    def projection(self) -> np.ndarray:
+        """The fixed projection matrix, shape (hidden_size, projection_dim), rows scaled so
+        a projected coordinate has the hidden state's scale."""
+        rng = np.random.default_rng(self.projection_seed)
+        matrix = rng.standard_normal((self.hidden_size, self.projection_dim))
+        return matrix / math.sqrt(max(1, self.hidden_size))
+
+    def to_json(self) -> dict:
+        return {"hidden_size": self.hidden_size, "projection_dim": self.projection_dim,
+                "projection_seed": self.projection_seed, "scalars": list(self.scalars)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "FeatureSpec":
+        return cls(int(data["hidden_size"]), int(data["projection_dim"]), int(data["projection_seed"]),
+                   tuple(data["scalars"]))
+
+
+def step_features(spec: FeatureSpec, projection: np.ndarray, confidence: Confidence,
+                  step_index: int, output: StepOutput) -> np.ndarray:
+    """Decision-time features of one draft, shape (spec.size,). A pure function of its
+    arguments (deterministic). Raises ConfigError when hidden-state features are asked for
+    and the draft carries no hidden state (the backend was not asked for it)."""
+    values = {
+        "mean_logprob": confidence.mean_logprob,
+        "min_logprob": max(_MIN_LOGPROB_FLOOR, math.log(confidence.min_prob)) if confidence.min_prob > 0
+        else _MIN_LOGPROB_FLOOR,
+        "mean_entropy": confidence.mean_entropy,
+        "first_k_mean_logprob": confidence.first_k_mean_logprob,
+        "step_index": float(step_index),
+        "draft_tokens": float(output.generated_tokens),
+    }
+    scalars = np.array([values[name] for name in spec.scalars], dtype=np.float64)
+    if spec.projection_dim == 0:
+        return scalars
+    if output.hidden is None:
+        raise ConfigError("the router reads the small model's hidden state, but the draft has none: "
+                          "the backend must be asked for it (StepRequest.return_hidden; the runtime "
+                          "does this for gates with requires_hidden=True)")
+    hidden = np.asarray(output.hidden, dtype=np.float64)
+    if hidden.shape != (spec.hidden_size,):
+        raise ConfigError(f"the router was trained on hidden states of size {spec.hidden_size}, "
+                          f"this model's has size {hidden.shape[0]}")
+    return np.concatenate([scalars, hidden @ projection])
+
+
+# ---- data collection ----------------------------------------------------------------------
+
+def _strip_delimiter(text: str, delimiter: str) -> str:
+    return text[: -len(delimiter)] if delimiter and text.endswith(delimiter) else text
+
+
+def _model_record(info: ModelInfo) -> dict:
+    return {"name": info.name, "fingerprint": info.fingerprint}
+
+
+def _data_header(small: Backend, large: Backend, scorer: StepScorer, spec: FeatureSpec,
+                 max_steps: int, max_step_tokens: int, skip_perfect: bool) -> dict:
+    return {"format": DATA_FORMAT, "models": [_model_record(small.info), _model_record(large.info)],
+            "scorer": scorer.name, "spec": spec.to_json(), "max_steps": max_steps,
+            "max_step_tokens": max_step_tokens, "skip_perfect": skip_perfect}
+
+
+def _read_jsonl_resumable(path: Path) -> tuple[list[dict], int]:
+    """Whole JSON lines of `path` and the byte length they take (a cut-short last line,
+    left by a killed run, is not counted)."""
+    data = path.read_bytes()
+    rows, keep, offset = [], 0, 0
+    while offset < len(data):
+        newline = data.find(b"\n", offset)
+        if newline < 0:
+            break  # the last write was cut short
+        line = data[offset:newline]
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if newline + 1 == len(data):
+                break
+            raise RouterFileError(f"{path}: line {len(rows) + 1} is not JSON; the file is corrupt") from None
+        offset = keep = newline + 1
+    return rows, keep
+
+
+def collect_router_data(small: Backend, large: Backend, problems: Sequence[str], scorer: StepScorer,
+                        path: str | Path, *, projection_dim: int = 16, projection_seed: int = 0,
+                        max_steps: int = 32, max_step_tokens: int = 256, skip_perfect: bool = False,
+                        progress: Callable[[int, int], None] | None = None) -> "RouterDataset":
+    """Collect router training rows for `problems`, appending one JSON line per problem to
+    `path` as each is finished; re-running with the same arguments resumes (problems
+    already in the file are skipped). Returns the whole dataset.
+
+    For each step of the small model's greedy trajectory: the small draft (with its
+    hidden state) and the large model's greedy step from the same prefix; both scored by
+    `scorer`. The trajectory follows the small model's steps until it states an answer,
+    ends, or reaches `max_steps`. max_step_tokens: per step, per model.
+
+    skip_perfect: a draft scoring 1 (the top of every scorer's range) cannot be beaten by
+    more than any tau >= 0, so the large step is not generated for it (its score is
+    recorded as NaN: label 0 for every tau >= 0; training with tau < 0 is then refused).
+    With an exact checker this skips most large-model calls.
+    """
+    problems = list(problems)
+    if not problems:
+        raise ConfigError("collect_router_data needs at least one problem")
+    for name, value in (("max_steps", max_steps), ("max_step_tokens", max_step_tokens)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+    delimiter = small.info.step_delimiter
+    if large.info.step_delimiter != delimiter:
+        raise ConfigError(f"the models disagree on the step delimiter: {small.info.step_delimiter!r} "
+                          f"vs {large.info.step_delimiter!r}")
+    path = Path(path)
+    spec: FeatureSpec | None = None
+    done: dict[int, dict] = {}
+    if path.exists() and path.stat().st_size > 0:
+        rows, keep = _read_jsonl_resumable(path)
+        if not rows or rows[0].get("format") != DATA_FORMAT:
+            raise RouterFileError(f"{path} is not a router-data file; refusing to add to it")
+        header = rows[0]
+        spec = FeatureSpec.from_json(header["spec"])
+        asked = FeatureSpec(spec.hidden_size, projection_dim if spec.hidden_size else 0, projection_seed)
+        expected = _data_header(small, large, scorer, asked, max_steps, max_step_tokens, skip_perfect)
+        if json.loads(json.dumps(expected)) != header:
+            diff = [k for k in expected if json.loads(json.dumps(expected[k])) != header.get(k)]
+            raise RouterFileError(f"{path} was collected with other settings ({', '.join(diff)}); "
+                                  "use another file")
+        for row in rows[1:]:
+            index = row.get("index")
+            if not isinstance(index, int) or not 0 <= index < len(problems) \
+                    or row.get("problem") != problems[index]:
+                raise RouterFileError(f"{path}: problem {row.get('index')} is not the one given now; "
+                                      "use another file for other problems")
+            done[row["index"]] = row
+        if keep < path.stat().st_size:
+            with path.open("r+b") as handle:
+                handle.truncate(keep)
+    todo = [i for i in range(len(problems)) if i not in done]
+    projection = spec.projection() if spec is not None else None
+    if todo:
+        with path.open("a", encoding="utf-8") as sink:
+            for count, index in enumerate(todo, start=1):
+                record, spec, projection = _collect_one(small, large, scorer, problems[index], index, spec,
+                                                        projection, projection_dim, projection_seed,
+                                                        max_steps, max_step_tokens, delimiter, skip_perfect)
+                if sink.tell() == 0:
+                    header = _data_header(small, large, scorer, spec, max_steps, max_step_tokens, skip_perfect)
+                    sink.write(json.dumps(header) + "\n")
+                sink.write(json.dumps(record) + "\n")
+                sink.flush()
+                done[index] = record
+                if progress is not None:
+                    progress(count, len(todo))
+    return RouterDataset.from_records([done[i] for i in sorted(done)], spec,
+                                      models=(_model_record(small.info), _model_record(large.info)),
+                                      scorer=scorer.name)
+
+
+def _collect_one(small: Backend, large: Backend, scorer: StepScorer, problem: str, index: int,
+                 spec: FeatureSpec | None, projection: np.ndarray | None, projection_dim: int,
+                 projection_seed: int, max_steps: int, max_step_tokens: int, delimiter: str,
+                 skip_perfect: bool):
+    request_id = f"router-data-{uuid.uuid4().hex}"
+    context = ""
+    steps = []
+    try:
+        for step_index in range(max_steps):
+            draft = small.next_steps([StepRequest(request_id, problem, context, max_step_tokens,
+                                                  return_hidden=True)])[0]
+            if spec is None:
+                hidden_size = len(draft.hidden) if draft.hidden is not None else 0
+                spec = FeatureSpec(hidden_size, projection_dim if hidden_size else 0, projection_seed)
+                projection = spec.projection()
+            small_text = _strip_delimiter(draft.text, delimiter)
+            large_text, large_score = None, math.nan
+            if skip_perfect:
+                (small_score,) = scorer.score(problem, context, [small_text])
+            if not skip_perfect or small_score < 1.0:
+                rival = large.next_steps([StepRequest(request_id, problem, context, max_step_tokens)])[0]
+                large_text = _strip_delimiter(rival.text, delimiter)
+                if skip_perfect:
+                    (large_score,) = scorer.score(problem, context, [large_text])
+                else:
+                    small_score, large_score = scorer.score(problem, context, [small_text, large_text])
+            confidence = Confidence.of(draft, _CONFIDENCE_K)
+            features = step_features(spec, projection, confidence, step_index, draft)
+            steps.append({"step_index": step_index, "small": small_text, "large": large_text,
+                          "small_score": float(small_score),
+                          "large_score": None if math.isnan(large_score) else float(large_score),
+                          "features": [float(x) for x in features]})
+            context += draft.text
+            if draft.stop_reason == "max_tokens":
+                context += delimiter  # a step cut at max tokens still ends (as in the runtime)
+            if draft.stop_reason == "eos" or extract_answer(small_text) is not None or not draft.text:
+                break
+    finally:
+        small.release(request_id)
+        large.release(request_id)
+    return {"index": index, "problem": problem, "steps": steps}, spec, projection
+
+
+def load_router_data(path: str | Path) -> "RouterDataset":
+    """A dataset collected by `collect_router_data` (JSONL), or saved by `RouterDataset.save` (.npz)."""
+    path = Path(path)
+    if not path.exists():
+        raise RouterFileError(f"no router data at {path}")
+    if path.suffix == ".npz":
+        return RouterDataset.load_npz(path)
+    rows, _ = _read_jsonl_resumable(path)
+    if not rows or rows[0].get("format") != DATA_FORMAT:
+        raise RouterFileError(f"{path} is not a router-data file")
+    header = rows[0]
+    return RouterDataset.from_records(rows[1:], FeatureSpec.from_json(header["spec"]),
+                                      models=tuple(header["models"]), scorer=header["scorer"])
+
+
+@dataclass(frozen=True, eq=False)
+class RouterDataset:
+    """Collected rows as arrays. n = steps.
+
+    features: (n, spec.size); small_score, large_score: (n,); group: (n,) the problem
+    index each step belongs to (held-out splits are by problem); step_index: (n,).
+    """
+
+    features: np.ndarray
+    small_score: np.ndarray
+    large_score: np.ndarray
+    group: np.ndarray
+    step_index: np.ndarray
+    spec: FeatureSpec
+    models: tuple[dict, ...]
+    scorer: str
+
+    @property
+    def advantage(self) -> np.ndarray:
+        """score(large) - score(small), shape (n,); NaN where the large step was skipped
+        (the draft scored 1: the advantage is <= 0 there)."""
+        return self.large_score - self.small_score
+
+    def labels(self, tau: float) -> np.ndarray:
+        """Large meaningfully better: advantage > tau, shape (n,) bool."""
+        return self.advantage > tau
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @classmethod
+    def from_records(cls, records: Sequence[dict], spec: FeatureSpec | None, *, models, scorer: str
+                     ) -> "RouterDataset":
+        steps = [(r["index"], s) for r in records for s in r["steps"]]
+        if spec is None or not steps:
+            raise ConfigError("the router data holds no steps")
+        return cls(
+            features=np.array([s["features"] for _, s in steps], dtype=np.float64).reshape(len(steps), spec.size),
+            small_score=np.array([s["small_score"] for _, s in steps], dtype=np.float64),
+            large_score=np.array([math.nan if s["large_score"] is None else s["large_score"]
+                                  for _, s in steps], dtype=np.float64),
+            group=np.array([i for i, _ in steps], dtype=np.int64),
+            step_index=np.array([s["step_index"] for _, s in steps], dtype=np.int64),
+            spec=spec, models=tuple(dict(m) for m in models), scorer=scorer)
+
+    def save(self, path: str | Path) -> Path:
+        """Save as .npz (arrays + a JSON header)."""
+        path = Path(path)
+        header = json.dumps({"format": DATA_FORMAT, "spec": self.spec.to_json(), "models": list(self.models),
+                             "scorer": self.scorer})
+        np.savez_compressed(path, features=self.features, small_score=self.small_score,
+                            large_score=self.large_score, group=self.group, step_index=self.step_index,
+                            header=np.array(header))
+        return path
+
+    @classmethod
+    def load_npz(cls, path: str | Path) -> "RouterDataset":
+        with np.load(path, allow_pickle=False) as data:
+            header = json.loads(str(data["header"]))
+            if header.get("format") != DATA_FORMAT:
+                raise RouterFileError(f"{path} is not a router-data file")
+            return cls(data["features"], data["small_score"], data["large_score"], data["group"],
+                       data["step_index"], FeatureSpec.from_json(header["spec"]), tuple(header["models"]),
+                       header["scorer"])
+
+
+# ---- training --------------------------------------------------------------------------------
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, *, sample_weight: np.ndarray | None = None,
+                 l2: float = 1e-3, max_iter: int = 100, tol: float = 1e-8) -> tuple[np.ndarray, float]:
+    """Weighted L2-regularised logistic regression by Newton's method.
+
+    x: (n, d) (standardise first); y: (n,) in {0, 1}; sample_weight: (n,), default 1.
+    Minimises sum_i w_i * logloss_i / sum_i w_i + l2 / 2 * |coef|^2 (the bias is not
+    penalised). Returns (coef shape (d,), bias).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    n, d = x.shape
+    w = np.ones(n) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    w = w / w.sum()
+    design = np.hstack([x, np.ones((n, 1))])
+    theta = np.zeros(d + 1)
+    penalty = np.full(d + 1, l2)
+    penalty[-1] = 0.0
+    for _ in range(max_iter):
+        z = design @ theta
+        p = 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+        gradient = design.T @ (w * (p - y)) + penalty * theta
+        hessian = (design * (w * p * (1 - p))[:, None]).T @ design + np.diag(penalty + 1e-12)
+        step = np.linalg.solve(hessian, gradient)
+        theta -= step
+        if np.max(np.abs(step)) < tol:
+            break
+    return theta[:-1], float(theta[-1])
+
+
+@dataclass(frozen=True)
+class RouterMetrics:
+    """Held-out figures of a trained router.
+
+    auroc: of P(large better) against the labels. oracle_escalation_rate: fraction of
+    held-out steps with label 1 (what an oracle router escalates). captured_advantage:
+    sum of advantage over the router's top steps, as many as the oracle escalates,
+    divided by the oracle's (the sum over label-1 steps): the fraction of the oracle's
+    advantage captured at matched escalation rate. Steps whose large step was skipped
+    (perfect drafts) count as advantage 0, an upper bound.
+    """
+
+    n_train: int
+    n_heldout: int
+    positive_rate_train: float
+    positive_rate_heldout: float
+    auroc: float
+    oracle_escalation_rate: float
+    captured_advantage: float
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _check_two_classes(labels: np.ndarray, where: str, tau: float) -> None:
+    positives = int(labels.sum())
+    if positives == 0 or positives == len(labels):
+        which = "positive (large better)" if positives else "negative (large not better)"
+        raise ConfigError(f"router training needs both classes, but all {len(labels)} {where} steps are "
+                          f"{which} at tau={tau:g}; collect more problems or change tau")
+
+
+def captured_advantage(probability: np.ndarray, advantage: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of the oracle's advantage the router captures escalating as many steps as the
+    oracle (its top-k by probability, k = number of label-1 steps). Shapes (n,)."""
+    k = int(labels.sum())
+    oracle = float(advantage[labels].sum())
+    if k == 0 or oracle <= 0:
+        return math.nan
+    top = np.argsort(-probability, kind="stable")[:k]
+    return float(advantage[top].sum()) / oracle
+
+
+def train_router(data: RouterDataset, *, tau: float = 0.0, holdout: float = 0.2, seed: int = 0,
+                 l2: float = 1e-3) -> "Router":
+    """Train the router: class-balanced logistic regression on standardised features, with
+    `holdout` of the problems (by problem, drawn with `seed`) kept out for the metrics.
+    Raises ConfigError when either split has only one class."""
+    if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau):
+        raise ConfigError(f"tau must be a finite number, got {tau!r}")
+    if not 0.0 < holdout < 1.0:
+        raise ConfigError(f"holdout must be in (0, 1), got {holdout!r}")
+    if tau < 0 and np.isnan(data.large_score).any():
+        raise ConfigError(f"tau={tau:g} < 0, but the data skipped the large step of perfect drafts "
+                          "(collected with skip_perfect): recollect without it, or use tau >= 0")
+    labels = data.labels(tau)
+    _check_two_classes(labels, "collected", tau)
+    groups = np.unique(data.group)
+    if len(groups) < 2:
+        raise ConfigError(f"router training needs steps of at least 2 problems for a held-out split, "
+                          f"got {len(groups)}")
+    rng = np.random.default_rng(seed)
+    n_held = min(len(groups) - 1, max(1, round(holdout * len(groups))))
+    held_groups = rng.choice(groups, size=n_held, replace=False)
+    held = np.isin(data.group, held_groups)
+    train = ~held
+    _check_two_classes(labels[train], "training", tau)
+    _check_two_classes(labels[held], "held-out", tau)
+    x_train, y_train = data.features[train], labels[train]
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    std = np.where(std > 1e-12, std, 1.0)  # a constant feature stays 0 after scaling
+    positives = y_train.mean()
+    weights = np.where(y_train, 0.5 / positives, 0.5 / (1.0 - positives))  # balanced classes
+    coef, bias = fit_logistic((x_train - mean) / std, y_train, sample_weight=weights, l2=l2)
+    router = Router(spec=data.spec, projection=data.spec.projection(), mean=mean, std=std, coef=coef,
+                    bias=bias, models=data.models, scorer=data.scorer, tau=float(tau), metrics=None)
+    p_held = router.probability(data.features[held])
+    metrics = RouterMetrics(
+        n_train=int(train.sum()), n_heldout=int(held.sum()),
+        positive_rate_train=float(y_train.mean()), positive_rate_heldout=float(labels[held].mean()),
+        auroc=auroc(p_held, labels[held]), oracle_escalation_rate=float(labels[held].mean()),
+        captured_advantage=captured_advantage(p_held, np.nan_to_num(data.advantage[held], nan=0.0),
+                                              labels[held]))
+    return Router(spec=router.spec, projection=router.projection, mean=mean, std=std, coef=coef, bias=bias,
+                  models=data.models, scorer=data.scorer, tau=float(tau), metrics=metrics)
+
+
+# ---- the saved router -------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class Router:
+    """A trained advantage router: P(large better | decision-time features).
+
+    projection: (hidden_size, projection_dim); mean, std, coef: (spec.size,).
+    models: [{"name", "fingerprint"}] of the small and the large model it was trained on.
+    """
+
+    spec: FeatureSpec
+    projection: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    coef: np.ndarray
+    bias: float
+    models: tuple[dict, ...]
+    scorer: str
+    tau: float
+    metrics: RouterMetrics | None = field(default=None)
+
+    def __repr__(self) -> str:
+        # Short and stable (run files record gates by repr): models, scorer, tau, weights digest.
+        digest = hashlib.sha256(np.concatenate([self.coef, [self.bias]]).tobytes()).hexdigest()[:12]
+        return (f"Router(models={[m['name'] for m in self.models]}, scorer={self.scorer!r}, "
+                f"tau={self.tau:g}, features={self.spec.size}, weights={digest})")
+
+    def probability(self, features: np.ndarray) -> np.ndarray:
+        """P(large better) per row of features, shape (n, spec.size) -> (n,)."""
+        z = ((np.asarray(features, dtype=np.float64) - self.mean) / self.std) @ self.coef + self.bias
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+    def advantage_probability(self, state: GateState) -> float:
+        """P(large better) for the draft a gate is judging (what `AdvantageGate` scores)."""
+        x = step_features(self.spec, self.projection, state.confidence, state.step_index, state.output)
+        return float(self.probability(x[None, :])[0])
+
+    def check_models(self, models: Sequence[Backend | ModelInfo]) -> None:
+        """Refuse (RouterFileError) unless `models` are the small and large models (names and
+        fingerprints) this router was trained for."""
+        infos = [m.info if hasattr(m, "info") else m for m in models]
+        given = [_model_record(i) for i in infos]
+        if given != [dict(m) for m in self.models]:
+            raise RouterFileError(f"this router was trained for {list(self.models)}, not {given}; "
+                                  "train one for these models (cascade train-router)")
+
+    def save(self, path: str | Path) -> Path:
+        import torch
+
+        path = Path(path)
+        payload = {
+            "format": ROUTER_FORMAT,
+            "spec": json.dumps(self.spec.to_json()),
+            "models": json.dumps(list(self.models)),
+            "scorer": self.scorer, "tau": self.tau,
+            "metrics": json.dumps(self.metrics.to_json() if self.metrics else None),
+            "projection": torch.from_numpy(np.ascontiguousarray(self.projection)),
+            "mean": torch.from_numpy(self.mean), "std": torch.from_numpy(self.std),
+            "coef": torch.from_numpy(self.coef), "bias": self.bias,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, models: Sequence[Backend | ModelInfo] | None = None) -> "Router":
+        """Load a saved router; with `models` (small, large), refuse other models."""
+        import torch
+
+        path = Path(path)
+        if not path.exists():
+            raise RouterFileError(f"no router file at {path}")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear error
+            raise RouterFileError(f"{path} is not a router file: {error}".split("\n")[0]) from error
+        if not isinstance(payload, dict) or payload.get("format") != ROUTER_FORMAT:
+            raise RouterFileError(f"{path} is not a router file (format {ROUTER_FORMAT})")
+        metrics = json.loads(payload["metrics"])
+        router = cls(spec=FeatureSpec.from_json(json.loads(payload["spec"])),
+                     projection=payload["projection"].numpy().astype(np.float64),
+                     mean=payload["mean"].numpy(), std=payload["std"].numpy(), coef=payload["coef"].numpy(),
+                     bias=float(payload["bias"]), models=tuple(json.loads(payload["models"])),
+                     scorer=str(payload["scorer"]), tau=float(payload["tau"]),
+                     metrics=RouterMetrics(**metrics) if metrics else None)
+        if router.coef.shape != (router.spec.size,):
+            raise RouterFileError(f"{path}: {router.coef.shape[0]} weights for {router.spec.size} features")
+        if models is not None:
+            router.check_models(models)
+        return router
+
+    def summary(self) -> str:
+        m = self.metrics
+        lines = [f"router for {' -> '.join(x['name'] for x in self.models)}, scorer {self.scorer}, "
+                 f"tau {self.tau:g}, {self.spec.size} features"]
+        if m is not None:
+            lines.append(f"held-out: {m.n_heldout} steps ({m.n_train} train), positive rate "
+                         f"{m.positive_rate_heldout:.3f}, AUROC {m.auroc:.3f}, advantage captured at the "
+                         f"oracle's escalation rate ({m.oracle_escalation_rate:.3f}): {m.captured_advantage:.3f}")
+        return "\n".join(lines)
