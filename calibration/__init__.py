@@ -16,6 +16,10 @@ Methods:
 * :func:`select_ltt` / :func:`select_ltt_path` / :func:`bonferroni_ltt` --
   Learn-then-Test, P(P(cost > B) > alpha) <= delta; needs i.i.d. problems,
   no monotonicity.
+* :func:`select_ltt_paths` -- Learn-then-Test for threshold vectors (N-tier
+  cascades): fixed-sequence along several paths through the grid
+  (:func:`grid_paths` of a :func:`product_grid`), Bonferroni over paths;
+  P(P(cost > B) > alpha) <= delta; i.i.d. problems, no monotonicity.
 * :func:`select_risk_control` -- conformal risk control, E[cost] <= B.
 """
 
@@ -23,6 +27,7 @@ from .conformal import conformal_quantile, min_n_conformal, select_conformal
 from .metrics import auroc
 from .errors import CalibrationError, InfeasibleBudgetError, InsufficientDataError
 from .ltt import PValueMethod, bonferroni_ltt, ltt_pvalues, min_n_ltt, select_ltt, select_ltt_path
+from .multi import grid_paths, product_grid, select_ltt_paths
 from .risk import risk_control_bound, select_risk_control
 from .selection import Selection, choose_by_objective, order_by_mean_cost
 
@@ -36,13 +41,16 @@ __all__ = [
     "bonferroni_ltt",
     "choose_by_objective",
     "conformal_quantile",
+    "grid_paths",
     "ltt_pvalues",
     "min_n_conformal",
     "min_n_ltt",
     "order_by_mean_cost",
+    "product_grid",
     "risk_control_bound",
     "select_conformal",
     "select_ltt",
     "select_ltt_path",
+    "select_ltt_paths",
     "select_risk_control",
 ]

@@ -17,6 +17,7 @@ __all__ = ["Selection", "choose_by_objective", "order_by_mean_cost"]
 SPLIT_CONFORMAL = "split_conformal"
 LTT_FIXED_SEQUENCE = "ltt_fixed_sequence"
 LTT_BONFERRONI = "ltt_bonferroni"
+LTT_PATHS = "ltt_paths"  # fixed sequence along several paths, Bonferroni over paths
 RISK_CONTROL = "conformal_risk_control"
 
 _PVALUE_NAMES = {"binomial": "binomial", "hoeffding_bentkus": "Hoeffding-Bentkus"}
@@ -34,7 +35,7 @@ class Selection:
             used instead of ``index`` (see :func:`choose_by_objective`).
         order: the candidate indices that were considered, cheapest first.
         method: ``"split_conformal"``, ``"ltt_fixed_sequence"``,
-            ``"ltt_bonferroni"`` or ``"conformal_risk_control"``.
+            ``"ltt_bonferroni"``, ``"ltt_paths"`` or ``"conformal_risk_control"``.
         budget: the cost budget B (same units as ``costs``).
         n: number of calibration problems.
         alpha: violation level for P(cost > B) (None for risk control).
@@ -113,6 +114,12 @@ class Selection:
             f"P(cost > {b}) <= {fmt(self.alpha)}"
         )
         pv = _PVALUE_NAMES.get(self.pvalue, self.pvalue)
+        if self.method == LTT_PATHS:
+            return (
+                f"{head} simultaneously at all {len(self.certified)} certified candidates, including {thr} "
+                f"(Learn-then-Test, fixed-sequence along paths through the threshold grid, "
+                f"Bonferroni over paths, {pv} p-values)"
+            )
         if self.method == LTT_BONFERRONI:
             return (
                 f"{head} simultaneously at all {len(self.certified)} certified candidates, including {thr} "

@@ -349,10 +349,32 @@ class Calibration:
 
 # ---- calibrate ------------------------------------------------------------------------------
 
+def _default_paths(candidates: list[tuple[float, ...]]) -> list[np.ndarray]:
+    """Paths to test candidates along: for a product grid of threshold vectors (several
+    gates), `cal.grid_paths` (the diagonal and one staircase per gate, fixed by design);
+    otherwise the candidates in the order given (cheapest first)."""
+    if len(candidates[0]) > 1:
+        try:
+            return list(cal.grid_paths(np.array(candidates)))
+        except cal.CalibrationError:
+            pass  # not a product grid: one path, as given
+    return [np.arange(len(candidates))]
+
+
 def _select(method: str, costs: np.ndarray, budget: float, alpha: float, delta: float,
-            order: np.ndarray, cost_max: float | None, thresholds: np.ndarray):
+            paths: list[np.ndarray], cost_max: float | None, thresholds: np.ndarray):
+    if method == "ltt" and len(paths) > 1:
+        return cal.select_ltt_paths(costs, budget, alpha, delta, paths, thresholds=thresholds)
+    if method in ("conformal", "risk") and len(paths) > 1:
+        raise ConfigError(f"method {method!r} needs one ordered path along which cost is monotone, "
+                          f"got {len(paths)} paths; give paths=[...] with one path, or method='ltt'")
+    order = paths[0]
     if method == "ltt":
+        if thresholds.ndim == 2:
+            return cal.select_ltt_path(costs, budget, alpha, delta, order, thresholds=thresholds)
         return cal.select_ltt(costs, budget, alpha, delta, order, thresholds=thresholds)
+    if thresholds.ndim == 2:
+        thresholds = None  # the conformal methods report scalar thresholds only; index them
     if method == "conformal":
         return cal.select_conformal(costs, budget, alpha, order, thresholds=thresholds)
     if method == "risk":
@@ -377,6 +399,7 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
               method: Method = "ltt", objective: Objective = "agreement",
               thresholds: Sequence[float] | None = None,
               candidates: Sequence[Sequence[float]] | None = None,
+              paths: Sequence[Sequence[int]] | None = None,
               labels: Sequence[str | None] | None = None, cost_max: float | None = None,
               swept: SweepResult | None = None, progress: Callable[[int, int], None] | None = None,
               ) -> Calibration:
@@ -385,8 +408,12 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
     Candidates: `candidates` (threshold vectors, one per gate) or `thresholds` (the same
     threshold at every gate; default 21 points in [0, 1]). They are tested from the
     highest thresholds (least escalation, cheapest) down: an order fixed before seeing
-    data, as fixed-sequence Learn-then-Test requires. With several gates this is an
-    ordered path through the threshold grid, tested in sequence (FWER <= delta).
+    data, as fixed-sequence Learn-then-Test requires. `paths`: candidate index paths,
+    each cheapest first, fixed without data. Default: for a product grid of threshold
+    vectors (e.g. `calibration.product_grid`), `calibration.grid_paths` (lower all gates
+    together, or one gate first), tested with `calibration.select_ltt_paths`
+    (fixed-sequence along each path, Bonferroni over paths: FWER <= delta); otherwise
+    one path, the candidates in the order given.
 
     Guarantees (problems exchangeable with future ones; i.i.d. for LTT):
     - "ltt": with probability >= 1 - delta over the calibration set,
@@ -409,16 +436,25 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
     if candidates is None:
         grid = sorted(set(float(t) for t in (thresholds or default_thresholds())), reverse=True)
         candidates = [(t,) * n_gates for t in grid]
-    candidates = [tuple(c) for c in candidates]
+    candidates = [tuple(float(t) for t in c) for c in candidates]
+    if not candidates or any(len(c) != n_gates for c in candidates):
+        raise ConfigError(f"candidates must be non-empty threshold vectors of length {n_gates}")
+    if paths is None:
+        paths = _default_paths(candidates)
+    else:
+        paths = [np.asarray(p, dtype=np.intp) for p in paths]
+        if not paths or any(p.ndim != 1 or p.size == 0 or p.min() < 0 or p.max() >= len(candidates)
+                            for p in paths):
+            raise ConfigError(f"paths must be non-empty lists of candidate indices in "
+                              f"[0, {len(candidates) - 1}]")
     if swept is None:
         swept = sweep(cascade, problems, candidates, progress=progress)
-    order = np.arange(len(candidates))  # as given: cheapest (highest thresholds) first
     threshold_array = np.array(candidates)[:, 0] if n_gates == 1 else np.array(candidates)
     objective_values = _objective_values(objective, swept)
     entries = []
     for b in budgets:
         try:
-            selection = _select(method, swept.costs, b, alpha, delta, order, cost_max, threshold_array)
+            selection = _select(method, swept.costs, b, alpha, delta, paths, cost_max, threshold_array)
             certified = list(selection.certified)
             best = cal.choose_by_objective(selection, objective_values, maximize=True)
             entries.append({"budget": b, "index": int(best), "thresholds": list(candidates[best]),
@@ -432,6 +468,7 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
     q = min(len(problems), math.ceil((len(problems) + 1) * (1 - alpha)))
     curves = {
         "thresholds": [list(c) for c in candidates],
+        "paths": [[int(i) for i in p] for p in paths],
         "cost_quantile": [float(np.sort(swept.costs[:, j])[q - 1]) for j in range(len(candidates))],
         "mean_cost": swept.costs.mean(axis=0).tolist(),
         "escalation_rate": swept.escalation.mean(axis=0).tolist(),
