@@ -174,49 +174,6 @@ def _train_router(args) -> int:
                                   projection_dim=args.projection_dim, projection_seed=args.seed,
                                   max_steps=runner.options.max_steps,
                                   max_step_tokens=runner.options.max_step_tokens,
-                                  progress=progress_printer("train-router"))
-    npz = dataset.save(Path(data_path).with_suffix(".npz"))
-    router = train_router(dataset, tau=args.tau, holdout=args.holdout, seed=args.seed)
-    router.save(args.output)
-    print(router.summary())
-    print(f"wrote {args.output} (dataset: {data_path}, {npz}; {len(dataset)} steps)")
-    return 0
-
-
-_SCORERS = ("exact", "large-likelihood", "prm:PATH")
-
-
-def _scorer_from_args(args, runner):
-    """--scorer: exact (the embedded task's checker), large-likelihood, prm:PATH."""
-    from cascade.scorers import LikelihoodScorer, PRMScorer
-
-    if args.scorer == "exact":
-        from bench.router_data import ExactStepScorer
-
-        return ExactStepScorer()
-    if args.scorer == "large-likelihood":
-        return LikelihoodScorer(runner.models[1])
-    if args.scorer.startswith("prm:") and len(args.scorer) > 4:
-        return PRMScorer.from_pretrained(args.scorer[4:], format=args.prm_format, step_tag=args.step_tag)
-    raise CascadeError(f"unknown scorer {args.scorer!r}; choose one of {', '.join(_SCORERS)}")
-
-
-def _train_router(args) -> int:
-    from bench.datasets import load_dataset
-    from cascade.router import collect_router_data, train_router
-
-    if args.scorer not in ("exact", "large-likelihood") and not args.scorer.startswith("prm:"):
-        raise CascadeError(f"unknown scorer {args.scorer!r}; choose one of {', '.join(_SCORERS)}")
-    problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
-    runner = _build_cascade(args, None)
-    if len(runner.models) != 2:
-        raise CascadeError(f"train-router trains a router for one small/large pair; got {len(runner.models)} models")
-    scorer = _scorer_from_args(args, runner)
-    data_path = args.data or Path(str(args.output) + ".data.jsonl")  # resumable: rows appended
-    dataset = collect_router_data(runner.models[0], runner.models[1], problems, scorer, data_path,
-                                  projection_dim=args.projection_dim, projection_seed=args.seed,
-                                  max_steps=runner.options.max_steps,
-                                  max_step_tokens=runner.options.max_step_tokens,
                                   skip_perfect=args.tau >= 0,  # a perfect draft cannot be beaten by > tau
                                   progress=progress_printer("train-router"))
     npz = dataset.save(Path(data_path).with_suffix(".npz"))
@@ -338,25 +295,6 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("-o", "--output", required=True, type=Path, help="calibration JSON to write")
     _add_model_options(calib)
     calib.set_defaults(run=_calibrate)
-
-    router = commands.add_parser("train-router", help="train an advantage router (when is the large "
-                                 "model's step meaningfully better?)")
-    router.add_argument("--problems", required=True, help="JSONL of training problems ('problem' field)")
-    router.add_argument("--scorer", required=True, help="step scorer: exact (embedded task), "
-                        "large-likelihood, or prm:PATH (a process reward model, local path or hub id)")
-    router.add_argument("--prm-format", default="auto", choices=["auto", "step-tag", "reward-head"])
-    router.add_argument("--step-tag", default=None, help="the step tag of a step-tag PRM")
-    router.add_argument("--tau", type=float, default=0.0,
-                        help="label = score(large) - score(small) > tau")
-    router.add_argument("--limit", type=int, default=None, help="use the first N problems")
-    router.add_argument("--holdout", type=float, default=0.2, help="held-out fraction of the problems")
-    router.add_argument("--projection-dim", type=int, default=16, help="hidden-state projection size")
-    router.add_argument("--seed", type=int, default=0, help="projection and held-out split seed")
-    router.add_argument("--data", type=Path, default=None,
-                        help="collected rows (JSONL, resumable; default <output>.data.jsonl)")
-    router.add_argument("-o", "--output", required=True, type=Path, help="router file to write (.pt)")
-    _add_model_options(router)
-    router.set_defaults(run=_train_router)
 
     router = commands.add_parser("train-router", help="train an advantage router (when is the large "
                                  "model's step meaningfully better?)")
