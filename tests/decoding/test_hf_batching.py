@@ -223,3 +223,50 @@ def test_seconds_is_each_rows_latency(plus):
     longest = max(range(len(outputs)), key=lambda k: outputs[k].generated_tokens)
     shortest = min(range(len(outputs)), key=lambda k: outputs[k].generated_tokens)
     assert outputs[shortest].seconds <= outputs[longest].seconds
+
+
+# ---- the cascade on top: concurrent requests give the sequential traces -----------------
+
+def _trace(result):
+    """What must not depend on concurrency: answers, steps, authors, tokens, cost."""
+    return (result.answer, result.stop_reason, result.cap_intervened,
+            [(s.text, s.author, s.drafts, [(d.tier, d.escalated, d.capped) for d in s.decisions],
+              [(u.prefill_tokens, u.generated_tokens) for u in s.usage]) for s in result.steps],
+            [(u.prefill_tokens, u.generated_tokens) for u in result.cost.per_tier],
+            round(result.cost.total, 9))
+
+
+def _assert_same_results(concurrent, sequential) -> None:
+    assert [_trace(r) for r in concurrent] == [_trace(r) for r in sequential]
+    for a, b in zip(concurrent, sequential):
+        for sa, sb in zip(a.steps, b.steps):
+            assert abs(sa.confidence.min_prob - sb.confidence.min_prob) < 1e-4
+
+
+def test_solve_many_on_the_tiny_pair_equals_sequential_solve(tiny_dirs):
+    from cascade import Cascade, ConfidenceGate, SolveOptions
+
+    runner = Cascade.from_pretrained(small=tiny_dirs[0], large=tiny_dirs[2], step_delimiter="\n",
+                                     gate=ConfidenceGate(threshold=0.65),
+                                     options=SolveOptions(max_steps=4, max_step_tokens=8))
+    problems = [f"{a}=1{k};b={a}+{k};?b" for k, a in enumerate("abcdefgh")]
+    for budget in (None, 40.0):
+        sequential = [runner.solve(p, budget) for p in problems]
+        concurrent = runner.solve_many(problems, budget, concurrency=6)
+        _assert_same_results(concurrent, sequential)
+        # Both tiers wrote steps (the gate really decided); under the cap it also intervened.
+        assert {s.author for r in sequential for s in r.steps} == {"small", "large"}
+        assert any(r.cap_intervened for r in sequential) == (budget is not None)
+
+
+def test_solve_many_on_the_embedded_pair_equals_sequential_solve():
+    from bench.tasks import generate_split
+    from cascade import embedded_cascade
+
+    runner = embedded_cascade()
+    problems = [p.problem for p in generate_split("test", 8)]
+    sequential = [runner.solve(p) for p in problems]
+    concurrent = runner.solve_many(problems, concurrency=5)
+    _assert_same_results(concurrent, sequential)
+    assert any(s.author == "large" for r in sequential for s in r.steps)
+    assert all(r.answer is not None for r in sequential)
