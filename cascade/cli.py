@@ -339,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="output directory (re-run the same command to resume)")
     _add_model_options(bench)  # --threshold: of confidence/verify named without @T (default 0.5)
     bench.set_defaults(run=_bench, delimiter=None)  # None: the --template's delimiter
+
+    from cascade.server import add_serve_arguments, run_from_args
+
+    serve = commands.add_parser("serve", help="serve the cascade as an OpenAI-compatible model over HTTP")
+    _add_model_options(serve)
+    add_serve_arguments(serve)
+    serve.set_defaults(run=run_from_args, delimiter=None)  # None: "\n\n", or the embedded pair's own
     return parser
 
 

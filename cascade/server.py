@@ -1,0 +1,699 @@
+"""`cascade serve`: a cascade exposed as one OpenAI-compatible model over HTTP.
+
+Owns the HTTP edge: request parsing and validation, authentication, the mapping of a
+completion request to `Cascade.asolve` and of a `Result` to a completion (plain or
+streamed as server-sent events, one event per step as it is decided), request logs,
+and graceful shutdown. It knows nothing about how models run: the cascade is built
+once, before the server starts, from paths fixed on the command line; no request field
+reaches the filesystem.
+
+Endpoints: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health.
+Extra body fields (all optional): `budget` (hard cap, cost units), `gate` (a name from
+`cascade.GATES`), `threshold`, `signal`, `mode`, `max_steps`. `max_tokens` caps the
+tokens of each step (one tier call). The response carries `usage` (tokens read and
+written over every tier) and a `cascade` field: cost, budget, escalation rate, answer,
+per-step authors and costs, cap_intervened, degraded.
+
+Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 bad
+request, 401 bad or missing API key, 404 unknown model or path, 413 body too large,
+502 a model failed (partial result attached), 503 shutting down, 504 request timeout.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the handlers' annotations
+# (`request: Request`) at runtime, and Request is imported inside create_app.
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from cascade.errors import CascadeError, ConfigError, RequestTimeoutError, StepFailedError
+from cascade.gates import GATES, make_gate
+from cascade.records import Result, Step
+from cascade.runtime import Cascade, SolveOptions
+
+__all__ = ["ServerConfig", "ServerLimits", "create_app", "serve"]
+
+logger = logging.getLogger("cascade.server")
+
+# Body fields each endpoint accepts; anything else is rejected by name (a typo such as
+# "budjet" must not silently run without a cap).
+_COMMON_FIELDS = {"model", "max_tokens", "temperature", "seed", "stream", "stream_options", "n", "user",
+                  "budget", "gate", "threshold", "signal", "mode", "max_steps"}
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt"}
+_CHAT_FIELDS = _COMMON_FIELDS | {"messages", "max_completion_tokens"}
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Bounds on what one request may ask for.
+
+    max_body_bytes: size of the JSON body. max_prompt_chars: the problem text.
+    max_tokens: the largest `max_tokens` (tokens per step) a request may set.
+    max_steps: the largest `max_steps`. max_budget: the largest `budget` (cost units).
+    require_budget: reject requests without a `budget` (every request capped).
+    request_timeout: seconds one request may run (None = no limit).
+    shutdown_grace: seconds in-flight requests get to finish after SIGTERM/SIGINT;
+        those still running then end with a 503 carrying their partial result.
+    """
+
+    max_body_bytes: int = 1 << 20
+    max_prompt_chars: int = 16_384
+    max_tokens: int = 4096
+    max_steps: int = 256
+    max_budget: float = 1e9
+    require_budget: bool = False
+    request_timeout: float | None = 600.0
+    shutdown_grace: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens", "max_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_budget", "shutdown_grace") + (("request_timeout",) if self.request_timeout else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """model_name: the id clients send as `model`. api_key: when set, every /v1 request
+    needs `Authorization: Bearer <api_key>` (compared in constant time).
+    log_prompts: also log prompt text (off: logs carry sizes, never bodies)."""
+
+    model_name: str = "stepcascade"
+    api_key: str | None = None
+    log_prompts: bool = False
+    limits: ServerLimits = ServerLimits()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model_name, str) or not self.model_name:
+            raise ConfigError(f"model_name must be a non-empty string, got {self.model_name!r}")
+        if self.api_key is not None and (not isinstance(self.api_key, str) or len(self.api_key) < 8):
+            raise ConfigError("api_key must be a string of at least 8 characters")
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 extra: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.extra = status, message, param, kind, extra
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated request: what to solve and how."""
+
+    problem: str
+    budget: float | None
+    gates: list | None
+    options: SolveOptions
+    stream: bool
+
+
+class _Drain:
+    """Shutdown state: `draining` once a stop signal arrived (new requests get 503);
+    `expired` fires when the grace period is over (in-flight requests are cancelled)."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.expired = asyncio.Event()
+
+    def begin(self, grace: float) -> None:
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().call_later(grace, self.expired.set)
+
+
+def _number(body: dict, name: str, *, integer: bool = False, low: float | None = None,
+            high: float | None = None, strict_low: bool = False):
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
+        raise _BadRequest(400, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    if not math.isfinite(value):
+        raise _BadRequest(400, f"{name} must be finite, got {value!r}", name)
+    if low is not None and (value < low or (strict_low and value == low)):
+        raise _BadRequest(400, f"{name} must be {'>' if strict_low else '>='} {low:g}, got {value!r}", name)
+    if high is not None and value > high:
+        raise _BadRequest(400, f"{name} must be <= {high:g}, got {value!r}", name)
+    return value
+
+
+class _App:
+    """The request handlers, closed over one cascade and one config."""
+
+    def __init__(self, runner: Cascade, config: ServerConfig) -> None:
+        self.runner = runner
+        self.config = config
+        self.limits = config.limits
+        self.drain = _Drain()
+        self.inflight = 0
+        self.created = int(time.time())
+
+    # ---- parsing --------------------------------------------------------------------------
+
+    async def read_body(self, request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
+            raise _BadRequest(413, f"request body of {declared} bytes is over the limit of "
+                                   f"{self.limits.max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.limits.max_body_bytes:
+                raise _BadRequest(413, f"request body is over the limit of {self.limits.max_body_bytes} bytes")
+            chunks.append(chunk)
+        try:
+            body = json.loads(b"".join(chunks) or b"null")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise _BadRequest(400, f"the body is not valid JSON: {error}") from None
+        if not isinstance(body, dict):
+            raise _BadRequest(400, "the body must be a JSON object")
+        return body
+
+    def check_auth(self, request) -> None:
+        if self.config.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {self.config.api_key}"
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8")):
+            raise _BadRequest(401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                              kind="authentication_error")
+
+    def parse(self, body: dict, allowed: set[str], problem: str) -> _Job:
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise _BadRequest(400, f"unknown field(s) {unknown}; accepted: {sorted(allowed)}", unknown[0])
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _BadRequest(400, "model is required (a string)", "model")
+        if model != self.config.model_name:
+            raise _BadRequest(404, f"unknown model {model[:100]!r}; this server serves "
+                                   f"{[self.config.model_name]}", "model", kind="not_found_error")
+        if not problem.strip():
+            raise _BadRequest(400, "the prompt is empty", "prompt")
+        if len(problem) > self.limits.max_prompt_chars:
+            raise _BadRequest(400, f"the prompt has {len(problem)} characters, over the limit of "
+                                   f"{self.limits.max_prompt_chars}", "prompt")
+        n = _number(body, "n", integer=True)
+        if n not in (None, 1):
+            raise _BadRequest(400, f"n must be 1 (one cascade run per request), got {n!r}", "n")
+        budget = _number(body, "budget", low=0, high=self.limits.max_budget)
+        if budget is None and self.limits.require_budget:
+            raise _BadRequest(400, "budget is required by this server (a hard cap in cost units)", "budget")
+        options = self.runner.options
+        changes: dict[str, Any] = {}
+        max_tokens = _number(body, "max_tokens", integer=True, low=1, high=self.limits.max_tokens)
+        if max_tokens is None:
+            max_tokens = _number(body, "max_completion_tokens", integer=True, low=1, high=self.limits.max_tokens)
+        if max_tokens is not None:
+            changes["max_step_tokens"] = max_tokens
+        max_steps = _number(body, "max_steps", integer=True, low=1, high=self.limits.max_steps)
+        if max_steps is not None:
+            changes["max_steps"] = max_steps
+        temperature = _number(body, "temperature", low=0, high=10)
+        if temperature is not None:
+            changes["temperature"] = float(temperature)
+        seed = _number(body, "seed", integer=True, low=0)
+        if seed is not None:
+            changes["seed"] = seed
+        if self.limits.request_timeout is not None:
+            timeout = options.request_timeout
+            changes["request_timeout"] = min(timeout, self.limits.request_timeout) if timeout \
+                else self.limits.request_timeout
+        try:
+            options = dataclasses.replace(options, **changes)
+        except CascadeError as error:
+            raise _BadRequest(400, str(error)) from None
+        gates = self.parse_gates(body)
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _BadRequest(400, f"stream must be true or false, got {stream!r}", "stream")
+        stream_options = body.get("stream_options")
+        if stream_options is not None and not isinstance(stream_options, dict):
+            raise _BadRequest(400, "stream_options must be an object", "stream_options")
+        return _Job(problem, None if budget is None else float(budget), gates, options, stream)
+
+    def parse_gates(self, body: dict) -> list | None:
+        name, threshold = body.get("gate"), _number(body, "threshold")
+        signal, mode = body.get("signal"), body.get("mode")
+        try:
+            if name is not None:
+                if not isinstance(name, str):
+                    raise _BadRequest(400, f"gate must be a string, got {name!r}", "gate")
+                if name not in GATES:
+                    raise _BadRequest(400, f"unknown gate {name[:50]!r}; choose one of {sorted(GATES)}", "gate")
+                settings: dict[str, Any] = {}
+                if threshold is not None:
+                    settings["threshold"] = float(threshold)
+                if name == "confidence":
+                    settings.update({k: v for k, v in (("signal", signal), ("mode", mode)) if v is not None})
+                elif signal is not None or mode is not None:
+                    raise _BadRequest(400, f"signal and mode apply to gate 'confidence', not {name!r}", "gate")
+                return [make_gate(name, **settings)] * len(self.runner.gates)
+            if signal is not None or mode is not None:
+                raise _BadRequest(400, "signal and mode need gate='confidence'", "gate")
+            if threshold is not None:
+                gates = []
+                for gate in self.runner.gates:
+                    if not dataclasses.is_dataclass(gate):
+                        raise _BadRequest(400, f"the served gate {type(gate).__name__} takes no threshold "
+                                               "override; send gate= too", "threshold")
+                    gates.append(dataclasses.replace(gate, threshold=float(threshold)))
+                return gates
+        except CascadeError as error:
+            raise _BadRequest(400, str(error)) from None
+        return None
+
+    # ---- running --------------------------------------------------------------------------
+
+    async def run(self, job: _Job, on_step=None) -> Result:
+        """Solve, unless the shutdown grace expires first (then 503 with the partial)."""
+        task = asyncio.ensure_future(self.runner.asolve(job.problem, job.budget, gates=job.gates,
+                                                        options=job.options, on_step=on_step))
+        expiry = asyncio.ensure_future(self.drain.expired.wait())
+        try:
+            done, _ = await asyncio.wait({task, expiry}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away
+            task.cancel()
+            raise
+        finally:
+            expiry.cancel()
+        if task in done:
+            return task.result()
+        task.cancel()
+        raise _BadRequest(503, "the server is shutting down; this request was cancelled before it finished",
+                          kind="server_shutting_down")
+
+    def failure(self, error: BaseException) -> _BadRequest:
+        """A solve that ended in an error, as an HTTP error with the partial result."""
+        if isinstance(error, _BadRequest):
+            return error
+        partial = getattr(error, "partial", None)
+        extra = {"partial": _extension(partial, self.runner)} if isinstance(partial, Result) else None
+        if isinstance(error, StepFailedError):
+            return _BadRequest(502, str(error), kind="upstream_error", extra=extra)
+        if isinstance(error, RequestTimeoutError):
+            return _BadRequest(504, str(error), kind="timeout", extra=extra)
+        if isinstance(error, ConfigError):
+            return _BadRequest(400, str(error))
+        if isinstance(error, CascadeError):
+            return _BadRequest(500, str(error), kind="cascade_error", extra=extra)
+        logger.exception("unexpected error while solving", exc_info=error)
+        return _BadRequest(500, f"internal error ({type(error).__name__})", kind="internal_error")
+
+
+def _extension(result: Result, runner: Cascade) -> dict:
+    """The `cascade` field of a response: what the cascade did and spent."""
+    return {
+        "answer": result.answer, "cost": result.cost.total, "budget": result.budget,
+        "escalation_rate": result.escalation_rate, "stop_reason": result.stop_reason,
+        "cap_intervened": result.cap_intervened, "degraded": result.degraded,
+        "degraded_steps": list(result.degraded_steps), "authors": [s.author for s in result.steps],
+        "steps": [_step_json(s) for s in result.steps],
+        "per_tier": [{"name": name, "prefill_tokens": u.prefill_tokens, "generated_tokens": u.generated_tokens,
+                      "cost": u.cost} for name, u in zip(result.tier_names, result.cost.per_tier)],
+        "models": [m.info.name for m in runner.models],
+    }
+
+
+def _step_json(step: Step) -> dict:
+    return {"index": step.index, "text": step.text, "author": step.author, "tier": step.tier,
+            "cost": step.cost, "escalated": step.escalated, "degraded": step.degraded}
+
+
+def _usage(result: Result) -> dict:
+    prompt = sum(u.prefill_tokens for u in result.cost.per_tier)
+    completion = sum(u.generated_tokens for u in result.cost.per_tier)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _finish_reason(result: Result) -> str:
+    return "stop" if result.stop_reason in ("answer", "eos") else "length"
+
+
+def _error_body(error: _BadRequest) -> dict:
+    body = {"message": error.message, "type": error.kind, "param": error.param, "code": error.status}
+    if error.extra:
+        body.update(error.extra)
+    return {"error": body}
+
+
+def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
+    """The ASGI app (FastAPI) serving `runner` as the model `config.model_name`."""
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    if not isinstance(runner, Cascade):
+        raise ConfigError(f"create_app needs a Cascade, got {type(runner).__name__}")
+    state = _App(runner, config)
+    app = FastAPI(title="stepcascade", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.cascade_app = state
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # 404/405 in the OpenAI error shape
+        return JSONResponse(_error_body(_BadRequest(exc.status_code, f"{request.method} {request.url.path}: "
+                                                                     f"{exc.detail}")), status_code=exc.status_code)
+
+    def reject(error: _BadRequest, request_id: str, started: float):
+        logger.info("request %s rejected: %d %s (%.1f ms)", request_id, error.status, error.message[:200],
+                    1000 * (time.perf_counter() - started))
+        return JSONResponse(_error_body(error), status_code=error.status)
+
+    @app.get("/health")
+    async def health():
+        if state.drain.draining:
+            return JSONResponse({"status": "shutting_down", "inflight": state.inflight}, status_code=503)
+        return {"status": "ok", "inflight": state.inflight}
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        try:
+            state.check_auth(request)
+        except _BadRequest as error:
+            return JSONResponse(_error_body(error), status_code=error.status)
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "stepcascade",
+                                            "tiers": [m.info.name for m in runner.models]}]}
+
+    async def handle(request: Request, chat: bool):
+        request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        started = time.perf_counter()
+        try:
+            if state.drain.draining:
+                raise _BadRequest(503, "the server is shutting down", kind="server_shutting_down")
+            state.check_auth(request)
+            body = await state.read_body(request)
+            problem = _chat_problem(body) if chat else _completion_problem(body)
+            job = state.parse(body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS, problem)
+        except _BadRequest as error:
+            return reject(error, request_id, started)
+        logger.info("request %s: %s, prompt %d chars, budget %s, stream %s%s", request_id,
+                    "chat" if chat else "completion", len(job.problem), job.budget, job.stream,
+                    f", prompt {job.problem!r}" if config.log_prompts else "")
+        if job.stream:
+            return StreamingResponse(_stream(state, job, chat, request_id, started),
+                                     media_type="text/event-stream")
+        state.inflight += 1
+        try:
+            result = await state.run(job)
+        except BaseException as error:  # noqa: BLE001 - every failure is answered
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            return reject(state.failure(error), request_id, started)
+        finally:
+            state.inflight -= 1
+        _log_done(request_id, result, started)
+        text = runner.delimiter.join(step.text for step in result.steps)
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": _finish_reason(result)}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(result)}
+        return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()), "model": config.model_name, "choices": [choice],
+                "usage": _usage(result), "cascade": _extension(result, runner)}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, chat=True)
+
+    return app
+
+
+def _completion_problem(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if prompt is None:
+        raise _BadRequest(400, "prompt is required (the problem text)", "prompt")
+    if not isinstance(prompt, str):
+        raise _BadRequest(400, "prompt must be a string (or a list of one string); token-id prompts are "
+                               "not accepted, the cascade renders the prompt per model", "prompt")
+    return prompt
+
+
+def _chat_problem(body: dict) -> str:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _BadRequest(400, "messages is required (a non-empty list)", "messages")
+    problem = None
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ("system", "user", "assistant",
+                                                                           "developer"):
+            raise _BadRequest(400, "each message needs a role of system, developer, user or assistant",
+                              "messages")
+        content = message.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise _BadRequest(400, "only text content parts are accepted", "messages")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise _BadRequest(400, "message content must be a string", "messages")
+        if message["role"] == "user":
+            problem = content
+    if problem is None:
+        raise _BadRequest(400, "messages has no user message (the problem)", "messages")
+    return problem
+
+
+def _log_done(request_id: str, result: Result, started: float) -> None:
+    logger.info("request %s done: %d steps, cost %.2f, escalation %.0f%%, %s%s (%.1f ms)", request_id,
+                len(result.steps), result.cost.total, 100 * result.escalation_rate, result.stop_reason,
+                ", degraded" if result.degraded else "", 1000 * (time.perf_counter() - started))
+
+
+def _sse(data: dict | str) -> bytes:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
+
+
+async def _stream(state: _App, job: _Job, chat: bool, request_id: str, started: float):
+    """Server-sent events: one chunk per accepted step as it is decided, then a final chunk
+    with finish_reason, usage and the cascade summary, then [DONE]."""
+    runner, config = state.runner, state.config
+    loop = asyncio.get_running_loop()
+    steps: asyncio.Queue = asyncio.Queue()
+    created = int(time.time())
+    kind = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(text: str | None, finish: str | None, extra: dict | None = None, first: bool = False) -> dict:
+        if chat:
+            delta = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        out = {"id": request_id, "object": kind, "created": created, "model": config.model_name,
+               "choices": [choice]}
+        if extra:
+            out.update(extra)
+        return out
+
+    def on_step(step: Step) -> None:
+        loop.call_soon_threadsafe(steps.put_nowait, step)
+
+    state.inflight += 1
+    task = asyncio.ensure_future(state.run(job, on_step=on_step))
+    try:
+        first = True
+        while True:
+            getter = asyncio.ensure_future(steps.get())
+            done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                step = getter.result()
+                yield _sse(chunk(step.text + runner.delimiter, None, {"cascade": {"step": _step_json(step)}}, first=first))
+                first = False
+                continue
+            getter.cancel()
+            while not steps.empty():  # steps decided in the same round as the end
+                step = steps.get_nowait()
+                yield _sse(chunk(step.text + runner.delimiter, None, {"cascade": {"step": _step_json(step)}},
+                                 first=first))
+                first = False
+            break
+        try:
+            result = task.result()
+        except BaseException as error:  # noqa: BLE001 - reported in the stream
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            failure = state.failure(error)
+            logger.info("request %s failed mid-stream: %d %s", request_id, failure.status, failure.message[:200])
+            yield _sse(_error_body(failure))
+            yield _sse("[DONE]")
+            return
+        _log_done(request_id, result, started)
+        # usage always rides on the final chunk (stream_options.include_usage is implied)
+        extra = {"cascade": _extension(result, runner), "usage": _usage(result)}
+        yield _sse(chunk(None if chat else "", _finish_reason(result), extra, first=first))
+        yield _sse("[DONE]")
+    finally:
+        if not task.done():
+            task.cancel()  # the client went away: free the request's state
+        state.inflight -= 1
+
+
+def serve(runner: Cascade, config: ServerConfig = ServerConfig(), *, host: str = "127.0.0.1",
+          port: int = 8000, log_level: str = "info") -> None:
+    """Run the server until SIGINT/SIGTERM; in-flight requests then get
+    `config.limits.shutdown_grace` seconds to finish, and a clean 503 after that."""
+    import uvicorn
+
+    app = create_app(runner, config)
+    state: _App = app.state.cascade_app
+    grace = config.limits.shutdown_grace
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            loop = getattr(self, "_cascade_loop", None)
+            if loop is not None:
+                # Cancel what is still running a little before uvicorn's own deadline, so
+                # those requests get a 503 response instead of a dropped connection.
+                loop.call_soon_threadsafe(state.drain.begin, max(0.1, grace - 1.0))
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured signal after shutting down; a drained shutdown
+            # is a clean exit (status 0) for `cascade serve`.
+            self._captured_signals.clear()
+
+        async def serve(self, sockets=None) -> None:
+            self._cascade_loop = asyncio.get_running_loop()
+            await super().serve(sockets)
+
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                    timeout_graceful_shutdown=int(math.ceil(grace)) + 1))
+    server.run()
+
+
+# ---- the `cascade serve` command (the CLI registers these; strings become objects here) ----
+
+
+def add_serve_arguments(parser) -> None:
+    """The `serve`-specific flags (model and gate flags come from the CLI's shared set)."""
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", default="stepcascade", help="the model id clients send")
+    parser.add_argument("--api-key-env", default=None, metavar="VAR",
+                        help="require 'Authorization: Bearer <key>' with the key read from env var VAR")
+    parser.add_argument("--log-prompts", action="store_true", help="log prompt text (default: sizes only)")
+    parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="engine for local tiers")
+    parser.add_argument("--remote", action="append", default=[], metavar="TIER=[NAME@]URL[,URL...]",
+                        help="serve a tier from OpenAI-compatible server(s) (round robin); the tier's local "
+                             "directory still gives its tokenizer and identity; NAME: served model name "
+                             "(default: the tier name)")
+    parser.add_argument("--on-large-failure", default="fail", choices=["fail", "degrade"])
+    parser.add_argument("--step-timeout", type=float, default=None, help="seconds per model call")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--max-prompt-chars", type=int, default=ServerLimits.max_prompt_chars)
+    parser.add_argument("--max-budget", type=float, default=ServerLimits.max_budget)
+    parser.add_argument("--require-budget", action="store_true", help="reject requests without a budget")
+    parser.add_argument("--shutdown-grace", type=float, default=ServerLimits.shutdown_grace)
+
+
+def _parse_remote(specs: list[str], tier_names: tuple[str, ...]) -> dict[int, tuple[str, list[str]]]:
+    remote: dict[int, tuple[str, list[str]]] = {}
+    for spec in specs:
+        tier, sep, rest = spec.partition("=")
+        if not sep or not rest:
+            raise ConfigError(f"--remote {spec!r}: expected TIER=[NAME@]URL[,URL...]")
+        if tier not in tier_names:
+            raise ConfigError(f"--remote {spec!r}: unknown tier {tier!r}; tiers: {list(tier_names)}")
+        name, _, urls = rest.partition("@") if "@" in rest else ("", "", rest)
+        remote[tier_names.index(tier)] = (name or tier, [u for u in urls.split(",") if u])
+    return remote
+
+
+def build_served_cascade(args) -> Cascade:
+    """The cascade `cascade serve` serves, from the command line's fixed model paths."""
+    from decoding import HFBackend, OpenAIBackend
+
+    from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
+    from cascade.runtime import tier_names_for
+
+    listed = args.models.split(",") if args.models else None
+    if listed and (args.small or args.large):
+        raise ConfigError("give --models or --small/--large, not both")
+    if listed or args.small or args.large:
+        paths = listed or [args.small, args.large]
+        if any(p is None for p in paths):
+            raise ConfigError("--small and --large go together")
+        names = [str(p) for p in paths]
+        delimiter = args.delimiter or "\n\n"
+        defaults = SolveOptions()
+    else:
+        paths = [embedded_path("small"), embedded_path("large")]
+        names = ["embedded:small", "embedded:large"]
+        delimiter = EMBEDDED_DELIMITER
+        defaults = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
+    tiers = tier_names_for(len(paths))
+    remote = _parse_remote(args.remote, tiers)
+    template = getattr(args, "prompt_template", None)
+    models = []
+    for k, (path, name) in enumerate(zip(paths, names)):
+        if k in remote:
+            served, urls = remote[k]
+            models.append(OpenAIBackend.from_model_dir(path, urls, served, name=name, step_delimiter=delimiter,
+                                                       prompt_template=template))
+        elif args.backend == "vllm":
+            from decoding import VLLMBackend
+
+            models.append(VLLMBackend.from_pretrained(path, step_delimiter=delimiter, prompt_template=template,
+                                                      name=name))
+        else:
+            models.append(HFBackend.from_pretrained(path, step_delimiter=delimiter, prompt_template=template,
+                                                    name=name))
+    options = dataclasses.replace(defaults, max_steps=args.max_steps or defaults.max_steps,
+                                  max_step_tokens=args.max_step_tokens or defaults.max_step_tokens,
+                                  step_timeout=args.step_timeout)
+    gate = None
+    if args.gate is not None:
+        settings: dict[str, Any] = {} if args.threshold is None else {"threshold": args.threshold}
+        if args.gate == "confidence":
+            settings.update(signal=args.signal, mode=args.mode)
+        gate = make_gate(args.gate, **settings)
+    elif not (listed or args.small or args.large):
+        from cascade import DEFAULT_EMBEDDED_GATE
+
+        gate = DEFAULT_EMBEDDED_GATE
+    return Cascade(models=models, gate=gate, options=options, on_large_failure=args.on_large_failure)
+
+
+def run_from_args(args) -> int:
+    """`cascade serve`: build the cascade, then serve it until stopped."""
+    import os
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    limits = ServerLimits(max_prompt_chars=args.max_prompt_chars, max_budget=args.max_budget,
+                          require_budget=args.require_budget, request_timeout=args.request_timeout,
+                          shutdown_grace=args.shutdown_grace)
+    config = ServerConfig(model_name=args.model_name, api_key=api_key, log_prompts=args.log_prompts,
+                          limits=limits)
+    runner = build_served_cascade(args)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("binding %s: reachable from other machines%s", args.host,
+                       "" if api_key else " and no API key is set")
+    logger.info("serving %s (%s) on http://%s:%d", config.model_name,
+                ", ".join(m.info.name for m in runner.models), args.host, args.port)
+    serve(runner, config, host=args.host, port=args.port)
+    return 0
