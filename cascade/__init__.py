@@ -14,7 +14,7 @@ from cascade.answer import extract_answer
 from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep
 from cascade.cost import Cost, CostModel, Prices, Usage
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
-from cascade.errors import CascadeError, ConfigError, StepFailedError
+from cascade.errors import CascadeError, ConfigError, RequestTimeoutError, StepFailedError
 from cascade.gates import (
     GATES,
     AdvantageGate,
@@ -54,6 +54,7 @@ __all__ = [
     "LikelihoodScorer",
     "PRMScorer",
     "Prices",
+    "RequestTimeoutError",
     "Result",
     "Router",
     "SolveOptions",
@@ -86,10 +87,16 @@ def _load_embedded(tiers: tuple[str, ...]):
                                            name=f"embedded:{t}") for t in tiers)
 
 
-def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small", "large")) -> Cascade:
-    """A Cascade over the shipped embedded models (loaded once per process and shared)."""
+def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small", "large"), *,
+                     gates: list[Gate] | None = None) -> Cascade:
+    """A Cascade over the shipped embedded models (loaded once per process and shared).
+
+    tiers: embedded model names, cheapest first. gate: the gate at every position, or
+    gates: one per position (len(tiers) - 1)."""
     options = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
-    gates = [gate or DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1)
+    if gates is not None and gate is not None:
+        raise ConfigError("give either gate= or gates=, not both")
+    gates = list(gates) if gates is not None else [gate or DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1)
     return Cascade(models=list(_load_embedded(tuple(tiers))), gates=gates, options=options)
 
 

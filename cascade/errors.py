@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CascadeError", "ConfigError", "StepFailedError"]
+__all__ = ["CascadeError", "ConfigError", "StepFailedError", "RequestTimeoutError"]
 
 
 class CascadeError(Exception):
@@ -24,4 +24,15 @@ class StepFailedError(CascadeError):
         super().__init__(f"step {step_index}, model {backend!r}: {message}")
         self.backend = backend
         self.step_index = step_index
+        self.partial = partial
+
+
+class RequestTimeoutError(CascadeError):
+    """A request ran past `SolveOptions.request_timeout`.
+
+    `partial` is the Result of the steps finished before the deadline (nothing is lost).
+    """
+
+    def __init__(self, message: str, *, partial=None) -> None:
+        super().__init__(message)
         self.partial = partial

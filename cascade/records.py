@@ -12,7 +12,7 @@ from cascade.gates import Confidence
 
 __all__ = ["Decision", "Step", "Result", "StopReason"]
 
-StopReason = Literal["answer", "eos", "max_steps", "budget", "error"]
+StopReason = Literal["answer", "eos", "max_steps", "budget", "error", "timeout"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,8 @@ class Decision:
 
     escalated: tier + 1 took over the step. capped: the gate asked to escalate but the
     next tier's worst case did not fit in what was left of the budget, so it did not.
+    unavailable: the gate asked to escalate but tier + 1 had failed earlier in this
+    request and the cascade degrades (`on_large_failure="degrade"`), so it did not.
     """
 
     tier: int
@@ -28,12 +30,13 @@ class Decision:
     threshold: float
     escalated: bool
     capped: bool = False
+    unavailable: bool = False
 
     def to_json(self) -> dict:
         score = self.score if math.isfinite(self.score) else None
         threshold = self.threshold if math.isfinite(self.threshold) else None
         return {"tier": self.tier, "score": score, "threshold": threshold,
-                "escalated": self.escalated, "capped": self.capped}
+                "escalated": self.escalated, "capped": self.capped, "unavailable": self.unavailable}
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class Step:
     confidence: signals of the author's own tokens. decisions: every gate decision taken
     for this step, in order. usage: per tier, everything this step spent (probes,
     rejected drafts, verification and the accepted text). drafts: rejected outputs.
+    degraded: a higher tier failed (or had failed) while this step was written, so a
+    lower tier's text stands where the gate would have escalated (see `failures`).
+    failures: the error messages of the calls that failed during this step.
     """
 
     index: int
@@ -54,6 +60,8 @@ class Step:
     decisions: tuple[Decision, ...]
     usage: tuple[Usage, ...]
     drafts: tuple[str, ...] = ()
+    degraded: bool = False
+    failures: tuple[str, ...] = ()
 
     @property
     def cost(self) -> float:
@@ -73,7 +81,7 @@ class Step:
             "confidence": self.confidence.to_json(),
             "decisions": [d.to_json() for d in self.decisions],
             "usage": [u.__dict__.copy() for u in self.usage], "cost": self.cost,
-            "drafts": list(self.drafts),
+            "drafts": list(self.drafts), "degraded": self.degraded, "failures": list(self.failures),
         }
 
 
@@ -107,6 +115,16 @@ class Result:
         return sum(step.tier > 0 for step in self.steps) / len(self.steps)
 
     @property
+    def degraded(self) -> bool:
+        """A higher tier failed during this request and lower tiers carried on."""
+        return any(step.degraded for step in self.steps)
+
+    @property
+    def degraded_steps(self) -> tuple[int, ...]:
+        """Indices of the steps a failure affected."""
+        return tuple(step.index for step in self.steps if step.degraded)
+
+    @property
     def tier_rates(self) -> tuple[float, ...]:
         """Fraction of steps written by each tier."""
         n = max(1, len(self.steps))
@@ -118,6 +136,7 @@ class Result:
             "cost": self.cost.to_json(), "escalation_rate": self.escalation_rate,
             "tier_names": list(self.tier_names), "tier_rates": list(self.tier_rates),
             "stop_reason": self.stop_reason, "cap_intervened": self.cap_intervened,
+            "degraded": self.degraded, "degraded_steps": list(self.degraded_steps),
             "budget": self.budget, "steps": [step.to_json() for step in self.steps],
         }
 

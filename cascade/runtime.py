@@ -2,10 +2,13 @@
 
 One request is a generator (the *step machine*) that yields model calls and receives
 their outputs; it owns the step logic, the gate decisions, the hard cap and the cost
-ledger, and knows nothing about how calls are executed. A *driver* runs many step
-machines together: each round it groups the pending calls by (tier, kind) and sends
-each group to its backend as one batch. `solve` is the driver with one request,
-`solve_many` the same driver with many.
+ledger, and knows nothing about how calls are executed. The *driver* runs many step
+machines together on an asyncio event loop, one task per request: each backend has a
+queue, and the calls that reach it while it is busy go to it as one batch when it is
+free (a synchronous backend runs in a worker thread of its own; a backend with
+`anext_steps`/`ascore_steps` coroutines is awaited directly and may have several
+batches in flight). `asolve` is one request on the caller's loop; `solve` and
+`solve_many` run the same driver to completion from synchronous code.
 
 The cascade has N >= 2 tiers, cheapest first, and N - 1 gates; gate i judges tier i's
 output and decides whether tier i + 1 takes over the step. Two models are the N = 2 case.
@@ -13,17 +16,21 @@ output and decides whether tier i + 1 takes over the step. Two models are the N 
 
 from __future__ import annotations
 
+import asyncio
 import math
+import threading
 import uuid
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generator, Iterable, Sequence
+from typing import Callable, Generator, Iterable, Literal, Sequence
 
 from decoding import Backend, BackendError, HFBackend, ScoreOutput, ScoreRequest, StepOutput, StepRequest
 
 from cascade.answer import extract_answer
 from cascade.cost import Cost, CostModel, Usage
-from cascade.errors import ConfigError, StepFailedError
+from cascade.errors import ConfigError, RequestTimeoutError, StepFailedError
 from cascade.gates import Confidence, ConfidenceGate, Gate, GateState, decide
 from cascade.records import Decision, Result, Step
 
@@ -40,6 +47,10 @@ class SolveOptions:
     max_step_tokens: tokens one step may take (per tier call).
     temperature: 0 = greedy; > 0 samples, seeded by (seed, problem, context).
     seed: see temperature. return_hidden: backends return hidden states (for routers).
+    step_timeout: seconds one model call may take before it counts as a failure of that
+        model (None = no limit); the fault policy (`on_large_failure`) then applies.
+    request_timeout: seconds a whole request may take (None = no limit); past it the
+        request ends with `RequestTimeoutError` carrying the partial Result.
     """
 
     max_steps: int = 32
@@ -47,6 +58,8 @@ class SolveOptions:
     temperature: float = 0.0
     seed: int = 0
     return_hidden: bool = False
+    step_timeout: float | None = None
+    request_timeout: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "max_step_tokens"):
@@ -56,6 +69,11 @@ class SolveOptions:
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)
                 and self.temperature >= 0):
             raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        for name in ("step_timeout", "request_timeout"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):
+                raise ConfigError(f"{name} must be a number of seconds > 0 or None, got {value!r}")
 
 
 def tier_names_for(n: int) -> tuple[str, ...]:
@@ -91,13 +109,23 @@ class Cascade:
         Cascade(models=[small, medium, large], gates=[g1, g2])
 
     Models are `decoding.Backend`s; prices default to FLOPs ratios (`CostModel.flops`).
+    on_large_failure: what a request does when a tier above the cheapest fails (an
+        error, a timeout, malformed output): "fail" ends it with `StepFailedError`
+        (naming the model and the step, carrying the partial Result); "degrade" drops
+        that tier for the rest of the request, keeps the lower tier's text, and flags
+        the Result (`degraded`, `degraded_steps`). A failure of the cheapest tier always
+        fails the request.
     """
 
     def __init__(self, small: Backend | None = None, large: Backend | None = None,
                  gate: Gate | None = None, *, models: Sequence[Backend] | None = None,
                  gates: Sequence[Gate] | None = None, cost_model: CostModel | None = None,
                  tier_names: Sequence[str] | None = None,
-                 options: SolveOptions = SolveOptions(), calibration=None) -> None:
+                 options: SolveOptions = SolveOptions(), calibration=None,
+                 on_large_failure: Literal["fail", "degrade"] = "fail") -> None:
+        if on_large_failure not in ("fail", "degrade"):
+            raise ConfigError(f"on_large_failure must be 'fail' or 'degrade', got {on_large_failure!r}")
+        self.on_large_failure = on_large_failure
         if models is None:
             if small is None or large is None:
                 raise ConfigError("give small= and large=, or models=[...]")
@@ -126,6 +154,8 @@ class Cascade:
         if len(self.tier_names) != len(models):
             raise ConfigError(f"tier_names has {len(self.tier_names)} names for {len(models)} models")
         self.options = options
+        self._drivers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Driver]" = \
+            weakref.WeakKeyDictionary()
         self.calibration = None
         if calibration is not None:
             calibration.check_models(self)
@@ -184,6 +214,19 @@ class Cascade:
         """Solve one problem. `budget` is a hard cap in cost units (None = no cap)."""
         return self.solve_many([problem], budget, gates=gates, options=options)[0]
 
+    async def asolve(self, problem: str, budget: float | None = None, *,
+                     gates: Sequence[Gate] | None = None, options: SolveOptions | None = None,
+                     on_step: Callable[[Step], None] | None = None) -> Result:
+        """Solve one problem on the running event loop; concurrent `asolve` calls on one
+        loop advance together and share each backend's batches.
+
+        on_step: called with each accepted Step as soon as it is decided (streaming).
+        Cancelling the task frees the request's backend state and disturbs no other request.
+        """
+        budget, gates, options = self._prepare(budget, gates, options)
+        return await self._driver().run(
+            self.step_machine(_check_problem(problem), budget, gates, options, on_step=on_step), options)
+
     def solve_many(self, problems: Iterable[str], budget: float | None = None, *,
                    gates: Sequence[Gate] | None = None, options: SolveOptions | None = None,
                    concurrency: int = 16, return_exceptions: bool = False) -> list[Result]:
@@ -193,6 +236,28 @@ class Cascade:
         error (a CascadeError carrying the partial result) takes its place in the list;
         otherwise the first error is raised once every request has ended."""
         problems = [_check_problem(p) for p in problems]
+        budget, gates, options = self._prepare(budget, gates, options)
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ConfigError(f"concurrency must be an integer >= 1, got {concurrency!r}")
+
+        async def run_all() -> list:
+            slots = asyncio.Semaphore(concurrency)
+
+            async def one(problem: str) -> Result:
+                async with slots:
+                    return await self._driver().run(self.step_machine(problem, budget, gates, options),
+                                                    options)
+
+            return await asyncio.gather(*(one(p) for p in problems), return_exceptions=True)
+
+        outcomes = _run_sync(run_all())
+        if not return_exceptions:
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+        return outcomes
+
+    def _prepare(self, budget, gates, options) -> tuple[float | None, list[Gate], SolveOptions]:
         budget = _check_budget(budget)
         if gates is None and self.calibration is not None and budget is not None:
             # The threshold certified for the largest calibrated budget <= this one; the
@@ -200,43 +265,72 @@ class Cascade:
             gates = self.calibration.gates_for(budget)
         gates = self._check_gates(gates) if gates is not None else self.gates
         options = options or self.options
-        if not isinstance(concurrency, int) or concurrency < 1:
-            raise ConfigError(f"concurrency must be an integer >= 1, got {concurrency!r}")
-        machines = [self.step_machine(p, budget, gates, options) for p in problems]
-        outcomes = drive(self.models, machines, concurrency)
-        if not return_exceptions:
-            for outcome in outcomes:
-                if isinstance(outcome, BaseException):
-                    raise outcome
-        return outcomes
+        if not isinstance(options, SolveOptions):
+            raise ConfigError(f"options must be a SolveOptions, got {type(options).__name__}")
+        return budget, gates, options
+
+    def _driver(self) -> "_Driver":
+        loop = asyncio.get_running_loop()
+        driver = self._drivers.get(loop)
+        if driver is None:
+            driver = self._drivers[loop] = _Driver(self.models)
+        return driver
 
     # ---- the step machine ---------------------------------------------------------------
 
     def step_machine(self, problem: str, budget: float | None, gates: Sequence[Gate],
-                     options: SolveOptions, request_id: str | None = None
+                     options: SolveOptions, request_id: str | None = None,
+                     on_step: Callable[[Step], None] | None = None
                      ) -> Generator[Call, StepOutput | ScoreOutput, Result]:
         """The generator that solves one problem; see the module docstring."""
-        run = _Run(self, problem, budget, list(gates), options, request_id or uuid.uuid4().hex)
+        run = _Run(self, problem, budget, list(gates), options, request_id or uuid.uuid4().hex, on_step)
         return run.machine()
+
+
+class _Deadline(Exception):
+    """Thrown into a step machine when its request has run past `request_timeout`."""
+
+
+_EMPTY = StepOutput("", (), (), (), "max_tokens", 0, 0.0)
+
+
+def _check_output(output: object, expected: type, name: str) -> None:
+    """Malformed backend output is a BackendError (so the fault policy applies), not a
+    wrong answer or a crash somewhere downstream."""
+    if not isinstance(output, expected):
+        raise BackendError(f"returned {type(output).__name__}, expected {expected.__name__}", name)
+    if len(output.logprobs) != len(output.token_ids):
+        raise BackendError(f"returned {len(output.token_ids)} tokens but {len(output.logprobs)} "
+                           "log-probabilities", name)
+    if any(not math.isfinite(lp) or lp > 1e-6 for lp in output.logprobs):
+        raise BackendError("returned log-probabilities that are not finite numbers <= 0", name)
+    if isinstance(output, StepOutput) and (not isinstance(output.text, str)
+                                           or len(output.entropies) != len(output.token_ids)):
+        raise BackendError("returned a step whose text or entropies do not match its tokens", name)
+    if output.prefill_tokens < 0:
+        raise BackendError(f"reported {output.prefill_tokens} prefill tokens", name)
 
 
 class _Run:
     """State of one request while its step machine runs."""
 
     def __init__(self, cascade: Cascade, problem: str, budget: float | None,
-                 gates: list[Gate], options: SolveOptions, request_id: str) -> None:
+                 gates: list[Gate], options: SolveOptions, request_id: str,
+                 on_step: Callable[[Step], None] | None = None) -> None:
         self.cascade = cascade
         self.problem = problem
         self.budget = budget
         self.gates = gates
         self.options = options
         self.request_id = request_id
+        self.on_step = on_step
         self.n = len(cascade.models)
         self.context = ""
         self.steps: list[Step] = []
         self.spent = [Usage()] * self.n
         self.step_usage = [Usage()] * self.n
         self.cap_intervened = False
+        self.failed: set[int] = set()  # tiers that failed in this request (degrade mode)
 
     # -- money ----------------------------------------------------------------------------
 
@@ -265,6 +359,10 @@ class _Run:
         return self.token_allowance(tier, self.context, self.options.max_step_tokens) \
             >= self.options.max_step_tokens
 
+    def degrades(self, tier: int) -> bool:
+        """May the request carry on without `tier` after it failed? (never the cheapest)"""
+        return tier > 0 and self.cascade.on_large_failure == "degrade"
+
     # -- calls ----------------------------------------------------------------------------
 
     def generate(self, tier: int, context: str, max_tokens: int):
@@ -274,79 +372,129 @@ class _Run:
                               self.options.return_hidden or (tier < self.n - 1 and getattr(
                                   self.gates[tier], "requires_hidden", False)))
         output = yield (tier, request)
+        name = self.cascade.models[tier].info.name
+        _check_output(output, StepOutput, name)
         if output.generated_tokens > max_tokens:
             raise BackendError(f"returned {output.generated_tokens} tokens, more than the "
-                               f"{max_tokens} asked for", self.cascade.models[tier].info.name)
+                               f"{max_tokens} asked for", name)
         self.charge(tier, output.prefill_tokens, output.generated_tokens, output.seconds)
         return output
 
     def verify(self, tier: int, text: str):
         output = yield (tier, ScoreRequest(self.request_id, self.problem, self.context, text))
+        _check_output(output, ScoreOutput, self.cascade.models[tier].info.name)
         self.charge(tier, output.prefill_tokens + output.scored_tokens, 0, output.seconds)
+        return output
+
+    def attempt(self, tier: int):
+        """Tier's output for the step: a route probe, a speculative draft, or (top tier) the step."""
+        max_tokens = self.options.max_step_tokens
+        if tier == self.n - 1:
+            return (yield from self.generate(tier, self.context, max_tokens))
+        gate = self.gates[tier]
+        allowance = self.token_allowance(tier, self.context, max_tokens)
+        size = min(gate.probe_tokens, allowance) if gate.mode == "route" else allowance
+        if size < 1:
+            return _EMPTY
+        return (yield from self.generate(tier, self.context, size))
+
+    def finish(self, tier: int, output: StepOutput):
+        """A lower tier keeps the step: a route probe that did not finish the step goes on."""
+        gate = self.gates[tier]
+        if gate.mode == "route" and output.stop_reason == "max_tokens":
+            rest = self.token_allowance(tier, self.context + output.text,
+                                        self.options.max_step_tokens - output.generated_tokens)
+            if rest > 0:
+                continuation = yield from self.generate(tier, self.context + output.text, rest)
+                output = _join(output, continuation)
         return output
 
     # -- one step -------------------------------------------------------------------------
 
     def write_step(self, index: int):
-        """Write step `index`; returns (Step, StepOutput of the accepted text) or None at the cap."""
-        max_tokens = self.options.max_step_tokens
+        """Write step `index`; returns (Step, StepOutput of the accepted text) or None at the cap.
+
+        Every step starts at the cheapest tier; gate k judges tier k's output and may hand
+        the step to tier k + 1. Under `on_large_failure="degrade"`, a failed tier k > 0 is
+        dropped for the rest of the request and tier k - 1's output stands.
+        """
         decisions: list[Decision] = []
         drafts: list[str] = []
+        failures: list[str] = []
+        outputs: dict[int, StepOutput] = {}
+        degraded = False
         tier = 0
+
+        def failed(at: int, error: BackendError) -> None:
+            nonlocal degraded
+            if not self.degrades(at):
+                raise error
+            degraded = True
+            self.failed.add(at)
+            failures.append(f"{self.cascade.tier_names[at]}: {error}")
+
         while True:
-            if tier == self.n - 1:
-                output = yield from self.generate(tier, self.context, max_tokens)
+            try:
+                output = yield from self.attempt(tier)
+            except BackendError as error:
+                failed(tier, error)
+                tier -= 1  # the tier below keeps the output it already has
+                output = outputs[tier]
+                if drafts and drafts[-1] == output.text:
+                    drafts.pop()
                 break
+            if tier == self.n - 1:
+                break
+            outputs[tier] = output
             gate = self.gates[tier]
-            allowance = self.token_allowance(tier, self.context, max_tokens)
-            if gate.mode == "route":
-                probe_size = min(gate.probe_tokens, allowance)
-                if probe_size > 0:
-                    output = yield from self.generate(tier, self.context, probe_size)
-                else:
-                    output = StepOutput("", (), (), (), "max_tokens", 0, 0.0)
-            else:
-                if allowance < 1:
-                    output = StepOutput("", (), (), (), "max_tokens", 0, 0.0)
-                else:
-                    output = yield from self.generate(tier, self.context, allowance)
             verification = None
-            if gate.requires_verification and output.text:
+            if gate.requires_verification and output.text and tier + 1 not in self.failed:
                 bound = self.prefill_bound(tier + 1, self.context + output.text)
                 if self.cascade.cost_model.charge(tier + 1, bound, 0) <= self.remaining():
-                    verification = yield from self.verify(tier + 1, output.text)
+                    try:
+                        verification = yield from self.verify(tier + 1, output.text)
+                    except BackendError as error:
+                        failed(tier + 1, error)
                 else:
                     self.cap_intervened = True  # no room to verify: the draft stands
             state = GateState(self.problem, index, tier, self.context, output,
                               Confidence.of(output, getattr(gate, "probe_tokens", 4) or 4), verification)
             score, escalate = decide(gate, state)
-            capped = escalate and not self.fits_step(tier + 1)
-            decisions.append(Decision(tier, score, gate.threshold, escalate and not capped, capped))
-            if capped:
-                self.cap_intervened = True
-            if escalate and not capped:
-                if output.text:
-                    drafts.append(output.text)
-                tier += 1
-                continue
-            # The tier keeps the step: a route probe that did not finish the step goes on.
-            if gate.mode == "route" and output.stop_reason == "max_tokens":
-                rest = self.token_allowance(tier, self.context + output.text,
-                                            max_tokens - output.generated_tokens)
-                if rest > 0:
-                    continuation = yield from self.generate(tier, self.context + output.text, rest)
-                    output = _join(output, continuation)
-            if output.generated_tokens == 0 and allowance < 1:
-                self.cap_intervened = True
-                return None
-            break
+            unavailable = escalate and tier + 1 in self.failed
+            capped = escalate and not unavailable and not self.fits_step(tier + 1)
+            moves = escalate and not unavailable and not capped
+            decisions.append(Decision(tier, score, gate.threshold, moves, capped, unavailable))
+            self.cap_intervened |= capped
+            degraded |= unavailable
+            if not moves:
+                break
+            if output.text:
+                drafts.append(output.text)
+            tier += 1
+        while tier < self.n - 1:
+            try:
+                output = yield from self.finish(tier, output)
+                break
+            except BackendError as error:  # a middle tier failed finishing its route probe
+                failed(tier, error)
+                tier -= 1
+                output = outputs[tier]
+        if output.generated_tokens == 0:
+            self.cap_intervened = True  # nothing fits in what is left of the budget
+            return None
         text = output.text
         if text.endswith(self.cascade.delimiter):
             text = text[: -len(self.cascade.delimiter)]
         step = Step(index=index, text=text, tier=tier, author=self.cascade.tier_names[tier],
                     confidence=Confidence.of(output), decisions=tuple(decisions),
-                    usage=tuple(self.step_usage), drafts=tuple(drafts))
+                    usage=tuple(self.step_usage), drafts=tuple(drafts), degraded=degraded,
+                    failures=tuple(failures))
         return step, output
+
+    def settle(self) -> None:
+        """Move the step being written into the request's totals (spent work is never lost)."""
+        self.spent = [a + b for a, b in zip(self.spent, self.step_usage)]
+        self.step_usage = [Usage()] * self.n
 
     def machine(self):
         try:
@@ -356,25 +504,31 @@ class _Run:
                 try:
                     written = yield from self.write_step(index)
                 except BackendError as error:
+                    self.settle()
                     raise StepFailedError(str(error), backend=error.backend or "?", step_index=index,
                                           partial=self.result("error")) from error
+                except _Deadline:
+                    self.settle()
+                    raise RequestTimeoutError(
+                        f"request ran past its timeout of {self.options.request_timeout:g} s "
+                        f"during step {index}", partial=self.result("timeout")) from None
+                self.settle()
                 if written is None:
-                    self.spent = [a + b for a, b in zip(self.spent, self.step_usage)]
                     stop_reason = "budget"
                     break
                 step, output = written
                 self.steps.append(step)
-                self.spent = [a + b for a, b in zip(self.spent, self.step_usage)]
                 self.context += output.text
                 if output.stop_reason != "delimiter" and output.stop_reason != "eos":
                     self.context += self.cascade.delimiter  # a step cut at max tokens still ends
+                if self.on_step is not None:
+                    self.on_step(step)
                 if extract_answer(step.text) is not None:
                     stop_reason = "answer"
                     break
                 if output.stop_reason == "eos":
                     stop_reason = "eos"
                     break
-            self.step_usage = [Usage()] * self.n
             return self.result(stop_reason)
         finally:
             for model in self.cascade.models:
@@ -413,54 +567,174 @@ def _join(first: StepOutput, second: StepOutput) -> StepOutput:
                       first.seconds + second.seconds, hidden)
 
 
-def drive(models: Sequence[Backend], machines: list[Generator],
-          concurrency: int) -> list[Result | BaseException]:
-    """Run step machines to completion, up to `concurrency` at a time, batching each round's
-    calls per (tier, kind). Returns each machine's Result, or the error it ended with, in
-    the machines' order."""
-    results: list[Result | BaseException | None] = [None] * len(machines)
-    pending: dict[int, Call] = {}
-    waiting = iter(range(len(machines)))
+# ---- the async driver --------------------------------------------------------------------
 
-    def advance(index: int, value=None, error: BaseException | None = None) -> None:
+# One worker thread per synchronous backend object, whichever cascade or event loop calls
+# it: a model's calls never overlap (HF sessions and torch modules are not thread-safe),
+# while different models may run at the same time. Keyed weakly, so a dropped backend
+# takes its idle thread with it.
+_WORKERS: "weakref.WeakKeyDictionary[object, ThreadPoolExecutor]" = weakref.WeakKeyDictionary()
+_WORKERS_LOCK = threading.Lock()
+
+
+def _worker_for(backend: Backend) -> ThreadPoolExecutor:
+    with _WORKERS_LOCK:
         try:
-            call = machines[index].throw(error) if error is not None else machines[index].send(value)
-        except StopIteration as stop:
-            results[index] = stop.value
-            pending.pop(index, None)
-            start_next()
-        except Exception as failure:  # noqa: BLE001 - recorded per request, returned
-            results[index] = failure
-            pending.pop(index, None)
-            start_next()
-        else:
-            pending[index] = call
+            worker = _WORKERS.get(backend)
+        except TypeError:  # an unhashable backend: give it a worker of its own, kept on it
+            worker = getattr(backend, "_cascade_worker", None)
+            if worker is None:
+                worker = ThreadPoolExecutor(1, thread_name_prefix=f"cascade-{backend.info.name}")
+                backend._cascade_worker = worker  # type: ignore[attr-defined]
+            return worker
+        if worker is None:
+            worker = ThreadPoolExecutor(1, thread_name_prefix=f"cascade-{backend.info.name}")
+            _WORKERS[backend] = worker
+        return worker
 
-    def start_next() -> None:
-        for index in waiting:
-            advance(index)
+
+class _TierQueue:
+    """Batches one backend's calls within one event loop.
+
+    Calls queue up while the backend is busy; when it is free, every queued call of one
+    kind goes to it as one batch. So all requests that reach the same tier in the same
+    round share a batch, and a backend is kept busy while any request waits for it.
+    """
+
+    def __init__(self, backend: Backend) -> None:
+        self.backend = backend
+        self.queues: dict[type, list[tuple[StepRequest | ScoreRequest, asyncio.Future]]] = {
+            StepRequest: [], ScoreRequest: []}
+        self.busy = False
+        self.native = hasattr(backend, "anext_steps")
+        self.in_flight: set[asyncio.Task] = set()
+
+    def submit(self, request: StepRequest | ScoreRequest) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.queues[type(request)].append((request, future))
+        if not self.busy:
+            self.busy = True
+            # Scheduled, not run now: the other requests woken in this round queue first.
+            loop.call_soon(lambda: loop.create_task(self._drain()))
+        return future
+
+    async def _drain(self) -> None:
+        try:
+            while any(self.queues.values()):
+                for kind in (StepRequest, ScoreRequest):
+                    batch = [(r, f) for r, f in self.queues[kind] if not f.done()]
+                    self.queues[kind] = []
+                    if not batch:
+                        continue
+                    if self.native:
+                        # A server batches by itself: keep several batches in flight.
+                        task = asyncio.get_running_loop().create_task(self._run(kind, batch))
+                        self.in_flight.add(task)  # the loop keeps only weak references to tasks
+                        task.add_done_callback(self.in_flight.discard)
+                    else:
+                        await self._run(kind, batch)
+                await asyncio.sleep(0)  # let woken requests queue their next calls
+        finally:
+            self.busy = False
+            if any(self.queues.values()):  # a call queued during the last await
+                self.busy = True
+                asyncio.get_running_loop().create_task(self._drain())
+
+    async def _run(self, kind: type, batch: list) -> None:
+        requests = [request for request, _ in batch]
+        name = self.backend.info.name
+        sync_name, async_name = (("next_steps", "anext_steps") if kind is StepRequest
+                                 else ("score_steps", "ascore_steps"))
+        try:
+            native = getattr(self.backend, async_name, None)
+            if native is not None:
+                outputs = await native(requests)
+            else:
+                loop = asyncio.get_running_loop()
+                outputs = await loop.run_in_executor(_worker_for(self.backend),
+                                                     getattr(self.backend, sync_name), requests)
+            outputs = list(outputs)
+            if len(outputs) != len(requests):
+                raise BackendError(f"returned {len(outputs)} outputs for {len(requests)} requests", name)
+        except Exception as error:  # noqa: BLE001 - every request of the batch learns of it
+            if not isinstance(error, BackendError):
+                error = BackendError(f"{sync_name} raised {type(error).__name__}: {error}", name)
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
             return
+        for (_, future), output in zip(batch, outputs):
+            if not future.done():
+                future.set_result(output)
 
-    for _ in range(concurrency):
-        start_next()
-    while pending:
-        groups: dict[tuple[int, type], list[int]] = {}
-        for index, (tier, request) in pending.items():
-            groups.setdefault((tier, type(request)), []).append(index)
-        for (tier, kind), indices in groups.items():
-            requests = [pending[i][1] for i in indices]
-            try:
-                if kind is StepRequest:
-                    outputs = models[tier].next_steps(requests)
-                else:
-                    outputs = models[tier].score_steps(requests)
-                if len(outputs) != len(requests):
-                    raise BackendError(f"returned {len(outputs)} outputs for {len(requests)} requests",
-                                       models[tier].info.name)
-            except BackendError as error:
-                for index in indices:
-                    advance(index, error=error)
-                continue
-            for index, output in zip(indices, outputs):
-                advance(index, output)
-    return results  # type: ignore[return-value]
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
+
+
+class _Driver:
+    """Runs step machines on one event loop, each a task, sharing one `_TierQueue` per tier."""
+
+    def __init__(self, models: Sequence[Backend]) -> None:
+        self.models = list(models)
+        self.queues = [_TierQueue(model) for model in self.models]
+
+    async def run(self, machine: Generator, options: SolveOptions) -> Result:
+        loop = asyncio.get_running_loop()
+        deadline = None if options.request_timeout is None else loop.time() + options.request_timeout
+        value: object = None
+        error: BaseException | None = None
+        try:
+            while True:
+                try:
+                    tier, request = machine.throw(error) if error is not None else machine.send(value)
+                except StopIteration as stop:
+                    return stop.value
+                value, error = None, None
+                timeout = options.step_timeout
+                if deadline is not None:
+                    left = max(0.0, deadline - loop.time())
+                    timeout = left if timeout is None else min(timeout, left)
+                future = self.queues[tier].submit(request)
+                # A timer fails the future itself (no wait_for wrapper): the request wakes
+                # in the same round as the rest of its batch, which keeps batches whole.
+                timer = None if timeout is None else loop.call_later(timeout, _expire, future)
+                try:
+                    value = await future
+                except asyncio.TimeoutError:
+                    if deadline is not None and loop.time() >= deadline:
+                        error = _Deadline()
+                    else:
+                        error = BackendError(f"no answer within the step timeout of "
+                                             f"{options.step_timeout:g} s", self.models[tier].info.name)
+                except BackendError as failure:
+                    error = failure
+                finally:
+                    if timer is not None:
+                        timer.cancel()
+        finally:
+            machine.close()  # a cancelled request frees its backend sessions (the finally in it)
+
+
+def _run_sync(coroutine):
+    """Run a coroutine to completion from synchronous code, even under a running loop."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coroutine)
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["value"] = asyncio.run(coroutine)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=target, name="cascade-solve")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    return outcome["value"]

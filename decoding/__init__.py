@@ -4,6 +4,7 @@
 loaded on first use, so importing `decoding` never needs vllm (an optional extra).
 """
 
+from decoding.faults import FaultKind, FaultSchedule, FaultyBackend, at_calls
 from decoding.hf import HFBackend, weights_fingerprint
 from decoding.openai_backend import OpenAIBackend
 from decoding.types import (
@@ -21,6 +22,9 @@ from decoding.types import (
 __all__ = [
     "Backend",
     "BackendError",
+    "FaultKind",
+    "FaultSchedule",
+    "FaultyBackend",
     "HFBackend",
     "ModelInfo",
     "ModelLoadError",
@@ -30,6 +34,7 @@ __all__ = [
     "StepOutput",
     "StepRequest",
     "StopReason",
+    "at_calls",
     "weights_fingerprint",
 ]
 
