@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
@@ -28,10 +29,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--out", default="bench/results/overhead")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (same for both paths)")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     problems = [p.problem for p in generate_split("test", args.n)]
     report = {"command": "python -m bench.overhead " + " ".join(argv or []), "commit": _git_commit(),
-              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n": args.n, "tiers": {}}
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n": args.n, "threads": args.threads,
+              "load_average_before": os.getloadavg()[0], "tiers": {}}
     for tier, gate in (("small", AlwaysSmall()), ("large", AlwaysLarge())):
         runner = embedded_cascade(gate)
         backend = runner.models[0 if tier == "small" else 1]
@@ -69,9 +73,36 @@ def main(argv: list[str] | None = None) -> dict:
         lines.append(f"| {tier} | {r['steps']} | {r['tokens']} | {r['cascade_ms_per_token']:.2f} | "
                      f"{r['generate_ms_per_token']:.2f} | {r['overhead_ms_per_step']:.2f} | "
                      f"{r['overhead_fraction']:+.0%} |")
+    report["load_average_after"] = os.getloadavg()[0]
+    lines += ["", f"torch threads: {args.threads}; 1-minute load average {report['load_average_before']:.1f} "
+              f"before, {report['load_average_after']:.1f} after (2-core machine)."]
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text("\n".join(lines) + "\n")
+    _plot(report, out / "overhead.png")
     print("\n".join(lines))
     return report
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tiers = list(report["tiers"])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    width = 0.38
+    for offset, key, label in ((-width / 2, "cascade_ms_per_token", "cascade runtime"),
+                               (width / 2, "generate_ms_per_token", "bare generate")):
+        ax.bar([i + offset for i in range(len(tiers))], [report["tiers"][t][key] for t in tiers],
+               width, label=label)
+    ax.set_xticks(range(len(tiers)), tiers)
+    ax.set_ylabel("ms per generated token")
+    ax.set_title(f"Runtime overhead, {report['n']} problems, batch 1")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
