@@ -144,7 +144,9 @@ def _fake_pair(steps=3):
     def wobbly(problem, context):
         text, logprobs = counting_script(steps, confident=False)(problem, context)
         k = context.count("\n")
-        return (text.replace("=", "=1", 1) if (len(problem) + k) % 2 else text), logprobs[:1] + logprobs
+        if (len(problem) + k) % 2 and "=" in text:
+            return text.replace("=", "=1", 1), logprobs[:1] + logprobs
+        return text, logprobs
     return FakeBackend("small", 100, wobbly), FakeBackend("large", 1000, counting_script(steps))
 
 
@@ -276,3 +278,50 @@ def test_cli_train_router_errors(tmp_path, capsys):
     assert code == 2 and "both classes" in capsys.readouterr().err
     assert not (tmp_path / "r.pt").exists()
     assert (tmp_path / "r.pt.data.jsonl").exists()  # the collected rows are kept (resumable)
+
+
+def _fake_router_file(tmp_path, names=("small", "large")) -> str:
+    """A router trained on synthetic scalar features, recorded for the fake models' names."""
+    data = _synthetic()
+    models = tuple({"name": n, "fingerprint": n} for n in names)
+    data = RouterDataset(data.features, data.small_score, data.large_score, data.group, data.step_index,
+                         data.spec, models, data.scorer)
+    return str(train_router(data, tau=0.0).save(tmp_path / "router.pt"))
+
+
+def test_harness_runs_the_advantage_policy_and_the_report_matches_accuracy(tmp_path):
+    from bench.gate_report import escalation_at_accuracy, gate_report, matched_point
+    from bench.harness import BenchError, parse_policies, run_benchmark
+
+    with pytest.raises(BenchError, match="router"):
+        parse_policies("advantage@0.3", dataset="embedded")
+    specs = parse_policies("advantage,advantage@0.2", dataset="embedded", router="r.pt")
+    assert [(s.label, s.threshold) for s in specs] == [("advantage", 0.5), ("advantage@0.2", 0.2)]
+    small, large = _fake_pair(steps=2)
+    cascade = Cascade(small, large, options=OPTIONS)
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"id": f"p{k}", "problem": f"q{k}", "answer": "2"}) + "\n"
+                            for k in range(4)))
+    policies = "small,large,confidence@0.5,advantage@0.3,advantage@0.9,verify@0.5"
+    with pytest.raises(RouterFileError, match="trained for"):  # a router for other models
+        run_benchmark(cascade, "jsonl", path=data, out_dir=tmp_path / "x", policies=policies,
+                      router=_fake_router_file(tmp_path, ("a", "b")), progress=False, plots=False)
+    out = tmp_path / "run"
+    summary = run_benchmark(cascade, "jsonl", path=data, out_dir=out, policies=policies,
+                            router=_fake_router_file(tmp_path), progress=False, plots=False,
+                            use_math_verify=False)
+    assert summary["n_rows"] == 24 and summary["policies"]["large"]["accuracy"] == 1.0
+    assert json.loads((out / "run.json").read_text())["settings"]["router"]["sha256"]
+    report = gate_report(out, tmp_path / "report")
+    assert report["n_problems"] == 4 and (tmp_path / "report" / "pareto_cost.png").exists()
+    for family, entry in report["matched"].items():
+        if entry.get("policy"):
+            assert report["policies"][entry["policy"]]["accuracy"] >= report["target_accuracy"]
+    # The pure helpers, on hand-made curves.
+    stats = {"a": {"accuracy": 0.9, "mean_cost": 1.0}, "b": {"accuracy": 0.99, "mean_cost": 5.0},
+             "c": {"accuracy": 1.0, "mean_cost": 3.0}}
+    assert matched_point(stats, ["a", "b", "c"], 0.985) == "c"
+    assert matched_point(stats, ["a"], 0.985) is None
+    assert escalation_at_accuracy([(0.2, 0.9), (0.4, 1.0)], 0.95) == pytest.approx(0.3)
+    assert escalation_at_accuracy([(0.2, 0.96), (0.4, 1.0)], 0.95) == 0.2
+    assert escalation_at_accuracy([(0.2, 0.5)], 0.95) is None
