@@ -16,10 +16,10 @@ and rate limits, timeouts, retries with backoff, and turning completions into
   cache (see `decoding.prompting.PrefixLedger`), so costs compare across backends.
 - Token counts: with a local tokenizer (the model's own, loaded with transformers) the
   prompt is sent as token ids, so the server sees exactly what `HFBackend` would feed,
-  and `prefill_bound` is exact. Without one, text is sent and counts come from the
-  server's `usage`; `prefill_bound` is then the UTF-8 byte count plus
-  `special_tokens_bound` (a token is at least one byte for byte-level and byte-fallback
-  tokenizers), a conservative bound.
+  and `prefill_bound` is exact. Without one, text is sent; `prefill_bound` is then the
+  UTF-8 byte count plus `special_tokens_bound` (a token is at least one byte for
+  byte-level and byte-fallback tokenizers), a conservative bound, and the prefill charged
+  is the smaller of that bound and the server's `usage.prompt_tokens`.
 - Entropies are estimated from the top-`top_logprobs` alternatives the server returns
   (`decoding.prompting.entropy_from_top`: a lower bound).
 
@@ -118,6 +118,8 @@ class OpenAIBackend:
     max_concurrency / rate_limit: per base URL, requests in flight / requests per second.
     top_logprobs: alternatives asked per token (entropy estimate). supports_echo: False
         for servers known not to return prompt logprobs (scoring then fails fast).
+    vllm_extensions: also send vLLM's `return_tokens_as_token_ids` (token ids come back,
+        and alternatives are keyed by id, so tokens with the same text do not collide).
     """
 
     def __init__(self, base_urls: str | Sequence[str], model: str, *, num_parameters: int,
@@ -126,7 +128,8 @@ class OpenAIBackend:
                  api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3,
                  backoff: float = 0.25, max_backoff: float = 8.0, max_concurrency: int = 64,
                  rate_limit: float | None = None, top_logprobs: int = 1,
-                 supports_echo: bool = True, special_tokens_bound: int = 16) -> None:
+                 supports_echo: bool = True, special_tokens_bound: int = 16,
+                 vllm_extensions: bool = False) -> None:
         check_prompt_settings(step_delimiter, prompt_template)
         urls = [base_urls] if isinstance(base_urls, str) else list(base_urls)
         if not urls or not all(isinstance(u, str) and u.startswith(("http://", "https://")) for u in urls):
@@ -164,6 +167,7 @@ class OpenAIBackend:
         self._top_logprobs = top_logprobs
         self._supports_echo = supports_echo
         self._special_bound = special_tokens_bound
+        self._vllm_extensions = bool(vllm_extensions)
         self._ledger = PrefixLedger()
         self._lock = threading.Lock()  # the ledger is touched from callers' threads and the loop
         self._round_robin = itertools.count()
@@ -328,6 +332,8 @@ class OpenAIBackend:
             "model": self.model, "max_tokens": request.max_tokens, "temperature": request.temperature,
             "stop": [self.info.step_delimiter], "logprobs": self._top_logprobs, "echo": False, "n": 1,
         }
+        if self._vllm_extensions:
+            body["return_tokens_as_token_ids"] = True
         if request.temperature > 0:
             body["seed"] = _request_seed(request.seed, request.problem, request.context)
         body["prompt"] = (self._prompt_ids(prompt, add_special, request.context)
@@ -391,6 +397,8 @@ class OpenAIBackend:
             body_prompt = prefix + request.text
         body = {"model": self.model, "prompt": body_prompt, "max_tokens": 0, "echo": True,
                 "logprobs": 1, "temperature": 0.0}
+        if self._vllm_extensions:
+            body["return_tokens_as_token_ids"] = True
         data, endpoint = await self._post(body)
         choice = _first_choice(data, endpoint, self.info.name)
         logprobs = choice.get("logprobs") or {}
