@@ -89,61 +89,101 @@ class _Row:
 
 
 def _is_plain_dynamic(cache: object) -> bool:
-    """A DynamicCache of full-attention layers holding one row: what the batch can pad."""
+    """A DynamicCache of full-attention layers holding one row (or nothing yet): what a
+    batch can pad and split again."""
     from transformers import DynamicCache
     from transformers.cache_utils import DynamicLayer
 
+    if cache is None:
+        return True
     return (isinstance(cache, DynamicCache) and bool(cache.layers)
             and all(type(layer) is DynamicLayer and layer.keys is not None and layer.keys.dim() == 4
                     and layer.keys.shape[0] == 1 for layer in cache.layers))
 
 
-def _merge_caches(sessions: Sequence[_Session]) -> tuple[object, list[int]]:
-    """One batched cache from per-request caches, each left-padded with zeros to the
-    longest; returns it and each row's padding (columns the attention mask must hide).
-    A single session's cache is used as is (batch size 1 costs nothing extra)."""
-    from transformers import DynamicCache
+class _Batch:
+    """Rows that run through the model together: one batched KV cache, shape per layer
+    (rows, heads, columns, head_dim), and which columns hold each row's tokens.
 
-    if len(sessions) == 1:
-        return sessions[0].cache, [0]
-    lengths = [len(session.ids) for session in sessions]
-    longest = max(lengths)
-    layers = []
-    for index in range(len(sessions[0].cache.layers)):
-        parts = [session.cache.layers[index] for session in sessions]
-        merged = []
-        for tensors in ([layer.keys for layer in parts], [layer.values for layer in parts]):
-            _, heads, _, width = tensors[0].shape
-            batch = tensors[0].new_zeros((len(sessions), heads, longest, width))
-            for row, (tensor, length) in enumerate(zip(tensors, lengths)):
-                assert tensor.shape[-2] == length, "session cache and ids disagree"
-                batch[row, :, longest - length:] = tensor[0]
-            merged.append(batch)
-        layers.append((merged[0], merged[1]))
-    return DynamicCache(ddp_cache_data=layers), [longest - length for length in lengths]
+    Rows are left-padded to a common length when merged, and a batched catch-up leaves a
+    gap after a row whose new tokens were fewer than the longest row's; the attention mask
+    hides those columns and each row's position ids count only its own tokens, so every
+    row computes what it would alone. Padding queries only ever come after a real token
+    of their row (never a fully masked attention row, so no NaN can enter the cache).
+    """
 
+    def __init__(self, cache, valid: torch.Tensor) -> None:
+        self.cache = cache
+        self.valid = valid  # (rows, columns) bool
+        self.padded = not bool(valid.all())
 
-def _row_cache(cache, row: int, pad: int):
-    """Row `row` of a batched cache as a one-row cache of its own, padding dropped."""
-    from transformers import DynamicCache
+    @classmethod
+    def merge(cls, sessions: Sequence[_Session], device: torch.device) -> "_Batch":
+        """Left-pad the sessions' caches into one batch. A single session's cache is used
+        as is, so a batch of one costs nothing extra."""
+        from transformers import DynamicCache
 
-    # DynamicCache copies the slices (its layers concatenate), so the batch can be freed.
-    return DynamicCache(ddp_cache_data=[(layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:])
-                                        for layer in cache.layers])
+        lengths = [len(session.ids) for session in sessions]
+        if len(sessions) == 1 and sessions[0].cache is not None:
+            return cls(sessions[0].cache, torch.ones((1, lengths[0]), dtype=torch.bool, device=device))
+        longest = max(lengths)
+        valid = torch.zeros((len(sessions), longest), dtype=torch.bool, device=device)
+        for row, length in enumerate(lengths):
+            valid[row, longest - length:] = True
+        template = next((s.cache for s in sessions if s.cache is not None and len(s.ids)), None)
+        if template is None:
+            return cls(DynamicCache(), valid)
+        layers = []
+        for index, layer in enumerate(template.layers):
+            merged = []
+            for name in ("keys", "values"):
+                _, heads, _, width = getattr(layer, name).shape
+                batch = getattr(layer, name).new_zeros((len(sessions), heads, longest, width))
+                for row, (session, length) in enumerate(zip(sessions, lengths)):
+                    if length:
+                        tensor = getattr(session.cache.layers[index], name)
+                        assert tensor.shape[-2] == length, "session cache and ids disagree"
+                        batch[row, :, longest - length:] = tensor[0]
+                merged.append(batch)
+            layers.append((merged[0], merged[1]))
+        return cls(DynamicCache(ddp_cache_data=layers), valid)
 
+    def extend(self, new_valid: torch.Tensor) -> torch.Tensor | None:
+        """Record the columns a forward pass appends; returns the attention mask for that
+        pass (None when no row has padding, so the model takes its unmasked path)."""
+        self.valid = torch.cat([self.valid, new_valid], dim=1)
+        self.padded = self.padded or not bool(new_valid.all())
+        return self.valid.long() if self.padded else None
 
-def _select_rows(cache, pads: list[int], keep: list[int]) -> tuple[object, list[int]]:
-    """Keep only rows `keep` of a batched cache, and drop the columns that are now padding
-    in every remaining row."""
-    cache.batch_select_indices(torch.tensor(keep, device=cache.layers[0].keys.device))
-    pads = [pads[k] for k in keep]
-    trim = min(pads)
-    if trim:
-        for layer in cache.layers:
-            layer.keys = layer.keys[:, :, trim:]
-            layer.values = layer.values[:, :, trim:]
-        pads = [pad - trim for pad in pads]
-    return cache, pads
+    def row_cache(self, row: int):
+        """Row `row` as a one-row cache of its own, padding dropped (the batch is left
+        intact; DynamicCache copies what it is given, so the batch can be freed)."""
+        from transformers import DynamicCache
+
+        if self.cache.layers and len(self.valid) == 1 and not self.padded:
+            return self.cache
+        columns = self.valid[row]
+        if bool(columns.all()):
+            parts = [(layer.keys[row:row + 1], layer.values[row:row + 1]) for layer in self.cache.layers]
+        else:
+            parts = [(layer.keys[row:row + 1, :, columns], layer.values[row:row + 1, :, columns])
+                     for layer in self.cache.layers]
+        return DynamicCache(ddp_cache_data=parts)
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only rows `keep`, and drop leading columns that no remaining row uses."""
+        if len(keep) == len(self.valid):
+            return
+        self.cache.batch_select_indices(torch.tensor(keep, device=self.valid.device))
+        self.valid = self.valid[keep]
+        used = self.valid.any(dim=0)
+        trim = int(torch.argmax(used.int())) if bool(used.any()) else 0
+        if trim:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, trim:]
+                layer.values = layer.values[:, :, trim:]
+            self.valid = self.valid[:, trim:]
+        self.padded = not bool(self.valid.all())
 
 
 class HFBackend:
@@ -270,43 +310,47 @@ class HFBackend:
                 keep = (tokens, chars)
         return keep
 
-    def _catch_up(self, request_id: str, problem: str, context: str,
-                  hidden: bool = False) -> tuple[_Session, int]:
-        """Bring the session to prompt + context; returns it and the number of tokens fed."""
+    def _plan_feed(self, request_id: str, problem: str, context: str) -> tuple[_Session, list[int]]:
+        """Bring the session's text and boundaries to prompt + context (cropping its cache
+        back to the last shared boundary when the context diverged); returns the session
+        and the token ids still to be fed through the model."""
         session = self._sessions.setdefault(request_id, _Session())
         prompt, add_special = self.render_prompt(problem)
         target = prompt + context
         tokens, chars = self._plan_catch_up(session, target)
-        fed = 0
+        feed: list[int] = []
         if tokens == 0:
             # Fresh (or fully diverged) request: start over from the prompt.
             self._sessions[request_id] = session = _Session()
-            prompt_ids = self._encode(prompt, add_special_tokens=add_special)
-            if not prompt_ids:
+            feed = self._encode(prompt, add_special_tokens=add_special)
+            if not feed:
                 raise BackendError("the prompt encoded to no tokens", self.info.name)
-            self._feed(session, prompt_ids, hidden=hidden)
-            fed += len(prompt_ids)
-            tokens, chars = len(prompt_ids), len(prompt)
+            tokens, chars = len(feed), len(prompt)
             session.text = prompt
             session.boundaries.append((tokens, chars))
         elif tokens < len(session.ids):
             # Diverged after a shared boundary: crop to one token before it and re-feed
             # that token, so the distribution at the boundary is known again.
-            last = session.ids[tokens - 1]
+            feed = [session.ids[tokens - 1]]
             session.cache.crop(-(len(session.ids) - (tokens - 1)))  # negative: tokens to drop
             del session.ids[tokens - 1:]
             session.text = target[:chars]
             session.boundaries = [b for b in session.boundaries if b[0] <= tokens]
-            self._feed(session, [last], hidden=hidden)
-            fed += 1
         rest = target[chars:]
         if rest:
             ids = self._encode(rest)
-            self._feed(session, ids, hidden=hidden)
-            fed += len(ids)
+            feed = feed + ids
             session.text = target
-            session.boundaries.append((len(session.ids), len(target)))
-        return session, fed
+            session.boundaries.append((tokens + len(ids), len(target)))
+        return session, feed
+
+    def _catch_up(self, request_id: str, problem: str, context: str,
+                  hidden: bool = False) -> tuple[_Session, int]:
+        """Bring the session to prompt + context; returns it and the number of tokens fed."""
+        session, feed = self._plan_feed(request_id, problem, context)
+        if feed:
+            self._feed(session, feed, hidden=hidden)
+        return session, len(feed)
 
     # ---- the protocol ----------------------------------------------------------------------
 
@@ -370,43 +414,90 @@ class HFBackend:
 
     @torch.no_grad()
     def _next_step_batch(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
-        """One step for requests with distinct ids: catch each up alone, decode all together."""
+        """One step for requests with distinct ids: catch up and decode all rows together."""
         started = time.perf_counter()
         rows: list[_Row] = []
+        feeds: list[list[int]] = []
         try:
             for request in requests:
-                session, fed = self._catch_up(request.request_id, request.problem, request.context,
-                                              hidden=request.return_hidden)
+                session, feed = self._plan_feed(request.request_id, request.problem, request.context)
                 generator = None
                 if request.temperature > 0:
                     # Seeded from the request alone, so a row samples the same step whatever
                     # else shares its batch.
                     seed = zlib.crc32(f"{request.seed}\x00{request.problem}\x00{request.context}".encode())
                     generator = torch.Generator().manual_seed(seed)
-                rows.append(_Row(request, session, fed, generator, session.ids[-1] if session.ids else None))
+                anchor = feed[-1] if feed else (session.ids[-1] if session.ids else None)
+                rows.append(_Row(request, session, len(feed), generator, anchor))
+                feeds.append(feed)
             if len(rows) > 1 and not all(_is_plain_dynamic(row.session.cache) for row in rows):
-                for row in rows:  # a cache layout we cannot pad (sliding window, recurrent...)
-                    self._decode([row], started)
+                for row, feed in zip(rows, feeds):  # a cache layout we cannot pad (sliding, recurrent)
+                    self._decode([row], [feed], started)
             else:
-                self._decode(rows, started)
+                self._decode(rows, feeds, started)
         except BaseException:
-            # A failure can leave caches inside the merged batch: drop these requests'
-            # sessions, so their next call starts over from the text instead of a bad cache.
+            # A failure can leave caches half fed or inside the merged batch: drop these
+            # requests' sessions, so their next call starts over from the text.
             for request in requests:
                 self._sessions.pop(request.request_id, None)
             raise
         return [self._finish(row) for row in rows]
 
-    def _decode(self, rows: list[_Row], started: float) -> None:
-        """Decode every row until it stops; each row's session ends with its cache, ids and
-        next-token logits exactly as if it had been decoded alone."""
+    def _forward(self, batch: _Batch, input_ids: torch.Tensor, new_valid: torch.Tensor,
+                 positions: torch.Tensor, logits_to_keep: int | torch.Tensor, hidden: bool):
+        mask = batch.extend(new_valid)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                             past_key_values=batch.cache, use_cache=True, logits_to_keep=logits_to_keep,
+                             output_hidden_states=hidden)
+        except (RuntimeError, IndexError) as error:
+            raise BackendError(f"forward pass failed: {error}", self.info.name) from error
+        batch.cache = out.past_key_values
+        return out
+
+    def _catch_up_batch(self, batch: _Batch, rows: list[_Row], feeds: list[list[int]]) -> None:
+        """Feed every row's new tokens in one forward pass: each row's tokens start right
+        after its cache, shorter rows are padded after theirs (those queries see their
+        row's real tokens, and the mask hides them from everything after)."""
+        width = max(len(feed) for feed in feeds)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        new_valid = torch.zeros((len(rows), width), dtype=torch.bool)
+        positions = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, (row, feed) in enumerate(zip(rows, feeds)):
+            input_ids[k, : len(feed)] = torch.tensor(feed, dtype=torch.long)
+            new_valid[k, : len(feed)] = True
+            positions[k] = torch.arange(len(row.session.ids), len(row.session.ids) + width)
+        last = sorted({len(feed) - 1 for feed in feeds if feed})
+        want_hidden = any(row.request.return_hidden for row, feed in zip(rows, feeds) if feed)
+        out = self._forward(batch, input_ids.to(self.device), new_valid.to(self.device),
+                            positions.to(self.device), torch.tensor(last, device=self.device), want_hidden)
+        for k, (row, feed) in enumerate(zip(rows, feeds)):
+            if not feed:
+                continue
+            column = last.index(len(feed) - 1)
+            row.session.next_logits = out.logits[k, column].float()
+            row.session.next_hidden = (out.hidden_states[-1][k, len(feed) - 1].float()
+                                       if row.request.return_hidden else None)
+            row.session.ids.extend(feed)
+
+    def _decode(self, rows: list[_Row], feeds: list[list[int]], started: float) -> None:
+        """Catch every row up and decode it until it stops; each row's session ends with its
+        cache, ids and next-token logits as if it had been run alone."""
+        if len(rows) == 1 or sum(bool(feed) for feed in feeds) < 2 or not self._fits_logits(feeds):
+            for row, feed in zip(rows, feeds):  # nothing to share: feed each alone
+                if feed:
+                    self._feed(row.session, feed, hidden=row.request.return_hidden)
+            batch = _Batch.merge([row.session for row in rows], self.device)
+        else:
+            batch = _Batch.merge([row.session for row in rows], self.device)
+            self._catch_up_batch(batch, rows, feeds)
         active = list(rows)
-        cache, pads = _merge_caches([row.session for row in active])
         if len(active) > 1:
             for row in active:
                 row.session.cache = None  # the batch holds it until the row leaves
         logits = torch.stack([row.session.next_logits for row in active])  # (rows, vocab)
         want_hidden = any(row.request.return_hidden for row in active)
+        delimiter = self.info.step_delimiter
         while active:
             log_probs = torch.log_softmax(logits, dim=-1)
             entropies = -(log_probs.exp() * log_probs).nan_to_num().sum(dim=-1)
@@ -425,28 +516,16 @@ class HFBackend:
                 row.entropies.append(entropy)
                 if token in self.eos_ids:
                     row.stop_reason = "eos"  # EOS is not fed: the cache ends before it
-            cache, pads, logits, active, token_list = self._leave(
-                active, cache, pads, logits, token_list, started)
+            logits, active, token_list = self._leave(batch, active, logits, token_list, started)
             if not active:
                 break
             positions = torch.tensor([[len(row.session.ids)] for row in active], dtype=torch.long,
                                      device=self.device)
-            mask = None
-            if any(pads):
-                mask = torch.ones((len(active), cache.get_seq_length() + 1), dtype=torch.long,
-                                  device=self.device)
-                for k, pad in enumerate(pads):
-                    mask[k, :pad] = 0
-            try:
-                out = self.model(input_ids=torch.tensor([[t] for t in token_list], device=self.device),
-                                 attention_mask=mask, position_ids=positions, past_key_values=cache,
-                                 use_cache=True, logits_to_keep=1, output_hidden_states=want_hidden)
-            except (RuntimeError, IndexError) as error:
-                raise BackendError(f"forward pass failed: {error}", self.info.name) from error
-            cache = out.past_key_values
+            out = self._forward(batch, torch.tensor([[t] for t in token_list], device=self.device),
+                                torch.ones((len(active), 1), dtype=torch.bool, device=self.device),
+                                positions, 1, want_hidden)
             logits = out.logits[:, -1].float()
             hidden = out.hidden_states[-1][:, -1].float() if want_hidden else None
-            delimiter = self.info.step_delimiter
             for k, (row, token) in enumerate(zip(active, token_list)):
                 row.session.ids.append(token)
                 row.session.next_hidden = hidden[k] if hidden is not None and row.request.return_hidden else None
@@ -459,25 +538,30 @@ class HFBackend:
                         continue
                 if len(row.token_ids) >= row.request.max_tokens:
                     row.stop_reason = "max_tokens"
-            cache, pads, logits, active, token_list = self._leave(
-                active, cache, pads, logits, token_list, started)
+            logits, active, token_list = self._leave(batch, active, logits, token_list, started)
 
-    def _leave(self, active: list[_Row], cache, pads: list[int], logits: torch.Tensor,
-               token_list: list[int], started: float):
+    def _fits_logits(self, feeds: list[list[int]]) -> bool:
+        """A batched catch-up keeps logits for each distinct feed length (rows x lengths x
+        vocab floats); past ~256 MB (large vocabularies, many rows) feed rows one by one."""
+        lengths = len({len(feed) for feed in feeds if feed})
+        vocab = getattr(self.model.config, "vocab_size", None) or len(self.tokenizer)
+        return len(feeds) * lengths * vocab * 4 <= 256 << 20
+
+    def _leave(self, batch: _Batch, active: list[_Row], logits: torch.Tensor, token_list: list[int],
+               started: float) -> tuple[torch.Tensor, list[_Row], list[int]]:
         """Hand the stopped rows their caches back (padding dropped) and shrink the batch."""
         keep = [k for k, row in enumerate(active) if row.stop_reason is None]
         if len(keep) == len(active):
-            return cache, pads, logits, active, token_list
+            return logits, active, token_list
         now = time.perf_counter() - started
         for k, row in enumerate(active):
             if row.stop_reason is not None:
                 row.seconds = now
                 row.session.next_logits = logits[k].clone() if len(active) > 1 else logits[k]
-                row.session.cache = cache if len(active) == 1 else _row_cache(cache, k, pads[k])
-        if not keep:
-            return None, [], logits[:0], [], []
-        cache, pads = _select_rows(cache, pads, keep)
-        return (cache, pads, logits[keep], [active[k] for k in keep], [token_list[k] for k in keep])
+                row.session.cache = batch.row_cache(k)
+        if keep:
+            batch.select(keep)
+        return logits[keep], [active[k] for k in keep], [token_list[k] for k in keep]
 
     def _may_end_delimiter(self, token: int) -> bool:
         """Does this token's text contain the delimiter's last character? (memoized per id)"""

@@ -187,8 +187,9 @@ def test_unpaddable_caches_fall_back_to_one_at_a_time(plus, monkeypatch):
     expected = _alone(plus, requests, "fb-alone-")
     monkeypatch.setattr(hf, "_is_plain_dynamic", lambda cache: False)
     merges = []
-    original = hf._merge_caches
-    monkeypatch.setattr(hf, "_merge_caches", lambda sessions: merges.append(len(sessions)) or original(sessions))
+    original = hf._Batch.merge
+    monkeypatch.setattr(hf._Batch, "merge",
+                        lambda sessions, device: merges.append(len(sessions)) or original(sessions, device))
     _assert_same(plus.next_steps(requests), expected)
     assert merges == [1] * len(requests)
 
