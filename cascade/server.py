@@ -661,6 +661,8 @@ def build_served_cascade(args) -> Cascade:
     options = dataclasses.replace(defaults, max_steps=args.max_steps or defaults.max_steps,
                                   max_step_tokens=args.max_step_tokens or defaults.max_step_tokens,
                                   step_timeout=args.step_timeout)
+    if getattr(args, "gates", None):
+        raise ConfigError("cascade serve takes one --gate for every position, not --gates")
     gate = None
     if args.gate is not None:
         settings: dict[str, Any] = {} if args.threshold is None else {"threshold": args.threshold}

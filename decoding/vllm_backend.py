@@ -133,8 +133,11 @@ class VLLMBackend:
         if self._loop.is_closed():
             return
 
+        engine, self.engine = self.engine, None
+
         async def shutdown() -> None:
-            self.engine.shutdown()
+            if engine is not None:
+                engine.shutdown()
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=60)

@@ -258,3 +258,29 @@ def test_graceful_shutdown_finishes_or_cleanly_fails_in_flight_requests():
         log = stop(process)
     assert PROBLEM not in log  # no prompt bodies in the logs without --log-prompts
     assert "request" in log and json.dumps(PROBLEM) not in log
+
+
+def test_server_settings_are_checked():
+    from cascade.server import ServerConfig, ServerLimits, _parse_remote
+
+    with pytest.raises(cascade.ConfigError, match="max_prompt_chars"):
+        ServerLimits(max_prompt_chars=0)
+    with pytest.raises(cascade.ConfigError, match="shutdown_grace"):
+        ServerLimits(shutdown_grace=float("nan"))
+    with pytest.raises(cascade.ConfigError, match="api_key"):
+        ServerConfig(api_key="short")
+    assert _parse_remote(["large=big@http://a:1,http://b:2"], ("small", "large")) == \
+        {1: ("big", ["http://a:1", "http://b:2"])}
+    assert _parse_remote(["large=http://a:1"], ("small", "large")) == {1: ("large", ["http://a:1"])}
+    with pytest.raises(cascade.ConfigError, match="unknown tier 'huge'"):
+        _parse_remote(["huge=http://a:1"], ("small", "large"))
+    with pytest.raises(cascade.ConfigError, match="expected TIER="):
+        _parse_remote(["large"], ("small", "large"))
+
+
+def test_serve_cli_rejects_bad_flags_before_loading_models():
+    from cascade.cli import main
+
+    assert main(["serve", "--remote", "huge=http://127.0.0.1:1"]) == 2
+    assert "NO_SUCH_KEY_VAR" not in os.environ
+    assert main(["serve", "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
