@@ -129,3 +129,28 @@ def test_hf_column_mapping(monkeypatch) -> None:
     (example,) = load_dataset("hf:someone/MATH-sub")
     assert (example.id, example.answer, example.kind) == ("u7", "\\frac{1}{2}", "math")
     assert example.metadata == {"level": 3}
+
+
+def test_sources_table_matches_the_shipped_bytes() -> None:
+    """SOURCES.md lists each shipped file's lines, bytes and sha256: they must be the files'."""
+    import hashlib
+    import re
+
+    table = re.findall(r"^\| (\S+\.jsonl) \| (\d+) \| (\d+) \| `([0-9a-f]{64})` \|$",
+                       (DATA_DIR / "SOURCES.md").read_text(), flags=re.MULTILINE)
+    assert {row[0] for row in table} == {"gsm8k_test.jsonl", "math500_test.jsonl", "aime24.jsonl",
+                                         "aime25.jsonl"}
+    for name, lines, size, digest in table:
+        data = (DATA_DIR / name).read_bytes()
+        assert (data.count(b"\n"), len(data), hashlib.sha256(data).hexdigest()) == (int(lines), int(size), digest)
+
+
+@pytest.mark.parametrize("split", ["calibration", "test"])
+def test_committed_embedded_splits_load_as_user_files(split: str) -> None:
+    # `cascade calibrate --problems bench/data/embedded_calibration.jsonl` reads them this way
+    examples = load_dataset("jsonl", path=str(DATA_DIR / f"embedded_{split}.jsonl"))
+    assert len(examples) == 1000 and len({e.id for e in examples}) == 1000
+    assert all(e.id.startswith(f"{split}-") and ";?" in e.problem and e.answer for e in examples)
+    if split == "test":  # the "embedded" dataset is this file, graded as integers
+        embedded = load_dataset("embedded")
+        assert [(e.id, e.problem, e.answer) for e in embedded] == [(e.id, e.problem, e.answer) for e in examples]
