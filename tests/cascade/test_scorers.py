@@ -7,8 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tokenizer
-from transformers import LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
+from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
 
 from bench.router_data import ExactStepScorer
 from cascade import Cascade, ConfigError, LikelihoodScorer, PRMScorer, SolveOptions, StepScorer, VerifyGate
@@ -56,8 +55,8 @@ def test_likelihood_scorer_is_exp_mean_logprob_by_hand(tiny_dirs):
         LikelihoodScorer("not a backend")
 
 
-def _prm_dir(tmp_path, kind: str, num_labels: int) -> str:
-    tok = make_tokenizer()
+def _prm_dir(tmp_path, kind: str, num_labels: int, tokenizer_dir: str) -> str:
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # the tiny models' character tokenizer
     tok.add_special_tokens({"additional_special_tokens": [TAG]})
     torch.manual_seed(7)
     config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -71,8 +70,8 @@ def _prm_dir(tmp_path, kind: str, num_labels: int) -> str:
     return str(path)
 
 
-def test_step_tag_prm_reads_the_last_tag_position(tmp_path):
-    path = _prm_dir(tmp_path, "token", 2)
+def test_step_tag_prm_reads_the_last_tag_position(tmp_path, tiny_dirs):
+    path = _prm_dir(tmp_path, "token", 2, tiny_dirs[0])
     scorer = PRMScorer.from_pretrained(path, step_tag=TAG)
     assert scorer.layout.format == "step-tag"
     problem, context = "a=3;b=a+1;?b", "b=3+1=4\n"
@@ -91,8 +90,8 @@ def test_step_tag_prm_reads_the_last_tag_position(tmp_path):
     assert scorer.score(problem, context, ["#### 4"]) == [scores[0]]  # deterministic
 
 
-def test_reward_head_prm_is_sigmoid_of_the_pooled_logit(tmp_path):
-    path = _prm_dir(tmp_path, "sequence", 1)
+def test_reward_head_prm_is_sigmoid_of_the_pooled_logit(tmp_path, tiny_dirs):
+    path = _prm_dir(tmp_path, "sequence", 1, tiny_dirs[0])
     scorer = PRMScorer.from_pretrained(path)
     assert scorer.layout.format == "reward-head"
     problem, context = "a=3;b=a+1;?b", "b=3+1=4\n"
@@ -112,7 +111,7 @@ def test_prm_errors_name_the_problem(tmp_path, tiny_dirs):
         PRMScorer.from_pretrained(tmp_path / "missing")
     with pytest.raises(ConfigError, match="classification head"):
         PRMScorer.from_pretrained(tiny_dirs[0])  # a causal LM
-    token_dir = _prm_dir(tmp_path, "token", 2)
+    token_dir = _prm_dir(tmp_path, "token", 2, tiny_dirs[0])
     with pytest.raises(ConfigError, match="step_tag"):
         PRMScorer.from_pretrained(token_dir)
     with pytest.raises(ConfigError, match="one token"):
