@@ -218,10 +218,13 @@ class HFBackend:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, step_delimiter: str = "\n\n",
                         prompt_template: str | None = None, dtype: str = "float32",
-                        device: str = "cpu", name: str | None = None, **model_kwargs) -> "HFBackend":
+                        device: str = "cpu", name: str | None = None, gguf_file: str | None = None,
+                        **model_kwargs) -> "HFBackend":
         """Load any causal LM + tokenizer from a local directory or a hub id.
 
-        name: what `info.name` reports (default: the path or id as given)."""
+        name: what `info.name` reports (default: the path or id as given).
+        gguf_file: a GGUF checkpoint inside that directory (needs the `gguf` package);
+            transformers de-quantizes it to `dtype`, tokenizer and chat template included."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if dtype not in _DTYPES:
@@ -230,12 +233,16 @@ class HFBackend:
         name = str(name_or_path)
         local = Path(name).expanduser()
         looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
-        if looks_local and not (local / "config.json").exists():
+        if gguf_file is not None:
+            if looks_local and not (local / gguf_file).is_file():
+                raise ModelLoadError(f"no GGUF file {gguf_file!r} in {name!r}")
+            model_kwargs["gguf_file"] = gguf_file
+        elif looks_local and not (local / "config.json").exists():
             raise ModelLoadError(f"no model at {name!r}: expected a directory with config.json")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
+            tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf_file} if gguf_file else {}))
             model = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[dtype], **model_kwargs)
-        except (OSError, ValueError, EnvironmentError) as error:
+        except (OSError, ValueError, EnvironmentError, ImportError) as error:
             raise ModelLoadError(f"could not load model {name!r}: {error}".split("\n")[0]) from error
         model.to(device)
         fingerprint = weights_fingerprint(local) if local.is_dir() else hashlib.sha256(
@@ -480,17 +487,37 @@ class HFBackend:
                                        if row.request.return_hidden else None)
             row.session.ids.extend(feed)
 
+    def _catch_up_rows(self, rows: list[_Row], feeds: list[list[int]]) -> None:
+        """Feed each row its new tokens: rows of similar feed length share one padded forward
+        pass, then get their caches back (padding dropped); a row alone is fed directly."""
+        pending = sorted((k for k, feed in enumerate(feeds) if feed), key=lambda k: len(feeds[k]))
+        groups: list[list[int]] = []
+        for k in pending:  # ascending length: a group's width is its last member's
+            group = groups[-1] + [k] if groups else [k]
+            tokens = sum(len(feeds[j]) for j in group)
+            # Padding is compute thrown away, a forward pass has a fixed cost: accept up
+            # to half the real tokens plus 16 as padding before starting another pass.
+            if groups and (len(feeds[k]) * len(group) <= 1.5 * tokens + 16) \
+                    and self._fits_logits([feeds[j] for j in group]):
+                groups[-1] = group
+            else:
+                groups.append([k])
+        for group in groups:
+            if len(group) == 1:
+                row = rows[group[0]]
+                self._feed(row.session, feeds[group[0]], hidden=row.request.return_hidden)
+                continue
+            members = [rows[k] for k in group]
+            batch = _Batch.merge([row.session for row in members], self.device)
+            self._catch_up_batch(batch, members, [feeds[k] for k in group])
+            for index, row in enumerate(members):
+                row.session.cache = batch.row_cache(index)
+
     def _decode(self, rows: list[_Row], feeds: list[list[int]], started: float) -> None:
         """Catch every row up and decode it until it stops; each row's session ends with its
         cache, ids and next-token logits as if it had been run alone."""
-        if len(rows) == 1 or sum(bool(feed) for feed in feeds) < 2 or not self._fits_logits(feeds):
-            for row, feed in zip(rows, feeds):  # nothing to share: feed each alone
-                if feed:
-                    self._feed(row.session, feed, hidden=row.request.return_hidden)
-            batch = _Batch.merge([row.session for row in rows], self.device)
-        else:
-            batch = _Batch.merge([row.session for row in rows], self.device)
-            self._catch_up_batch(batch, rows, feeds)
+        self._catch_up_rows(rows, feeds)
+        batch = _Batch.merge([row.session for row in rows], self.device)
         active = list(rows)
         if len(active) > 1:
             for row in active:
