@@ -207,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             results = []
             for clients, requests in levels:
                 print(f"level: {clients} clients, {requests} requests ...", file=sys.stderr, flush=True)
-                result = asyncio.run(_run_level(url, clients, requests, args.time_limit, problems, args.budget,
-                                                args.client_timeout))
+                result = asyncio.run(_run_level(url, clients, requests, args.time_limit, problems,
+                                                args.budget, args.client_timeout))
                 print(json.dumps({k: result[k] for k in ("clients", "completed_200", "errors", "lost",
                                                          "throughput_rps", "latency_p50_s",
                                                          "latency_p99_s")}), file=sys.stderr, flush=True)
@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m bench.serve_load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), "
+                   f"Python {platform.python_version()}",
         "server_command": "cascade serve --port <free port>" + f"  (OMP_NUM_THREADS={args.server_threads})",
         "server_exit_code": server.returncode, "budget": args.budget, "client_timeout_s": args.client_timeout,
         "time_limit_s": args.time_limit, "levels": results,

@@ -102,8 +102,8 @@ class ServerConfig:
 
 
 class _BadRequest(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 extra: dict | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", extra: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.extra = status, message, param, kind, extra
 
@@ -138,8 +138,10 @@ def _number(body: dict, name: str, *, integer: bool = False, low: float | None =
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise _BadRequest(400, f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}", name)
+    wanted = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (integer and not isinstance(value, int)):
+        raise _BadRequest(400, f"{name} must be {wanted}, got {value!r}", name)
     if not math.isfinite(value):
         raise _BadRequest(400, f"{name} must be finite, got {value!r}", name)
     if low is not None and (value < low or (strict_low and value == low)):
@@ -171,7 +173,8 @@ class _App:
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.limits.max_body_bytes:
-                raise _BadRequest(413, f"request body is over the limit of {self.limits.max_body_bytes} bytes")
+                raise _BadRequest(413, "request body is over the limit of "
+                                       f"{self.limits.max_body_bytes} bytes")
             chunks.append(chunk)
         try:
             body = json.loads(b"".join(chunks) or b"null")
@@ -215,7 +218,8 @@ class _App:
         changes: dict[str, Any] = {}
         max_tokens = _number(body, "max_tokens", integer=True, low=1, high=self.limits.max_tokens)
         if max_tokens is None:
-            max_tokens = _number(body, "max_completion_tokens", integer=True, low=1, high=self.limits.max_tokens)
+            max_tokens = _number(body, "max_completion_tokens", integer=True, low=1,
+                                 high=self.limits.max_tokens)
         if max_tokens is not None:
             changes["max_step_tokens"] = max_tokens
         max_steps = _number(body, "max_steps", integer=True, low=1, high=self.limits.max_steps)
@@ -252,14 +256,16 @@ class _App:
                 if not isinstance(name, str):
                     raise _BadRequest(400, f"gate must be a string, got {name!r}", "gate")
                 if name not in GATES:
-                    raise _BadRequest(400, f"unknown gate {name[:50]!r}; choose one of {sorted(GATES)}", "gate")
+                    raise _BadRequest(400, f"unknown gate {name[:50]!r}; choose one of {sorted(GATES)}",
+                                      "gate")
                 settings: dict[str, Any] = {}
                 if threshold is not None:
                     settings["threshold"] = float(threshold)
                 if name == "confidence":
                     settings.update({k: v for k, v in (("signal", signal), ("mode", mode)) if v is not None})
                 elif signal is not None or mode is not None:
-                    raise _BadRequest(400, f"signal and mode apply to gate 'confidence', not {name!r}", "gate")
+                    raise _BadRequest(400, f"signal and mode apply to gate 'confidence', not {name!r}",
+                                      "gate")
                 return [make_gate(name, **settings)] * len(self.runner.gates)
             if signal is not None or mode is not None:
                 raise _BadRequest(400, "signal and mode need gate='confidence'", "gate")
@@ -321,8 +327,9 @@ def _extension(result: Result, runner: Cascade) -> dict:
         "cap_intervened": result.cap_intervened, "degraded": result.degraded,
         "degraded_steps": list(result.degraded_steps), "authors": [s.author for s in result.steps],
         "steps": [_step_json(s) for s in result.steps],
-        "per_tier": [{"name": name, "prefill_tokens": u.prefill_tokens, "generated_tokens": u.generated_tokens,
-                      "cost": u.cost} for name, u in zip(result.tier_names, result.cost.per_tier)],
+        "per_tier": [{"name": name, "prefill_tokens": u.prefill_tokens,
+                      "generated_tokens": u.generated_tokens, "cost": u.cost}
+                     for name, u in zip(result.tier_names, result.cost.per_tier)],
         "models": [m.info.name for m in runner.models],
     }
 
@@ -363,8 +370,8 @@ def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404/405 in the OpenAI error shape
-        return JSONResponse(_error_body(_BadRequest(exc.status_code, f"{request.method} {request.url.path}: "
-                                                                     f"{exc.detail}")), status_code=exc.status_code)
+        error = _BadRequest(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+        return JSONResponse(_error_body(error), status_code=exc.status_code)
 
     def reject(error: _BadRequest, request_id: str, started: float):
         logger.info("request %s rejected: %d %s (%.1f ms)", request_id, error.status, error.message[:200],
@@ -383,8 +390,8 @@ def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
             state.check_auth(request)
         except _BadRequest as error:
             return JSONResponse(_error_body(error), status_code=error.status)
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "stepcascade",
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model",
+                                            "created": state.created, "owned_by": "stepcascade",
                                             "tiers": [m.info.name for m in runner.models]}]}
 
     async def handle(request: Request, chat: bool):
@@ -518,7 +525,8 @@ async def _stream(state: _App, job: _Job, chat: bool, request_id: str, started: 
             done, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
             if getter in done:
                 step = getter.result()
-                yield _sse(chunk(step.text + runner.delimiter, None, {"cascade": {"step": _step_json(step)}}, first=first))
+                yield _sse(chunk(step.text + runner.delimiter, None, {"cascade": {"step": _step_json(step)}},
+                                 first=first))
                 first = False
                 continue
             getter.cancel()
@@ -534,7 +542,8 @@ async def _stream(state: _App, job: _Job, chat: bool, request_id: str, started: 
             if isinstance(error, asyncio.CancelledError):
                 raise
             failure = state.failure(error)
-            logger.info("request %s failed mid-stream: %d %s", request_id, failure.status, failure.message[:200])
+            logger.info("request %s failed mid-stream: %d %s", request_id, failure.status,
+                        failure.message[:200])
             yield _sse(_error_body(failure))
             yield _sse("[DONE]")
             return
@@ -623,7 +632,12 @@ def build_served_cascade(args) -> Cascade:
     """The cascade `cascade serve` serves, from the command line's fixed model paths."""
     from decoding import HFBackend, OpenAIBackend
 
-    from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
+    from cascade.embedded import (
+        EMBEDDED_DELIMITER,
+        EMBEDDED_MAX_STEP_TOKENS,
+        EMBEDDED_MAX_STEPS,
+        embedded_path,
+    )
     from cascade.runtime import tier_names_for
 
     listed = args.models.split(",") if args.models else None
@@ -648,13 +662,13 @@ def build_served_cascade(args) -> Cascade:
     for k, (path, name) in enumerate(zip(paths, names)):
         if k in remote:
             served, urls = remote[k]
-            models.append(OpenAIBackend.from_model_dir(path, urls, served, name=name, step_delimiter=delimiter,
-                                                       prompt_template=template))
+            models.append(OpenAIBackend.from_model_dir(path, urls, served, name=name,
+                                                       step_delimiter=delimiter, prompt_template=template))
         elif args.backend == "vllm":
             from decoding import VLLMBackend
 
-            models.append(VLLMBackend.from_pretrained(path, step_delimiter=delimiter, prompt_template=template,
-                                                      name=name))
+            models.append(VLLMBackend.from_pretrained(path, step_delimiter=delimiter,
+                                                      prompt_template=template, name=name))
         else:
             models.append(HFBackend.from_pretrained(path, step_delimiter=delimiter, prompt_template=template,
                                                     name=name))

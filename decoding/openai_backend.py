@@ -150,7 +150,8 @@ class OpenAIBackend:
                 raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
         if rate_limit is not None and not (isinstance(rate_limit, (int, float)) and rate_limit > 0
                                            and math.isfinite(rate_limit)):
-            raise ValueError(f"rate_limit must be a positive number of requests per second, got {rate_limit!r}")
+            raise ValueError("rate_limit must be a positive number of requests per second, "
+                             f"got {rate_limit!r}")
         self.base_urls = tuple(u.rstrip("/").removesuffix("/v1") for u in urls)
         self.model = model
         self.prompt_template = prompt_template
@@ -425,7 +426,8 @@ class OpenAIBackend:
         if any(lp is None or not math.isfinite(lp) for lp in scored):
             raise BackendError(no_echo + " (null or non-finite logprobs for the scored text)", self.info.name)
         with self._lock:
-            self._ledger.record(request.request_id, prompt, request.context, [(request.text, len(ids))], count)
+            self._ledger.record(request.request_id, prompt, request.context, [(request.text, len(ids))],
+                                count)
         return ScoreOutput(ids, tuple(float(x) for x in scored), fed, time.perf_counter() - started)
 
     # ---- the protocol ------------------------------------------------------------------------
@@ -459,7 +461,8 @@ def _load_tokenizer(tokenizer: Any):
     try:
         return AutoTokenizer.from_pretrained(str(tokenizer))
     except (OSError, ValueError) as error:
-        raise ModelLoadError(f"could not load tokenizer {str(tokenizer)!r}: {error}".split("\n")[0]) from error
+        message = f"could not load tokenizer {str(tokenizer)!r}: {error}".split("\n")[0]
+        raise ModelLoadError(message) from error
 
 
 def _request_seed(seed: int, problem: str, context: str) -> int:

@@ -187,7 +187,8 @@ class VLLMBackend:
         except asyncio.CancelledError:
             raise
         except Exception as error:  # noqa: BLE001 - every engine failure becomes a BackendError
-            raise BackendError(f"vLLM engine failed: {type(error).__name__}: {error}", self.info.name) from error
+            raise BackendError(f"vLLM engine failed: {type(error).__name__}: {error}",
+                               self.info.name) from error
         if final is None or not final.outputs:
             raise BackendError("vLLM engine returned no output", self.info.name)
         return final
@@ -230,8 +231,9 @@ class VLLMBackend:
         kept = len(token_ids) - (1 if stop_reason == "eos" else 0)
         with self._lock:
             self._ledger.record(request.request_id, prompt, request.context, [(text, kept)], count)
-        return StepOutput(text=text, token_ids=token_ids, logprobs=tuple(logprobs), entropies=tuple(entropies),
-                          stop_reason=stop_reason, prefill_tokens=fed, seconds=time.perf_counter() - started)
+        return StepOutput(text=text, token_ids=token_ids, logprobs=tuple(logprobs),
+                          entropies=tuple(entropies), stop_reason=stop_reason, prefill_tokens=fed,
+                          seconds=time.perf_counter() - started)
 
     async def _score(self, request: ScoreRequest) -> ScoreOutput:
         from vllm import SamplingParams
@@ -275,10 +277,12 @@ class VLLMBackend:
         return await asyncio.gather(*coroutines)
 
     async def anext_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
-        return list(await asyncio.wrap_future(self._submit(self._gather([self._next_step(r) for r in requests]))))
+        future = self._submit(self._gather([self._next_step(r) for r in requests]))
+        return list(await asyncio.wrap_future(future))
 
     async def ascore_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
-        return list(await asyncio.wrap_future(self._submit(self._gather([self._score(r) for r in requests]))))
+        future = self._submit(self._gather([self._score(r) for r in requests]))
+        return list(await asyncio.wrap_future(future))
 
     def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
         return list(self._submit(self._gather([self._next_step(r) for r in requests])).result())

@@ -116,7 +116,8 @@ def _chain(backend, tag: str, steps: int = 3):
     contexts = {p: "" for p in PROBLEMS}
     rounds = []
     for _ in range(steps):
-        outs = backend.next_steps([StepRequest(f"{tag}{i}", p, contexts[p], 24) for i, p in enumerate(PROBLEMS)])
+        outs = backend.next_steps([StepRequest(f"{tag}{i}", p, contexts[p], 24)
+                                   for i, p in enumerate(PROBLEMS)])
         for p, out in zip(PROBLEMS, outs):
             contexts[p] += out.text
         rounds.append(outs)
