@@ -181,3 +181,49 @@ def test_three_tiny_random_models_end_to_end(tiny_dirs):
         assert np.allclose(swept.costs[:, j], [r.cost.total for r in runs])
         assert [row[j] for row in swept.answers] == [r.answer for r in runs]
     assert all(not m._sessions for m in models)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--models", "embedded:small,embedded:large", "--gates", "confidence@0.3,confidence@0.5"],
+     "--gates names 2 gate(s) for 2 models; 2 models need 1"),
+    (["--models", "a,b,c", "--gates", "confidence@0.3"], "--gates names 1 gate(s) for 3 models; 3 models need 2"),
+    (["--gates", "confidence@0.3,verify@x", "--models", "a,b,c"], "bad threshold in --gates item 'verify@x'"),
+    (["--gates", "nope@0.3", "--models", "a,b"], "unknown gate 'nope'"),
+    (["--gates", "confidence@0.3", "--gate", "verify"], "give --gate or --gates, not both"),
+    (["--gates", "confidence", "--threshold", "0.2"], "with --gates write NAME@THRESHOLD"),
+    (["--models", "embedded:small,/some/dir"], "embedded:<tier> models cannot be mixed"),
+])
+def test_cli_gates_errors_are_one_clear_line(argv, message, capsys):
+    from cascade.cli import main
+
+    assert main(["solve", "a=1;?a", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_gates_reach_every_position_of_an_embedded_cascade(capsys):
+    from cascade.cli import main
+
+    assert main(["solve", "a=17;b=a+3;?b", "--models", "embedded:small,embedded:large",
+                 "--gates", "always-large", "--json"]) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["tier_names"] == ["small", "large"] and result["tier_rates"] == [0.0, 1.0]
+
+
+def test_bench_policy_with_one_threshold_per_gate():
+    from bench.harness import BenchError, _build_policies, parse_policies
+
+    specs = parse_policies("confidence@0.3/0.6,verify@0.5,small", dataset="embedded")
+    assert [s.label for s in specs] == ["confidence@0.3/0.6", "verify@0.5", "small"]
+    assert specs[0].threshold == (0.3, 0.6)
+    cascade = Cascade(models=trio(), gates=[ConfidenceGate(0.5), ConfidenceGate(0.5)], options=OPTIONS)
+    built = _build_policies(specs, cascade, calibration=None, budget=None, signal="min_prob", mode="speculate")
+    assert [g.threshold for g in built[0].gates] == [0.3, 0.6]
+    assert [g.threshold for g in built[1].gates] == [0.5, 0.5]
+    two = Cascade(models=trio()[:2], gates=[ConfidenceGate(0.5)], options=OPTIONS)
+    with pytest.raises(BenchError, match="gives 2 thresholds for 2 models, which have 1 gate"):
+        _build_policies(specs[:1], two, calibration=None, budget=None, signal="min_prob", mode="speculate")
+    with pytest.raises(BenchError, match="not a number"):
+        parse_policies("confidence@0.3/x", dataset="embedded")
