@@ -227,3 +227,22 @@ def test_bench_policy_with_one_threshold_per_gate():
         _build_policies(specs[:1], two, calibration=None, budget=None, signal="min_prob", mode="speculate")
     with pytest.raises(BenchError, match="not a number"):
         parse_policies("confidence@0.3/x", dataset="embedded")
+
+
+def test_trio_report_pareto_front_matched_accuracy_and_ship_rule():
+    from bench.trio_report import _ship_decision, matched_accuracy, pareto_front
+
+    assert pareto_front([(3, 0.9), (1, 0.5), (2, 0.95), (2, 0.6), (4, 0.95)]) == [1, 2]
+    summary = {"a1": {"accuracy": 0.92, "mean_cost": 50, "mean_wall_seconds": 0.5},
+               "a2": {"accuracy": 0.97, "mean_cost": 70, "mean_wall_seconds": 0.8},
+               "b1": {"accuracy": 0.95, "mean_cost": 60, "mean_wall_seconds": 0.4},
+               "c1": {"accuracy": 0.96, "mean_cost": 40, "mean_wall_seconds": 0.9}}
+    families = {"small->large": ["a1", "a2"], "medium->large": ["b1"], "small->medium->large": ["c1"]}
+    by_cost = matched_accuracy(summary, families, [0.9, 0.95, 0.97], "mean_cost")
+    by_wall = matched_accuracy(summary, families, [0.9, 0.95, 0.97], "mean_wall_seconds")
+    assert by_cost["0.9"]["small->large"]["policy"] == "a1" and by_cost["0.95"]["medium->large"]["policy"] == "b1"
+    assert by_cost["0.97"]["small->medium->large"] is None
+    decision = _ship_decision(by_cost, by_wall)
+    # 0.9 and 0.95: c1 is cheaper; 0.97: only a two-tier cascade reaches it -> no ship.
+    assert decision["targets_compared"] == ["0.9", "0.95", "0.97"]
+    assert decision["three_tier_wins"] == [True, True, False] and decision["ship"] is False
