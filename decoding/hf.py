@@ -5,6 +5,14 @@ holds; a call whose context extends that text feeds only the new tokens, and a c
 whose context diverged (a rejected draft, a sweep taking another branch) crops the
 cache back to the last shared piece boundary instead of re-encoding the whole prefix.
 
+A `next_steps` call runs its requests as one padded batch: every request is caught up
+(rows with similar numbers of new tokens share a forward pass), their caches are
+left-padded into one batched cache, and all rows decode together, one forward pass per
+token, with an attention mask over the padding and each row's own position ids. A row
+leaves the batch as soon as it stops and gets its cache back with the padding dropped,
+so a request's tokens, log-probabilities and cache are what it would get alone (up to
+float rounding, well under 1e-4 in log-probability).
+
 This module knows nothing about gates, costs or budgets.
 """
 
@@ -112,10 +120,19 @@ class _Batch:
     of their row (never a fully masked attention row, so no NaN can enter the cache).
     """
 
-    def __init__(self, cache, valid: torch.Tensor) -> None:
+    def __init__(self, cache, valid: torch.Tensor | None) -> None:
         self.cache = cache
-        self.valid = valid  # (rows, columns) bool
-        self.padded = not bool(valid.all())
+        # (rows, columns) bool; None while every column is valid for every row (the common
+        # unpadded case costs no mask, no position ids and no bookkeeping per token).
+        self.valid = None if valid is None or bool(valid.all()) else valid
+
+    @property
+    def padded(self) -> bool:
+        return self.valid is not None
+
+    @property
+    def rows(self) -> int:
+        return self.cache.layers[0].keys.shape[0]
 
     @classmethod
     def merge(cls, sessions: Sequence[_Session], device: torch.device) -> "_Batch":
@@ -125,7 +142,7 @@ class _Batch:
 
         lengths = [len(session.ids) for session in sessions]
         if len(sessions) == 1 and sessions[0].cache is not None:
-            return cls(sessions[0].cache, torch.ones((1, lengths[0]), dtype=torch.bool, device=device))
+            return cls(sessions[0].cache, None)
         longest = max(lengths)
         valid = torch.zeros((len(sessions), longest), dtype=torch.bool, device=device)
         for row, length in enumerate(lengths):
@@ -148,22 +165,29 @@ class _Batch:
             layers.append((merged[0], merged[1]))
         return cls(DynamicCache(ddp_cache_data=layers), valid)
 
-    def extend(self, new_valid: torch.Tensor) -> torch.Tensor | None:
-        """Record the columns a forward pass appends; returns the attention mask for that
-        pass (None when no row has padding, so the model takes its unmasked path)."""
+    def extend(self, new_valid: torch.Tensor | None) -> torch.Tensor | None:
+        """Record the columns a forward pass appends (None: one valid column per row);
+        returns the attention mask for that pass (None when no row has padding, so the
+        model takes its unmasked path)."""
+        if self.valid is None:
+            if new_valid is None or bool(new_valid.all()):
+                return None
+            rows, columns = new_valid.shape[0], self.cache.get_seq_length()
+            self.valid = torch.ones((rows, columns), dtype=torch.bool, device=new_valid.device)
+        if new_valid is None:
+            new_valid = torch.ones((self.valid.shape[0], 1), dtype=torch.bool, device=self.valid.device)
         self.valid = torch.cat([self.valid, new_valid], dim=1)
-        self.padded = self.padded or not bool(new_valid.all())
-        return self.valid.long() if self.padded else None
+        return self.valid.long()
 
     def row_cache(self, row: int):
         """Row `row` as a one-row cache of its own, padding dropped (the batch is left
         intact; DynamicCache copies what it is given, so the batch can be freed)."""
         from transformers import DynamicCache
 
-        if self.cache.layers and len(self.valid) == 1 and not self.padded:
+        if self.valid is None and self.rows == 1:
             return self.cache
-        columns = self.valid[row]
-        if bool(columns.all()):
+        columns = None if self.valid is None else self.valid[row]
+        if columns is None or bool(columns.all()):
             parts = [(layer.keys[row:row + 1], layer.values[row:row + 1]) for layer in self.cache.layers]
         else:
             parts = [(layer.keys[row:row + 1, :, columns], layer.values[row:row + 1, :, columns])
@@ -172,9 +196,11 @@ class _Batch:
 
     def select(self, keep: list[int]) -> None:
         """Keep only rows `keep`, and drop leading columns that no remaining row uses."""
-        if len(keep) == len(self.valid):
+        if len(keep) == self.rows:
             return
-        self.cache.batch_select_indices(torch.tensor(keep, device=self.valid.device))
+        self.cache.batch_select_indices(torch.tensor(keep, device=self.cache.layers[0].keys.device))
+        if self.valid is None:
+            return
         self.valid = self.valid[keep]
         used = self.valid.any(dim=0)
         trim = int(torch.argmax(used.int())) if bool(used.any()) else 0
@@ -183,7 +209,8 @@ class _Batch:
                 layer.keys = layer.keys[:, :, trim:]
                 layer.values = layer.values[:, :, trim:]
             self.valid = self.valid[:, trim:]
-        self.padded = not bool(self.valid.all())
+        if bool(self.valid.all()):
+            self.valid = None
 
 
 class HFBackend:
@@ -450,8 +477,8 @@ class HFBackend:
             raise
         return [self._finish(row) for row in rows]
 
-    def _forward(self, batch: _Batch, input_ids: torch.Tensor, new_valid: torch.Tensor,
-                 positions: torch.Tensor, logits_to_keep: int | torch.Tensor, hidden: bool):
+    def _forward(self, batch: _Batch, input_ids: torch.Tensor, new_valid: torch.Tensor | None,
+                 positions: torch.Tensor | None, logits_to_keep: int | torch.Tensor, hidden: bool):
         mask = batch.extend(new_valid)
         try:
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
@@ -546,11 +573,12 @@ class HFBackend:
             logits, active, token_list = self._leave(batch, active, logits, token_list, started)
             if not active:
                 break
-            positions = torch.tensor([[len(row.session.ids)] for row in active], dtype=torch.long,
-                                     device=self.device)
+            positions = None  # unpadded: every row's position is the cache length, the default
+            if batch.padded:
+                positions = torch.tensor([[len(row.session.ids)] for row in active], dtype=torch.long,
+                                         device=self.device)
             out = self._forward(batch, torch.tensor([[t] for t in token_list], device=self.device),
-                                torch.ones((len(active), 1), dtype=torch.bool, device=self.device),
-                                positions, 1, want_hidden)
+                                None, positions, 1, want_hidden)
             logits = out.logits[:, -1].float()
             hidden = out.hidden_states[-1][:, -1].float() if want_hidden else None
             for k, (row, token) in enumerate(zip(active, token_list)):
