@@ -185,3 +185,30 @@ def test_a_cascade_over_vllm_matches_the_cascade_over_hf(small_engine, large_rem
     # the same through the async entry point (anext_steps / ascore_steps)
     one = asyncio.run(served.asolve(PROBLEMS[0], budget=400))
     assert [(s.text, s.author) for s in one.steps] == [(s.text, s.author) for s in theirs[0].steps]
+
+
+def test_cascade_serve_app_over_vllm_backends(small_engine, large_remote, hf):
+    """The server's app over the vLLM-backed cascade (in process, ASGI transport): the
+    async backends are awaited on the server's loop and the answer matches HFBackend's."""
+    from cascade.server import ServerConfig, create_app
+
+    options = cascade.SolveOptions(max_steps=cascade.EMBEDDED_MAX_STEPS,
+                                   max_step_tokens=cascade.EMBEDDED_MAX_STEP_TOKENS)
+    gate = cascade.ConfidenceGate(threshold=0.001)
+    served = cascade.Cascade(models=[small_engine, large_remote], gate=gate, options=options)
+    expected = cascade.Cascade(models=[hf["small"], hf["large"]], gate=gate, options=options).solve(
+        PROBLEMS[1], budget=400)
+    app = create_app(served, ServerConfig())
+
+    async def ask():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+            response = await client.post("/v1/completions", timeout=120,
+                                         json={"model": "stepcascade", "prompt": PROBLEMS[1], "budget": 400})
+            return response.status_code, response.json()
+
+    status, body = asyncio.run(ask())
+    assert status == 200, body
+    assert body["cascade"]["authors"] == [s.author for s in expected.steps]
+    assert body["choices"][0]["text"] == "\n".join(s.text for s in expected.steps)
+    assert body["cascade"]["cost"] == pytest.approx(expected.cost.total, rel=1e-9)
