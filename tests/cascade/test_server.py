@@ -195,6 +195,13 @@ def _post_all(url: str, n: int, body: dict, timeout: float = 90) -> list:
         return list(pool.map(one, range(n)))
 
 
+def _stream_events(url: str, body: dict) -> list[str]:
+    """The data of each server-sent event of one streamed completion."""
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=90) as response:
+        assert response.status_code == 200
+        return [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+
+
 def test_upstream_killed_mid_run_every_request_ends_defined():
     upstream_port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -209,12 +216,13 @@ def test_upstream_killed_mid_run_every_request_ends_defined():
         wait_healthy(degrade, degrade_url)
         wait_healthy(fail, fail_url)
         body = {"model": "stepcascade", "prompt": PROBLEM, "max_steps": 16}
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
             futures = [pool.submit(_post_all, degrade_url, 6, body),
-                       pool.submit(_post_all, fail_url, 6, body)]
+                       pool.submit(_post_all, fail_url, 6, body),
+                       pool.submit(_stream_events, fail_url, dict(body, stream=True))]
             time.sleep(1.5)  # both servers are now mid-run on the upstream
             upstream.kill()
-            degraded, failed = futures[0].result(), futures[1].result()
+            degraded, failed, events = (future.result() for future in futures)
         for response in degraded + failed:
             assert isinstance(response, httpx.Response), f"request lost: {response!r}"
         assert all(r.status_code == 200 for r in degraded), [r.text for r in degraded]
@@ -228,6 +236,11 @@ def test_upstream_killed_mid_run_every_request_ends_defined():
         for error in errors:
             assert "embedded:large" in error["message"] and "step" in error["message"]
             assert error["type"] == "upstream_error" and "steps" in error["partial"]
+        # a stream cut by the failure ends with an error event, then [DONE]
+        assert events[-1] == "[DONE]"
+        last = json.loads(events[-2])
+        assert last.get("error", {}).get("type") == "upstream_error" or \
+            last["choices"][0]["finish_reason"] is not None
     finally:
         upstream.kill()
         stop(degrade)
