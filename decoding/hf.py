@@ -213,6 +213,25 @@ class _Batch:
             self.valid = None
 
 
+def _in_rounds(requests: Sequence, run_batch) -> list:
+    """`run_batch` over the requests, each batch with distinct request ids (two rows of one
+    id would share one cache): a repeated id goes to a later round, in order, as if the
+    calls had come one after another. Outputs in the requests' order."""
+    outputs: list = [None] * len(requests)
+    remaining = list(range(len(requests)))
+    while remaining:
+        seen: set[str] = set()
+        this_round, later = [], []
+        for index in remaining:
+            rid = requests[index].request_id
+            (later if rid in seen else this_round).append(index)
+            seen.add(rid)
+        for index, output in zip(this_round, run_batch([requests[i] for i in this_round])):
+            outputs[index] = output
+        remaining = later
+    return outputs
+
+
 class HFBackend:
     """A causal LM and its tokenizer, behind the `decoding.Backend` protocol.
 
@@ -416,24 +435,12 @@ class HFBackend:
         for request in requests:
             if request.max_tokens < 1:
                 raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
-        outputs: list[StepOutput | None] = [None] * len(requests)
-        # A request id may appear only once per batch (its rows would share one cache):
-        # repeated ids go to later rounds, in their order, as if called one after another.
-        remaining = list(range(len(requests)))
-        while remaining:
-            seen: set[str] = set()
-            this_round, later = [], []
-            for index in remaining:
-                rid = requests[index].request_id
-                (later if rid in seen else this_round).append(index)
-                seen.add(rid)
-            for index, output in zip(this_round, self._next_step_batch([requests[i] for i in this_round])):
-                outputs[index] = output
-            remaining = later
-        return outputs  # type: ignore[return-value]
+        return _in_rounds(requests, self._next_step_batch)
 
     def score_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
-        return [self._score(request) for request in requests]
+        """Score each given text, all rows in one padded forward pass (catch-up and text
+        together). `ScoreOutput.seconds` is the call's wall time, the same for every row."""
+        return _in_rounds(requests, self._score_batch)
 
     def release(self, request_id: str) -> None:
         self._sessions.pop(request_id, None)
@@ -646,12 +653,73 @@ class HFBackend:
         )
 
     @torch.no_grad()
-    def _score(self, request: ScoreRequest) -> ScoreOutput:
+    def _score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
         started = time.perf_counter()
-        session, fed = self._catch_up(request.request_id, request.problem, request.context)
-        ids = self._encode(request.text)
+        try:
+            plans = []
+            for request in requests:
+                session, feed = self._plan_feed(request.request_id, request.problem, request.context)
+                plans.append((session, feed, self._encode(request.text)))
+            together = [k for k, (_, _, ids) in enumerate(plans) if ids]
+            width = max((len(plans[k][1]) + len(plans[k][2]) for k in together), default=0)
+            vocab = getattr(self.model.config, "vocab_size", None) or len(self.tokenizer)
+            if (len(together) < 2 or len(together) * width * vocab * 4 > 256 << 20
+                    or not all(_is_plain_dynamic(plans[k][0].cache) for k in together)):
+                together = []  # one at a time (or a cache layout a batch cannot pad)
+            scored = self._score_together([requests[k] for k in together], [plans[k] for k in together])
+            outputs = []
+            for k, (request, (session, feed, ids)) in enumerate(zip(requests, plans)):
+                if k in together:
+                    outputs.append(scored[together.index(k)])
+                    continue
+                if feed:
+                    self._feed(session, feed)
+                outputs.append(self._score_fed(request, session, ids))
+        except BaseException:
+            for request in requests:  # caches may be half fed: start these requests over
+                self._sessions.pop(request.request_id, None)
+            raise
+        seconds = time.perf_counter() - started
+        return [ScoreOutput(o.token_ids, o.logprobs, len(plan[1]), seconds) for o, plan in zip(outputs, plans)]
+
+    def _score_together(self, requests: Sequence[ScoreRequest], plans: list) -> list[ScoreOutput]:
+        """Catch-up and scored text of every row in one forward pass, right-padded."""
+        if not requests:
+            return []
+        feeds = [feed + ids for _, feed, ids in plans]
+        width = max(len(feed) for feed in feeds)
+        input_ids = torch.zeros((len(feeds), width), dtype=torch.long)
+        new_valid = torch.zeros((len(feeds), width), dtype=torch.bool)
+        positions = torch.zeros((len(feeds), width), dtype=torch.long)
+        for k, ((session, _, _), feed) in enumerate(zip(plans, feeds)):
+            input_ids[k, : len(feed)] = torch.tensor(feed, dtype=torch.long)
+            new_valid[k, : len(feed)] = True
+            positions[k] = torch.arange(len(session.ids), len(session.ids) + width)
+        batch = _Batch.merge([session for session, _, _ in plans], self.device)
+        out = self._forward(batch, input_ids.to(self.device), new_valid.to(self.device),
+                            positions.to(self.device), width, False)
+        logits = out.logits.float()  # (rows, width, vocab)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        outputs = []
+        for k, (request, (session, feed, ids)) in enumerate(zip(requests, plans)):
+            fed = len(feed)
+            if fed:
+                first = float(log_probs[k, fed - 1, ids[0]])
+            else:
+                first = float(torch.log_softmax(session.next_logits, dim=-1)[ids[0]])
+            targets = torch.tensor(ids[1:], dtype=torch.long, device=log_probs.device)
+            rest = log_probs[k, fed: fed + len(ids) - 1].gather(1, targets[:, None])[:, 0].tolist()
+            session.next_logits = logits[k, fed + len(ids) - 1].clone()
+            session.next_hidden = None
+            session.ids.extend(feed + ids)
+            session.cache = batch.row_cache(k)
+            outputs.append(self._record_scored(request, session, ids, [first] + rest))
+        return outputs
+
+    def _score_fed(self, request: ScoreRequest, session: _Session, ids: list[int]) -> ScoreOutput:
+        """Score `ids` on a session already caught up (one request alone)."""
         if not ids:
-            return ScoreOutput((), (), fed, time.perf_counter() - started)
+            return ScoreOutput((), (), 0, 0.0)
         first = float(torch.log_softmax(session.next_logits, dim=-1)[ids[0]])
         logprobs = [first]
         if len(ids) > 1:
@@ -659,8 +727,12 @@ class HFBackend:
             logprobs += [float(log_probs[i, ids[i + 1]]) for i in range(len(ids) - 1)]
         else:
             self._feed(session, ids)
+        return self._record_scored(request, session, ids, logprobs)
+
+    def _record_scored(self, request: ScoreRequest, session: _Session, ids: list[int],
+                       logprobs: list[float]) -> ScoreOutput:
         session.text += request.text
         session.boundaries.append((len(session.ids), len(session.text)))
         if any(math.isnan(lp) for lp in logprobs):
             raise BackendError("scoring produced NaN log-probabilities", self.info.name)
-        return ScoreOutput(tuple(ids), tuple(logprobs), fed, time.perf_counter() - started)
+        return ScoreOutput(tuple(ids), tuple(logprobs), 0, 0.0)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import decoding.hf as hf
-from decoding import BackendError, HFBackend, StepRequest
+from decoding import BackendError, HFBackend, ScoreRequest, StepRequest
 
 PROBLEMS = ("a=12;b=a+3;?b", "q=7;?q", "x=1;y=2;z=3;w=4;?w")
 CONTEXTS = ("", "b=15\n", "b=15\nc=3+4\n", "x=1;y=2;z=3;w=4\nv=9\n")
@@ -224,6 +224,32 @@ def test_seconds_is_each_rows_latency(plus):
     longest = max(range(len(outputs)), key=lambda k: outputs[k].generated_tokens)
     shortest = min(range(len(outputs)), key=lambda k: outputs[k].generated_tokens)
     assert outputs[shortest].seconds <= outputs[longest].seconds
+
+
+def test_batched_scoring_equals_one_at_a_time(sharp):
+    """Rows with and without a cache, texts of different lengths (one empty), all in one
+    score_steps call: the same log-probabilities and prefill as alone, and each cache then
+    continues like a full recompute."""
+    texts = ("b=15+", "1+", "", "c=3+4+d=7+", "x", "q=7+7+")
+    pairs = [(p, c) for c in CONTEXTS for p in PROBLEMS][: len(texts)]
+    for prefix in ("sc", "sc-alone-"):  # half the requests already hold a cache
+        sharp.next_steps([StepRequest(f"{prefix}{k}", p, c, 4) for k, (p, c) in enumerate(pairs) if k % 2])
+    requests = [ScoreRequest(f"sc{k}", p, c, t) for k, ((p, c), t) in enumerate(zip(pairs, texts))]
+    batched = sharp.score_steps(requests)
+    alone = [sharp.score_steps([ScoreRequest(f"sc-alone-{k}",
+                                             r.problem, r.context, r.text)])[0]
+             for k, r in enumerate(requests)]
+    for b, a in zip(batched, alone):
+        assert b.token_ids == a.token_ids and b.prefill_tokens == a.prefill_tokens
+        assert max((abs(x - y) for x, y in zip(b.logprobs, a.logprobs)), default=0.0) < 1e-4
+    assert {len(o.token_ids) for o in batched} >= {0, 1, 2, 10}
+    assert len({o.prefill_tokens for o in batched}) >= 3
+    for request in requests:
+        context = request.context + request.text
+        follow = sharp.next_steps([StepRequest(request.request_id, request.problem, context, 5)])[0]
+        assert follow.prefill_tokens == 0  # the scored text is in the cache
+        assert list(follow.token_ids) == _full_recompute_greedy(sharp, request.problem, context, 5)[
+            : follow.generated_tokens]
 
 
 # ---- the cascade on top: concurrent requests give the sequential traces -----------------
