@@ -711,5 +711,11 @@ def run_from_args(args) -> int:
                        "" if api_key else " and no API key is set")
     logger.info("serving %s (%s) on http://%s:%d", config.model_name,
                 ", ".join(m.info.name for m in runner.models), args.host, args.port)
-    serve(runner, config, host=args.host, port=args.port)
+    try:
+        serve(runner, config, host=args.host, port=args.port)
+    finally:
+        for model in runner.models:  # engines and HTTP clients shut down with the server
+            close = getattr(model, "close", None)
+            if callable(close):
+                close()
     return 0

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import itertools
+import json
 import math
 import threading
 import time
@@ -74,7 +75,7 @@ class VLLMBackend:
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, *, step_delimiter: str = "\n\n",
                         prompt_template: str | None = None, dtype: str = "float32",
-                        gpu_memory_utilization: float = 0.45, max_model_len: int = 2048,
+                        gpu_memory_utilization: float = 0.45, max_model_len: int | None = None,
                         seed: int = 0, top_logprobs: int = 1, name: str | None = None,
                         **engine_kwargs) -> "VLLMBackend":
         """Start an engine on a local model directory.
@@ -82,7 +83,8 @@ class VLLMBackend:
         gpu_memory_utilization: fraction of the GPU this engine may take (two engines on
             one GPU: e.g. 0.25 for the small model, 0.6 for the large). Ignored on CPU,
             where vLLM sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB).
-        max_model_len: tokens of prompt + output one request may hold.
+        max_model_len: tokens of prompt + output one request may hold; None, or more than
+            the model's `max_position_embeddings`, means the model's own context length.
         engine_kwargs: any other `vllm.AsyncEngineArgs` field (e.g. tensor_parallel_size).
         """
         from decoding.hf import weights_fingerprint
@@ -105,6 +107,9 @@ class VLLMBackend:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        context = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
+        if isinstance(context, int) and (max_model_len is None or max_model_len > context):
+            max_model_len = context
         args = AsyncEngineArgs(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype,
                                max_model_len=max_model_len, enable_prefix_caching=True, seed=seed,
                                gpu_memory_utilization=gpu_memory_utilization,
@@ -121,8 +126,9 @@ class VLLMBackend:
             engine = asyncio.run_coroutine_threadsafe(build(), loop).result()
         except Exception as error:
             loop.call_soon_threadsafe(loop.stop)
-            raise ModelLoadError(f"vLLM could not start on {str(model_dir)!r}: {error}".split("\n")[0]) \
-                from error
+            # pydantic puts the cause on the lines after "1 validation error for ...": keep them
+            detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())[:600]
+            raise ModelLoadError(f"vLLM could not start on {str(model_dir)!r}: {detail}") from error
         return cls(engine, tokenizer, name=name or str(model_dir), num_parameters=count_parameters(model_dir),
                    step_delimiter=step_delimiter, prompt_template=prompt_template,
                    fingerprint=weights_fingerprint(model_dir), top_logprobs=top_logprobs,
