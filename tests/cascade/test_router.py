@@ -325,3 +325,20 @@ def test_harness_runs_the_advantage_policy_and_the_report_matches_accuracy(tmp_p
     assert escalation_at_accuracy([(0.2, 0.9), (0.4, 1.0)], 0.95) == pytest.approx(0.3)
     assert escalation_at_accuracy([(0.2, 0.96), (0.4, 1.0)], 0.95) == 0.2
     assert escalation_at_accuracy([(0.2, 0.5)], 0.95) is None
+
+
+def test_calibration_sweeps_the_advantage_gate_unchanged():
+    """One scalar threshold: the sweep replays AdvantageGate like any gate; each swept
+    threshold's cost is that of an independent run at it."""
+    from cascade import sweep
+
+    small, large = _fake_pair(steps=3)
+    gate = AdvantageGate(_Threshold(), threshold=0.5)
+    runner = Cascade(small, large, gate, options=OPTIONS)
+    problems = [f"q{k}" for k in range(6)]
+    thresholds = [1.0, 0.6, 0.3, 0.0]
+    swept = sweep(runner, problems, [(t,) for t in thresholds])
+    assert len({round(float(c), 6) for c in swept.costs.sum(axis=0)}) > 2  # thresholds matter here
+    for k, t in enumerate(thresholds):
+        alone = runner.solve_many(problems, gates=[AdvantageGate(_Threshold(), threshold=t)])
+        np.testing.assert_allclose(swept.costs[:, k], [r.cost.total for r in alone], rtol=1e-9)
