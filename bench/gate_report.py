@@ -71,7 +71,8 @@ def escalation_at_accuracy(points: Sequence[tuple[float, float]], target: float)
 
 
 def gate_report(run_dir: str | Path, out_dir: str | Path, *, router: str | Path | None = None,
-                command: str | None = None, tolerance: float = TOLERANCE) -> dict:
+                command: str | None = None, tolerance: float = TOLERANCE,
+                notes: Sequence[str] = ()) -> dict:
     from bench.pair_report import _git_commit
 
     run_dir, out = Path(run_dir), Path(out_dir)
@@ -130,7 +131,7 @@ def gate_report(run_dir: str | Path, out_dir: str | Path, *, router: str | Path 
                                                                             header.get("sessions", [])],
         "run_commits": sorted({s.get("commit") for s in header.get("sessions", [])}),
         "n_problems": n_problems, "tolerance": tolerance, "target_accuracy": target,
-        "policies": stats, "matched": matched, "router": router_metrics,
+        "policies": stats, "matched": matched, "router": router_metrics, "notes": list(notes),
         "targets": {
             "advantage_gap_closed": gap, "advantage_gap_target": 0.7,
             "advantage_gap_met": None if gap is None else gap >= 0.7,
@@ -205,6 +206,8 @@ def _markdown(report: dict) -> str:
     ]
     if report.get("router"):
         lines += ["", "## Router", "", "```", report["router"]["summary"], "```"]
+    if report.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     lines += ["", "Plots: [pareto_cost.png](pareto_cost.png), [pareto_latency.png](pareto_latency.png)"]
     return "\n".join(lines)
 
@@ -253,9 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Gates side by side, from one harness run.")
     parser.add_argument("--run", required=True, type=Path, help="the harness output directory")
     parser.add_argument("--router", default=None, type=Path, help="the router file (its metrics are reported)")
+    parser.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     parser.add_argument("-o", "--output", required=True, type=Path)
     args = parser.parse_args(argv)
-    report = gate_report(args.run, args.output, router=args.router)
+    report = gate_report(args.run, args.output, router=args.router, notes=args.note)
     print((args.output / "report.md").read_text())
     return 0 if report else 1
 
