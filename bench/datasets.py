@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
-    "DATA_DIR",
     "DATASET_NAMES",
+    "DATA_DIR",
     "DEFAULT_EMBEDDED_SIZE",
     "DatasetError",
     "Example",

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from cascade import EMBEDDED_DELIMITER, ConfigError
 
-__all__ = ["DEFAULT_TEMPLATE", "PROMPT_TEMPLATES", "PromptTemplate", "QWEN_MATH_COT_SYSTEM", "get_template"]
+__all__ = ["DEFAULT_TEMPLATE", "PROMPT_TEMPLATES", "QWEN_MATH_COT_SYSTEM", "PromptTemplate", "get_template"]
 
 # The system prompt of the Qwen2.5-Math model card's chain-of-thought example.
 QWEN_MATH_COT_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."

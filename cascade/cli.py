@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -200,6 +201,10 @@ def _bench_command(args) -> str:
                         ("--threshold", args.threshold),
                         ("--budget", args.budget), ("--limit", args.limit), ("--backend", args.backend),
                         ("--template", args.template),
+                        *(("--endpoints", urls) for urls in args.endpoints or ()),
+                        ("--served-models", args.served_models), ("--api-key-env", args.api_key_env),
+                        *((("--dtype", args.dtype), ("--gpu-memory", args.gpu_memory),
+                           ("--max-model-len", args.max_model_len)) if args.backend == "vllm" else ()),
                         ("--small", args.small), ("--large", args.large), ("--models", args.models),
                         ("--delimiter", args.delimiter), ("--signal", args.signal), ("--mode", args.mode),
                         ("--max-steps", args.max_steps), ("--max-step-tokens", args.max_step_tokens),
@@ -215,23 +220,28 @@ def _bench(args) -> int:
     from bench import harness
     from bench.datasets import load_dataset
 
-    if args.backend != "hf":
-        raise CascadeError(f"backend {args.backend!r} is not built yet: only --backend hf (transformers) "
-                           "is available; the vllm and openai backends are not built yet")
+    if args.backend not in _BENCH_BACKENDS:
+        raise CascadeError(f"unknown backend {args.backend!r}; valid backends: {', '.join(_BENCH_BACKENDS)}")
+    if args.backend == "openai" and not args.endpoints:
+        raise CascadeError("--backend openai needs --endpoints URL[,URL...] once per model, cheapest first "
+                           "(e.g. --endpoints http://127.0.0.1:8000 --endpoints http://127.0.0.1:8001)")
+    if args.backend != "openai" and (args.endpoints or args.served_models):
+        raise CascadeError("--endpoints and --served-models are for --backend openai")
     if args.gate is not None:
         raise CascadeError("bench names its gates with --policies (e.g. small,large,confidence@0.3), "
                            "not --gate")
     threshold = 0.5 if args.threshold is None else args.threshold
+    command = _bench_command(args)  # as given: before the template fills in its delimiter
     _apply_template(args)
     # Everything that can be checked without models fails before any is loaded.
     harness.parse_policies(args.policies, dataset=args.dataset, threshold=threshold,
                            calibration=args.calibration, budget=args.budget, router=args.router)
     examples = load_dataset(args.dataset, args.limit, args.path)
-    runner = _build_cascade(args, None)
+    runner = _bench_cascade(args)
     summary = harness.run_benchmark(
         runner, args.dataset, out_dir=args.output, policies=args.policies, limit=args.limit,
         path=args.path, budget=args.budget, calibration=args.calibration, threshold=threshold,
-        signal=args.signal, mode=args.mode, examples=examples, command=_bench_command(args),
+        signal=args.signal, mode=args.mode, examples=examples, command=command,
         use_math_verify=not args.no_math_verify, router=args.router)
     print((Path(args.output) / harness.SUMMARY_MD).read_text())
     print(f"wrote {args.output}: {summary['n_rows']} result rows, {harness.SUMMARY_JSON}, "
@@ -239,11 +249,65 @@ def _bench(args) -> int:
     return 0
 
 
+_BENCH_BACKENDS = ("hf", "vllm", "openai")
+
+
+def _external_models(args) -> bool:
+    """Do the model options name models other than the shipped embedded pair?"""
+    models = [m.strip() for m in args.models.split(",")] if args.models else []
+    return bool(args.small or args.large or any(not m.startswith("embedded:") for m in models))
+
+
+def _bench_cascade(args):
+    """The cascade `bench` runs on: `_build_cascade` for --backend hf; for vllm / openai
+    the same model paths (or the embedded pair's directories), delimiter, prompt template
+    and step limits, served by a `decoding.VLLMBackend` / `decoding.OpenAIBackend`."""
+    if args.backend == "hf":
+        return _build_cascade(args, None)
+    import cascade
+    import decoding
+    from cascade.runtime import Cascade, SolveOptions
+
+    if _external_models(args):
+        paths = [m.strip() for m in args.models.split(",")] if args.models else [args.small, args.large]
+        if any(p is None for p in paths):
+            raise CascadeError("--small and --large go together")
+        names = [str(p) for p in paths]
+        options = SolveOptions(max_steps=args.max_steps or 32, max_step_tokens=args.max_step_tokens or 256)
+    else:
+        tiers = [m.split(":", 1)[1] for m in args.models.split(",")] if args.models else ["small", "large"]
+        paths = [cascade.embedded_path(t) for t in tiers]
+        names = [f"embedded:{t}" for t in tiers]  # as the hf path names them: calibrations match
+        options = SolveOptions(max_steps=args.max_steps or cascade.EMBEDDED_MAX_STEPS,
+                               max_step_tokens=args.max_step_tokens or cascade.EMBEDDED_MAX_STEP_TOKENS)
+    common = {"step_delimiter": args.delimiter, "prompt_template": getattr(args, "prompt_template", None)}
+    if args.backend == "vllm":
+        shares = ([float(x) for x in args.gpu_memory.split(",")] if args.gpu_memory
+                  else [0.9 / len(paths)] * len(paths))
+        if len(shares) != len(paths):
+            raise CascadeError(f"--gpu-memory gives {len(shares)} fractions for {len(paths)} models")
+        models = [decoding.VLLMBackend.from_pretrained(p, name=n, dtype=args.dtype, gpu_memory_utilization=g,
+                                                       max_model_len=args.max_model_len, **common)
+                  for p, n, g in zip(paths, names, shares)]
+    else:
+        if len(args.endpoints) != len(paths):
+            raise CascadeError(f"--endpoints is given {len(args.endpoints)} time(s) for {len(paths)} models: "
+                               "once per model, cheapest first")
+        served = [m.strip() for m in args.served_models.split(",")] if args.served_models else names
+        if len(served) != len(paths):
+            raise CascadeError(f"--served-models names {len(served)} models for {len(paths)}")
+        api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+        models = [decoding.OpenAIBackend.from_model_dir(p, [u.strip() for u in urls.split(",")], m, name=n,
+                                                        api_key=api_key, **common)
+                  for p, urls, m, n in zip(paths, args.endpoints, served, names)]
+    return Cascade(models=models, options=options)
+
+
 def _apply_template(args) -> None:
     """--template: the prompt format and (unless --delimiter is given) the step delimiter."""
     from bench.prompts import get_template
 
-    external = bool(args.models or args.small or args.large)
+    external = _external_models(args)
     name = args.template or ("chat" if external else "embedded")
     template = get_template(name)
     if not external and name != "embedded":
@@ -328,7 +392,23 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--router", default=None, help="router file of the 'advantage' policy (train-router)")
     bench.add_argument("--budget", type=float, default=None, help="hard cap per problem, in cost units")
     bench.add_argument("--limit", type=int, default=None, help="the first N problems")
-    bench.add_argument("--backend", default="hf", help="model backend: hf (the only one built so far)")
+    bench.add_argument("--backend", default="hf",
+                       help="hf: transformers in this process; vllm: an in-process vLLM engine per model; "
+                            "openai: OpenAI-compatible servers (--endpoints)")
+    bench.add_argument("--endpoints", action="append", default=None, metavar="URL[,URL...]",
+                       help="--backend openai: base URLs of one model's servers (several = replicas, round "
+                            "robin); give it once per model, cheapest first")
+    bench.add_argument("--served-models", default=None,
+                       help="--backend openai: comma-separated served model names (default: the model "
+                            "paths as given, which is what `vllm serve PATH` serves them as)")
+    bench.add_argument("--api-key-env", default=None,
+                       help="--backend openai: the environment variable holding the API key")
+    bench.add_argument("--dtype", default="auto", help="--backend vllm: weight dtype (auto, bfloat16, ...)")
+    bench.add_argument("--gpu-memory", default=None,
+                       help="--backend vllm: comma-separated GPU memory fraction per model "
+                            "(default: 0.9 split evenly)")
+    bench.add_argument("--max-model-len", type=int, default=4096,
+                       help="--backend vllm: tokens of prompt + solution one request may hold")
     bench.add_argument("--template", default=None,
                        help="prompt template of --small/--large: qwen25-math-cot, plain, chat (the "
                             "tokenizer's chat template; default) or embedded (the shipped pair); sets the "

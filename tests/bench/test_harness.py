@@ -12,11 +12,20 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from bench.harness import PLOT_FILES, BenchError, load_results, parse_policies, run_benchmark
+from bench.harness import (
+    PLOT_FILES,
+    BenchError,
+    load_results,
+    parse_policies,
+    run_benchmark,
+    summarize_rows,
+    unknown_characters,
+)
 from cascade import Cascade, SolveOptions, calibrate
 from cascade.cli import main
 from decoding import HFBackend
@@ -88,6 +97,7 @@ def test_run_writes_results_summaries_and_plots(bench_run):
         # wall time is measured around the whole solve: at least the models' own seconds
         assert row["wall_seconds"] >= sum(row["seconds_per_tier"]) * 0.999
         assert all(s["author"] == ["small", "large"][s["tier"]] for s in row["steps"])
+        assert row["unknown_chars"] == 0  # the tiny tokenizer knows every character of PROBLEMS
         if row["reference"] is None:
             assert row["correct"] is None
         else:
@@ -110,6 +120,7 @@ def test_run_writes_results_summaries_and_plots(bench_run):
     expected = calib.gates_for(BUDGET)[0].threshold  # the threshold certified for the budget
     assert f"threshold={expected}" in gates["calibrated"][0]
     assert set(header["sessions"][0]["warmup_seconds"]) == set(POLICIES)
+    assert settings["prompt_templates"] == [None, None] and settings["delimiter"] == "\n"
 
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
@@ -154,6 +165,12 @@ def test_summary_agrees_with_figures_recomputed_from_the_jsonl(bench_run):
             assert s["mean_tokens"][tier]["prefill"] == pytest.approx(
                 np.mean([r["tokens"]["prefill"][k] for r in cells]))
         assert s["mean_cost"] == pytest.approx(np.mean([r["cost"] for r in cells]))
+        for k, tier in enumerate(["small", "large"]):
+            assert s["mean_seconds_per_tier"][tier] == pytest.approx(
+                np.mean([r["per_tier"][k]["seconds"] for r in cells]))
+        assert s["mean_overhead_seconds"] == pytest.approx(
+            np.mean([r["wall_seconds"] - sum(t["seconds"] for t in r["per_tier"]) for r in cells]))
+        assert s["mean_overhead_seconds"] >= -1e-9
         assert s["escalation_rate"] == pytest.approx(np.mean([
             sum(st["tier"] > 0 for st in r["steps"]) / len(r["steps"]) if r["steps"] else 0.0
             for r in cells]))
@@ -168,6 +185,54 @@ def test_summary_agrees_with_figures_recomputed_from_the_jsonl(bench_run):
         summary["policies"]["small"]["escalation_by_step"])
     assert summary["policies"]["large"]["escalation_rate"] == 1.0
     assert summary["policies"]["large"]["speedup_vs_large"] == pytest.approx(1.0)
+    assert summary["problems_with_unknown_chars"] == 0 and summary["unknown_chars_known"] is True
+    assert summary["policies"]["small"]["mean_seconds_per_tier"]["large"] == 0.0
+
+
+def test_summary_of_hand_made_rows():
+    """summarize_rows on rows written by hand: the figures are known without a model."""
+    def row(pid, policy, correct, wall, tiers, seconds, cost):
+        steps = [{"index": i, "text": "s\n", "author": ["small", "large"][t], "tier": t}
+                 for i, t in enumerate(tiers)]
+        return {"id": pid, "policy": policy, "correct": correct, "steps": steps,
+                "tier_names": ["small", "large"], "tokens": {"prefill": [4, 2], "generated": [3, 1]},
+                "seconds_per_tier": seconds, "cost": cost, "wall_seconds": wall,
+                "escalation_rate": sum(tiers) / len(tiers), "stop_reason": "answer",
+                "cap_intervened": False, "unknown_chars": {"p0": 2, "p1": 0}[pid]}
+    rows = [row("p0", "large", True, 2.0, [1, 1], [0.0, 1.5], 10.0),
+            row("p0", "cheap", False, 0.5, [0, 1], [0.1, 0.2], 4.0),
+            row("p1", "large", True, 4.0, [1], [0.0, 3.0], 20.0),
+            row("p1", "cheap", True, 1.5, [0, 0], [0.4, 0.0], 1.0),
+            row("p1", "cheap", False, 9.0, [1], [9.0, 0.0], 99.0)]  # a duplicate: the first counts
+    summary = summarize_rows(rows)
+    cheap, large = summary["policies"]["cheap"], summary["policies"]["large"]
+    assert summary["n_rows"] == 4 and summary["problems_with_unknown_chars"] == 1
+    assert (cheap["n"], cheap["n_correct"], cheap["accuracy"]) == (2, 1, 0.5)
+    assert cheap["wall_seconds"] == {"mean": 1.0, "p50": 1.0, "p95": pytest.approx(1.45)}
+    assert cheap["speedup_vs_large"] == pytest.approx(3.0)  # 3.0 s / 1.0 s
+    assert cheap["cost_ratio_vs_large"] == pytest.approx(2.5 / 15.0)
+    assert cheap["escalation_rate"] == pytest.approx(0.25) and cheap["step_escalation_rate"] == 0.25
+    assert cheap["escalation_by_step"] == [0.0, 0.5]
+    assert cheap["mean_seconds_per_tier"] == {"small": pytest.approx(0.25), "large": pytest.approx(0.1)}
+    assert cheap["mean_overhead_seconds"] == pytest.approx((0.2 + 1.1) / 2)
+    assert large["mean_seconds_per_tier"] == {"small": 0.0, "large": 2.25}
+    assert large["accuracy_ci95"][0] < 1.0 == large["accuracy"] == large["accuracy_ci95"][1]
+
+
+def test_unknown_characters_are_counted_and_reported(pair, tmp_path):
+    from tests.fakes import FakeBackend, counting_script
+
+    assert unknown_characters(pair.models, "a=1;?a") == 0
+    assert unknown_characters(pair.models, "Janet has 3 Apples. $\\frac{1}{2}$") == 10  # J A . $ \\ { } { } $
+    assert unknown_characters([FakeBackend("f", 10, counting_script())], "Janet") is None  # no tokenizer
+    problems = [("u0", "What is A+B? a=1;?a", "1"), ("u1", "a=2;?a", "2")]
+    data = write_dataset(tmp_path / "d.jsonl", problems)
+    summary = run_benchmark(pair, "jsonl", path=data, out_dir=tmp_path / "out", policies="small",
+                            progress=False, plots=False, use_math_verify=False)
+    rows = read_lines(tmp_path / "out" / "results.jsonl")
+    assert {r["id"]: r["unknown_chars"] for r in rows} == {"u0": 3, "u1": 0}  # W A B
+    assert summary["problems_with_unknown_chars"] == 1
+    assert "1 of 2 problems contain characters" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_three_tiers_use_the_policy_gate_at_every_position(tiny_dirs, tmp_path):
@@ -287,7 +352,10 @@ def test_refuses_to_resume_with_other_settings(pair, tiny_dirs, tmp_path):
 
 
 def test_policy_errors(pair, tmp_path):
-    valid = "small, large, confidence, verify, oracle, calibrated"
+    from bench.harness import POLICY_NAMES
+
+    assert {"small", "large", "confidence", "verify", "oracle", "calibrated"} <= set(POLICY_NAMES)
+    valid = ", ".join(POLICY_NAMES)
     with pytest.raises(BenchError, match=f"unknown policy 'fast'.*{valid}"):
         parse_policies("small,fast", dataset="gsm8k")
     with pytest.raises(BenchError, match="only with --dataset embedded"):
@@ -338,6 +406,7 @@ def test_cli_bench_end_to_end_and_resume(tiny_dirs, tmp_path, capsys):
     captured = capsys.readouterr()
     assert "| oracle |" in captured.out and "wrote" in captured.out
     assert "bench: 8/8 solves" in captured.err and "eta" in captured.err  # progress on stderr
+    assert "[####################] 100%" in captured.err and "[##------------------] 12%" in captured.err
     rows = read_lines(out / "results.jsonl")
     assert len(rows) == 8 and {r["kind"] for r in rows} == {"embedded"}
     assert {r["policy"] for r in rows} == {"small", "large", "confidence@0.3", "oracle"}
@@ -354,8 +423,7 @@ def test_cli_bench_end_to_end_and_resume(tiny_dirs, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--backend", "vllm"], "not built yet"),
-    (["--backend", "openai"], "vllm and openai backends are not built yet"),
+    (["--backend", "openai"], "needs --endpoints"),
     (["--policies", "small,turbo"], "valid policies: small, large"),
     (["--dataset", "jsonl", "--policies", "oracle"], "only with --dataset embedded"),
     (["--gate", "confidence"], "--policies"),
@@ -366,3 +434,113 @@ def test_cli_bench_errors_are_one_clear_line(tiny_dirs, tmp_path, capsys, extra,
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and err.startswith("cascade bench: error:")
+
+
+def test_cli_bench_template_sets_prompt_and_delimiter(tiny_dirs, tmp_path, capsys):
+    data = write_dataset(tmp_path / "d.jsonl", PROBLEMS[:1])
+    out = tmp_path / "plain"
+    argv = ["bench", "--dataset", "jsonl", "--path", str(data), "--policies", "small",
+            "--small", tiny_dirs[0], "--large", tiny_dirs[2], "--template", "plain", "--max-steps", "2",
+            "--max-step-tokens", "4", "--no-math-verify", "-o", str(out)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    header = json.loads((out / "run.json").read_text())
+    from bench.prompts import get_template
+
+    plain = get_template("plain")
+    assert header["settings"]["prompt_templates"] == [plain.format, plain.format]
+    assert header["settings"]["delimiter"] == plain.delimiter == "\n\n"  # the template's delimiter
+    assert "--template plain" in header["command"]
+    # --delimiter given explicitly wins over the template's
+    argv_nl = [*argv[:-1], str(tmp_path / "nl"), "--delimiter", "\n"]
+    assert main(argv_nl) == 0
+    assert json.loads((tmp_path / "nl" / "run.json").read_text())["settings"]["delimiter"] == "\n"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--template", "qwen25-math-cot"], "needs --small/--large"),
+    (["--template", "embedded", "--small", "/no/such/a", "--large", "/no/such/b"], "leave out --small/--large"),
+    (["--template", "qwen", "--small", "/no/such/a", "--large", "/no/such/b"],
+     "valid templates: qwen25-math-cot, plain, chat, embedded"),
+])
+def test_cli_bench_template_errors(tmp_path, capsys, argv, message):
+    assert main(["bench", "-o", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_bench_openai_backend_against_fake_servers(tmp_path, capsys):
+    """--backend openai end to end: the embedded pair's directories give tokenizers, sizes and
+    fingerprints; two fake OpenAI-compatible servers (one per model) write the steps."""
+    from tests.fake_openai import FakeState, running_fake
+
+    data = write_dataset(tmp_path / "d.jsonl", [("o0", "a=1;b=a+2;?b", "7"), ("o1", "a=2;?a", "8")])
+    out = tmp_path / "openai"
+    # (the fakes see token ids, not text: each answers at once, small "7", large "8")
+    with running_fake(FakeState(step="#### 7")) as (small_url, small_state), \
+            running_fake(FakeState(step="#### 8")) as (large_url, large_state):
+        argv = ["bench", "--dataset", "jsonl", "--path", str(data), "--policies", "small,large,verify@0.5",
+                "--backend", "openai", "--endpoints", small_url, "--endpoints", large_url,
+                "--served-models", "s,l", "--no-math-verify", "-o", str(out)]
+        assert main(argv) == 0
+    capsys.readouterr()
+    rows = read_lines(out / "results.jsonl")
+    assert len(rows) == 6 and all(r["error"] is None for r in rows)
+    by = {(r["id"], r["policy"]): r for r in rows}
+    assert by["o0", "small"]["predicted"] == "7" and by["o0", "small"]["correct"] is True
+    assert by["o1", "small"]["correct"] is False
+    assert by["o1", "large"]["predicted"] == "8" and by["o1", "large"]["correct"] is True
+    assert [(s["text"], s["tier"]) for s in by["o0", "large"]["steps"]] == [("#### 8", 1)]
+    assert {b["model"] for b in small_state.bodies} == {"s"} and {b["model"] for b in large_state.bodies} == {"l"}
+    assert any(b.get("echo") for b in large_state.bodies)  # verify scored the drafts on the large server
+    header = json.loads((out / "run.json").read_text())
+    assert [m["name"] for m in header["settings"]["models"]] == ["embedded:small", "embedded:large"]
+    assert f"--endpoints {small_url} --endpoints {large_url}" in header["command"]
+    assert all(r["unknown_chars"] == 0 for r in rows)  # the local tokenizers are used
+    # the embedded pair off its own task: the note says accuracy is not informative, though 50 % here
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["policies"]["small"]["accuracy"] == 0.5 and summary["tiny_model_note"] is True
+    assert "proves the path end to end" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--backend", "tgi"], "unknown backend 'tgi'; valid backends: hf, vllm, openai"),
+    (["--backend", "openai"], "needs --endpoints"),
+    (["--backend", "openai", "--endpoints", "http://127.0.0.1:9"], "given 1 time(s) for 2 models"),
+    (["--endpoints", "http://127.0.0.1:9"], "are for --backend openai"),
+])
+def test_cli_bench_backend_errors(tmp_path, capsys, argv, message):
+    assert main(["bench", "--policies", "small", "--limit", "1", "-o", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_bench_vllm_backend_wiring(tmp_path, capsys, monkeypatch):
+    """--backend vllm builds one VLLMBackend per model with the paths, names, delimiter,
+    template, dtype, memory shares and length asked for (vLLM itself stood in for by the
+    HF backend: starting engines is test_vllm.py's job)."""
+    import decoding
+    from cascade import embedded_path
+
+    calls = []
+
+    def fake_from_pretrained(path, *, name, dtype, gpu_memory_utilization, max_model_len, step_delimiter,
+                             prompt_template):
+        calls.append((str(path), name, dtype, gpu_memory_utilization, max_model_len, step_delimiter,
+                      prompt_template))
+        return HFBackend.from_pretrained(path, step_delimiter=step_delimiter, name=name)
+
+    monkeypatch.setattr(decoding, "VLLMBackend", SimpleNamespace(from_pretrained=fake_from_pretrained),
+                        raising=False)
+    argv = ["bench", "--limit", "1", "--policies", "small", "--backend", "vllm", "--gpu-memory", "0.2,0.7",
+            "--dtype", "bfloat16", "--max-model-len", "1024", "-o", str(tmp_path / "v")]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert calls == [(str(embedded_path("small")), "embedded:small", "bfloat16", 0.2, 1024, "\n", None),
+                     (str(embedded_path("large")), "embedded:large", "bfloat16", 0.7, 1024, "\n", None)]
+    header = json.loads((tmp_path / "v" / "run.json").read_text())
+    assert "--backend vllm" in header["command"] and "--gpu-memory 0.2,0.7" in header["command"]
+    assert header["settings"]["options"]["max_steps"] == 16  # the embedded pair's own step limits
+    assert main([*argv[:-2], "--gpu-memory", "0.5", "-o", str(tmp_path / "w")]) == 2
+    assert "--gpu-memory gives 1 fractions for 2 models" in capsys.readouterr().err
