@@ -4,10 +4,12 @@ The machine was shared (load ~10 on 2 cores), so one `cascade bench` process ove
 problems would not have finished in the time we had. This script runs problems
 FIRST..LAST-1 of the same command (same models, policies, options and code) concurrently
 into a separate directory; `merge` then appends the rows the main run's results.jsonl
-lacks (the main process was stopped after problem 250), and re-running the main command
-recomputes the summary from the merged file (it finds every (problem, policy) pair done).
-We ran: `run runs/embedded_bench_b 250 500` (stopped once it had passed problem 375) and
-`run runs/embedded_bench_c 375 500`, then `merge` on both.
+lacks, and re-running the main command recomputes the summary from the merged file (it
+finds every (problem, policy) pair done). We ran, at the same time: the main command
+(stopped after 2001 rows: problems 0-249 and one row of problem 250), `run
+runs/embedded_bench_b 250 500` (stopped after 1000 rows: problems 250-374; its duplicate
+of that one row was dropped by `merge`) and `run runs/embedded_bench_c 375 500`, then
+`merge` on b and on c.
 
     OMP_NUM_THREADS=1 python bench/results/embedded_bench/shard.py run OUT FIRST LAST
     python bench/results/embedded_bench/shard.py merge OUT
