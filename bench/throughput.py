@@ -26,9 +26,9 @@ import platform
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -186,10 +186,10 @@ def write_report(runs: list[RunStats], out: Path, meta: dict) -> dict:
             f"{row['latency_p50']:.3f} | {row['latency_p95']:.3f} | "
             + " | ".join(f"{r.mean_batch[t]:.1f}" for t in tiers)
             + f" | {'yes' if r.same_traces else 'NO'} | {r.load_before[0]:.1f} / {r.load_after[0]:.1f} |")
-    lines += ["", "One run each, in table order. Latency: `solve` = its wall time; `solve_many` = from "
-              "the request's first model call to the end of its step machine (slot wait excluded); "
-              "nearest-rank percentiles. Speedup = throughput / sequential throughput, same process. "
-              "Load average: 1-minute, of the whole (shared) machine."]
+    lines += ["", ("One run each, in table order. Latency: `solve` = its wall time; `solve_many` = from "
+                   "the request's first model call to the end of its step machine (slot wait excluded); "
+                   "nearest-rank percentiles. Speedup = throughput / sequential throughput, same process. "
+                   "Load average: 1-minute, of the whole (shared) machine.")]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(runs, out / "throughput.png", meta)
     return report

@@ -24,9 +24,9 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -135,7 +135,7 @@ class _Batch:
         return self.cache.layers[0].keys.shape[0]
 
     @classmethod
-    def merge(cls, sessions: Sequence[_Session], device: torch.device) -> "_Batch":
+    def merge(cls, sessions: Sequence[_Session], device: torch.device) -> _Batch:
         """Left-pad the sessions' caches into one batch. A single session's cache is used
         as is, so a batch of one costs nothing extra."""
         from transformers import DynamicCache
@@ -265,7 +265,7 @@ class HFBackend:
     def from_pretrained(cls, name_or_path: str | Path, *, step_delimiter: str = "\n\n",
                         prompt_template: str | None = None, dtype: str = "float32",
                         device: str = "cpu", name: str | None = None, gguf_file: str | None = None,
-                        **model_kwargs) -> "HFBackend":
+                        **model_kwargs) -> HFBackend:
         """Load any causal LM + tokenizer from a local directory or a hub id.
 
         name: what `info.name` reports (default: the path or id as given).
@@ -288,7 +288,7 @@ class HFBackend:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf_file} if gguf_file else {}))
             model = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[dtype], **model_kwargs)
-        except (OSError, ValueError, EnvironmentError, ImportError) as error:
+        except (OSError, ValueError, ImportError) as error:
             raise ModelLoadError(f"could not load model {name!r}: {error}".split("\n")[0]) from error
         model.to(device)
         fingerprint = weights_fingerprint(local) if local.is_dir() else hashlib.sha256(
@@ -421,8 +421,9 @@ class HFBackend:
     def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
         """Generate one step for each request, all rows decoding together as one padded batch.
 
-        Each request is first caught up on its own cache (only its new tokens are fed);
-        then the per-request caches are left-padded into one batched cache and every row
+        Each request is first caught up on its own cache (only its new tokens are fed;
+        rows with similar numbers of new tokens share one padded forward pass); then the
+        per-request caches are left-padded into one batched cache and every row
         decodes token by token in one forward pass per token, with an attention mask over
         the padding and explicit position ids; a row leaves the batch (and gets its cache
         back, padding dropped) as soon as it stops. Greedy and seeded-sampled rows give

@@ -11,8 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import decoding.hf as hf
-from decoding import BackendError, HFBackend, ScoreRequest, StepRequest
+from decoding import BackendError, HFBackend, ScoreRequest, StepRequest, hf
 
 PROBLEMS = ("a=12;b=a+3;?b", "q=7;?q", "x=1;y=2;z=3;w=4;?w")
 CONTEXTS = ("", "b=15\n", "b=15\nc=3+4\n", "x=1;y=2;z=3;w=4\nv=9\n")
