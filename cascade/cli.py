@@ -29,6 +29,36 @@ def _gate_from_args(args) -> object | None:
     return make_gate(args.gate, **options)
 
 
+def _gates_from_args(args, gate) -> list | None:
+    """--gates NAME[@T],NAME[@T],...: one gate per position of an N-model cascade."""
+    spec = getattr(args, "gates", None)
+    if spec is None:
+        return None
+    if gate is not None:
+        raise CascadeError("give --gate or --gates, not both")
+    if args.threshold is not None:
+        raise CascadeError("--threshold sets the threshold of --gate; with --gates write NAME@THRESHOLD "
+                           "(e.g. --gates confidence@0.3,confidence@0.5)")
+    gates = []
+    for item in spec.split(","):
+        name, at, value = item.strip().partition("@")
+        options: dict = {}
+        if at:
+            try:
+                options["threshold"] = float(value)
+            except ValueError:
+                raise CascadeError(f"bad threshold in --gates item {item!r}: {value!r} is not a number") from None
+        if name == "confidence":
+            options.update(signal=args.signal, mode=args.mode)
+        gates.append(make_gate(name, **options))
+    return gates
+
+
+def _model_count(args) -> int:
+    """How many models the model options name (before loading any)."""
+    return len(args.models.split(",")) if args.models else 2
+
+
 def _print_result(result, colour: bool) -> None:
     width = max(len(name) for name in result.tier_names)
     for step in result.steps:
@@ -50,7 +80,18 @@ def _build_cascade(args, gate):
     import cascade
     from cascade.runtime import Cascade, SolveOptions
 
-    models = args.models.split(",") if args.models else None
+    models = [m.strip() for m in args.models.split(",")] if args.models else None
+    gates = _gates_from_args(args, gate)
+    if gates is not None and len(gates) != _model_count(args) - 1:
+        n = _model_count(args)
+        raise CascadeError(f"--gates names {len(gates)} gate(s) for {n} models; {n} models need {n - 1} "
+                           "(one between each model and the next)")
+    if models and any(m.startswith("embedded:") for m in models):
+        if not all(m.startswith("embedded:") for m in models) or args.small or args.large:
+            raise CascadeError("embedded:<tier> models cannot be mixed with other models; "
+                               f"got --models {args.models}")
+        tiers = tuple(m.split(":", 1)[1] for m in models)
+        return cascade.embedded_cascade(None if gates else gate, tiers=tiers, gates=gates)
     if models or args.small or args.large:
         if models and (args.small or args.large):
             raise CascadeError("give --models or --small/--large, not both")
@@ -58,11 +99,12 @@ def _build_cascade(args, gate):
         if any(p is None for p in paths):
             raise CascadeError("--small and --large go together")
         options = SolveOptions(max_steps=args.max_steps or 32, max_step_tokens=args.max_step_tokens or 256)
-        runner = Cascade.from_pretrained(models=paths, gate=gate, step_delimiter=args.delimiter,
+        runner = Cascade.from_pretrained(models=paths, gate=None if gates else gate, gates=gates,
+                                         step_delimiter=args.delimiter,
                                          prompt_template=getattr(args, "prompt_template", None),
                                          options=options)
     else:
-        runner = cascade.embedded_cascade(gate)
+        runner = cascade.embedded_cascade(None if gates else gate, gates=gates)
     return runner
 
 
@@ -102,6 +144,7 @@ def _solve(args) -> int:
 
 def _calibrate(args) -> int:
     from bench.datasets import load_dataset
+    from calibration import product_grid
     from cascade.calibrate import calibrate, default_thresholds, sweep
 
     problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
@@ -110,7 +153,10 @@ def _calibrate(args) -> int:
     if budgets == [None]:
         raise CascadeError("give --budget or --budgets")
     thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else default_thresholds()
-    candidates = [(t,) * len(runner.gates) for t in sorted(set(thresholds), reverse=True)]
+    if args.grid:  # every combination: one threshold per gate, tested along grid paths
+        candidates = [tuple(c) for c in product_grid([thresholds] * len(runner.gates)).tolist()]
+    else:
+        candidates = [(t,) * len(runner.gates) for t in sorted(set(thresholds), reverse=True)]
     # Resumable: every finished problem's sweep row is appended to <out>.sweep.jsonl.
     partial = Path(str(args.output) + ".sweep.jsonl")
     header = {"models": [[m.info.name, m.info.fingerprint] for m in runner.models],
@@ -227,9 +273,9 @@ def _bench(args) -> int:
                            "(e.g. --endpoints http://127.0.0.1:8000 --endpoints http://127.0.0.1:8001)")
     if args.backend != "openai" and (args.endpoints or args.served_models):
         raise CascadeError("--endpoints and --served-models are for --backend openai")
-    if args.gate is not None:
-        raise CascadeError("bench names its gates with --policies (e.g. small,large,confidence@0.3), "
-                           "not --gate")
+    if args.gate is not None or args.gates is not None:
+        raise CascadeError("bench names its gates with --policies (e.g. small,large,confidence@0.3; "
+                           "confidence@0.3/0.5 for one threshold per gate), not --gate/--gates")
     threshold = 0.5 if args.threshold is None else args.threshold
     command = _bench_command(args)  # as given: before the template fills in its delimiter
     _apply_template(args)
@@ -327,6 +373,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", help="comma-separated models, cheapest first (N tiers)")
     parser.add_argument("--delimiter", default="\n\n", help="step delimiter for --small/--large")
     parser.add_argument("--gate", choices=sorted(GATES), default=None)
+    parser.add_argument("--gates", default=None,
+                        help="one gate per position, comma-separated NAME[@THRESHOLD] (N models need "
+                             "N - 1), e.g. confidence@0.3,confidence@0.5")
     parser.add_argument("--threshold", type=float, default=None)
     parser.add_argument("--signal", default="min_prob", help="confidence signal of --gate confidence")
     parser.add_argument("--mode", default="speculate", choices=["route", "speculate"])
@@ -355,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--method", default="ltt", choices=["ltt", "conformal", "risk"])
     calib.add_argument("--objective", default="agreement", choices=["agreement", "max_escalation", "min_cost"])
     calib.add_argument("--thresholds", default=None, help="comma-separated threshold grid")
+    calib.add_argument("--grid", action="store_true",
+                       help="N-model cascades: candidates are every combination of --thresholds, one "
+                            "per gate (default: the same threshold at every gate)")
     calib.add_argument("--cost-max", type=float, default=None, help="method risk: cost upper bound")
     calib.add_argument("-o", "--output", required=True, type=Path, help="calibration JSON to write")
     _add_model_options(calib)
