@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from decoding.prompting import render_prompt
+from decoding.prompting import crop_point, render_prompt
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -353,15 +353,7 @@ class HFBackend:
 
     def _plan_catch_up(self, session: _Session, target: str) -> tuple[int, int]:
         """The (tokens, characters) boundary to keep: the last one inside the shared prefix."""
-        shared = 0
-        limit = min(len(session.text), len(target))
-        while shared < limit and session.text[shared] == target[shared]:
-            shared += 1
-        keep = (0, 0)
-        for tokens, chars in session.boundaries:
-            if chars <= shared:
-                keep = (tokens, chars)
-        return keep
+        return crop_point(session.text, session.boundaries, target)
 
     def _plan_feed(self, request_id: str, problem: str, context: str) -> tuple[_Session, list[int]]:
         """Bring the session's text and boundaries to prompt + context (cropping its cache

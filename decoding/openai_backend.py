@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, render_prompt
+from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, prompt_ids, render_prompt
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -254,12 +254,7 @@ class OpenAIBackend:
         return count
 
     def _prompt_ids(self, prompt: str, add_special: bool, *pieces: str) -> list[int]:
-        """Token ids as HFBackend feeds them to a fresh cache: prompt, then each piece."""
-        ids = self._encode(prompt, add_special)
-        for piece in pieces:
-            if piece:
-                ids += self._encode(piece, False)
-        return ids
+        return prompt_ids(self._encode, prompt, add_special, *pieces)
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)

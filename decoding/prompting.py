@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-__all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "entropy_from_top"]
+__all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "crop_point", "prompt_ids", "entropy_from_top"]
 
 
 def check_prompt_settings(step_delimiter: str, prompt_template: str | None) -> None:
@@ -40,6 +40,33 @@ def render_prompt(problem: str, *, tokenizer=None, step_delimiter: str,
     return problem + step_delimiter, True
 
 
+def crop_point(cached: str, boundaries: Iterable[tuple[int, int]], target: str) -> tuple[int, int]:
+    """The (tokens, characters) boundary a cache holding `cached` keeps to reach `target`:
+    the last piece boundary inside their shared prefix ((0, 0): start over). HFBackend's
+    KV cache and the engine backends' prefill ledger crop by this one rule, so all of
+    them charge the same prefill for the same history."""
+    shared = 0
+    limit = min(len(cached), len(target))
+    while shared < limit and cached[shared] == target[shared]:
+        shared += 1
+    keep = (0, 0)
+    for tokens, chars in boundaries:
+        if chars <= shared:
+            keep = (tokens, chars)
+    return keep
+
+
+def prompt_ids(encode: Callable[[str, bool], list[int]], prompt: str, add_special: bool,
+               *pieces: str) -> list[int]:
+    """Token ids as HFBackend feeds them to a fresh cache: the prompt, then each piece
+    encoded on its own (so engine backends send exactly the tokens HFBackend would)."""
+    ids = encode(prompt, add_special)
+    for piece in pieces:
+        if piece:
+            ids += encode(piece, False)
+    return ids
+
+
 @dataclass
 class _Entry:
     text: str = ""
@@ -64,15 +91,7 @@ class PrefixLedger:
         self._entries: dict[str, _Entry] = {}
 
     def _keep(self, entry: _Entry, target: str) -> tuple[int, int]:
-        shared = 0
-        limit = min(len(entry.text), len(target))
-        while shared < limit and entry.text[shared] == target[shared]:
-            shared += 1
-        keep = (0, 0)
-        for tokens, chars in entry.boundaries:
-            if chars <= shared:
-                keep = (tokens, chars)
-        return keep
+        return crop_point(entry.text, entry.boundaries, target)
 
     def prefill(self, request_id: str, prompt: str, context: str,
                 count: Callable[[str, bool], int]) -> int:

@@ -38,7 +38,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
-from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, render_prompt
+from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, prompt_ids, render_prompt
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -165,11 +165,7 @@ class VLLMBackend:
         return lambda text, is_prompt: len(self._encode(text, add_special and is_prompt))
 
     def _prompt_ids(self, prompt: str, add_special: bool, *pieces: str) -> list[int]:
-        ids = self._encode(prompt, add_special)
-        for piece in pieces:
-            if piece:
-                ids += self._encode(piece, False)
-        return ids
+        return prompt_ids(self._encode, prompt, add_special, *pieces)
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)
