@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import sys
 import time
@@ -36,7 +35,7 @@ import numpy as np
 from bench.pair_report import _git_commit, wilson_interval
 from bench.tasks import DEFAULT_CONFIG, check_answer, generate_split
 from calibration import product_grid
-from cascade import DEFAULT_EMBEDDED_GATE, AlwaysLarge, AlwaysSmall, Cascade, SolveOptions, calibrate, sweep
+from cascade import DEFAULT_EMBEDDED_GATE, AlwaysLarge, AlwaysSmall, Cascade, SolveOptions, calibrate, sweep_file
 from cascade.cli import progress_printer
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from decoding import HFBackend
@@ -81,26 +80,7 @@ def _load(tier: str, path: str | None) -> HFBackend:
 
 
 def _resumable_sweep(runner: Cascade, problems: list[str], candidates, path: Path):
-    header = {"models": [[m.info.name, m.info.fingerprint] for m in runner.models],
-              "candidates": [list(c) for c in candidates], "gates": [repr(g) for g in runner.gates]}
-    rows = []
-    if path.exists():
-        lines = path.read_text().splitlines()
-        if lines and json.loads(lines[0]) == json.loads(json.dumps(header)):
-            # Splits are prefix-stable: rows of a smaller run are the first rows of this one
-            # (sweep checks each row's problem text).
-            rows = [json.loads(line) for line in lines[1:] if line.strip()][: len(problems)]
-        else:
-            path.write_text(json.dumps(header) + "\n")
-    else:
-        path.write_text(json.dumps(header) + "\n")
-
-    def keep(row: dict) -> None:
-        with path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-
-    return sweep(runner, problems, candidates, rows=rows, on_row=keep,
-                 progress=progress_printer(f"sweep {path.stem}"))
+    return sweep_file(runner, problems, candidates, path, progress=progress_printer(f"sweep {path.stem}"))
 
 
 def main(argv: list[str] | None = None) -> dict:

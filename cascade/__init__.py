@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from cascade.answer import extract_answer
-from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep
+from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep, sweep_file
 from cascade.cost import Cost, CostModel, Prices, Usage
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from cascade.errors import CascadeError, ConfigError, RequestTimeoutError, StepFailedError
@@ -72,6 +72,7 @@ __all__ = [
     "make_gate",
     "solve",
     "sweep",
+    "sweep_file",
     "train_router",
 ]
 

@@ -38,7 +38,7 @@ from cascade.records import Result
 from cascade.runtime import Cascade, SolveOptions
 from decoding import ScoreRequest, StepRequest
 
-__all__ = ["SweepResult", "Calibration", "CalibrationFileError", "sweep", "calibrate",
+__all__ = ["SweepResult", "Calibration", "CalibrationFileError", "sweep", "sweep_file", "calibrate",
            "default_thresholds", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
@@ -229,6 +229,34 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
         independent_tokens=sum(r["independent_tokens"] for r in done),
         seconds=time.perf_counter() - started,
     )
+
+
+def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequence[float]],
+               path: str | Path, *, progress: Callable[[int, int], None] | None = None,
+               on_resume: Callable[[int], None] | None = None) -> SweepResult:
+    """`sweep`, resumable through a JSONL file: each finished problem's row is appended to
+    `path` as it comes, and a file written for the same models, gates and candidates is
+    resumed (its first rows reused; a file made with other settings is started afresh).
+    on_resume is called with the number of rows reused."""
+    path = Path(path)
+    header = {"models": [[m.info.name, m.info.fingerprint] for m in cascade.models],
+              "candidates": [list(c) for c in candidates], "gates": [repr(g) for g in cascade.gates]}
+    rows: list[dict] = []
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines and json.loads(lines[0]) == json.loads(json.dumps(header)):
+        # Rows are per problem, in order: a longer earlier run's first rows serve a shorter
+        # one (sweep checks each row's problem text).
+        rows = [json.loads(line) for line in lines[1:] if line.strip()][: len(problems)]
+        if on_resume is not None:
+            on_resume(len(rows))
+    else:
+        path.write_text(json.dumps(header) + "\n")
+
+    def keep(row: dict) -> None:
+        with path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    return sweep(cascade, problems, candidates, rows=rows, on_row=keep, progress=progress)
 
 
 # ---- the calibration record ---------------------------------------------------------------

@@ -145,7 +145,7 @@ def _solve(args) -> int:
 def _calibrate(args) -> int:
     from bench.datasets import load_dataset
     from calibration import product_grid
-    from cascade.calibrate import calibrate, default_thresholds, sweep
+    from cascade.calibrate import calibrate, default_thresholds, sweep_file
 
     problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
     runner = _build_cascade(args, _gate_from_args(args))
@@ -158,26 +158,9 @@ def _calibrate(args) -> int:
     else:
         candidates = [(t,) * len(runner.gates) for t in sorted(set(thresholds), reverse=True)]
     # Resumable: every finished problem's sweep row is appended to <out>.sweep.jsonl.
-    partial = Path(str(args.output) + ".sweep.jsonl")
-    header = {"models": [[m.info.name, m.info.fingerprint] for m in runner.models],
-              "candidates": candidates, "gates": [repr(g) for g in runner.gates]}
-    rows = []
-    if partial.exists():
-        lines = partial.read_text().splitlines()
-        if lines and json.loads(lines[0]) == json.loads(json.dumps(header)):
-            rows = [json.loads(line) for line in lines[1:] if line.strip()]
-            print(f"resuming: {len(rows)} problems already swept", file=sys.stderr)
-        else:
-            partial.write_text(json.dumps(header) + "\n")
-    else:
-        partial.write_text(json.dumps(header) + "\n")
-
-    def keep(row: dict) -> None:
-        with partial.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
-
-    swept = sweep(runner, problems, candidates, rows=rows, on_row=keep,
-                  progress=progress_printer("calibrate"))
+    swept = sweep_file(runner, problems, candidates, Path(str(args.output) + ".sweep.jsonl"),
+                       progress=progress_printer("calibrate"),
+                       on_resume=lambda n: print(f"resuming: {n} problems already swept", file=sys.stderr))
     result = calibrate(runner, problems, budgets=budgets, alpha=args.alpha, delta=args.delta,
                        method=args.method, objective=args.objective, candidates=candidates,
                        swept=swept, cost_max=args.cost_max)

@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from decoding._own_loop import OwnLoopBatches
 from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, prompt_ids, render_prompt
 from decoding.types import (
     BackendError,
@@ -103,7 +104,7 @@ class _EndpointLimiter:
         self._slots.release()
 
 
-class OpenAIBackend:
+class OpenAIBackend(OwnLoopBatches):
     """A model served behind one or more OpenAI-compatible base URLs (round robin).
 
     base_urls: e.g. "http://127.0.0.1:8000" (with or without "/v1"); several = replicas.
@@ -425,24 +426,7 @@ class OpenAIBackend:
                                 count)
         return ScoreOutput(ids, tuple(float(x) for x in scored), fed, time.perf_counter() - started)
 
-    # ---- the protocol ------------------------------------------------------------------------
-
-    async def _gather(self, coroutines):
-        return await asyncio.gather(*coroutines)
-
-    async def anext_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
-        future = self._submit(self._gather([self._next_step(r) for r in requests]))
-        return list(await asyncio.wrap_future(future))
-
-    async def ascore_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
-        future = self._submit(self._gather([self._score(r) for r in requests]))
-        return list(await asyncio.wrap_future(future))
-
-    def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
-        return list(self._submit(self._gather([self._next_step(r) for r in requests])).result())
-
-    def score_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
-        return list(self._submit(self._gather([self._score(r) for r in requests])).result())
+    # ---- the protocol: next_steps/score_steps and their async twins come from OwnLoopBatches
 
 
 # ---- helpers -------------------------------------------------------------------------------

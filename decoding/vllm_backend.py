@@ -36,8 +36,9 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from decoding._own_loop import OwnLoopBatches
 from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, prompt_ids, render_prompt
 from decoding.types import (
     BackendError,
@@ -52,7 +53,7 @@ from decoding.types import (
 __all__ = ["VLLMBackend"]
 
 
-class VLLMBackend:
+class VLLMBackend(OwnLoopBatches):
     """A vLLM engine in this process. Build it with `VLLMBackend.from_pretrained`."""
 
     def __init__(self, engine: Any, tokenizer: Any, *, name: str, num_parameters: int,
@@ -275,19 +276,3 @@ class VLLMBackend:
             raise RuntimeError("VLLMBackend: a blocking call from inside its own event loop")
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
 
-    async def _gather(self, coroutines):
-        return await asyncio.gather(*coroutines)
-
-    async def anext_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
-        future = self._submit(self._gather([self._next_step(r) for r in requests]))
-        return list(await asyncio.wrap_future(future))
-
-    async def ascore_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
-        future = self._submit(self._gather([self._score(r) for r in requests]))
-        return list(await asyncio.wrap_future(future))
-
-    def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
-        return list(self._submit(self._gather([self._next_step(r) for r in requests])).result())
-
-    def score_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
-        return list(self._submit(self._gather([self._score(r) for r in requests])).result())
