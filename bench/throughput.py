@@ -19,6 +19,7 @@ is recorded: on a shared machine the absolute figures move with it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -73,6 +74,19 @@ class TimedBackend:
         self._seen(requests)
         return self.inner.score_steps(requests)
 
+    def __getattr__(self, name: str):
+        # The async methods exist exactly when the wrapped backend has them: the runtime
+        # picks how it drives a backend by that (a process or server keeps several
+        # batches in flight).
+        if name not in ("anext_steps", "ascore_steps") or not hasattr(self.inner, name):
+            raise AttributeError(name)
+        method = getattr(self.inner, name)
+
+        async def timed(requests):
+            self._seen(requests)
+            return await method(requests)
+        return timed
+
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         with self._lock:
             self.first_call.setdefault(request_id, time.perf_counter())
@@ -101,14 +115,15 @@ class RunStats:
     mean_batch: dict[str, float]  # tier name -> mean rows per next_steps call
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
-    same_traces: bool  # every result equals the sequential run's
+    same_traces: bool  # every result equals the first sequential run's
+    setup: str = "in-process"  # or "isolated": tiers above the first in processes of their own
 
     @property
     def throughput(self) -> float:
         return self.problems / self.wall_seconds
 
     def to_json(self) -> dict:
-        return {"mode": self.mode, "concurrency": self.concurrency, "problems": self.problems,
+        return {"setup": self.setup, "mode": self.mode, "concurrency": self.concurrency, "problems": self.problems,
                 "wall_seconds": self.wall_seconds, "throughput": self.throughput,
                 "latency_p50": percentile(self.latencies, 50), "latency_p95": percentile(self.latencies, 95),
                 "latency_mean": sum(self.latencies) / len(self.latencies),
@@ -121,75 +136,100 @@ def _trace(result: Result) -> tuple:
             tuple((s.text, s.author, tuple(u.generated_tokens for u in s.usage)) for s in result.steps))
 
 
-def run_benchmark(problems: list[str], concurrencies: Sequence[int], runner: Cascade | None = None,
-                  progress=print) -> list[RunStats]:
-    """Sequential `solve`, then `solve_many` at each concurrency, on the same problems."""
-    base = runner or embedded_cascade()
-    timed = [TimedBackend(model) for model in base.models]
-    cascade = Cascade(models=timed, gates=base.gates, options=base.options, tier_names=base.tier_names)
-    cascade.solve_many(problems[: min(4, len(problems))], concurrency=4)  # warm-up: caches, threads
+def _timed(base: Cascade) -> Cascade:
+    models = [TimedBackend(model) for model in base.models]
+    return Cascade(models=models, gates=base.gates, options=base.options, tier_names=base.tier_names)
 
-    def batches() -> dict[str, float]:
-        return {name: (sum(t.batch_sizes) / len(t.batch_sizes) if t.batch_sizes else 0.0)
-                for name, t in zip(cascade.tier_names, timed)}
 
-    runs: list[RunStats] = []
+def _measure(setup: str, cascade: Cascade, problems: list[str], concurrency: int | None) -> tuple[RunStats, list]:
+    """One run: sequential `solve` (concurrency None) or `solve_many`; its stats and traces."""
+    timed = cascade.models
     for model in timed:
         model.reset()
     load_before = os.getloadavg()
-    latencies, sequential = [], []
     begin = time.perf_counter()
-    for problem in problems:
-        start = time.perf_counter()
-        sequential.append(cascade.solve(problem))
-        latencies.append(time.perf_counter() - start)
-    wall = time.perf_counter() - begin
-    runs.append(RunStats("solve", 1, len(problems), wall, tuple(latencies), batches(), load_before,
-                         os.getloadavg(), True))
-    progress(f"solve (sequential): {len(problems) / wall:.2f} problems/s")
-    reference = [_trace(r) for r in sequential]
-    for concurrency in concurrencies:
-        for model in timed:
-            model.reset()
-        load_before = os.getloadavg()
-        begin = time.perf_counter()
+    latencies: list[float] = []
+    if concurrency is None:
+        results = []
+        for problem in problems:
+            start = time.perf_counter()
+            results.append(cascade.solve(problem))
+            latencies.append(time.perf_counter() - start)
+    else:
         results = cascade.solve_many(problems, concurrency=concurrency)
-        wall = time.perf_counter() - begin
+    wall = time.perf_counter() - begin
+    if concurrency is not None:
         ids = set().union(*(t.first_call for t in timed))  # one request id per problem
         latencies = [max(t.released.get(i, 0.0) for t in timed) -
                      min(t.first_call.get(i, math.inf) for t in timed) for i in ids]
-        same = [_trace(r) for r in results] == reference
-        runs.append(RunStats("solve_many", concurrency, len(problems), wall, tuple(latencies), batches(),
-                             load_before, os.getloadavg(), same))
-        progress(f"solve_many concurrency={concurrency}: {len(problems) / wall:.2f} problems/s, "
-                 f"same traces: {same}")
+    batches = {name: (sum(t.batch_sizes) / len(t.batch_sizes) if t.batch_sizes else 0.0)
+               for name, t in zip(cascade.tier_names, timed)}
+    mode = "solve" if concurrency is None else "solve_many"
+    stats = RunStats(mode, concurrency or 1, len(problems), wall, tuple(latencies), batches,
+                     load_before, os.getloadavg(), True, setup)
+    return stats, [_trace(r) for r in results]
+
+
+def run_benchmark(problems: list[str], concurrencies: Sequence[int], runner: Cascade | None = None,
+                  isolated: Cascade | None = None, progress=print) -> list[RunStats]:
+    """Sequential `solve`, then `solve_many` at each concurrency, on the same problems; then
+    the same with `isolated` (the same models, tiers above the first each in a process of
+    its own); then sequential in-process `solve` again (a machine's speed drifts)."""
+    base = runner or embedded_cascade()
+    plan: list[tuple[str, Cascade, int | None]] = []
+    for setup, cascade in [("in-process", _timed(base))] + ([("isolated", _timed(isolated))] if isolated else []):
+        cascade.solve_many(problems[: min(4, len(problems))], concurrency=4)  # warm-up: caches, threads
+        plan += [(setup, cascade, None)] + [(setup, cascade, c) for c in concurrencies]
+    plan.append(plan[0])
+    runs: list[RunStats] = []
+    reference = None
+    for setup, cascade, concurrency in plan:
+        stats, traces = _measure(setup, cascade, problems, concurrency)
+        reference = reference or traces
+        stats = dataclasses.replace(stats, same_traces=traces == reference)
+        runs.append(stats)
+        progress(f"{setup} {stats.mode} concurrency={stats.concurrency}: {stats.throughput:.2f} problems/s, "
+                 f"same traces: {stats.same_traces}")
     return runs
+
+
+def baseline_throughput(runs: Sequence[RunStats]) -> float:
+    """Sequential in-process throughput: the mean of its runs (first and last of a report)."""
+    sequential = [r.throughput for r in runs if r.mode == "solve" and r.setup == "in-process"]
+    return sum(sequential) / len(sequential)
 
 
 def write_report(runs: list[RunStats], out: Path, meta: dict) -> dict:
     """report.json, report.md and throughput.png under `out`."""
     out.mkdir(parents=True, exist_ok=True)
-    base = runs[0].throughput
-    report = {**meta, "runs": [r.to_json() | {"speedup": r.throughput / base} for r in runs]}
+    base = baseline_throughput(runs)
+    report = {**meta, "baseline_throughput": base,
+              "runs": [r.to_json() | {"speedup": r.throughput / base} for r in runs]}
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     tiers = list(runs[0].mean_batch)
     lines = [f"# `solve_many` throughput vs sequential `solve` ({meta['n']} embedded test problems)", "",
              f"Command: `{meta['command']}`  ", f"Commit: `{meta['commit']}`, {meta['date']}  ",
-             f"Machine: {meta['machine']}; torch threads: {meta['torch_threads']}  ",
+             f"Machine: {meta['machine']}; torch threads: {meta['torch_threads']} per process  ",
              f"Models: {meta['models']}; gate: `{meta['gate']}`; greedy", "",
-             "| run | concurrency | throughput (problems/s) | speedup | p50 latency (s) | p95 latency (s) | "
+             "Setups: **in-process** = every model in this process (`HFBackend`), each driven from a "
+             "worker thread of its own; **isolated** = the first tier in this process, every tier "
+             "above it in a process of its own (`decoding.ProcessBackend`), so the tiers' Python work "
+             "does not share one GIL.", "",
+             "| setup | run | concurrency | throughput (problems/s) | speedup | p50 latency (s) | p95 latency (s) | "
              + " | ".join(f"mean {t} batch" for t in tiers) + " | same traces | load avg before / after |",
-             "|---|---|---|---|---|---|" + "---|" * len(tiers) + "---|---|"]
+             "|---|---|---|---|---|---|---|" + "---|" * len(tiers) + "---|---|"]
     for r, row in zip(runs, report["runs"]):
         lines.append(
-            f"| {r.mode} | {r.concurrency} | {r.throughput:.2f} | {row['speedup']:.2f}x | "
+            f"| {r.setup} | {r.mode} | {r.concurrency} | {r.throughput:.2f} | {row['speedup']:.2f}x | "
             f"{row['latency_p50']:.3f} | {row['latency_p95']:.3f} | "
             + " | ".join(f"{r.mean_batch[t]:.1f}" for t in tiers)
             + f" | {'yes' if r.same_traces else 'NO'} | {r.load_before[0]:.1f} / {r.load_after[0]:.1f} |")
-    lines += ["", ("One run each, in table order. Latency: `solve` = its wall time; `solve_many` = from "
-                   "the request's first model call to the end of its step machine (slot wait excluded); "
-                   "nearest-rank percentiles. Speedup = throughput / sequential throughput, same process. "
-                   "Load average: 1-minute, of the whole (shared) machine.")]
+    lines += ["", ("One run each, in table order; the first and last rows are the same sequential "
+                   f"in-process run, and speedup = throughput / their mean ({base:.2f} problems/s). "
+                   "Latency: `solve` = its wall time; `solve_many` = from the request's first model call "
+                   "to the end of its step machine (slot wait excluded); nearest-rank percentiles. "
+                   "Same traces: every answer, step text, author and token count equals the first run's. "
+                   "Load average: 1-minute, of the whole machine.")]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(runs, out / "throughput.png", meta)
     return report
@@ -201,26 +241,30 @@ def _plot(runs: list[RunStats], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    many = [r for r in runs if r.mode == "solve_many"]
-    xs = [r.concurrency for r in many]
+    base = baseline_throughput(runs)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(xs, [r.throughput for r in many], "o-", label="solve_many")
-    left.axhline(runs[0].throughput, color="gray", linestyle="--", label="sequential solve")
-    left.set_xscale("log", base=2)
-    left.set_xticks(xs, [str(x) for x in xs])
-    left.set_xlabel("concurrency")
+    sequential_p50 = percentile(runs[0].latencies, 50)
+    for setup, marker in (("in-process", "o"), ("isolated", "s")):
+        many = [r for r in runs if r.mode == "solve_many" and r.setup == setup]
+        if not many:
+            continue
+        xs = [r.concurrency for r in many]
+        left.plot(xs, [r.throughput for r in many], marker + "-", label=f"solve_many, {setup}")
+        right.plot(xs, [percentile(r.latencies, 50) for r in many], marker + "-", label=f"p50, {setup}")
+        right.plot(xs, [percentile(r.latencies, 95) for r in many], marker + ":", label=f"p95, {setup}")
+    for axis in (left, right):
+        axis.set_xscale("log", base=2)
+        axis.set_xticks(xs, [str(x) for x in xs])
+        axis.set_xlabel("concurrency")
+    left.axhline(base, color="gray", linestyle="--", label="sequential solve")
+    left.axhline(4 * base, color="gray", linestyle=":", label="4x sequential")
     left.set_ylabel("problems / s")
     left.set_title("throughput")
-    left.legend()
-    right.plot(xs, [percentile(r.latencies, 50) for r in many], "o-", label="p50")
-    right.plot(xs, [percentile(r.latencies, 95) for r in many], "s-", label="p95")
-    right.axhline(percentile(runs[0].latencies, 50), color="gray", linestyle="--", label="sequential p50")
-    right.set_xscale("log", base=2)
-    right.set_xticks(xs, [str(x) for x in xs])
-    right.set_xlabel("concurrency")
+    left.legend(fontsize=8)
+    right.axhline(sequential_p50, color="gray", linestyle="--", label="sequential p50")
     right.set_ylabel("seconds per request")
     right.set_title("per-request latency")
-    right.legend()
+    right.legend(fontsize=8)
     fig.suptitle(f"embedded pair, HF backend, {meta['n']} problems, torch threads = {meta['torch_threads']}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -233,19 +277,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--out", default="bench/results/throughput")
+    parser.add_argument("--no-isolated", action="store_true",
+                        help="skip the setup with the upper tiers in processes of their own")
     args = parser.parse_args(argv)
     if args.n < 1 or args.threads < 1 or min(args.concurrency) < 1:
         parser.error("--n, --threads and every --concurrency must be >= 1")
     torch.set_num_threads(args.threads)
     problems = [example.problem for example in load_dataset("embedded", limit=args.n)]
     runner = embedded_cascade()
+    isolated = None if args.no_isolated else embedded_cascade(isolate=True, threads=args.threads)
     meta = {"command": "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
             "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n": len(problems),
             "torch_threads": torch.get_num_threads(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), "
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"Python {platform.python_version()}, torch {torch.__version__}",
             "models": ", ".join(m.info.name for m in runner.models), "gate": repr(runner.gates[0])}
-    runs = run_benchmark(problems, args.concurrency, runner, progress=lambda line: print(line, flush=True))
+    runs = run_benchmark(problems, args.concurrency, runner, isolated,
+                         progress=lambda line: print(line, flush=True))
     report = write_report(runs, Path(args.out), meta)
     print((Path(args.out) / "report.md").read_text())
     return report

@@ -81,24 +81,31 @@ DEFAULT_EMBEDDED_GATE = ConfidenceGate(threshold=0.5, signal="min_prob", mode="s
 
 
 @lru_cache(maxsize=4)
-def _load_embedded(tiers: tuple[str, ...]):
-    from decoding import HFBackend
+def _load_embedded(tiers: tuple[str, ...], isolate: bool = False, threads: int = 1):
+    from decoding import HFBackend, ProcessBackend
 
-    return tuple(HFBackend.from_pretrained(embedded_path(t), step_delimiter=EMBEDDED_DELIMITER,
-                                           name=f"embedded:{t}") for t in tiers)
+    def load(tier: str, own_process: bool):
+        if own_process:
+            return ProcessBackend(embedded_path(tier), step_delimiter=EMBEDDED_DELIMITER,
+                                  name=f"embedded:{tier}", threads=threads)
+        return HFBackend.from_pretrained(embedded_path(tier), step_delimiter=EMBEDDED_DELIMITER,
+                                         name=f"embedded:{tier}")
+    return tuple(load(tier, isolate and k > 0) for k, tier in enumerate(tiers))
 
 
 def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small", "large"), *,
-                     gates: list[Gate] | None = None) -> Cascade:
+                     gates: list[Gate] | None = None, isolate: bool = False, threads: int = 1) -> Cascade:
     """A Cascade over the shipped embedded models (loaded once per process and shared).
 
     tiers: embedded model names, cheapest first. gate: the gate at every position, or
-    gates: one per position (len(tiers) - 1)."""
+    gates: one per position (len(tiers) - 1). isolate: every tier above the first runs in
+    a process of its own (`decoding.ProcessBackend`, `threads` torch threads each), so
+    concurrent requests use one core per tier instead of sharing one GIL."""
     options = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
     if gates is not None and gate is not None:
         raise ConfigError("give either gate= or gates=, not both")
     gates = list(gates) if gates is not None else [gate or DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1)
-    return Cascade(models=list(_load_embedded(tuple(tiers))), gates=gates, options=options)
+    return Cascade(models=list(_load_embedded(tuple(tiers), isolate, threads)), gates=gates, options=options)
 
 
 def solve(problem: str, budget: float | None = None, *, gate: Gate | None = None) -> Result:

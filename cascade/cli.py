@@ -91,7 +91,8 @@ def _build_cascade(args, gate):
             raise CascadeError("embedded:<tier> models cannot be mixed with other models; "
                                f"got --models {args.models}")
         tiers = tuple(m.split(":", 1)[1] for m in models)
-        return cascade.embedded_cascade(None if gates else gate, tiers=tiers, gates=gates)
+        return cascade.embedded_cascade(None if gates else gate, tiers=tiers, gates=gates,
+                                        isolate=getattr(args, "isolate", False))
     if models or args.small or args.large:
         if models and (args.small or args.large):
             raise CascadeError("give --models or --small/--large, not both")
@@ -102,9 +103,10 @@ def _build_cascade(args, gate):
         runner = Cascade.from_pretrained(models=paths, gate=None if gates else gate, gates=gates,
                                          step_delimiter=args.delimiter,
                                          prompt_template=getattr(args, "prompt_template", None),
-                                         options=options)
+                                         options=options, isolate=getattr(args, "isolate", False))
     else:
-        runner = cascade.embedded_cascade(None if gates else gate, gates=gates)
+        runner = cascade.embedded_cascade(None if gates else gate, gates=gates,
+                                          isolate=getattr(args, "isolate", False))
     return runner
 
 
@@ -293,6 +295,9 @@ def _bench_cascade(args):
     and step limits, served by a `decoding.VLLMBackend` / `decoding.OpenAIBackend`."""
     if args.backend == "hf":
         return _build_cascade(args, None)
+    if args.isolate:
+        raise CascadeError(f"--isolate runs HF models in processes of their own; --backend {args.backend} "
+                           "engines run outside this process already")
     import cascade
     import decoding
     from cascade.runtime import Cascade, SolveOptions
@@ -355,6 +360,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--large", help="large model: local path or hub id")
     parser.add_argument("--models", help="comma-separated models, cheapest first (N tiers)")
     parser.add_argument("--delimiter", default="\n\n", help="step delimiter for --small/--large")
+    parser.add_argument("--isolate", action="store_true",
+                        help="hf backend: run every model above the first in a process of its own "
+                             "(decoding.ProcessBackend), so concurrent requests use a core per model")
     parser.add_argument("--gate", choices=sorted(GATES), default=None)
     parser.add_argument("--gates", default=None,
                         help="one gate per position, comma-separated NAME[@THRESHOLD] (N models need "

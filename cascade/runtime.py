@@ -26,7 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Generator, Iterable, Literal, Sequence
 
-from decoding import Backend, BackendError, HFBackend, ScoreOutput, ScoreRequest, StepOutput, StepRequest
+from decoding import (
+    Backend,
+    BackendError,
+    HFBackend,
+    ProcessBackend,
+    ScoreOutput,
+    ScoreRequest,
+    StepOutput,
+    StepRequest,
+)
 
 from cascade.answer import extract_answer
 from cascade.cost import Cost, CostModel, Usage
@@ -178,16 +187,21 @@ class Cascade:
                         gates: Sequence[Gate] | None = None, step_delimiter: str = "\n\n",
                         prompt_template: str | None = None, dtype: str = "float32",
                         device: str = "cpu", options: SolveOptions = SolveOptions(),
-                        cost_model: CostModel | None = None) -> "Cascade":
-        """Load each model with `HFBackend.from_pretrained` (local path or hub id)."""
+                        cost_model: CostModel | None = None, isolate: bool = False) -> "Cascade":
+        """Load each model with `HFBackend.from_pretrained` (local path or hub id).
+
+        isolate: every model above the first runs in a process of its own
+        (`decoding.ProcessBackend`): concurrent requests then use a core (or drive a GPU)
+        per model instead of sharing one GIL; traces are the same."""
         paths = list(models) if models is not None else [p for p in (small, large) if p is not None]
         if models is not None and (small is not None or large is not None):
             raise ConfigError("give either small=/large= or models=, not both")
         if len(paths) < 2:
             raise ConfigError("from_pretrained needs small= and large= (or models=[...])")
-        backends = [HFBackend.from_pretrained(p, step_delimiter=step_delimiter,
-                                              prompt_template=prompt_template, dtype=dtype,
-                                              device=device) for p in paths]
+        settings = {"step_delimiter": step_delimiter, "prompt_template": prompt_template, "dtype": dtype,
+                    "device": device}
+        backends = [(ProcessBackend if isolate and k > 0 else HFBackend).from_pretrained(p, **settings)
+                    for k, p in enumerate(paths)]
         return cls(models=backends, gate=gate, gates=gates, options=options, cost_model=cost_model)
 
     @classmethod

@@ -630,7 +630,7 @@ def _parse_remote(specs: list[str], tier_names: tuple[str, ...]) -> dict[int, tu
 
 def build_served_cascade(args) -> Cascade:
     """The cascade `cascade serve` serves, from the command line's fixed model paths."""
-    from decoding import HFBackend, OpenAIBackend
+    from decoding import HFBackend, OpenAIBackend, ProcessBackend
 
     from cascade.embedded import (
         EMBEDDED_DELIMITER,
@@ -657,6 +657,9 @@ def build_served_cascade(args) -> Cascade:
         defaults = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
     tiers = tier_names_for(len(paths))
     remote = _parse_remote(args.remote, tiers)
+    if getattr(args, "isolate", False) and args.backend == "vllm":
+        raise ConfigError("--isolate runs HF models in processes of their own; vLLM engines run "
+                          "outside this process already")
     template = getattr(args, "prompt_template", None)
     models = []
     for k, (path, name) in enumerate(zip(paths, names)):
@@ -670,8 +673,9 @@ def build_served_cascade(args) -> Cascade:
             models.append(VLLMBackend.from_pretrained(path, step_delimiter=delimiter,
                                                       prompt_template=template, name=name))
         else:
-            models.append(HFBackend.from_pretrained(path, step_delimiter=delimiter, prompt_template=template,
-                                                    name=name))
+            kind = ProcessBackend if getattr(args, "isolate", False) and k > 0 else HFBackend
+            models.append(kind.from_pretrained(path, step_delimiter=delimiter, prompt_template=template,
+                                               name=name))
     options = dataclasses.replace(defaults, max_steps=args.max_steps or defaults.max_steps,
                                   max_step_tokens=args.max_step_tokens or defaults.max_step_tokens,
                                   step_timeout=args.step_timeout)

@@ -7,6 +7,7 @@ loaded on first use, so importing `decoding` never needs vllm (an optional extra
 from decoding.faults import FaultKind, FaultSchedule, FaultyBackend, at_calls
 from decoding.hf import HFBackend, weights_fingerprint
 from decoding.openai_backend import OpenAIBackend
+from decoding.process import ProcessBackend
 from decoding.types import (
     Backend,
     BackendError,
@@ -29,6 +30,7 @@ __all__ = [
     "ModelInfo",
     "ModelLoadError",
     "OpenAIBackend",
+    "ProcessBackend",
     "ScoreOutput",
     "ScoreRequest",
     "StepOutput",

@@ -66,6 +66,19 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def check_model_path(name: str, gguf_file: str | None = None) -> Path:
+    """A ModelLoadError naming the problem when `name` looks like a local path (it exists,
+    starts with . / ~, or has more than one /) that holds no model; else its Path."""
+    local = Path(name).expanduser()
+    looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if gguf_file is not None:
+        if looks_local and not (local / gguf_file).is_file():
+            raise ModelLoadError(f"no GGUF file {gguf_file!r} in {name!r}")
+    elif looks_local and not (local / "config.json").exists():
+        raise ModelLoadError(f"no model at {name!r}: expected a directory with config.json")
+    return local
+
+
 @dataclass
 class _Session:
     """Per-request cache: the text fed so far, its token ids and the model's KV cache."""
@@ -277,14 +290,9 @@ class HFBackend:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
         display_name = name
         name = str(name_or_path)
-        local = Path(name).expanduser()
-        looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+        local = check_model_path(name, gguf_file)
         if gguf_file is not None:
-            if looks_local and not (local / gguf_file).is_file():
-                raise ModelLoadError(f"no GGUF file {gguf_file!r} in {name!r}")
             model_kwargs["gguf_file"] = gguf_file
-        elif looks_local and not (local / "config.json").exists():
-            raise ModelLoadError(f"no model at {name!r}: expected a directory with config.json")
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, **({"gguf_file": gguf_file} if gguf_file else {}))
             model = AutoModelForCausalLM.from_pretrained(name, dtype=_DTYPES[dtype], **model_kwargs)

@@ -134,6 +134,14 @@ class PrefixLedger:
     def release(self, request_id: str) -> None:
         self._entries.pop(request_id, None)
 
+    def fork(self, source_id: str, target_id: str) -> None:
+        """`target_id` starts from what `source_id` holds (a forked cache holds the same)."""
+        entry = self._entries.get(source_id)
+        if entry is None:
+            self._entries.pop(target_id, None)
+        else:
+            self._entries[target_id] = _Entry(entry.text, entry.tokens, list(entry.boundaries))
+
 
 def entropy_from_top(logprobs: Iterable[float]) -> float:
     """Entropy (nats) of a distribution known only by its top-k log-probabilities: the

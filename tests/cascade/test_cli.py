@@ -35,6 +35,19 @@ def test_solve_json_is_the_result(capsys, tiny_dirs):
     assert result["cost"]["total"] == pytest.approx(sum(s["cost"] for s in result["steps"]))
 
 
+def test_isolate_runs_upper_tiers_in_processes_with_the_same_result(capsys, tiny_dirs):
+    argv = ["solve", "a=1;b=a+2;?b", "--models", f"{tiny_dirs[0]},{tiny_dirs[1]},{tiny_dirs[2]}",
+            "--delimiter", "\n", "--max-steps", "3", "--max-step-tokens", "6", "--json",
+            "--gate", "confidence", "--threshold", "0.5"]
+    code, alone, _ = run(capsys, *argv)
+    code_isolated, isolated, _ = run(capsys, *argv, "--isolate")
+    assert code == code_isolated == 0
+
+    def steps(out):  # timings differ between runs and are not compared
+        return [(s["text"], s["author"], s["cost"]) for s in json.loads(out)["steps"]]
+    assert steps(alone) == steps(isolated) and any(a != "small" for _, a, _ in steps(alone))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--budget", "-5"], "budget"),
     (["--small", "/no/such/model", "--large", "/no/such/model"], "no model at"),
