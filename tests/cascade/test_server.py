@@ -302,3 +302,24 @@ def test_serve_cli_rejects_bad_flags_before_loading_models():
     assert main(["serve", "--remote", "huge=http://127.0.0.1:1"]) == 2
     assert "NO_SUCH_KEY_VAR" not in os.environ
     assert main(["serve", "--api-key-env", "NO_SUCH_KEY_VAR"]) == 2
+
+
+def test_serve_isolate_puts_upper_tiers_in_processes(tiny_dirs):
+    from cascade.cli import build_parser
+    from cascade.errors import ConfigError
+    from cascade.server import build_served_cascade
+    from decoding import HFBackend, ProcessBackend
+
+    args = build_parser().parse_args(["serve", "--small", tiny_dirs[0], "--large", tiny_dirs[2],
+                                      "--delimiter", "\n", "--max-steps", "2", "--max-step-tokens", "4",
+                                      "--isolate"])
+    served = build_served_cascade(args)
+    try:
+        assert type(served.models[0]) is HFBackend and isinstance(served.models[1], ProcessBackend)
+        assert served.solve("a=1;?a").steps
+    finally:
+        served.models[1].close()
+    vllm = build_parser().parse_args(["serve", "--small", tiny_dirs[0], "--large", tiny_dirs[2],
+                                      "--backend", "vllm", "--isolate"])
+    with pytest.raises(ConfigError, match="--isolate"):
+        build_served_cascade(vllm)
