@@ -229,6 +229,8 @@ def write_report(runs: list[RunStats], out: Path, meta: dict) -> dict:
                    "Latency: `solve` = its wall time; `solve_many` = from the request's first model call "
                    "to the end of its step machine (slot wait excluded); nearest-rank percentiles. "
                    "Same traces: every answer, step text, author and token count equals the first run's. "
+                   "Mean batch: rows per call the runtime sent to a tier; an isolated tier's process "
+                   "merges the calls queued while it was busy into larger batches of its own. "
                    "Load average: 1-minute, of the whole machine.")]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     _plot(runs, out / "throughput.png", meta)
