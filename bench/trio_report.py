@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -233,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m bench.trio_report " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
         "command": command, "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "machine": f"{platform.machine()}, torch threads 1, CPU shared with other jobs",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads 1, "
+                   f"load average {os.getloadavg()[0]:.1f} at start",
         "n_calibration": len(cal_problems), "n_test": len(done), "alpha": args.alpha, "delta": args.delta,
         "thresholds": grid_1d, "budgets": budgets, "large_only_cost_quantile": q,
         "models": {t: {"name": m.info.name, "parameters": m.info.num_parameters,
