@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=300.0, help="hard cap per request (cost units)")
     parser.add_argument("--client-timeout", type=float, default=120.0, help="seconds per request")
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads of the server")
+    parser.add_argument("--isolate", action="store_true",
+                        help="serve with `cascade serve --isolate` (the large model in a process of its own)")
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     levels = []
@@ -194,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    server_cmd = [sys.executable, "-m", "cascade.cli", "serve", "--port", str(port)]
+    server_cmd = [sys.executable, "-m", "cascade.cli", "serve", "--port", str(port)] + \
+        (["--isolate"] if args.isolate else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.server_threads))
     log_path = args.output / "server.log.tmp"
     args.output.mkdir(parents=True, exist_ok=True)
@@ -223,9 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "python -m bench.serve_load " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
         "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores (shared), "
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, load average "
+                   f"{os.getloadavg()[0]:.1f} at the end, "
                    f"Python {platform.python_version()}",
-        "server_command": "cascade serve --port <free port>" + f"  (OMP_NUM_THREADS={args.server_threads})",
+        "server_command": "cascade serve --port <free port>" + (" --isolate" if args.isolate else "")
+                          + f"  (OMP_NUM_THREADS={args.server_threads})",
         "server_exit_code": server.returncode, "budget": args.budget, "client_timeout_s": args.client_timeout,
         "time_limit_s": args.time_limit, "levels": results,
     }
