@@ -77,6 +77,8 @@ def test_tight_budget_is_a_hard_cap():
     ("solve.py", ["a=5;b=a+7;?b", "--budget", "200"]),
     ("calibrate.py", ["--n", "30", "--budget", "60", "--alpha", "0.3", "--delta", "0.3"]),
     ("benchmark.py", ["--limit", "4", "--out", "{tmp}/bench", "--policies", "small,large,confidence@0.5"]),
+    ("train_router.py", ["--n", "40"]),
+    ("serve.py", ["a=5;b=a+7;?b", "--budget", "200"]),
 ])
 def test_examples_run(script, args, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
