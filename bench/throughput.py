@@ -123,7 +123,8 @@ class RunStats:
         return self.problems / self.wall_seconds
 
     def to_json(self) -> dict:
-        return {"setup": self.setup, "mode": self.mode, "concurrency": self.concurrency, "problems": self.problems,
+        return {"setup": self.setup, "mode": self.mode, "concurrency": self.concurrency,
+                "problems": self.problems,
                 "wall_seconds": self.wall_seconds, "throughput": self.throughput,
                 "latency_p50": percentile(self.latencies, 50), "latency_p95": percentile(self.latencies, 95),
                 "latency_mean": sum(self.latencies) / len(self.latencies),
@@ -141,7 +142,8 @@ def _timed(base: Cascade) -> Cascade:
     return Cascade(models=models, gates=base.gates, options=base.options, tier_names=base.tier_names)
 
 
-def _measure(setup: str, cascade: Cascade, problems: list[str], concurrency: int | None) -> tuple[RunStats, list]:
+def _measure(setup: str, cascade: Cascade, problems: list[str],
+             concurrency: int | None) -> tuple[RunStats, list]:
     """One run: sequential `solve` (concurrency None) or `solve_many`; its stats and traces."""
     timed = cascade.models
     for model in timed:
@@ -177,7 +179,8 @@ def run_benchmark(problems: list[str], concurrencies: Sequence[int], runner: Cas
     its own); then sequential in-process `solve` again (a machine's speed drifts)."""
     base = runner or embedded_cascade()
     plan: list[tuple[str, Cascade, int | None]] = []
-    for setup, cascade in [("in-process", _timed(base))] + ([("isolated", _timed(isolated))] if isolated else []):
+    setups = [("in-process", _timed(base))] + ([("isolated", _timed(isolated))] if isolated else [])
+    for setup, cascade in setups:
         cascade.solve_many(problems[: min(4, len(problems))], concurrency=4)  # warm-up: caches, threads
         plan += [(setup, cascade, None)] + [(setup, cascade, c) for c in concurrencies]
     plan.append(plan[0])
@@ -215,7 +218,8 @@ def write_report(runs: list[RunStats], out: Path, meta: dict) -> dict:
              "worker thread of its own; **isolated** = the first tier in this process, every tier "
              "above it in a process of its own (`decoding.ProcessBackend`), so the tiers' Python work "
              "does not share one GIL.", "",
-             "| setup | run | concurrency | throughput (problems/s) | speedup | p50 latency (s) | p95 latency (s) | "
+             "| setup | run | concurrency | throughput (problems/s) | speedup | p50 latency (s) "
+             "| p95 latency (s) | "
              + " | ".join(f"mean {t} batch" for t in tiers) + " | same traces | load avg before / after |",
              "|---|---|---|---|---|---|---|" + "---|" * len(tiers) + "---|---|"]
     for r, row in zip(runs, report["runs"]):

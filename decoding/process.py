@@ -10,9 +10,10 @@ every call, for the hard cap) is answered locally with the same rule the child's
 cache follows, never by a round trip.
 
 Calls travel as pickled `StepRequest`/`ScoreRequest`s over a socket; outputs come back
-as each batch ends, and the parent's async methods keep several batches in flight. A call that fails in the child
-fails in the parent as a `BackendError` naming the model; a child that dies fails every
-call in flight and every later one. This module knows nothing about gates or budgets.
+as each batch ends, and the parent's async methods keep several batches in flight. A
+call that fails in the child fails in the parent as a `BackendError` naming the model; a
+child that dies fails every call in flight and every later one. This module knows
+nothing about gates or budgets.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import concurrent.futures
 import functools
 import itertools
 import os
-import queue
 import socket
 import subprocess
 import sys
@@ -50,8 +50,8 @@ class ProcessBackend:
     """`HFBackend.from_pretrained(model, **kwargs)` run in a child process.
 
     threads: torch intra-op threads in the child. start_timeout: seconds to wait for the
-    model to load. Use as a context manager or call `close()`; the child is a daemon, so
-    it also ends with the parent.
+    model to load. Use as a context manager or call `close()`; the child also ends when
+    this process does (its socket closes).
     """
 
     def __init__(self, model: str | Path, *, threads: int = 1, start_timeout: float = 300.0,
@@ -68,14 +68,15 @@ class ProcessBackend:
         parent_end, child_end = socket.socketpair()
         root = str(Path(__file__).resolve().parent.parent)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
-        self._process = subprocess.Popen([sys.executable, "-m", "decoding._process_child", str(child_end.fileno())],
-                                         pass_fds=[child_end.fileno()], env=env)
+        command = [sys.executable, "-m", "decoding._process_child", str(child_end.fileno())]
+        self._process = subprocess.Popen(command, pass_fds=[child_end.fileno()], env=env)
         child_end.close()
         self._conn = Connection(parent_end.detach())
         self._conn.send((str(model), kwargs, threads))
         if not self._conn.poll(start_timeout):
             self._process.kill()
-            raise ModelLoadError(f"model {str(model)!r} did not load within {start_timeout:g} s in its process")
+            raise ModelLoadError(f"model {str(model)!r} did not load within {start_timeout:g} s "
+                                 "in its process")
         try:
             kind, payload = self._conn.recv()
         except (EOFError, OSError):
@@ -107,7 +108,9 @@ class ProcessBackend:
                              prompt_template=self.prompt_template)
 
     def _count(self, add_special: bool):
-        return lambda text, is_prompt: len(self.tokenizer.encode(text, add_special_tokens=add_special and is_prompt))
+        def count(text: str, is_prompt: bool) -> int:
+            return len(self.tokenizer.encode(text, add_special_tokens=add_special and is_prompt))
+        return count
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)
@@ -145,7 +148,12 @@ class ProcessBackend:
                 future.add_done_callback(functools.partial(self._settled, request))
                 self._calls[call] = future
                 futures.append(future)
-                self._conn.send((kind, call, request))
+                try:
+                    self._conn.send((kind, call, request))
+                except (OSError, ValueError) as error:  # the child is gone: the reader fails the rest
+                    self._calls.pop(call, None)
+                    raise BackendError(f"the model's process is unreachable ({error})",
+                                       self.info.name) from None
         return futures
 
     def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
@@ -164,14 +172,20 @@ class ProcessBackend:
         with self._lock:
             self._ledger.release(request_id)
             if self._dead is None:
-                self._conn.send(("release", request_id))
+                try:
+                    self._conn.send(("release", request_id))
+                except (OSError, ValueError):
+                    pass  # a dead child holds no state to free
 
     def fork(self, source_id: str, target_id: str) -> None:
         with self._lock:
             if self._dead is not None:
                 raise BackendError(self._dead, self.info.name)
             self._ledger.fork(source_id, target_id)
-            self._conn.send(("fork", (source_id, target_id)))
+            try:
+                self._conn.send(("fork", (source_id, target_id)))
+            except (OSError, ValueError) as error:
+                raise BackendError(f"the model's process is unreachable ({error})", self.info.name) from None
 
     def close(self) -> None:
         """Stop the child (waits up to 10 s for it to exit, then kills it)."""
