@@ -79,3 +79,8 @@ def test_calibrate_writes_a_loadable_file_and_resumes(capsys, tiny_dirs, tmp_pat
     code, _, err = run(capsys, *argv)
     assert code == 0 and "resuming: 25 problems" in err
     assert Calibration.load(tmp_path / "c.json").entries == first.entries
+    # The sweep forks sessions; with the large model in a process of its own it certifies
+    # the same thresholds.
+    isolated = [a if a != str(tmp_path / "c.json") else str(tmp_path / "i.json") for a in argv]
+    code, _, _ = run(capsys, *isolated, "--isolate")
+    assert code == 0 and Calibration.load(tmp_path / "i.json").entries == first.entries
