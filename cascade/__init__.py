@@ -85,11 +85,10 @@ def _load_embedded(tiers: tuple[str, ...], isolate: bool = False, threads: int =
     from decoding import HFBackend, ProcessBackend
 
     def load(tier: str, own_process: bool):
+        settings = {"step_delimiter": EMBEDDED_DELIMITER, "name": f"embedded:{tier}"}
         if own_process:
-            return ProcessBackend(embedded_path(tier), step_delimiter=EMBEDDED_DELIMITER,
-                                  name=f"embedded:{tier}", threads=threads)
-        return HFBackend.from_pretrained(embedded_path(tier), step_delimiter=EMBEDDED_DELIMITER,
-                                         name=f"embedded:{tier}")
+            return ProcessBackend.from_pretrained(embedded_path(tier), threads=threads, **settings)
+        return HFBackend.from_pretrained(embedded_path(tier), **settings)
     return tuple(load(tier, isolate and k > 0) for k, tier in enumerate(tiers))
 
 

@@ -82,6 +82,7 @@ def _build_cascade(args, gate):
 
     models = [m.strip() for m in args.models.split(",")] if args.models else None
     gates = _gates_from_args(args, gate)
+    isolate = getattr(args, "isolate", False)
     if gates is not None and len(gates) != _model_count(args) - 1:
         n = _model_count(args)
         raise CascadeError(f"--gates names {len(gates)} gate(s) for {n} models; {n} models need {n - 1} "
@@ -91,8 +92,7 @@ def _build_cascade(args, gate):
             raise CascadeError("embedded:<tier> models cannot be mixed with other models; "
                                f"got --models {args.models}")
         tiers = tuple(m.split(":", 1)[1] for m in models)
-        return cascade.embedded_cascade(None if gates else gate, tiers=tiers, gates=gates,
-                                        isolate=getattr(args, "isolate", False))
+        return cascade.embedded_cascade(None if gates else gate, tiers=tiers, gates=gates, isolate=isolate)
     if models or args.small or args.large:
         if models and (args.small or args.large):
             raise CascadeError("give --models or --small/--large, not both")
@@ -103,10 +103,9 @@ def _build_cascade(args, gate):
         runner = Cascade.from_pretrained(models=paths, gate=None if gates else gate, gates=gates,
                                          step_delimiter=args.delimiter,
                                          prompt_template=getattr(args, "prompt_template", None),
-                                         options=options, isolate=getattr(args, "isolate", False))
+                                         options=options, isolate=isolate)
     else:
-        runner = cascade.embedded_cascade(None if gates else gate, gates=gates,
-                                          isolate=getattr(args, "isolate", False))
+        runner = cascade.embedded_cascade(None if gates else gate, gates=gates, isolate=isolate)
     return runner
 
 

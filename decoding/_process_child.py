@@ -29,9 +29,9 @@ def _child_main(conn) -> None:
         return
     conn.send(("ready", backend.info))
     # A reader thread keeps the socket drained while the model runs, so the parent never
-    # blocks on a full socket; the main thread batches what it queued.
+    # blocks on a full socket; the main thread batches what it queued and is the only
+    # one that sends.
     inbox: queue.SimpleQueue = queue.SimpleQueue()
-    send_lock = threading.Lock()
 
     def read() -> None:
         while True:
@@ -44,10 +44,6 @@ def _child_main(conn) -> None:
                 return
 
     threading.Thread(target=read, name="reader", daemon=True).start()
-
-    def answer(message) -> None:
-        with send_lock:
-            conn.send(message)
 
     # Per-call batching, as in the parent: every call queued while the model was busy
     # goes to it as one batch (one for steps, one for scores). Forks take effect before
@@ -72,10 +68,10 @@ def _child_main(conn) -> None:
             except Exception as error:  # noqa: BLE001 - every call of the batch learns of it
                 text = str(error) if isinstance(error, BackendError) else f"{type(error).__name__}: {error}"
                 for call, _ in calls:
-                    answer(("error", call, text))
+                    conn.send(("error", call, text))
                 continue
             for (call, _), output in zip(calls, outputs):
-                answer(("ok", call, output))
+                conn.send(("ok", call, output))
         for message in messages:
             if message[0] == "release":
                 backend.release(message[1])

@@ -43,7 +43,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from decoding._own_loop import OwnLoopBatches
-from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, prompt_ids, render_prompt
+from decoding.prompting import (
+    PrefixLedger,
+    check_prompt_settings,
+    entropy_from_top,
+    prompt_ids,
+    render_prompt,
+    step_piece,
+)
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -366,9 +373,9 @@ class OpenAIBackend(OwnLoopBatches):
             fed = min(fed, reported)
         token_ids = tuple(_token_id(t) for t in tokens) if len(tokens) == len(token_lps) \
             else (-1,) * len(token_lps)
-        kept = len(token_lps) - (1 if stop_reason == "eos" else 0)  # EOS is not cached text
         with self._lock:
-            self._ledger.record(request.request_id, prompt, request.context, [(text, kept)], count)
+            self._ledger.record(request.request_id, prompt, request.context,
+                                [step_piece(text, len(token_lps), stop_reason)], count)
         return StepOutput(text=text, token_ids=token_ids, logprobs=tuple(float(x) for x in token_lps),
                           entropies=entropies, stop_reason=stop_reason, prefill_tokens=fed,
                           seconds=time.perf_counter() - started)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Sequence
 
 from decoding.hf import check_model_path
-from decoding.prompting import PrefixLedger, render_prompt
+from decoding.prompting import PrefixLedger, render_prompt, step_piece
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -128,8 +128,7 @@ class ProcessBackend:
         output = future.result()
         prompt, add_special = self.render_prompt(request.problem)
         if isinstance(output, StepOutput):
-            kept = len(output.token_ids) - (1 if output.stop_reason == "eos" else 0)
-            pieces = [(output.text, kept)]
+            pieces = [step_piece(output.text, len(output.token_ids), output.stop_reason)]
         else:
             pieces = [(request.text, len(output.token_ids))] if output.token_ids else []
         with self._lock:
@@ -223,12 +222,12 @@ class ProcessBackend:
                 future.set_result(payload)
             else:
                 future.set_exception(BackendError(payload, self.info.name))
+        try:  # outside the lock: a caller meanwhile gets its answer from the closed socket
+            code = self._process.wait(1)
+        except subprocess.TimeoutExpired:
+            code = "unknown: still running, its socket closed"
         with self._lock:
             if self._dead is None:
-                try:
-                    code = self._process.wait(1)
-                except subprocess.TimeoutExpired:
-                    code = "unknown: still running, its socket closed"
                 self._dead = f"the model's process exited (exit code {code})"
             calls, self._calls = list(self._calls.values()), {}
             reason = self._dead

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-__all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "crop_point", "prompt_ids", "entropy_from_top"]
+__all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "crop_point", "prompt_ids", "step_piece",
+           "entropy_from_top"]
 
 
 def check_prompt_settings(step_delimiter: str, prompt_template: str | None) -> None:
@@ -65,6 +66,12 @@ def prompt_ids(encode: Callable[[str, bool], list[int]], prompt: str, add_specia
         if piece:
             ids += encode(piece, False)
     return ids
+
+
+def step_piece(text: str, generated_tokens: int, stop_reason: str) -> tuple[str, int]:
+    """A generated step as a `PrefixLedger.record` piece: its text and the tokens a cache
+    holds after it, which is all of them but a final EOS (HFBackend never feeds EOS)."""
+    return text, generated_tokens - (1 if stop_reason == "eos" else 0)
 
 
 @dataclass

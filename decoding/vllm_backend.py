@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from decoding._own_loop import OwnLoopBatches
-from decoding.prompting import PrefixLedger, check_prompt_settings, entropy_from_top, prompt_ids, render_prompt
+from decoding.prompting import (
+    PrefixLedger,
+    check_prompt_settings,
+    entropy_from_top,
+    prompt_ids,
+    render_prompt,
+    step_piece,
+)
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -231,9 +238,9 @@ class VLLMBackend(OwnLoopBatches):
             stop_reason = "eos"
         if stop_reason == "delimiter" and not text.endswith(self.info.step_delimiter):
             text += self.info.step_delimiter
-        kept = len(token_ids) - (1 if stop_reason == "eos" else 0)
         with self._lock:
-            self._ledger.record(request.request_id, prompt, request.context, [(text, kept)], count)
+            self._ledger.record(request.request_id, prompt, request.context,
+                                [step_piece(text, len(token_ids), stop_reason)], count)
         return StepOutput(text=text, token_ids=token_ids, logprobs=tuple(logprobs),
                           entropies=tuple(entropies), stop_reason=stop_reason, prefill_tokens=fed,
                           seconds=time.perf_counter() - started)
