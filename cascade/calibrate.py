@@ -159,7 +159,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                 request = dataclasses.replace(request, request_id=route[machine_ids[members[0]]])
                 if isinstance(request, StepRequest):
                     output = models[tier].next_steps([request])[0]
-                    executed += output.prefill_tokens + output.generated_tokens
+                    executed += output.prefill_tokens + output.decoded_tokens
                 else:
                     assert isinstance(request, ScoreRequest)
                     output = models[tier].score_steps([request])[0]

@@ -323,6 +323,9 @@ def _check_output(output: object, expected: type, name: str) -> None:
         raise BackendError("returned a step whose text or entropies do not match its tokens", name)
     if output.prefill_tokens < 0:
         raise BackendError(f"reported {output.prefill_tokens} prefill tokens", name)
+    if isinstance(output, StepOutput) and not 0 <= output.reused_tokens <= output.generated_tokens:
+        raise BackendError(f"reported {output.reused_tokens} reused tokens for a step of "
+                           f"{output.generated_tokens}", name)
 
 
 class _Run:
@@ -391,7 +394,8 @@ class _Run:
         if output.generated_tokens > max_tokens:
             raise BackendError(f"returned {output.generated_tokens} tokens, more than the "
                                f"{max_tokens} asked for", name)
-        self.charge(tier, output.prefill_tokens, output.generated_tokens, output.seconds)
+        # Tokens reused from a scored draft were charged when it was scored.
+        self.charge(tier, output.prefill_tokens, output.decoded_tokens, output.seconds)
         return output
 
     def verify(self, tier: int, text: str):
@@ -578,7 +582,7 @@ def _join(first: StepOutput, second: StepOutput) -> StepOutput:
     return StepOutput(first.text + second.text, first.token_ids + second.token_ids,
                       first.logprobs + second.logprobs, first.entropies + second.entropies,
                       second.stop_reason, first.prefill_tokens + second.prefill_tokens,
-                      first.seconds + second.seconds, hidden)
+                      first.seconds + second.seconds, hidden, first.reused_tokens + second.reused_tokens)
 
 
 # ---- the async driver --------------------------------------------------------------------

@@ -90,6 +90,37 @@ class _Session:
     cache: object | None = None
     next_logits: torch.Tensor | None = None  # (vocab,) float32, after the last id
     next_hidden: torch.Tensor | None = None  # (hidden,) after the last id
+    scored: "_Scored | None" = None  # left by the last score call, until the next call
+
+
+@dataclass
+class _Scored:
+    """What scoring a text left in a session, for a greedy step from the same context.
+
+    A verification pass computes the model's distribution at every position of the draft,
+    so it already knows the model's greedy choice there. If the draft is then rejected
+    and this model writes the step itself, its greedy step starts with the longest prefix
+    of the draft that matches those choices, and the next token is the argmax of the
+    distribution at the first mismatch: no need to decode those tokens again.
+    """
+
+    start_tokens: int  # session length (tokens, characters) before the scored text
+    start_chars: int
+    ids: list[int]  # the scored text's token ids
+    agreed: int  # leading ids that are the model's greedy choices
+    logprobs: list[float]  # of the scored ids
+    entropies: list[float]  # of the distributions at the agreed positions
+    at_mismatch: torch.Tensor | None  # (vocab,) log-probabilities at `agreed` (< len(ids))
+
+
+def _agreement(log_probs: torch.Tensor, ids: list[int]) -> tuple[int, list[float], torch.Tensor | None]:
+    """log_probs[i] is the distribution that predicts ids[i]: (agreed, entropies of the
+    agreed positions, the distribution at the first mismatch or None)."""
+    greedy = torch.argmax(log_probs, dim=-1).tolist()
+    agreed = next((i for i, (g, t) in enumerate(zip(greedy, ids)) if g != t), len(ids))
+    head = log_probs[:agreed]
+    entropies = (-(head.exp() * head).nan_to_num().sum(dim=-1)).tolist() if agreed else []
+    return agreed, entropies, (log_probs[agreed].clone() if agreed < len(ids) else None)
 
 
 @dataclass
@@ -107,6 +138,7 @@ class _Row:
     text: str = ""
     stop_reason: StopReason | None = None  # None while the row still decodes
     seconds: float = 0.0
+    reused: int = 0  # leading tokens taken from a scored draft (see _Scored)
 
 
 def _is_plain_dynamic(cache: object) -> bool:
@@ -368,6 +400,7 @@ class HFBackend:
         back to the last shared boundary when the context diverged); returns the session
         and the token ids still to be fed through the model."""
         session = self._sessions.setdefault(request_id, _Session())
+        session.scored = None  # this call changes what the session holds
         prompt, add_special = self.render_prompt(problem)
         target = prompt + context
         tokens, chars = self._plan_catch_up(session, target)
@@ -461,7 +494,17 @@ class HFBackend:
         rows: list[_Row] = []
         feeds: list[list[int]] = []
         try:
+            decoding: list[_Row] = []
             for request in requests:
+                row = self._reuse_scored(request)
+                if row is not None:
+                    rows.append(row)
+                    if row.stop_reason is None:
+                        decoding.append(row)
+                        feeds.append([])
+                    else:
+                        row.seconds = time.perf_counter() - started
+                    continue
                 session, feed = self._plan_feed(request.request_id, request.problem, request.context)
                 generator = None
                 if request.temperature > 0:
@@ -471,12 +514,13 @@ class HFBackend:
                     generator = torch.Generator().manual_seed(seed)
                 anchor = feed[-1] if feed else (session.ids[-1] if session.ids else None)
                 rows.append(_Row(request, session, len(feed), generator, anchor))
+                decoding.append(rows[-1])
                 feeds.append(feed)
-            if len(rows) > 1 and not all(_is_plain_dynamic(row.session.cache) for row in rows):
-                for row, feed in zip(rows, feeds):  # a cache layout we cannot pad (sliding, recurrent)
+            if len(decoding) > 1 and not all(_is_plain_dynamic(row.session.cache) for row in decoding):
+                for row, feed in zip(decoding, feeds):  # a cache layout we cannot pad (sliding, recurrent)
                     self._decode([row], [feed], started)
-            else:
-                self._decode(rows, feeds, started)
+            elif decoding:
+                self._decode(decoding, feeds, started)
         except BaseException:
             # A failure can leave caches half fed or inside the merged batch: drop these
             # requests' sessions, so their next call starts over from the text.
@@ -650,8 +694,55 @@ class HFBackend:
         return StepOutput(
             text=text, token_ids=tuple(row.token_ids), logprobs=tuple(row.logprobs),
             entropies=tuple(row.entropies), stop_reason=row.stop_reason or "max_tokens",
-            prefill_tokens=row.prefill, seconds=row.seconds, hidden=hidden,
+            prefill_tokens=row.prefill, seconds=row.seconds, hidden=hidden, reused_tokens=row.reused,
         )
+
+    def _reuse_scored(self, request: StepRequest) -> _Row | None:
+        """A greedy step right after this session scored a draft from the same context: a
+        row that starts with the draft's agreed prefix (see `_Scored`), its cache cropped to
+        it and its next distribution the one at the first mismatch; None when the record
+        does not apply (sampling, hidden states wanted, another context, or the agreed
+        prefix would end the step somewhere the record has no distribution for).
+
+        The row stops, or goes on decoding, exactly as a row decoding from the context
+        would: the same checks (EOS, delimiter, max_tokens) after each agreed token."""
+        session = self._sessions.get(request.request_id)
+        scored = session.scored if session is not None else None
+        if scored is None or request.temperature > 0 or request.return_hidden:
+            return None
+        prompt, _ = self.render_prompt(request.problem)
+        target = prompt + request.context
+        if scored.start_chars != len(target) or session.text[: len(target)] != target:
+            return None
+        anchor = session.ids[scored.start_tokens - 1] if scored.start_tokens else None
+        keep, stop = 0, None
+        for token in scored.ids[: scored.agreed]:
+            keep += 1
+            if token in self.eos_ids:
+                return None  # the cache would end before it: the record has no distribution there
+            if self._may_end_delimiter(token) and \
+                    self.info.step_delimiter in self._decode_after(anchor, scored.ids[:keep]):
+                stop = "delimiter"
+            elif keep >= request.max_tokens:
+                stop = "max_tokens"
+            if stop is not None:
+                break
+        if keep not in (scored.agreed, len(scored.ids)):
+            return None  # stopped inside the agreed prefix, where no distribution was kept
+        drop = len(scored.ids) - keep
+        if drop:
+            session.cache.crop(-drop)
+            del session.ids[scored.start_tokens + keep:]
+            session.next_logits = scored.at_mismatch
+        session.next_hidden = None
+        session.scored = None
+        session.text = target  # `_finish` appends the step's text
+        session.boundaries = [b for b in session.boundaries if b[0] <= scored.start_tokens]
+        row = _Row(request, session, 0, None, anchor, token_ids=scored.ids[:keep],
+                   logprobs=scored.logprobs[:keep], entropies=scored.entropies[:keep],
+                   stop_reason=stop, reused=keep)
+        row.text = self._decode_after(anchor, row.token_ids)
+        return row
 
     @torch.no_grad()
     def _score_batch(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
@@ -673,9 +764,7 @@ class HFBackend:
                 if k in together:
                     outputs.append(scored[together.index(k)])
                     continue
-                if feed:
-                    self._feed(session, feed)
-                outputs.append(self._score_fed(request, session, ids))
+                outputs.append(self._score_fed(request, session, feed, ids))
         except BaseException:
             for request in requests:  # caches may be half fed: start these requests over
                 self._sessions.pop(request.request_id, None)
@@ -704,36 +793,42 @@ class HFBackend:
         outputs = []
         for k, (request, (session, feed, ids)) in enumerate(zip(requests, plans)):
             fed = len(feed)
-            if fed:
-                first = float(log_probs[k, fed - 1, ids[0]])
-            else:
-                first = float(torch.log_softmax(session.next_logits, dim=-1)[ids[0]])
-            targets = torch.tensor(ids[1:], dtype=torch.long, device=log_probs.device)
-            rest = log_probs[k, fed: fed + len(ids) - 1].gather(1, targets[:, None])[:, 0].tolist()
+            before = log_probs[k, fed - 1] if fed else torch.log_softmax(session.next_logits, dim=-1)
+            predicting = torch.cat([before[None], log_probs[k, fed: fed + len(ids) - 1]])  # row i -> ids[i]
             session.next_logits = logits[k, fed + len(ids) - 1].clone()
             session.next_hidden = None
             session.ids.extend(feed + ids)
             session.cache = batch.row_cache(k)
-            outputs.append(self._record_scored(request, session, ids, [first] + rest))
+            outputs.append(self._record_scored(request, session, ids, predicting))
         return outputs
 
-    def _score_fed(self, request: ScoreRequest, session: _Session, ids: list[int]) -> ScoreOutput:
-        """Score `ids` on a session already caught up (one request alone)."""
+    def _score_fed(self, request: ScoreRequest, session: _Session, feed: list[int],
+                   ids: list[int]) -> ScoreOutput:
+        """Catch one request up (`feed`) and score `ids`, in one forward pass."""
         if not ids:
+            if feed:
+                self._feed(session, feed)
             return ScoreOutput((), (), 0, 0.0)
-        first = float(torch.log_softmax(session.next_logits, dim=-1)[ids[0]])
-        logprobs = [first]
-        if len(ids) > 1:
-            log_probs = self._feed(session, ids, keep_logits=len(ids))
-            logprobs += [float(log_probs[i, ids[i + 1]]) for i in range(len(ids) - 1)]
+        if feed:
+            log_probs = self._feed(session, feed + ids, keep_logits=len(ids) + 1)
+            predicting = log_probs[: len(ids)]  # row i -> ids[i]
         else:
-            self._feed(session, ids)
-        return self._record_scored(request, session, ids, logprobs)
+            before = torch.log_softmax(session.next_logits, dim=-1)
+            log_probs = self._feed(session, ids, keep_logits=len(ids))
+            predicting = torch.cat([before[None], log_probs[: len(ids) - 1]])
+        return self._record_scored(request, session, ids, predicting)
 
     def _record_scored(self, request: ScoreRequest, session: _Session, ids: list[int],
-                       logprobs: list[float]) -> ScoreOutput:
-        session.text += request.text
-        session.boundaries.append((len(session.ids), len(session.text)))
+                       predicting: torch.Tensor) -> ScoreOutput:
+        """Log-probabilities of the scored ids (predicting[i] is the distribution over
+        ids[i]); records the text in the session and what a greedy step may reuse."""
+        logprobs = predicting.gather(1, torch.tensor(ids, device=predicting.device)[:, None])[:, 0].tolist()
         if any(math.isnan(lp) for lp in logprobs):
             raise BackendError("scoring produced NaN log-probabilities", self.info.name)
+        start_chars = len(session.text)
+        session.text += request.text
+        session.boundaries.append((len(session.ids), len(session.text)))
+        agreed, entropies, at_mismatch = _agreement(predicting, ids)
+        session.scored = _Scored(len(session.ids) - len(ids), start_chars, list(ids), agreed, logprobs,
+                                 entropies, at_mismatch)
         return ScoreOutput(tuple(ids), tuple(logprobs), 0, 0.0)

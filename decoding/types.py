@@ -101,6 +101,11 @@ class StepOutput:
         (0 when its cache already held it).
     seconds: wall-clock seconds of this call for this request.
     hidden: last-layer hidden state after the last token, shape (hidden_size,), or None.
+    reused_tokens: leading tokens of the step the backend did not decode in this call
+        because its cache already held them: it had just scored a draft from this context
+        and its own greedy choices agreed with the draft's first tokens (see `HFBackend`).
+        Those tokens were fed (and charged) when the draft was scored; `decoded_tokens`
+        is what this call decoded.
     """
 
     text: str
@@ -111,10 +116,15 @@ class StepOutput:
     prefill_tokens: int
     seconds: float
     hidden: tuple[float, ...] | None = field(default=None, repr=False)
+    reused_tokens: int = 0
 
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def decoded_tokens(self) -> int:
+        return len(self.token_ids) - self.reused_tokens
 
 
 @dataclass(frozen=True)

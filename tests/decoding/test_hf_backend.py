@@ -147,3 +147,56 @@ def test_bad_settings_are_rejected(tiny_dirs):
         HFBackend.from_pretrained(tiny_dirs[0], dtype="float64")
     with pytest.raises(ValueError, match="prompt_template"):
         HFBackend.from_pretrained(tiny_dirs[0], prompt_template="no placeholder")
+
+
+def _same_step(a, b) -> bool:
+    return (a.text == b.text and a.token_ids == b.token_ids and a.stop_reason == b.stop_reason
+            and max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0) < 1e-4
+            and max((abs(x - y) for x, y in zip(a.entropies, b.entropies)), default=0) < 1e-4)
+
+
+@pytest.mark.parametrize("max_tokens", [12, 3])
+def test_greedy_step_after_a_scored_draft_reuses_its_agreed_prefix(tiny_dirs, max_tokens):
+    """Scoring a draft leaves the model's greedy choices at each position; a greedy step
+    from the same context then starts with the draft's agreed prefix instead of decoding
+    it, and must be the very step (tokens, logprobs, entropies, stop, next step) it would
+    have decoded from scratch."""
+    backend = HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n")
+    context = "b=1\n"
+    own = step(backend, context, max_tokens=12, request_id="own")
+    drafts = [own.text, own.text[:-1] + "x", own.text[:2] + "q9\n", "zz\n", own.text[:1], own.text + "c=2\n"]
+    reused_any = False
+    for k, draft in enumerate(drafts):
+        reference = step(backend, context, max_tokens, request_id=f"ref{k}")
+        step(backend, "", request_id=f"spec{k}")  # the session holds the prompt
+        scored = backend.score_steps([ScoreRequest(f"spec{k}", PROBLEM, context, draft)])[0]
+        out = step(backend, context, max_tokens, request_id=f"spec{k}")
+        assert _same_step(out, reference), draft
+        agreed = 0
+        while agreed < min(len(scored.token_ids), len(own.token_ids)) and \
+                scored.token_ids[agreed] == own.token_ids[agreed]:
+            agreed += 1
+        assert 0 <= out.reused_tokens <= min(agreed, out.generated_tokens)
+        reused_any |= out.reused_tokens > 0
+        assert out.prefill_tokens <= 1
+        after = step(backend, context + out.text, request_id=f"spec{k}")
+        assert _same_step(after, step(backend, context + reference.text, request_id=f"ref{k}"))
+    assert reused_any
+    # A draft that agrees with the whole step costs no decoding at all.
+    step(backend, "", request_id="whole")
+    backend.score_steps([ScoreRequest("whole", PROBLEM, context, own.text)])
+    whole = step(backend, context, request_id="whole")
+    if own.stop_reason == "delimiter":
+        assert whole.reused_tokens == whole.generated_tokens == own.generated_tokens
+
+
+def test_no_reuse_when_sampling_or_after_another_call(tiny_dirs):
+    backend = HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n")
+    own = step(backend, "", request_id="own")
+    backend.score_steps([ScoreRequest("s", PROBLEM, "", own.text)])
+    sampled = step(backend, "", request_id="s", temperature=0.8, seed=3)
+    assert sampled.reused_tokens == 0
+    backend.score_steps([ScoreRequest("t", PROBLEM, "", own.text)])
+    step(backend, own.text, request_id="t")  # another call: the record no longer applies
+    again = step(backend, "", request_id="t")
+    assert again.reused_tokens == 0 and _same_step(again, own)
