@@ -29,7 +29,7 @@ from bench.harness import load_results, summarize_rows
 
 __all__ = ["family_of", "matched_point", "escalation_at_accuracy", "gate_report"]
 
-FAMILIES = ("confidence", "advantage", "verify")
+FAMILIES = ("confidence", "advantage", "verify", "verify-ahead", "verify-fix")
 TOLERANCE = 0.01  # "matched accuracy": within 1 point of large-only
 
 
@@ -226,7 +226,7 @@ def _plot(report: dict, out: Path) -> None:
         def x_of(s):
             return s["mean_cost"] if key == "cost" else s["wall_seconds"]["mean"]
 
-        for family, marker in zip(FAMILIES, ("o", "s", "^")):
+        for family, marker in zip(FAMILIES, ("o", "s", "^", "v", "D")):
             members = [n for n in stats if family_of(n) == family]
             if not members:
                 continue

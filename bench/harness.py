@@ -14,6 +14,9 @@ Policies (`POLICY_NAMES`), each used at every gate position of an N-tier cascade
 - ``small``: `AlwaysSmall`; ``large``: `AlwaysLarge`;
 - ``confidence`` / ``confidence@T``: `ConfidenceGate` at threshold T (default: `threshold`);
 - ``verify`` / ``verify@T``: `VerifyGate` at threshold T;
+- ``verify-ahead`` / ``verify-ahead@T``: the same gate with `SolveOptions.draft_ahead`: the
+  small model drafts the next step while the large one verifies (run with ``--isolate`` so
+  the two models have a core each);
 - ``advantage`` / ``advantage@T``: `AdvantageGate` at threshold T, with the router file given
   as `router` (``--router FILE``, from ``cascade train-router``; refused for other models);
 - ``oracle``: `bench.oracle.OracleGate` (the embedded dataset only: it reads the exact checker);
@@ -38,6 +41,7 @@ The output directory holds
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -67,8 +71,9 @@ __all__ = [
     "unknown_characters",
 ]
 
-POLICY_NAMES: tuple[str, ...] = ("small", "large", "confidence", "verify", "advantage", "oracle", "calibrated")
-_THRESHOLD_POLICIES = ("confidence", "verify", "advantage")
+POLICY_NAMES: tuple[str, ...] = ("small", "large", "confidence", "verify", "verify-ahead", "verify-fix",
+                                  "advantage", "oracle", "calibrated")
+_THRESHOLD_POLICIES = ("confidence", "verify", "verify-ahead", "verify-fix", "advantage")
 PLOT_FILES: tuple[str, ...] = ("accuracy_vs_cost.png", "accuracy_vs_latency.png", "escalation_by_step.png")
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -161,9 +166,10 @@ class _Policy:
     runner: Any  # the Cascade it solves with (the shared one, or the calibrated view of it)
     gates: list | None  # passed to solve; None = the runner's own (calibration lookup)
     described_gates: list[str] = field(default_factory=list)
+    options: Any = None  # SolveOptions; None = the runner's own
 
     def solve(self, problem: str, budget: float | None):
-        return self.runner.solve(problem, budget, gates=self.gates)
+        return self.runner.solve(problem, budget, gates=self.gates, options=self.options)
 
 
 def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget, signal: str,
@@ -191,8 +197,10 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
                     gate = AlwaysLarge()
                 elif spec.kind == "confidence":
                     gate = ConfidenceGate(threshold=threshold, signal=signal, mode=mode)
-                elif spec.kind == "verify":
+                elif spec.kind in ("verify", "verify-ahead"):
                     gate = VerifyGate(threshold=threshold)
+                elif spec.kind == "verify-fix":
+                    gate = VerifyGate(threshold=threshold, rewrite="token")
                 elif spec.kind == "advantage":
                     from cascade import AdvantageGate
                     from cascade.router import Router
@@ -207,7 +215,11 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
                 gates.append(gate)
             runner = cascade
             described = [repr(g) for g in gates]
-        built.append(_Policy(spec, runner, gates, described))
+        options = None
+        if spec.kind in ("verify-ahead", "verify-fix"):  # drafting the next step during verification
+            options = dataclasses.replace(cascade.options, draft_ahead=True)
+            described.append("draft_ahead=True")
+        built.append(_Policy(spec, runner, gates, described, options))
     return built
 
 
@@ -681,7 +693,8 @@ def _plot(summary: dict, rows: Sequence[dict], out: Path) -> None:
             x = s["wall_seconds"]["mean"] if key == "latency" else s["mean_cost"]
             y = s["accuracy"] if s["accuracy"] is not None else math.nan
             ci = s["accuracy_ci95"]
-            yerr = [[y - ci[0]], [ci[1] - y]] if ci is not None else None
+            # max(0, ..): a Wilson interval at 100 % ends at 1 only up to float rounding
+            yerr = [[max(0.0, y - ci[0])], [max(0.0, ci[1] - y)]] if ci is not None else None
             ax.errorbar([x], [y], yerr=yerr, fmt="o", capsize=3, label=name)
             if math.isfinite(y):
                 ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)

@@ -137,13 +137,26 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
             results[k] = stop.value
             pending.pop(k, None)
 
+    def run(tier: int, request, session: str):
+        nonlocal executed
+        request = dataclasses.replace(request, request_id=session)
+        if isinstance(request, StepRequest):
+            output = models[tier].next_steps([request])[0]
+            executed += output.prefill_tokens + output.decoded_tokens
+        else:
+            assert isinstance(request, ScoreRequest)
+            output = models[tier].score_steps([request])[0]
+            executed += output.prefill_tokens + output.scored_tokens
+        return output
+
     for k in range(len(machines)):
         advance(k)
     try:
         while pending:
             buckets: dict[tuple, list[int]] = {}
-            for k, (tier, request) in pending.items():
-                buckets.setdefault((route[machine_ids[k]], _call_key(tier, request)), []).append(k)
+            for k, calls in pending.items():
+                key = tuple(_call_key(*c) for c in calls) if isinstance(calls, list) else _call_key(*calls)
+                buckets.setdefault((route[machine_ids[k]], key), []).append(k)
             # Branches that diverge this round get their own copy of the session first.
             seen: set[str] = set()
             for (session, _), members in buckets.items():
@@ -155,15 +168,12 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                         route[machine_ids[k]] = branch
                 seen.add(session)
             for (_, _), members in buckets.items():
-                tier, request = pending[members[0]]
-                request = dataclasses.replace(request, request_id=route[machine_ids[members[0]]])
-                if isinstance(request, StepRequest):
-                    output = models[tier].next_steps([request])[0]
-                    executed += output.prefill_tokens + output.decoded_tokens
+                calls = pending[members[0]]
+                session = route[machine_ids[members[0]]]
+                if isinstance(calls, list):  # calls sent together (draft_ahead): run in turn
+                    output = [run(tier, request, session) for tier, request in calls]
                 else:
-                    assert isinstance(request, ScoreRequest)
-                    output = models[tier].score_steps([request])[0]
-                    executed += output.prefill_tokens + output.scored_tokens
+                    output = run(*calls, session)
                 for k in members:
                     advance(k, output)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,6 +27,10 @@ def _gate_from_args(args) -> object | None:
         options["threshold"] = args.threshold
     if args.gate == "confidence":
         options.update(signal=args.signal, mode=args.mode)
+    if getattr(args, "rewrite", None) is not None:
+        if args.gate != "verify":
+            raise CascadeError(f"--rewrite is a setting of --gate verify, not of --gate {args.gate}")
+        options["rewrite"] = args.rewrite
     return make_gate(args.gate, **options)
 
 
@@ -106,6 +111,8 @@ def _build_cascade(args, gate):
                                          options=options, isolate=isolate)
     else:
         runner = cascade.embedded_cascade(None if gates else gate, gates=gates, isolate=isolate)
+    if getattr(args, "draft_ahead", False):
+        runner.options = dataclasses.replace(runner.options, draft_ahead=True)
     return runner
 
 
@@ -241,8 +248,10 @@ def _bench_command(args) -> str:
                         ("-o", args.output)):
         if value is not None:
             parts += [flag, quote(str(value))]
-    if args.no_math_verify:
-        parts.append("--no-math-verify")
+    for flag, on in (("--no-math-verify", args.no_math_verify), ("--isolate", args.isolate),
+                     ("--draft-ahead", args.draft_ahead)):
+        if on:
+            parts.append(flag)
     return " ".join(parts)
 
 
@@ -371,6 +380,12 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", default="speculate", choices=["route", "speculate"])
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--max-step-tokens", type=int, default=None)
+    parser.add_argument("--rewrite", choices=["step", "token"], default=None,
+                        help="--gate verify: a rejected draft is rewritten by the large model "
+                             "(step, the default) or corrected at its first wrong token (token)")
+    parser.add_argument("--draft-ahead", action="store_true",
+                        help="the small model drafts the next step while the large one verifies "
+                             "(SolveOptions.draft_ahead; saves time with --isolate)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -192,6 +192,15 @@ class VerifyGate:
     score = 1 - exp(mean log-probability) of the draft under the next tier ("mean"), or
     1 - its smallest token probability ("min"). The verification's prefill is charged
     to the next tier; an accepted draft is then already in that tier's KV cache.
+
+    rewrite: what happens to a rejected draft. "step": the next tier writes the step (with
+    greedy decoding an HF backend starts it from the draft's prefix it agrees with).
+    "token": the next tier's greedy text up to and including its first disagreement with
+    the draft (`ScoreOutput.greedy_prefix`, known from the verification pass itself) is
+    kept, and the drafting tier goes on from there, its continuation verified the same
+    way; after `max_corrections` corrections (or when a backend reports no greedy prefix,
+    or when sampling) the next tier writes the rest of the step. Two-tier cascades, or
+    the gate below the top tier.
     """
 
     threshold: float = 0.5
@@ -199,9 +208,16 @@ class VerifyGate:
     mode: Mode = "speculate"
     probe_tokens: int = 0
     requires_verification: bool = True
+    rewrite: Literal["step", "token"] = "step"
+    max_corrections: int = 8
 
     def __post_init__(self) -> None:
         _check_threshold(self.threshold)
+        if self.rewrite not in ("step", "token"):
+            raise ConfigError(f"rewrite must be 'step' or 'token', got {self.rewrite!r}")
+        if isinstance(self.max_corrections, bool) or not isinstance(self.max_corrections, int) \
+                or self.max_corrections < 0:
+            raise ConfigError(f"max_corrections must be an integer >= 0, got {self.max_corrections!r}")
         if self.mode != "speculate" or not self.requires_verification:
             raise ConfigError("VerifyGate judges whole drafts: mode must be 'speculate'")
         if self.reduce not in ("mean", "min"):

@@ -17,6 +17,7 @@ output and decides whether tier i + 1 takes over the step. Two models are the N 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import threading
 import uuid
@@ -60,6 +61,15 @@ class SolveOptions:
         model (None = no limit); the fault policy (`on_large_failure`) then applies.
     request_timeout: seconds a whole request may take (None = no limit); past it the
         request ends with `RequestTimeoutError` carrying the partial Result.
+    draft_ahead: while the next tier verifies a draft (a gate with
+        `requires_verification`), the drafting tier already writes the following step from
+        it, on the chance it is accepted; an accepted draft's next step is then ready when
+        the verdict comes. The two calls run at the same time when the models do (each in
+        a process of its own: `isolate=True`; separate devices or servers). Steps, answers
+        and decisions are the same as without it; an early draft thrown away with a
+        rejected step is charged to that step. It is only sent when what is left of the
+        budget covers it on top of the verification and a whole step by the next tier,
+        so it never takes an escalation's money.
     """
 
     max_steps: int = 32
@@ -69,8 +79,11 @@ class SolveOptions:
     return_hidden: bool = False
     step_timeout: float | None = None
     request_timeout: float | None = None
+    draft_ahead: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.draft_ahead, bool):
+            raise ConfigError(f"draft_ahead must be True or False, got {self.draft_ahead!r}")
         for name in ("max_steps", "max_step_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -343,11 +356,28 @@ class _Run:
         self.on_step = on_step
         self.n = len(cascade.models)
         self.context = ""
+        # Text of the step being written that the verifying tier has already fixed (its
+        # corrections of rejected drafts, VerifyGate(rewrite="token")); "" at each step start.
+        self.fixed = ""
         self.steps: list[Step] = []
         self.spent = [Usage()] * self.n
         self.step_usage = [Usage()] * self.n
         self.cap_intervened = False
         self.failed: set[int] = set()  # tiers that failed in this request (degrade mode)
+        # draft_ahead: the cheapest tier's draft of the next step, written while this step's
+        # draft was verified: (the context it continues, the output, what it cost). Its cost
+        # counts against the budget at once and joins a step's usage when used or dropped.
+        self.ahead: tuple[str, StepOutput, Usage] | None = None
+
+    @property
+    def here(self) -> str:
+        """Where the step being written goes on from: the context and its fixed text."""
+        return self.context + self.fixed
+
+    def step_tokens_left(self) -> int:
+        # Characters bound the tokens of the fixed text for the tokenizers in use here; the
+        # budget is enforced separately, this only keeps steps near max_step_tokens long.
+        return max(1, self.options.max_step_tokens - len(self.fixed))
 
     # -- money ----------------------------------------------------------------------------
 
@@ -355,6 +385,8 @@ class _Run:
         if self.budget is None:
             return math.inf
         used = math.fsum(u.cost for u in self.spent) + math.fsum(u.cost for u in self.step_usage)
+        if self.ahead is not None:
+            used += self.ahead[2].cost
         return self.budget - used
 
     def charge(self, tier: int, prefill: int, generated: int, seconds: float) -> None:
@@ -373,8 +405,7 @@ class _Run:
 
     def fits_step(self, tier: int) -> bool:
         """Does a whole step by `tier` (worst case) fit in what is left?"""
-        return self.token_allowance(tier, self.context, self.options.max_step_tokens) \
-            >= self.options.max_step_tokens
+        return self.token_allowance(tier, self.here, self.step_tokens_left()) >= self.step_tokens_left()
 
     def degrades(self, tier: int) -> bool:
         """May the request carry on without `tier` after it failed? (never the cheapest)"""
@@ -382,48 +413,131 @@ class _Run:
 
     # -- calls ----------------------------------------------------------------------------
 
-    def generate(self, tier: int, context: str, max_tokens: int):
-        request = StepRequest(self.request_id, self.problem, context, max_tokens,
-                              self.options.temperature, self.options.seed,
-                              # A gate that reads hidden states (AdvantageGate) gets them.
-                              self.options.return_hidden or (tier < self.n - 1 and getattr(
-                                  self.gates[tier], "requires_hidden", False)))
-        output = yield (tier, request)
+    def step_request(self, tier: int, context: str, max_tokens: int) -> StepRequest:
+        return StepRequest(self.request_id, self.problem, context, max_tokens,
+                           self.options.temperature, self.options.seed,
+                           # A gate that reads hidden states (AdvantageGate) gets them.
+                           self.options.return_hidden or (tier < self.n - 1 and getattr(
+                               self.gates[tier], "requires_hidden", False)))
+
+    def took_step(self, tier: int, request: StepRequest, output: object) -> StepOutput:
+        """Check a generated step and charge it."""
         name = self.cascade.models[tier].info.name
         _check_output(output, StepOutput, name)
-        if output.generated_tokens > max_tokens:
+        if output.generated_tokens > request.max_tokens:
             raise BackendError(f"returned {output.generated_tokens} tokens, more than the "
-                               f"{max_tokens} asked for", name)
+                               f"{request.max_tokens} asked for", name)
         # Tokens reused from a scored draft were charged when it was scored.
         self.charge(tier, output.prefill_tokens, output.decoded_tokens, output.seconds)
         return output
 
-    def verify(self, tier: int, text: str):
-        output = yield (tier, ScoreRequest(self.request_id, self.problem, self.context, text))
+    def took_score(self, tier: int, output: object) -> ScoreOutput:
+        """Check a verification and charge it."""
         _check_output(output, ScoreOutput, self.cascade.models[tier].info.name)
         self.charge(tier, output.prefill_tokens + output.scored_tokens, 0, output.seconds)
         return output
 
+    def generate(self, tier: int, context: str, max_tokens: int):
+        request = self.step_request(tier, context, max_tokens)
+        return self.took_step(tier, request, (yield (tier, request)))
+
+    def verify(self, tier: int, text: str):
+        return self.took_score(tier, (yield (tier, ScoreRequest(self.request_id, self.problem,
+                                                               self.here, text))))
+
+    def wants_ahead(self, tier: int, output: StepOutput) -> bool:
+        """Draft the next step while this draft is verified? (see SolveOptions.draft_ahead)"""
+        if not self.options.draft_ahead or tier != 0 or output.stop_reason != "delimiter" \
+                or extract_answer(output.text) is not None or len(self.steps) + 1 >= self.options.max_steps:
+            return False  # the draft ends the request, or no step follows it
+        if self.budget is None:
+            return True
+        prices = self.cascade.cost_model
+        ahead_context = self.here + output.text
+        worst = (prices.charge(tier + 1, self.prefill_bound(tier + 1, ahead_context), 0)
+                 + prices.worst_case(tier, self.prefill_bound(tier, ahead_context), self.options.max_step_tokens)
+                 + prices.worst_case(tier + 1, self.prefill_bound(tier + 1, self.here), self.step_tokens_left()))
+        return worst <= self.remaining()
+
+    def verify_and_draft_ahead(self, tier: int, output: StepOutput):
+        """Verification of tier's draft by tier + 1, and tier's draft of the step after it,
+        sent together; keeps the early draft in `self.ahead` (a failed early draft is
+        dropped: the next step asks again). Returns the verification."""
+        ahead_context = self.here + output.text
+        score = ScoreRequest(self.request_id, self.problem, self.here, output.text)
+        request = self.step_request(tier, ahead_context, self.options.max_step_tokens)
+        verification, ahead = yield [(tier + 1, score), (tier, request)]
+        before = self.step_usage[tier]
+        try:
+            if isinstance(ahead, BackendError):
+                raise ahead
+            ahead = self.took_step(tier, request, ahead)
+            self.ahead = (ahead_context, ahead, Usage(**{
+                name: getattr(self.step_usage[tier], name) - getattr(before, name)
+                for name in ("prefill_tokens", "generated_tokens", "seconds", "cost")}))
+        except BackendError:
+            pass  # only a chance taken: the next step asks again, and fails there if it must
+        self.step_usage[tier] = before
+        if isinstance(verification, BackendError):
+            raise verification
+        return self.took_score(tier + 1, verification)
+
+    def correction(self, tier: int, gate: Gate, verification: ScoreOutput | None, done: int) -> str | None:
+        """The text a rejected draft's verification fixes, when the gate asks for token-level
+        rewriting (VerifyGate(rewrite="token")) and it applies: greedy decoding, the top tier
+        verifying, a greedy prefix reported, fewer than `max_corrections` so far, and room
+        in the budget for another draft, its verification and the top tier finishing the
+        step (so a correction never takes the money the step needs)."""
+        if getattr(gate, "rewrite", "step") != "token" or verification is None or tier + 2 != self.n \
+                or self.options.temperature > 0 or done >= getattr(gate, "max_corrections", 0):
+            return None
+        fix = verification.greedy_prefix
+        if not fix or not isinstance(fix, str) or self.cascade.delimiter in fix[: -len(self.cascade.delimiter)]:
+            return None  # nothing reported, or a malformed report: the top tier writes the step
+        if self.budget is not None:
+            prices = self.cascade.cost_model
+            here = self.here + fix
+            left = max(1, self.step_tokens_left() - len(fix))
+            worst = (prices.worst_case(tier, self.prefill_bound(tier, here), left)
+                     + prices.charge(tier + 1, self.prefill_bound(tier + 1, here) + left, 0)
+                     + prices.worst_case(tier + 1, self.prefill_bound(tier + 1, here), left))
+            if worst > self.remaining():
+                return None
+        return fix
+
+    def drop_ahead(self) -> None:
+        """The early draft will not be used: its cost joins the current step's usage."""
+        if self.ahead is not None:
+            self.step_usage[0] = self.step_usage[0] + self.ahead[2]
+            self.ahead = None
+
     def attempt(self, tier: int):
         """Tier's output for the step: a route probe, a speculative draft, or (top tier) the step."""
-        max_tokens = self.options.max_step_tokens
+        max_tokens = self.step_tokens_left()
         if tier == self.n - 1:
-            return (yield from self.generate(tier, self.context, max_tokens))
+            return (yield from self.generate(tier, self.here, max_tokens))
+        if tier == 0 and self.ahead is not None:
+            context, output, usage = self.ahead
+            if context == self.here:  # drafted while the last step was verified
+                self.ahead = None
+                self.step_usage[0] = self.step_usage[0] + usage
+                return output
+            self.drop_ahead()
         gate = self.gates[tier]
-        allowance = self.token_allowance(tier, self.context, max_tokens)
+        allowance = self.token_allowance(tier, self.here, max_tokens)
         size = min(gate.probe_tokens, allowance) if gate.mode == "route" else allowance
         if size < 1:
             return _EMPTY
-        return (yield from self.generate(tier, self.context, size))
+        return (yield from self.generate(tier, self.here, size))
 
     def finish(self, tier: int, output: StepOutput):
         """A lower tier keeps the step: a route probe that did not finish the step goes on."""
         gate = self.gates[tier]
         if gate.mode == "route" and output.stop_reason == "max_tokens":
-            rest = self.token_allowance(tier, self.context + output.text,
-                                        self.options.max_step_tokens - output.generated_tokens)
+            rest = self.token_allowance(tier, self.here + output.text,
+                                        self.step_tokens_left() - output.generated_tokens)
             if rest > 0:
-                continuation = yield from self.generate(tier, self.context + output.text, rest)
+                continuation = yield from self.generate(tier, self.here + output.text, rest)
                 output = _join(output, continuation)
         return output
 
@@ -442,6 +556,8 @@ class _Run:
         outputs: dict[int, StepOutput] = {}
         degraded = False
         tier = 0
+        self.fixed = ""
+        corrections = 0
 
         def failed(at: int, error: BackendError) -> None:
             nonlocal degraded
@@ -467,15 +583,18 @@ class _Run:
             gate = self.gates[tier]
             verification = None
             if gate.requires_verification and output.text and tier + 1 not in self.failed:
-                bound = self.prefill_bound(tier + 1, self.context + output.text)
+                bound = self.prefill_bound(tier + 1, self.here + output.text)
                 if self.cascade.cost_model.charge(tier + 1, bound, 0) <= self.remaining():
                     try:
-                        verification = yield from self.verify(tier + 1, output.text)
+                        if self.wants_ahead(tier, output):
+                            verification = yield from self.verify_and_draft_ahead(tier, output)
+                        else:
+                            verification = yield from self.verify(tier + 1, output.text)
                     except BackendError as error:
                         failed(tier + 1, error)
                 else:
                     self.cap_intervened = True  # no room to verify: the draft stands
-            state = GateState(self.problem, index, tier, self.context, output,
+            state = GateState(self.problem, index, tier, self.here, output,
                               Confidence.of(output, getattr(gate, "probe_tokens", 4) or 4), verification)
             score, escalate = decide(gate, state)
             unavailable = escalate and tier + 1 in self.failed
@@ -488,6 +607,18 @@ class _Run:
                 break
             if output.text:
                 drafts.append(output.text)
+            self.drop_ahead()  # it continued the draft just rejected
+            fix = self.correction(tier, gate, verification, corrections)
+            if fix is not None:
+                # The verifying tier's own greedy text up to and including its first
+                # disagreement stands; the drafting tier goes on from there, verified again.
+                self.fixed += fix
+                corrections += 1
+                if self.fixed.endswith(self.cascade.delimiter):
+                    tier += 1
+                    output = _EMPTY
+                    break
+                continue
             tier += 1
         while tier < self.n - 1:
             try:
@@ -497,7 +628,13 @@ class _Run:
                 failed(tier, error)
                 tier -= 1
                 output = outputs[tier]
-        if output.generated_tokens == 0:
+        if self.fixed:
+            tier = max(tier, 1)  # the step was escalated: the verifying tier fixed part of it
+            ends = "delimiter" if self.fixed.endswith(self.cascade.delimiter) else "max_tokens"
+            output = dataclasses.replace(output, text=self.fixed + output.text,
+                                         stop_reason=output.stop_reason if output.text else ends)
+            self.fixed = ""
+        elif output.generated_tokens == 0:
             self.cap_intervened = True  # nothing fits in what is left of the budget
             return None
         text = output.text
@@ -553,6 +690,9 @@ class _Run:
                 model.release(self.request_id)
 
     def result(self, stop_reason: str) -> Result:
+        if self.ahead is not None:  # an early draft the request ended without using
+            self.spent[0] = self.spent[0] + self.ahead[2]
+            self.ahead = None
         return Result(problem=self.problem, answer=extract_answer(self.context),
                       steps=tuple(self.steps), cost=Cost(tuple(self.spent)),
                       tier_names=self.cascade.tier_names, stop_reason=stop_reason,
@@ -707,7 +847,7 @@ class _Driver:
         try:
             while True:
                 try:
-                    tier, request = machine.throw(error) if error is not None else machine.send(value)
+                    calls = machine.throw(error) if error is not None else machine.send(value)
                 except StopIteration as stop:
                     return stop.value
                 value, error = None, None
@@ -715,25 +855,43 @@ class _Driver:
                 if deadline is not None:
                     left = max(0.0, deadline - loop.time())
                     timeout = left if timeout is None else min(timeout, left)
-                future = self.queues[tier].submit(request)
-                # A timer fails the future itself (no wait_for wrapper): the request wakes
-                # in the same round as the rest of its batch, which keeps batches whole.
-                timer = None if timeout is None else loop.call_later(timeout, _expire, future)
-                try:
-                    value = await future
-                except asyncio.TimeoutError:
-                    if deadline is not None and loop.time() >= deadline:
+                if isinstance(calls, list):
+                    # Calls sent together (SolveOptions.draft_ahead): each answer or failure
+                    # goes back in its place; only the request's deadline is thrown.
+                    outcomes = await asyncio.gather(*(self.call(tier, request, timeout, deadline, options, loop)
+                                                      for tier, request in calls))
+                    if any(isinstance(o, _Deadline) for o in outcomes):
                         error = _Deadline()
                     else:
-                        error = BackendError(f"no answer within the step timeout of "
-                                             f"{options.step_timeout:g} s", self.models[tier].info.name)
-                except BackendError as failure:
-                    error = failure
-                finally:
-                    if timer is not None:
-                        timer.cancel()
+                        value = outcomes
+                    continue
+                outcome = await self.call(*calls, timeout, deadline, options, loop)
+                if isinstance(outcome, BaseException):
+                    error = outcome
+                else:
+                    value = outcome
         finally:
             machine.close()  # a cancelled request frees its backend sessions (the finally in it)
+
+    async def call(self, tier: int, request: StepRequest | ScoreRequest, timeout: float | None,
+                   deadline: float | None, options: SolveOptions, loop: asyncio.AbstractEventLoop) -> object:
+        """One model call: its output, or the BackendError / _Deadline it ended with."""
+        future = self.queues[tier].submit(request)
+        # A timer fails the future itself (no wait_for wrapper): the request wakes
+        # in the same round as the rest of its batch, which keeps batches whole.
+        timer = None if timeout is None else loop.call_later(timeout, _expire, future)
+        try:
+            return await future
+        except asyncio.TimeoutError:
+            if deadline is not None and loop.time() >= deadline:
+                return _Deadline()
+            return BackendError(f"no answer within the step timeout of {options.step_timeout:g} s",
+                                self.models[tier].info.name)
+        except BackendError as failure:
+            return failure
+        finally:
+            if timer is not None:
+                timer.cancel()
 
 
 def _run_sync(coroutine):

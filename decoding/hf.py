@@ -770,7 +770,8 @@ class HFBackend:
                 self._sessions.pop(request.request_id, None)
             raise
         seconds = time.perf_counter() - started
-        return [ScoreOutput(o.token_ids, o.logprobs, len(plan[1]), seconds) for o, plan in zip(outputs, plans)]
+        return [ScoreOutput(o.token_ids, o.logprobs, len(plan[1]), seconds, o.greedy_prefix)
+                for o, plan in zip(outputs, plans)]
 
     def _score_together(self, requests: Sequence[ScoreRequest], plans: list) -> list[ScoreOutput]:
         """Catch-up and scored text of every row in one forward pass, right-padded."""
@@ -829,6 +830,26 @@ class HFBackend:
         session.text += request.text
         session.boundaries.append((len(session.ids), len(session.text)))
         agreed, entropies, at_mismatch = _agreement(predicting, ids)
-        session.scored = _Scored(len(session.ids) - len(ids), start_chars, list(ids), agreed, logprobs,
-                                 entropies, at_mismatch)
-        return ScoreOutput(tuple(ids), tuple(logprobs), 0, 0.0)
+        start = len(session.ids) - len(ids)
+        session.scored = _Scored(start, start_chars, list(ids), agreed, logprobs, entropies, at_mismatch)
+        return ScoreOutput(tuple(ids), tuple(logprobs), 0, 0.0,
+                           self._greedy_prefix(session, start, ids, agreed, at_mismatch, request.text))
+
+    def _greedy_prefix(self, session: _Session, start: int, ids: list[int], agreed: int,
+                       at_mismatch: torch.Tensor | None, text: str) -> str | None:
+        """`ScoreOutput.greedy_prefix` of a scored text (see there)."""
+        delimiter = self.info.step_delimiter
+        if agreed == len(ids) and text.endswith(delimiter):
+            prefix = text
+        else:
+            after = at_mismatch if at_mismatch is not None else session.next_logits
+            token = int(torch.argmax(after))
+            if token in self.eos_ids:
+                return None
+            anchor = session.ids[start - 1] if start else None
+            agreed_text = self._decode_after(anchor, ids[:agreed])
+            prefix = self._decode_after(anchor, ids[:agreed] + [token])
+            if not prefix.startswith(agreed_text) or len(prefix) == len(agreed_text):
+                return None  # tokens that do not decode piece by piece (a split character)
+        cut = prefix.find(delimiter)
+        return prefix[: cut + len(delimiter)] if cut >= 0 else prefix

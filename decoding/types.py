@@ -130,12 +130,20 @@ class StepOutput:
 @dataclass(frozen=True)
 class ScoreOutput:
     """Log-probabilities of a given text. prefill_tokens counts the catch-up only;
-    scored_tokens (= len(logprobs)) are also fed through the model."""
+    scored_tokens (= len(logprobs)) are also fed through the model.
+
+    greedy_prefix: what this model would write greedily from the context as far as the
+    pass shows it: the scored text's leading tokens that are its own greedy choices, then
+    its greedy token at the first mismatch (the whole text when it agrees throughout and
+    ends with the step delimiter); cut after the delimiter if it reaches one. None when
+    the backend does not say (or the greedy token there is EOS).
+    """
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     prefill_tokens: int
     seconds: float
+    greedy_prefix: str | None = None
 
     @property
     def scored_tokens(self) -> int:

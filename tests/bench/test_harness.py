@@ -544,3 +544,15 @@ def test_cli_bench_vllm_backend_wiring(tmp_path, capsys, monkeypatch):
     assert header["settings"]["options"]["max_steps"] == 16  # the embedded pair's own step limits
     assert main([*argv[:-2], "--gpu-memory", "0.5", "-o", str(tmp_path / "w")]) == 2
     assert "--gpu-memory gives 1 fractions for 2 models" in capsys.readouterr().err
+
+
+def test_recorded_bench_command_keeps_switches():
+    """run.json's command must rerun the benchmark as it ran: switch flags included."""
+    from cascade.cli import _bench_command, build_parser
+
+    argv = ["bench", "--dataset", "embedded", "--policies", "small,verify-fix@0.3", "--isolate",
+            "--draft-ahead", "--no-math-verify", "-o", "out"]
+    command = _bench_command(build_parser().parse_args(argv))
+    assert command.split()[1:] and all(flag in command.split() for flag in
+                                       ("--isolate", "--draft-ahead", "--no-math-verify"))
+    assert "--isolate" not in _bench_command(build_parser().parse_args(argv[:5] + ["-o", "out"]))

@@ -148,3 +148,23 @@ def test_bad_calibrate_arguments():
         calibrate(cascade, ["p"] * 30, budget=100, method="magic")
     with pytest.raises(ConfigError, match="cost_max"):
         calibrate(cascade, ["p"] * 30, budget=100, method="risk")
+
+
+def test_sweep_of_a_verify_gate_drafting_ahead_and_fixing_tokens_equals_independent_runs(tiny_dirs):
+    """Calls sent together (draft_ahead) and token corrections replay in the shared sweep
+    exactly as in independent runs: same costs, answers and escalation."""
+    from cascade import VerifyGate
+
+    small = HFBackend.from_pretrained(tiny_dirs[0], step_delimiter="\n")
+    large = HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n")
+    options = SolveOptions(max_steps=3, max_step_tokens=6, draft_ahead=True)
+    gate = VerifyGate(0.5, rewrite="token")
+    cascade = Cascade(small, large, gate, options=options)
+    grid = [(0.9,), (0.5,), (0.2,), (0.0,)]
+    problems = ["a=1;?a", "a=7;b=a+2;?b"]
+    swept = sweep(cascade, problems, grid)
+    for j, (threshold,) in enumerate(grid):
+        runs = [cascade.solve(p, gates=[VerifyGate(threshold, rewrite="token")]) for p in problems]
+        assert np.allclose(swept.costs[:, j], [r.cost.total for r in runs])
+        assert [row[j] for row in swept.answers] == [r.answer for r in runs]
+        assert np.array_equal(swept.escalation[:, j], [r.escalation_rate for r in runs])

@@ -53,6 +53,7 @@ def test_isolate_runs_upper_tiers_in_processes_with_the_same_result(capsys, tiny
     (["--small", "/no/such/model", "--large", "/no/such/model"], "no model at"),
     (["--small", "x"], "go together"),
     (["--gate", "confidence", "--signal", "vibes", "--small", "S", "--large", "S"], "signal"),
+    (["--gate", "confidence", "--rewrite", "token", "--small", "S", "--large", "S"], "--rewrite"),
 ])
 def test_solve_errors_are_one_clear_line(capsys, tiny_dirs, argv, message):
     argv = [tiny_dirs[0] if a == "S" else a for a in argv]
@@ -84,3 +85,17 @@ def test_calibrate_writes_a_loadable_file_and_resumes(capsys, tiny_dirs, tmp_pat
     isolated = [a if a != str(tmp_path / "c.json") else str(tmp_path / "i.json") for a in argv]
     code, _, _ = run(capsys, *isolated, "--isolate")
     assert code == 0 and Calibration.load(tmp_path / "i.json").entries == first.entries
+
+
+def test_verify_with_token_rewrite_and_draft_ahead_from_the_command_line(capsys, tiny_dirs):
+    """--rewrite token --draft-ahead reach the gate and the solve options: threshold 0 rejects
+    every draft, so the steps are the large model's own (as with --gate always-large)."""
+    common = ["solve", "a=1;b=a+2;?b", "--small", tiny_dirs[0], "--large", tiny_dirs[2], "--delimiter", "\n",
+              "--max-steps", "3", "--max-step-tokens", "6", "--json"]
+    code, fixed, _ = run(capsys, *common, "--gate", "verify", "--threshold", "0", "--rewrite", "token",
+                         "--draft-ahead")
+    code_large, large, _ = run(capsys, *common, "--gate", "always-large")
+    assert code == code_large == 0
+    fixed, large = json.loads(fixed), json.loads(large)
+    assert [s["text"] for s in fixed["steps"]] == [s["text"] for s in large["steps"]]
+    assert any(len(s["decisions"]) > 1 for s in fixed["steps"])  # corrected, then drafted on

@@ -65,3 +65,91 @@ def test_oracle_gate_escalates_exactly_wrong_steps():
     # "#### 5" is wrong once the large model stated c=4, so the answer line escalates too.
     assert [s.author for s in result.steps] == ["small", "large", "large"]
     assert result.answer == "4"
+
+
+def _tiny_pair(tiny_dirs):
+    return (HFBackend.from_pretrained(tiny_dirs[0], step_delimiter="\n"),
+            HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n"))
+
+
+PROBLEMS = ["a=3;?a", "a=7;b=a+2;?b", "a=12;b=a-3;c=b*2;?c", "x=5;?x"]
+
+
+def _drive(cascade, problem, options, gates):
+    """Run one step machine by hand; returns (result, how many times it sent calls together)."""
+    machine = cascade.step_machine(problem, None, gates, options)
+    together, value = 0, None
+
+    def run(tier, request):
+        model = cascade.models[tier]
+        return (model.next_steps if hasattr(request, "max_tokens") else model.score_steps)([request])[0]
+
+    while True:
+        try:
+            calls = machine.send(value)
+        except StopIteration as stop:
+            return stop.value, together
+        if isinstance(calls, list):
+            together += 1
+            value = [run(*c) for c in calls]
+        else:
+            value = run(*calls)
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.5, 0.2])
+def test_draft_ahead_writes_the_same_steps_and_charges_its_thrown_drafts(tiny_dirs, threshold):
+    small, large = _tiny_pair(tiny_dirs)
+    base = SolveOptions(max_steps=5, max_step_tokens=6)
+    ahead = SolveOptions(max_steps=5, max_step_tokens=6, draft_ahead=True)
+    cascade = Cascade(small, large, VerifyGate(threshold), options=base)
+    sent_together = 0
+    for problem in PROBLEMS:
+        plain, never = _drive(cascade, problem, base, [VerifyGate(threshold)])
+        early, together = _drive(cascade, problem, ahead, [VerifyGate(threshold)])
+        assert never == 0
+        sent_together += together
+        assert [(s.text, s.tier, s.drafts, [d.escalated for d in s.decisions]) for s in early.steps] == \
+            [(s.text, s.tier, s.drafts, [d.escalated for d in s.decisions]) for s in plain.steps]
+        assert early.answer == plain.answer
+        # The large model's work is the same; the small one's at least the same (thrown drafts).
+        assert early.cost.per_tier[1].cost == pytest.approx(plain.cost.per_tier[1].cost)
+        assert early.cost.per_tier[0].generated_tokens >= plain.cost.per_tier[0].generated_tokens
+        # Every early draft lands in some step's usage: used by the next step or thrown away.
+        assert early.cost.total == pytest.approx(sum(u.cost for s in early.steps for u in s.usage))
+    assert sent_together > 0
+
+
+def test_token_rewrite_that_rejects_everything_writes_the_large_models_greedy_steps(tiny_dirs):
+    """threshold 0 rejects every draft: each round keeps the large model's greedy text up to
+    its first disagreement, so the steps must be exactly what the large model writes alone."""
+    small, large = _tiny_pair(tiny_dirs)
+    options = SolveOptions(max_steps=4, max_step_tokens=8)
+    cascade = Cascade(small, large, VerifyGate(0.0, rewrite="token", max_corrections=100), options=options)
+    alone = Cascade(small, large, make_gate("always-large"), options=options)
+    fixed_any = False
+    for problem in PROBLEMS:
+        mixed, reference = cascade.solve(problem), alone.solve(problem)
+        assert [s.text for s in mixed.steps] == [s.text for s in reference.steps]
+        assert all(s.tier == 1 for s in mixed.steps)
+        fixed_any |= any(len(s.decisions) > 1 for s in mixed.steps)  # corrected, then drafted on
+    assert fixed_any
+
+
+@pytest.mark.parametrize("budget", [5.0, 12.0, 20.0, 35.0, 60.0])
+def test_draft_ahead_and_token_rewrite_honour_the_hard_cap(tiny_dirs, budget):
+    small, large = _tiny_pair(tiny_dirs)
+    options = SolveOptions(max_steps=5, max_step_tokens=6, draft_ahead=True)
+    for gate in (VerifyGate(0.5), VerifyGate(0.5, rewrite="token"), VerifyGate(0.1, rewrite="token")):
+        cascade = Cascade(small, large, gate, options=options)
+        for problem in PROBLEMS:
+            result = cascade.solve(problem, budget)
+            assert result.cost.total <= budget + 1e-9
+
+
+def test_token_rewrite_settings():
+    with pytest.raises(ConfigError, match="rewrite"):
+        VerifyGate(rewrite="word")
+    with pytest.raises(ConfigError, match="max_corrections"):
+        VerifyGate(max_corrections=-1)
+    with pytest.raises(ConfigError, match="draft_ahead"):
+        SolveOptions(draft_ahead="yes")

@@ -200,3 +200,23 @@ def test_no_reuse_when_sampling_or_after_another_call(tiny_dirs):
     step(backend, own.text, request_id="t")  # another call: the record no longer applies
     again = step(backend, "", request_id="t")
     assert again.reused_tokens == 0 and _same_step(again, own)
+
+
+def test_greedy_prefix_is_what_the_model_would_write(tiny_dirs):
+    """ScoreOutput.greedy_prefix: the draft's agreed part plus the model's own next token,
+    so it is always a prefix of the model's greedy step (the whole step when the draft is it)."""
+    backend = HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n")
+    context = "b=1\n"
+    own = step(backend, context, max_tokens=40, request_id="own")
+    for k, draft in enumerate([own.text, own.text[:-1] + "x", own.text[:2] + "q9\n", "zz\n", own.text[:1]]):
+        scored = backend.score_steps([ScoreRequest(f"g{k}", PROBLEM, context, draft)])[0]
+        prefix = scored.greedy_prefix
+        assert prefix, draft
+        assert own.text.startswith(prefix), (draft, prefix, own.text)
+        if draft == own.text and own.stop_reason == "delimiter":
+            assert prefix == own.text
+        else:
+            shared = 0
+            while shared < min(len(draft), len(own.text)) and draft[shared] == own.text[shared]:
+                shared += 1
+            assert len(prefix) == min(shared + 1, len(own.text))  # one character per token here
