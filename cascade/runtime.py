@@ -359,6 +359,7 @@ class _Run:
         # Text of the step being written that the verifying tier has already fixed (its
         # corrections of rejected drafts, VerifyGate(rewrite="token")); "" at each step start.
         self.fixed = ""
+        self.fixed_tokens = 0
         self.steps: list[Step] = []
         self.spent = [Usage()] * self.n
         self.step_usage = [Usage()] * self.n
@@ -375,9 +376,8 @@ class _Run:
         return self.context + self.fixed
 
     def step_tokens_left(self) -> int:
-        # Characters bound the tokens of the fixed text for the tokenizers in use here; the
-        # budget is enforced separately, this only keeps steps near max_step_tokens long.
-        return max(1, self.options.max_step_tokens - len(self.fixed))
+        """Tokens the step may still take (the fixed text counted in the top tier's tokens)."""
+        return max(1, self.options.max_step_tokens - self.fixed_tokens)
 
     # -- money ----------------------------------------------------------------------------
 
@@ -491,13 +491,16 @@ class _Run:
         if getattr(gate, "rewrite", "step") != "token" or verification is None or tier + 2 != self.n \
                 or self.options.temperature > 0 or done >= getattr(gate, "max_corrections", 0):
             return None
-        fix = verification.greedy_prefix
-        if not fix or not isinstance(fix, str) or self.cascade.delimiter in fix[: -len(self.cascade.delimiter)]:
+        fix, tokens = verification.greedy_prefix, verification.greedy_prefix_tokens
+        if not fix or not isinstance(fix, str) or self.cascade.delimiter in fix[: -len(self.cascade.delimiter)] \
+                or not isinstance(tokens, int) or tokens < 1:
             return None  # nothing reported, or a malformed report: the top tier writes the step
+        if self.fixed_tokens + tokens > self.options.max_step_tokens:
+            return None  # past the step's length limit: the top tier writes the rest, cut there
         if self.budget is not None:
             prices = self.cascade.cost_model
             here = self.here + fix
-            left = max(1, self.step_tokens_left() - len(fix))
+            left = max(1, self.step_tokens_left() - tokens)
             worst = (prices.worst_case(tier, self.prefill_bound(tier, here), left)
                      + prices.charge(tier + 1, self.prefill_bound(tier + 1, here) + left, 0)
                      + prices.worst_case(tier + 1, self.prefill_bound(tier + 1, here), left))
@@ -557,6 +560,7 @@ class _Run:
         degraded = False
         tier = 0
         self.fixed = ""
+        self.fixed_tokens = 0
         corrections = 0
 
         def failed(at: int, error: BackendError) -> None:
@@ -613,8 +617,10 @@ class _Run:
                 # The verifying tier's own greedy text up to and including its first
                 # disagreement stands; the drafting tier goes on from there, verified again.
                 self.fixed += fix
+                self.fixed_tokens += verification.greedy_prefix_tokens
                 corrections += 1
-                if self.fixed.endswith(self.cascade.delimiter):
+                if self.fixed.endswith(self.cascade.delimiter) or \
+                        self.fixed_tokens >= self.options.max_step_tokens:
                     tier += 1
                     output = _EMPTY
                     break
@@ -633,7 +639,7 @@ class _Run:
             ends = "delimiter" if self.fixed.endswith(self.cascade.delimiter) else "max_tokens"
             output = dataclasses.replace(output, text=self.fixed + output.text,
                                          stop_reason=output.stop_reason if output.text else ends)
-            self.fixed = ""
+            self.fixed, self.fixed_tokens = "", 0
         elif output.generated_tokens == 0:
             self.cap_intervened = True  # nothing fits in what is left of the budget
             return None

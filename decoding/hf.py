@@ -770,8 +770,8 @@ class HFBackend:
                 self._sessions.pop(request.request_id, None)
             raise
         seconds = time.perf_counter() - started
-        return [ScoreOutput(o.token_ids, o.logprobs, len(plan[1]), seconds, o.greedy_prefix)
-                for o, plan in zip(outputs, plans)]
+        return [ScoreOutput(o.token_ids, o.logprobs, len(plan[1]), seconds, o.greedy_prefix,
+                            o.greedy_prefix_tokens) for o, plan in zip(outputs, plans)]
 
     def _score_together(self, requests: Sequence[ScoreRequest], plans: list) -> list[ScoreOutput]:
         """Catch-up and scored text of every row in one forward pass, right-padded."""
@@ -832,24 +832,28 @@ class HFBackend:
         agreed, entropies, at_mismatch = _agreement(predicting, ids)
         start = len(session.ids) - len(ids)
         session.scored = _Scored(start, start_chars, list(ids), agreed, logprobs, entropies, at_mismatch)
-        return ScoreOutput(tuple(ids), tuple(logprobs), 0, 0.0,
-                           self._greedy_prefix(session, start, ids, agreed, at_mismatch, request.text))
+        prefix, tokens = self._greedy_prefix(session, start, ids, agreed, at_mismatch, request.text)
+        return ScoreOutput(tuple(ids), tuple(logprobs), 0, 0.0, prefix, tokens)
 
     def _greedy_prefix(self, session: _Session, start: int, ids: list[int], agreed: int,
-                       at_mismatch: torch.Tensor | None, text: str) -> str | None:
-        """`ScoreOutput.greedy_prefix` of a scored text (see there)."""
+                       at_mismatch: torch.Tensor | None, text: str) -> tuple[str | None, int]:
+        """`ScoreOutput.greedy_prefix` of a scored text and its tokens (see there)."""
         delimiter = self.info.step_delimiter
+        anchor = session.ids[start - 1] if start else None
         if agreed == len(ids) and text.endswith(delimiter):
-            prefix = text
+            greedy = list(ids)
         else:
             after = at_mismatch if at_mismatch is not None else session.next_logits
             token = int(torch.argmax(after))
             if token in self.eos_ids:
-                return None
-            anchor = session.ids[start - 1] if start else None
+                return None, 0
+            greedy = ids[:agreed] + [token]
             agreed_text = self._decode_after(anchor, ids[:agreed])
-            prefix = self._decode_after(anchor, ids[:agreed] + [token])
-            if not prefix.startswith(agreed_text) or len(prefix) == len(agreed_text):
-                return None  # tokens that do not decode piece by piece (a split character)
-        cut = prefix.find(delimiter)
-        return prefix[: cut + len(delimiter)] if cut >= 0 else prefix
+            if not self._decode_after(anchor, greedy).startswith(agreed_text):
+                return None, 0  # tokens that do not decode piece by piece (a split character)
+        # Stop at the first token that completes the delimiter, as decoding would.
+        for end in range(1, len(greedy) + 1):
+            prefix = self._decode_after(anchor, greedy[:end])
+            if delimiter in prefix:
+                return prefix[: prefix.find(delimiter) + len(delimiter)], end
+        return (prefix, len(greedy)) if prefix else (None, 0)

@@ -136,7 +136,8 @@ class ScoreOutput:
     pass shows it: the scored text's leading tokens that are its own greedy choices, then
     its greedy token at the first mismatch (the whole text when it agrees throughout and
     ends with the step delimiter); cut after the delimiter if it reaches one. None when
-    the backend does not say (or the greedy token there is EOS).
+    the backend does not say (or the greedy token there is EOS). greedy_prefix_tokens:
+    its length in this model's tokens.
     """
 
     token_ids: tuple[int, ...]
@@ -144,6 +145,7 @@ class ScoreOutput:
     prefill_tokens: int
     seconds: float
     greedy_prefix: str | None = None
+    greedy_prefix_tokens: int = 0
 
     @property
     def scored_tokens(self) -> int:

@@ -208,15 +208,17 @@ def test_greedy_prefix_is_what_the_model_would_write(tiny_dirs):
     backend = HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n")
     context = "b=1\n"
     own = step(backend, context, max_tokens=40, request_id="own")
+    further = step(backend, context, max_tokens=60, request_id="further")  # past a draft's end
     for k, draft in enumerate([own.text, own.text[:-1] + "x", own.text[:2] + "q9\n", "zz\n", own.text[:1]]):
         scored = backend.score_steps([ScoreRequest(f"g{k}", PROBLEM, context, draft)])[0]
         prefix = scored.greedy_prefix
         assert prefix, draft
-        assert own.text.startswith(prefix), (draft, prefix, own.text)
+        assert further.text.startswith(prefix), (draft, prefix, further.text)
+        assert scored.greedy_prefix_tokens == len(prefix)  # one character per token here
         if draft == own.text and own.stop_reason == "delimiter":
             assert prefix == own.text
         else:
             shared = 0
             while shared < min(len(draft), len(own.text)) and draft[shared] == own.text[shared]:
                 shared += 1
-            assert len(prefix) == min(shared + 1, len(own.text))  # one character per token here
+            assert len(prefix) == shared + 1
