@@ -153,3 +153,48 @@ def test_token_rewrite_settings():
         VerifyGate(max_corrections=-1)
     with pytest.raises(ConfigError, match="draft_ahead"):
         SolveOptions(draft_ahead="yes")
+
+
+@pytest.mark.parametrize("fault", ["stall", "error"])  # of the verification
+def test_draft_ahead_survives_a_failing_verifier_and_a_failing_early_draft(tiny_dirs, fault):
+    """Calls sent together fail one by one: a stalled or failing verification (degrade) lets
+    the draft stand; a failing early draft is only dropped, and the next step drafts again."""
+    from decoding import FaultyBackend, at_calls
+
+    small, large = _tiny_pair(tiny_dirs)
+    options = SolveOptions(max_steps=4, max_step_tokens=12, draft_ahead=True, step_timeout=0.5)
+    problem = next(p for p in PROBLEMS if _drive(Cascade(small, large, VerifyGate(0.5), options=options),
+                                                 p, options, [VerifyGate(0.5)])[1] > 0)
+    # Which calls of each model were sent together: run the machine by hand and count.
+    machine = Cascade(small, large, VerifyGate(0.5), options=options).step_machine(
+        problem, None, [VerifyGate(0.5)], options)
+    counts, first_pair, value = [0, 0], None, None
+    while True:
+        try:
+            calls = machine.send(value)
+        except StopIteration:
+            break
+        batch = calls if isinstance(calls, list) else [calls]
+        outputs = []
+        for tier, request in batch:
+            counts[tier] += 1
+            model = (small, large)[tier]
+            outputs.append((model.next_steps if hasattr(request, "max_tokens") else model.score_steps)([request])[0])
+        if isinstance(calls, list) and first_pair is None:
+            first_pair = tuple(counts)  # (small call number, large call number) of the pair
+        value = outputs if isinstance(calls, list) else outputs[0]
+    assert first_pair is not None
+    plain = Cascade(small, large, VerifyGate(0.5), options=SolveOptions(max_steps=4, max_step_tokens=12))
+    reference = [s.text for s in plain.solve(problem).steps]
+
+    flaky_large = FaultyBackend(large, at_calls({first_pair[1]: fault}), stall_seconds=2.0)
+    result = Cascade(small, flaky_large, VerifyGate(0.5), options=options,
+                     on_large_failure="degrade").solve(problem)
+    assert result.degraded and flaky_large.injected == [(first_pair[1], fault)]
+
+    # A failing early draft (an error: a stalled one would keep the small model's only
+    # worker busy, so its next call times out too, a failure of the small model itself).
+    flaky_small = FaultyBackend(small, at_calls({first_pair[0]: "error"}))
+    early = Cascade(flaky_small, large, VerifyGate(0.5), options=options).solve(problem)
+    assert flaky_small.injected == [(first_pair[0], "error")]
+    assert [s.text for s in early.steps] == reference
