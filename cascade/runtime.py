@@ -389,9 +389,15 @@ class _Run:
             used += self.ahead[2].cost
         return self.budget - used
 
+    def usage(self, tier: int, prefill: int, generated: int, seconds: float) -> Usage:
+        return Usage(prefill, generated, seconds, self.cascade.cost_model.charge(tier, prefill, generated))
+
     def charge(self, tier: int, prefill: int, generated: int, seconds: float) -> None:
-        cost = self.cascade.cost_model.charge(tier, prefill, generated)
-        self.step_usage[tier] = self.step_usage[tier] + Usage(prefill, generated, seconds, cost)
+        self.step_usage[tier] = self.step_usage[tier] + self.usage(tier, prefill, generated, seconds)
+
+    def worst(self, tier: int, context: str, max_tokens: int) -> float:
+        """The most a step call by `tier` from `context` could cost."""
+        return self.cascade.cost_model.worst_case(tier, self.prefill_bound(tier, context), max_tokens)
 
     def prefill_bound(self, tier: int, context: str) -> int:
         return self.cascade.models[tier].prefill_bound(self.request_id, self.problem, context)
@@ -420,15 +426,23 @@ class _Run:
                            self.options.return_hidden or (tier < self.n - 1 and getattr(
                                self.gates[tier], "requires_hidden", False)))
 
-    def took_step(self, tier: int, request: StepRequest, output: object) -> StepOutput:
-        """Check a generated step and charge it."""
+    def checked_step(self, tier: int, request: StepRequest, output: object) -> StepOutput:
+        """A generated step, checked (malformed output is the model's failure)."""
         name = self.cascade.models[tier].info.name
         _check_output(output, StepOutput, name)
         if output.generated_tokens > request.max_tokens:
             raise BackendError(f"returned {output.generated_tokens} tokens, more than the "
                                f"{request.max_tokens} asked for", name)
+        return output
+
+    def step_usage_of(self, tier: int, output: StepOutput) -> Usage:
         # Tokens reused from a scored draft were charged when it was scored.
-        self.charge(tier, output.prefill_tokens, output.decoded_tokens, output.seconds)
+        return self.usage(tier, output.prefill_tokens, output.decoded_tokens, output.seconds)
+
+    def took_step(self, tier: int, request: StepRequest, output: object) -> StepOutput:
+        """Check a generated step and charge it."""
+        output = self.checked_step(tier, request, output)
+        self.step_usage[tier] = self.step_usage[tier] + self.step_usage_of(tier, output)
         return output
 
     def took_score(self, tier: int, output: object) -> ScoreOutput:
@@ -452,12 +466,10 @@ class _Run:
             return False  # the draft ends the request, or no step follows it
         if self.budget is None:
             return True
-        prices = self.cascade.cost_model
         ahead_context = self.here + output.text
-        worst = (prices.charge(tier + 1, self.prefill_bound(tier + 1, ahead_context), 0)
-                 + prices.worst_case(tier, self.prefill_bound(tier, ahead_context), self.options.max_step_tokens)
-                 + prices.worst_case(tier + 1, self.prefill_bound(tier + 1, self.here), self.step_tokens_left()))
-        return worst <= self.remaining()
+        verification = self.cascade.cost_model.charge(tier + 1, self.prefill_bound(tier + 1, ahead_context), 0)
+        return verification + self.worst(tier, ahead_context, self.options.max_step_tokens) \
+            + self.worst(tier + 1, self.here, self.step_tokens_left()) <= self.remaining()
 
     def verify_and_draft_ahead(self, tier: int, output: StepOutput):
         """Verification of tier's draft by tier + 1, and tier's draft of the step after it,
@@ -467,17 +479,13 @@ class _Run:
         score = ScoreRequest(self.request_id, self.problem, self.here, output.text)
         request = self.step_request(tier, ahead_context, self.options.max_step_tokens)
         verification, ahead = yield [(tier + 1, score), (tier, request)]
-        before = self.step_usage[tier]
         try:
             if isinstance(ahead, BackendError):
                 raise ahead
-            ahead = self.took_step(tier, request, ahead)
-            self.ahead = (ahead_context, ahead, Usage(**{
-                name: getattr(self.step_usage[tier], name) - getattr(before, name)
-                for name in ("prefill_tokens", "generated_tokens", "seconds", "cost")}))
+            ahead = self.checked_step(tier, request, ahead)
+            self.ahead = (ahead_context, ahead, self.step_usage_of(tier, ahead))
         except BackendError:
             pass  # only a chance taken: the next step asks again, and fails there if it must
-        self.step_usage[tier] = before
         if isinstance(verification, BackendError):
             raise verification
         return self.took_score(tier + 1, verification)
@@ -498,13 +506,10 @@ class _Run:
         if self.fixed_tokens + tokens > self.options.max_step_tokens:
             return None  # past the step's length limit: the top tier writes the rest, cut there
         if self.budget is not None:
-            prices = self.cascade.cost_model
             here = self.here + fix
             left = max(1, self.step_tokens_left() - tokens)
-            worst = (prices.worst_case(tier, self.prefill_bound(tier, here), left)
-                     + prices.charge(tier + 1, self.prefill_bound(tier + 1, here) + left, 0)
-                     + prices.worst_case(tier + 1, self.prefill_bound(tier + 1, here), left))
-            if worst > self.remaining():
+            verification = self.cascade.cost_model.charge(tier + 1, self.prefill_bound(tier + 1, here) + left, 0)
+            if self.worst(tier, here, left) + verification + self.worst(tier + 1, here, left) > self.remaining():
                 return None
         return fix
 

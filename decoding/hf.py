@@ -25,7 +25,7 @@ import math
 import time
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -715,18 +715,16 @@ class HFBackend:
         if scored.start_chars != len(target) or session.text[: len(target)] != target:
             return None
         anchor = session.ids[scored.start_tokens - 1] if scored.start_tokens else None
-        keep, stop = 0, None
-        for token in scored.ids[: scored.agreed]:
-            keep += 1
-            if token in self.eos_ids:
-                return None  # the cache would end before it: the record has no distribution there
-            if self._may_end_delimiter(token) and \
-                    self.info.step_delimiter in self._decode_after(anchor, scored.ids[:keep]):
-                stop = "delimiter"
-            elif keep >= request.max_tokens:
-                stop = "max_tokens"
-            if stop is not None:
-                break
+        agreed = scored.ids[: scored.agreed]
+        end = self._delimiter_end(anchor, agreed)
+        if end is not None and end <= request.max_tokens:
+            keep, stop = end, "delimiter"
+        elif len(agreed) >= request.max_tokens:
+            keep, stop = request.max_tokens, "max_tokens"
+        else:
+            keep, stop = len(agreed), None
+        if any(token in self.eos_ids for token in agreed[:keep]):
+            return None  # the cache would end before it: the record has no distribution there
         if keep not in (scored.agreed, len(scored.ids)):
             return None  # stopped inside the agreed prefix, where no distribution was kept
         drop = len(scored.ids) - keep
@@ -770,8 +768,8 @@ class HFBackend:
                 self._sessions.pop(request.request_id, None)
             raise
         seconds = time.perf_counter() - started
-        return [ScoreOutput(o.token_ids, o.logprobs, len(plan[1]), seconds, o.greedy_prefix,
-                            o.greedy_prefix_tokens) for o, plan in zip(outputs, plans)]
+        return [replace(o, prefill_tokens=len(plan[1]), seconds=seconds)
+                for o, plan in zip(outputs, plans)]
 
     def _score_together(self, requests: Sequence[ScoreRequest], plans: list) -> list[ScoreOutput]:
         """Catch-up and scored text of every row in one forward pass, right-padded."""
@@ -851,9 +849,16 @@ class HFBackend:
             agreed_text = self._decode_after(anchor, ids[:agreed])
             if not self._decode_after(anchor, greedy).startswith(agreed_text):
                 return None, 0  # tokens that do not decode piece by piece (a split character)
-        # Stop at the first token that completes the delimiter, as decoding would.
-        for end in range(1, len(greedy) + 1):
-            prefix = self._decode_after(anchor, greedy[:end])
-            if delimiter in prefix:
-                return prefix[: prefix.find(delimiter) + len(delimiter)], end
-        return (prefix, len(greedy)) if prefix else (None, 0)
+        end = self._delimiter_end(anchor, greedy) or len(greedy)  # where decoding would stop
+        prefix = self._decode_after(anchor, greedy[:end])
+        cut = prefix.find(delimiter)
+        return (prefix[: cut + len(delimiter)] if cut >= 0 else prefix, end) if prefix else (None, 0)
+
+    def _delimiter_end(self, anchor: int | None, ids: list[int]) -> int | None:
+        """How many of `ids` a step decoding them would keep before stopping at the
+        delimiter (the first token that completes it), or None if none does."""
+        for end, token in enumerate(ids, start=1):
+            if self._may_end_delimiter(token) and \
+                    self.info.step_delimiter in self._decode_after(anchor, ids[:end]):
+                return end
+        return None
