@@ -716,8 +716,8 @@ class HFBackend:
             return None
         anchor = session.ids[scored.start_tokens - 1] if scored.start_tokens else None
         agreed = scored.ids[: scored.agreed]
-        end = self._delimiter_end(anchor, agreed)
-        if end is not None and end <= request.max_tokens:
+        end = self._delimiter_end(anchor, agreed[: request.max_tokens])  # decoding stops at the limit
+        if end is not None:
             keep, stop = end, "delimiter"
         elif len(agreed) >= request.max_tokens:
             keep, stop = request.max_tokens, "max_tokens"
