@@ -120,9 +120,9 @@ def gate_report(run_dir: str | Path, out_dir: str | Path, *, router: str | Path 
     best = max(deployable, key=lambda e: e["speedup_vs_large"]) if deployable else None
     router_metrics = None
     if router is not None:
-        from cascade.router import Router
+        from cascade.router import load_router
 
-        loaded = Router.load(router)
+        loaded = load_router(router)
         router_metrics = {"file": str(router), "summary": loaded.summary(),
                           "metrics": loaded.metrics.to_json() if loaded.metrics else None}
     report = {

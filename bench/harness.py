@@ -203,10 +203,10 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
                     gate = VerifyGate(threshold=threshold, rewrite="token")
                 elif spec.kind == "advantage":
                     from cascade import AdvantageGate
-                    from cascade.router import Router
+                    from cascade.router import load_router
 
-                    if not isinstance(router, Router):
-                        router = Router.load(router, models=cascade.models)  # refuses other models
+                    if isinstance(router, (str, Path)):  # a file: load it once, for every advantage policy
+                        router = load_router(router, models=cascade.models)  # refuses other models
                     gate = AdvantageGate(router, threshold=threshold)
                 else:
                     from bench.oracle import OracleGate

@@ -29,7 +29,8 @@ from cascade.gates import (
     make_gate,
 )
 from cascade.records import Decision, Result, Step
-from cascade.router import Router, collect_router_data, train_router
+from cascade.router import Router, collect_router_data, load_router, train_router
+from cascade.sequence_router import SequenceRouter, train_sequence_router
 from cascade.runtime import Cascade, SolveOptions
 from cascade.scorers import LikelihoodScorer, PRMScorer, StepScorer
 
@@ -57,6 +58,7 @@ __all__ = [
     "RequestTimeoutError",
     "Result",
     "Router",
+    "SequenceRouter",
     "SolveOptions",
     "Step",
     "StepFailedError",
@@ -66,6 +68,7 @@ __all__ = [
     "VerifyGate",
     "calibrate",
     "collect_router_data",
+    "load_router",
     "decide",
     "embedded_cascade",
     "extract_answer",
@@ -74,6 +77,7 @@ __all__ = [
     "sweep",
     "sweep_file",
     "train_router",
+    "train_sequence_router",
 ]
 
 # The gate the embedded pair uses by default (chosen on the calibration split; see README).

@@ -215,7 +215,13 @@ def _train_router(args) -> int:
                                   skip_perfect=args.tau >= 0,  # a perfect draft cannot be beaten by > tau
                                   progress=progress_printer("train-router"))
     npz = dataset.save(Path(data_path).with_suffix(".npz"))
-    router = train_router(dataset, tau=args.tau, holdout=args.holdout, seed=args.seed)
+    if args.router_model == "sequence":
+        from cascade.sequence_router import train_sequence_router
+
+        router = train_sequence_router(dataset, tau=args.tau, holdout=args.holdout, seed=args.seed,
+                                       epochs=args.epochs)
+    else:
+        router = train_router(dataset, tau=args.tau, holdout=args.holdout, seed=args.seed)
     router.save(args.output)
     print(router.summary())
     print(f"wrote {args.output} (dataset: {data_path}, {npz}; {len(dataset)} steps)")
@@ -428,6 +434,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label = score(large) - score(small) > tau")
     router.add_argument("--limit", type=int, default=None, help="use the first N problems")
     router.add_argument("--holdout", type=float, default=0.2, help="held-out fraction of the problems")
+    router.add_argument("--router-model", default="logistic", choices=["logistic", "sequence"],
+                        help="logistic: regression on the draft's summary features; sequence: a small "
+                             "bi-GRU over the draft's tokens plus those features (cascade.sequence_router)")
+    router.add_argument("--epochs", type=int, default=8, help="training passes of the sequence router")
     router.add_argument("--projection-dim", type=int, default=16, help="hidden-state projection size")
     router.add_argument("--seed", type=int, default=0, help="projection and held-out split seed")
     router.add_argument("--data", type=Path, default=None,

@@ -247,7 +247,7 @@ class AdvantageGate:
 
     The router reads the drafting model's hidden state, so the runtime asks that tier's
     backend for it (`requires_hidden`). Load a trained router with
-    `cascade.router.Router.load(path, models=(small, large))`, which refuses a router
+    `cascade.router.load_router(path, models=(small, large))`, which refuses a router
     trained for other models. One scalar threshold: calibration applies unchanged.
     """
 
@@ -262,7 +262,7 @@ class AdvantageGate:
         _check_threshold(self.threshold)
         if not isinstance(self.router, AdvantageModel):
             raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state), got "
-                              f"{type(self.router).__name__} (load one with cascade.router.Router.load)")
+                              f"{type(self.router).__name__} (load one with cascade.router.load_router)")
         if self.mode != "speculate" or self.requires_verification or not self.requires_hidden:
             raise ConfigError("AdvantageGate judges whole drafts from their hidden state: mode must be "
                               "'speculate', requires_hidden True, requires_verification False")

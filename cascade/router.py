@@ -48,7 +48,11 @@ __all__ = [
     "RouterMetrics",
     "Router",
     "step_features",
+    "check_router_models",
     "collect_router_data",
+    "heldout_split",
+    "heldout_metrics",
+    "load_router",
     "load_router_data",
     "train_router",
     "fit_logistic",
@@ -284,7 +288,10 @@ def _collect_one(small: Backend, large: Backend, scorer: StepScorer, problem: st
             steps.append({"step_index": step_index, "small": small_text, "large": large_text,
                           "small_score": float(small_score),
                           "large_score": None if math.isnan(large_score) else float(large_score),
-                          "features": [float(x) for x in features]})
+                          "features": [float(x) for x in features],
+                          # the draft's tokens, for routers that read the sequence (SequenceRouter)
+                          "token_ids": list(draft.token_ids), "logprobs": [float(x) for x in draft.logprobs],
+                          "entropies": [float(x) for x in draft.entropies]})
             context += draft.text
             if draft.stop_reason == "max_tokens":
                 context += delimiter  # a step cut at max tokens still ends (as in the runtime)
@@ -317,6 +324,10 @@ class RouterDataset:
 
     features: (n, spec.size); small_score, large_score: (n,); group: (n,) the problem
     index each step belongs to (held-out splits are by problem); step_index: (n,).
+    The drafts' tokens, for routers that read the sequence (`SequenceRouter`), flattened:
+    step i's tokens are token_ids[token_offsets[i]:token_offsets[i + 1]] (token_offsets
+    (n + 1,)), with their logprobs and entropies alongside; None in files collected before
+    tokens were recorded.
     """
 
     features: np.ndarray
@@ -327,6 +338,22 @@ class RouterDataset:
     spec: FeatureSpec
     models: tuple[dict, ...]
     scorer: str
+    token_offsets: np.ndarray | None = None
+    token_ids: np.ndarray | None = None
+    token_logprobs: np.ndarray | None = None
+    token_entropies: np.ndarray | None = None
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.token_offsets is not None
+
+    def step_tokens(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token_ids, logprobs, entropies) of step `index`'s draft."""
+        if self.token_offsets is None:
+            raise RouterFileError("this router data holds no draft tokens (collected before they were "
+                                  "recorded); collect it again")
+        start, end = int(self.token_offsets[index]), int(self.token_offsets[index + 1])
+        return self.token_ids[start:end], self.token_logprobs[start:end], self.token_entropies[start:end]
 
     @property
     def advantage(self) -> np.ndarray:
@@ -347,6 +374,14 @@ class RouterDataset:
         steps = [(r["index"], s) for r in records for s in r["steps"]]
         if spec is None or not steps:
             raise ConfigError("the router data holds no steps")
+        tokens: dict = {}
+        if all("token_ids" in s for _, s in steps):
+            lengths = [len(s["token_ids"]) for _, s in steps]
+            tokens = {"token_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                      "token_ids": np.array([t for _, s in steps for t in s["token_ids"]], dtype=np.int64),
+                      "token_logprobs": np.array([t for _, s in steps for t in s["logprobs"]], dtype=np.float64),
+                      "token_entropies": np.array([t for _, s in steps for t in s["entropies"]],
+                                                  dtype=np.float64)}
         return cls(
             features=np.array([s["features"] for _, s in steps], dtype=np.float64).reshape(len(steps), spec.size),
             small_score=np.array([s["small_score"] for _, s in steps], dtype=np.float64),
@@ -354,16 +389,17 @@ class RouterDataset:
                                   for _, s in steps], dtype=np.float64),
             group=np.array([i for i, _ in steps], dtype=np.int64),
             step_index=np.array([s["step_index"] for _, s in steps], dtype=np.int64),
-            spec=spec, models=tuple(dict(m) for m in models), scorer=scorer)
+            spec=spec, models=tuple(dict(m) for m in models), scorer=scorer, **tokens)
 
     def save(self, path: str | Path) -> Path:
         """Save as .npz (arrays + a JSON header)."""
         path = Path(path)
         header = json.dumps({"format": DATA_FORMAT, "spec": self.spec.to_json(), "models": list(self.models),
                              "scorer": self.scorer})
+        tokens = {name: getattr(self, name) for name in _TOKEN_ARRAYS} if self.has_tokens else {}
         np.savez_compressed(path, features=self.features, small_score=self.small_score,
                             large_score=self.large_score, group=self.group, step_index=self.step_index,
-                            header=np.array(header))
+                            header=np.array(header), **tokens)
         return path
 
     @classmethod
@@ -372,9 +408,13 @@ class RouterDataset:
             header = json.loads(str(data["header"]))
             if header.get("format") != DATA_FORMAT:
                 raise RouterFileError(f"{path} is not a router-data file")
+            tokens = {name: data[name] for name in _TOKEN_ARRAYS} if "token_offsets" in data else {}
             return cls(data["features"], data["small_score"], data["large_score"], data["group"],
                        data["step_index"], FeatureSpec.from_json(header["spec"]), tuple(header["models"]),
-                       header["scorer"])
+                       header["scorer"], **tokens)
+
+
+_TOKEN_ARRAYS = ("token_offsets", "token_ids", "token_logprobs", "token_entropies")
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -451,11 +491,12 @@ def captured_advantage(probability: np.ndarray, advantage: np.ndarray, labels: n
     return float(advantage[top].sum()) / oracle
 
 
-def train_router(data: RouterDataset, *, tau: float = 0.0, holdout: float = 0.2, seed: int = 0,
-                 l2: float = 1e-3) -> "Router":
-    """Train the router: class-balanced logistic regression on standardised features, with
-    `holdout` of the problems (by problem, drawn with `seed`) kept out for the metrics.
-    Raises ConfigError when either split has only one class."""
+def heldout_split(data: RouterDataset, *, tau: float, holdout: float, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels at `tau` and the held-out mask, shapes (n,): `holdout` of the problems (by
+    problem, drawn with `seed`) are kept out of training for the metrics. Every router
+    trainer splits here, so routers trained with the same seed are compared on the same
+    steps. Raises ConfigError on bad settings or when either split has only one class."""
     if not isinstance(tau, (int, float)) or isinstance(tau, bool) or not math.isfinite(tau):
         raise ConfigError(f"tau must be a finite number, got {tau!r}")
     if not 0.0 < holdout < 1.0:
@@ -473,9 +514,29 @@ def train_router(data: RouterDataset, *, tau: float = 0.0, holdout: float = 0.2,
     n_held = min(len(groups) - 1, max(1, round(holdout * len(groups))))
     held_groups = rng.choice(groups, size=n_held, replace=False)
     held = np.isin(data.group, held_groups)
-    train = ~held
-    _check_two_classes(labels[train], "training", tau)
+    _check_two_classes(labels[~held], "training", tau)
     _check_two_classes(labels[held], "held-out", tau)
+    return labels, held
+
+
+def heldout_metrics(data: RouterDataset, labels: np.ndarray, held: np.ndarray,
+                    probability_held: np.ndarray) -> RouterMetrics:
+    """A router's figures on the held-out steps, from its P(large better) there."""
+    return RouterMetrics(
+        n_train=int((~held).sum()), n_heldout=int(held.sum()),
+        positive_rate_train=float(labels[~held].mean()), positive_rate_heldout=float(labels[held].mean()),
+        auroc=auroc(probability_held, labels[held]), oracle_escalation_rate=float(labels[held].mean()),
+        captured_advantage=captured_advantage(probability_held, np.nan_to_num(data.advantage[held], nan=0.0),
+                                              labels[held]))
+
+
+def train_router(data: RouterDataset, *, tau: float = 0.0, holdout: float = 0.2, seed: int = 0,
+                 l2: float = 1e-3) -> "Router":
+    """Train the router: class-balanced logistic regression on standardised features, with
+    `holdout` of the problems (by problem, drawn with `seed`) kept out for the metrics.
+    Raises ConfigError when either split has only one class."""
+    labels, held = heldout_split(data, tau=tau, holdout=holdout, seed=seed)
+    train = ~held
     x_train, y_train = data.features[train], labels[train]
     mean = x_train.mean(axis=0)
     std = x_train.std(axis=0)
@@ -485,13 +546,7 @@ def train_router(data: RouterDataset, *, tau: float = 0.0, holdout: float = 0.2,
     coef, bias = fit_logistic((x_train - mean) / std, y_train, sample_weight=weights, l2=l2)
     router = Router(spec=data.spec, projection=data.spec.projection(), mean=mean, std=std, coef=coef,
                     bias=bias, models=data.models, scorer=data.scorer, tau=float(tau), metrics=None)
-    p_held = router.probability(data.features[held])
-    metrics = RouterMetrics(
-        n_train=int(train.sum()), n_heldout=int(held.sum()),
-        positive_rate_train=float(y_train.mean()), positive_rate_heldout=float(labels[held].mean()),
-        auroc=auroc(p_held, labels[held]), oracle_escalation_rate=float(labels[held].mean()),
-        captured_advantage=captured_advantage(p_held, np.nan_to_num(data.advantage[held], nan=0.0),
-                                              labels[held]))
+    metrics = heldout_metrics(data, labels, held, router.probability(data.features[held]))
     return Router(spec=router.spec, projection=router.projection, mean=mean, std=std, coef=coef, bias=bias,
                   models=data.models, scorer=data.scorer, tau=float(tau), metrics=metrics)
 
@@ -536,11 +591,7 @@ class Router:
     def check_models(self, models: Sequence[Backend | ModelInfo]) -> None:
         """Refuse (RouterFileError) unless `models` are the small and large models (names and
         fingerprints) this router was trained for."""
-        infos = [m.info if hasattr(m, "info") else m for m in models]
-        given = [_model_record(i) for i in infos]
-        if given != [dict(m) for m in self.models]:
-            raise RouterFileError(f"this router was trained for {list(self.models)}, not {given}; "
-                                  "train one for these models (cascade train-router)")
+        check_router_models(self.models, models)
 
     def save(self, path: str | Path) -> Path:
         import torch
@@ -561,30 +612,20 @@ class Router:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, models: Sequence[Backend | ModelInfo] | None = None) -> "Router":
-        """Load a saved router; with `models` (small, large), refuse other models."""
-        import torch
-
-        path = Path(path)
-        if not path.exists():
-            raise RouterFileError(f"no router file at {path}")
+    def from_payload(cls, payload: dict, path: Path) -> "Router":
+        """Build from a loaded file's payload (`load_router` reads the file)."""
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear error
-            raise RouterFileError(f"{path} is not a router file: {error}".split("\n")[0]) from error
-        if not isinstance(payload, dict) or payload.get("format") != ROUTER_FORMAT:
-            raise RouterFileError(f"{path} is not a router file (format {ROUTER_FORMAT})")
-        metrics = json.loads(payload["metrics"])
-        router = cls(spec=FeatureSpec.from_json(json.loads(payload["spec"])),
-                     projection=payload["projection"].numpy().astype(np.float64),
-                     mean=payload["mean"].numpy(), std=payload["std"].numpy(), coef=payload["coef"].numpy(),
-                     bias=float(payload["bias"]), models=tuple(json.loads(payload["models"])),
-                     scorer=str(payload["scorer"]), tau=float(payload["tau"]),
-                     metrics=RouterMetrics(**metrics) if metrics else None)
+            metrics = json.loads(payload["metrics"])
+            router = cls(spec=FeatureSpec.from_json(json.loads(payload["spec"])),
+                         projection=payload["projection"].numpy().astype(np.float64),
+                         mean=payload["mean"].numpy(), std=payload["std"].numpy(), coef=payload["coef"].numpy(),
+                         bias=float(payload["bias"]), models=tuple(json.loads(payload["models"])),
+                         scorer=str(payload["scorer"]), tau=float(payload["tau"]),
+                         metrics=RouterMetrics(**metrics) if metrics else None)
+        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as error:
+            raise RouterFileError(f"{path}: a damaged router file: {error}".split("\n")[0]) from error
         if router.coef.shape != (router.spec.size,):
             raise RouterFileError(f"{path}: {router.coef.shape[0]} weights for {router.spec.size} features")
-        if models is not None:
-            router.check_models(models)
         return router
 
     def summary(self) -> str:
@@ -596,3 +637,39 @@ class Router:
                          f"{m.positive_rate_heldout:.3f}, AUROC {m.auroc:.3f}, advantage captured at the "
                          f"oracle's escalation rate ({m.oracle_escalation_rate:.3f}): {m.captured_advantage:.3f}")
         return "\n".join(lines)
+
+
+def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | ModelInfo]) -> None:
+    """Refuse (RouterFileError) unless `models` are the models (names and fingerprints) a
+    router was trained for, in order (small, large)."""
+    given = [_model_record(m.info if hasattr(m, "info") else m) for m in models]
+    if given != [dict(m) for m in trained_for]:
+        raise RouterFileError(f"this router was trained for {list(trained_for)}, not {given}; "
+                              "train one for these models (cascade train-router)")
+
+
+def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None = None):
+    """Load a router saved by `Router.save` or `SequenceRouter.save` (the file says which);
+    with `models` (small, large), refuse a router trained for other models."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        raise RouterFileError(f"no router file at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear error
+        raise RouterFileError(f"{path} is not a router file: {error}".split("\n")[0]) from error
+    kind = payload.get("format") if isinstance(payload, dict) else None
+    if kind == ROUTER_FORMAT:
+        router = Router.from_payload(payload, path)
+    else:
+        from cascade.sequence_router import SEQUENCE_ROUTER_FORMAT, SequenceRouter
+
+        if kind != SEQUENCE_ROUTER_FORMAT:
+            raise RouterFileError(f"{path} is not a router file (format {ROUTER_FORMAT} or "
+                                  f"{SEQUENCE_ROUTER_FORMAT})")
+        router = SequenceRouter.from_payload(payload, path)
+    if models is not None:
+        router.check_models(models)
+    return router

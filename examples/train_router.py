@@ -13,7 +13,7 @@ from pathlib import Path
 import cascade
 from bench.router_data import ExactStepScorer
 from bench.tasks import generate_split
-from cascade.router import Router, collect_router_data, train_router
+from cascade.router import collect_router_data, load_router, train_router
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--n", type=int, default=200, help="training problems")
@@ -31,7 +31,7 @@ router = train_router(data, tau=0.0)
 print(router.summary())
 path = router.save(work / "router.pt")
 
-gate = cascade.AdvantageGate(Router.load(path, models=runner.models), threshold=args.threshold)
+gate = cascade.AdvantageGate(load_router(path, models=runner.models), threshold=args.threshold)
 for test in generate_split("test", 3):
     result = runner.solve(test.problem, gates=[gate])
     print(f"{test.problem} -> {result.answer} (truth {test.answer}), escalation {result.escalation_rate:.0%}, "

@@ -22,6 +22,7 @@ from cascade.router import (
     RouterDataset,
     RouterFileError,
     collect_router_data,
+    load_router,
     load_router_data,
     step_features,
     train_router,
@@ -106,21 +107,21 @@ def test_save_load_round_trip_and_refusal_for_other_models(tmp_path):
     data = _synthetic()
     router = train_router(data, tau=0.0)
     path = router.save(tmp_path / "router.pt")
-    loaded = Router.load(path)
+    loaded = load_router(path)
     np.testing.assert_allclose(loaded.probability(data.features), router.probability(data.features))
     assert loaded.metrics == router.metrics and loaded.spec == router.spec and loaded.tau == 0.0
     assert repr(loaded) == repr(router)
     ok = [ModelInfo("s", "s", 1, "\n"), ModelInfo("l", "l", 2, "\n")]
-    Router.load(path, models=ok)
+    load_router(path, models=ok)
     with pytest.raises(RouterFileError, match="trained for"):
-        Router.load(path, models=[ModelInfo("s", "other", 1, "\n"), ok[1]])
+        load_router(path, models=[ModelInfo("s", "other", 1, "\n"), ok[1]])
     with pytest.raises(RouterFileError, match="trained for"):
-        Router.load(path, models=ok[::-1])
+        load_router(path, models=ok[::-1])
     (tmp_path / "junk.pt").write_text("not a router")
     with pytest.raises(RouterFileError, match="not a router"):
-        Router.load(tmp_path / "junk.pt")
+        load_router(tmp_path / "junk.pt")
     with pytest.raises(RouterFileError, match="no router"):
-        Router.load(tmp_path / "missing.pt")
+        load_router(tmp_path / "missing.pt")
     npz = data.save(tmp_path / "data.npz")
     again = load_router_data(npz)
     np.testing.assert_array_equal(again.features, data.features)
@@ -249,8 +250,8 @@ def test_runtime_asks_for_hidden_states_and_scores_match_the_router(tiny_dirs, t
     router = train_router(data, tau=tau, holdout=0.25)
     path = router.save(tmp_path / "router.pt")
     with pytest.raises(RouterFileError):
-        Router.load(path, models=[large, small])
-    router = Router.load(path, models=[small, large])
+        load_router(path, models=[large, small])
+    router = load_router(path, models=[small, large])
     gate = AdvantageGate(router, threshold=0.5)
     options = SolveOptions(max_steps=3, max_step_tokens=6)  # return_hidden left False
     result = Cascade(small, large, gate, options=options).solve(problems[0])
