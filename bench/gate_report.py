@@ -3,6 +3,9 @@
     python -m bench.gate_report --run bench/results/gates/run --router runs/gates/router_exact.pt \\
         -o bench/results/gates
 
+(several routers: ``--router NAME=FILE`` once each, as given to the harness run for its
+``advantage:NAME`` policies; each is its own gate family and the target is reported for each.)
+
 Reads the run's results.jsonl (policies interleaved per problem by `bench.harness`), keeps
 the problems every policy finished, and writes
 
@@ -25,7 +28,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from bench.harness import load_results, summarize_rows
+from bench.harness import load_results, router_files, summarize_rows
 
 __all__ = ["family_of", "matched_point", "escalation_at_accuracy", "gate_report"]
 
@@ -34,8 +37,24 @@ TOLERANCE = 0.01  # "matched accuracy": within 1 point of large-only
 
 
 def family_of(policy: str) -> str:
-    """"confidence@0.1" -> "confidence"; "large" -> "large"."""
+    """"confidence@0.1" -> "confidence"; "advantage:seq@0.2" -> "advantage:seq"; "large" -> "large"."""
     return policy.split("@", 1)[0]
+
+
+def _families(policies) -> list[str]:
+    """The gate families present, in FAMILIES' order; each named router's advantage family
+    ("advantage:NAME") right after "advantage"."""
+    present = {family_of(p) for p in policies}
+    ordered = []
+    for family in FAMILIES:
+        ordered += [family] if family in present else []
+        if family == "advantage":
+            ordered += sorted(f for f in present if f.startswith("advantage:"))
+    return ordered
+
+
+def _is_advantage(family: str) -> bool:
+    return family == "advantage" or family.startswith("advantage:")
 
 
 def _complete_rows(rows: Sequence[dict]) -> tuple[list[dict], int]:
@@ -70,7 +89,7 @@ def escalation_at_accuracy(points: Sequence[tuple[float, float]], target: float)
     return None
 
 
-def gate_report(run_dir: str | Path, out_dir: str | Path, *, router: str | Path | None = None,
+def gate_report(run_dir: str | Path, out_dir: str | Path, *, router=None,
                 command: str | None = None, tolerance: float = TOLERANCE,
                 notes: Sequence[str] = ()) -> dict:
     from bench.pair_report import _git_commit
@@ -86,8 +105,7 @@ def gate_report(run_dir: str | Path, out_dir: str | Path, *, router: str | Path 
     header = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     large = stats["large"]
     target = large["accuracy"] - tolerance
-    families = {f: [p for p in stats if family_of(p) == f] for f in FAMILIES}
-    families = {f: m for f, m in families.items() if m}
+    families = {f: [p for p in stats if family_of(p) == f] for f in _families(stats)}
     matched: dict[str, dict] = {}
     for family, members in families.items():
         best = matched_point(stats, members, target)
@@ -108,32 +126,38 @@ def gate_report(run_dir: str | Path, out_dir: str | Path, *, router: str | Path 
                      speedup_vs_large=large["wall_seconds"]["mean"] / s["wall_seconds"]["mean"],
                      cost_vs_large=s["mean_cost"] / large["mean_cost"],
                      speedup_vs_verify=(verify_wall / s["wall_seconds"]["mean"]) if verify_wall else None)
-    # Target 1: advantage closes >= 70 % of the confidence-oracle gap in escalation rate.
-    gap = None
+    # Target 1: advantage closes >= 70 % of the confidence-oracle gap in escalation rate
+    # (for each router's family; the target counts the best).
+    gaps: dict[str, float | None] = {}
     e_conf = matched.get("confidence", {}).get("escalation_needed")
-    e_adv = matched.get("advantage", {}).get("escalation_needed")
     e_orc = matched.get("oracle", {}).get("escalation_needed")
-    if None not in (e_conf, e_adv, e_orc) and e_conf > e_orc:
-        gap = (e_conf - e_adv) / (e_conf - e_orc)
+    for family in (f for f in matched if _is_advantage(f)):
+        e_adv = matched[family]["escalation_needed"]
+        gaps[family] = ((e_conf - e_adv) / (e_conf - e_orc)
+                        if None not in (e_conf, e_adv, e_orc) and e_conf > e_orc else None)
+    measured = {f: g for f, g in gaps.items() if g is not None}
+    gap_family = max(measured, key=measured.get) if measured else None
+    gap = measured.get(gap_family)
     # Target 2: the best deployable gate (not the oracle) >= 2.5x faster than large at <= 1 pt loss.
     deployable = [e for f, e in matched.items() if f != "oracle" and e.get("policy")]
     best = max(deployable, key=lambda e: e["speedup_vs_large"]) if deployable else None
-    router_metrics = None
-    if router is not None:
-        from cascade.router import load_router
+    from cascade.router import load_router
 
-        loaded = load_router(router)
-        router_metrics = {"file": str(router), "summary": loaded.summary(),
-                          "metrics": loaded.metrics.to_json() if loaded.metrics else None}
+    router_metrics = {}
+    for name, path in router_files(router).items():
+        loaded = load_router(path)
+        router_metrics[name] = {"file": str(path), "summary": loaded.summary(),
+                                "metrics": loaded.metrics.to_json() if loaded.metrics else None}
     report = {
         "command": command or " ".join(["python -m bench.gate_report", *sys.argv[1:]]),
         "commit": _git_commit(), "run_dir": str(run_dir), "run_commands": [s.get("command") for s in
                                                                             header.get("sessions", [])],
         "run_commits": sorted({s.get("commit") for s in header.get("sessions", [])}),
         "n_problems": n_problems, "tolerance": tolerance, "target_accuracy": target,
-        "policies": stats, "matched": matched, "router": router_metrics, "notes": list(notes),
+        "policies": stats, "matched": matched, "routers": router_metrics, "notes": list(notes),
         "targets": {
-            "advantage_gap_closed": gap, "advantage_gap_target": 0.7,
+            "advantage_gap_closed": gap, "advantage_gap_family": gap_family, "advantage_gaps": gaps,
+            "advantage_gap_target": 0.7,
             "advantage_gap_met": None if gap is None else gap >= 0.7,
             "best_gate": best["policy"] if best else None,
             "best_speedup_vs_large": best["speedup_vs_large"] if best else None,
@@ -193,19 +217,20 @@ def _markdown(report: dict) -> str:
                      f"{_f(e['speedup_vs_verify'], '.2f')} | {e['step_escalation_rate']:.3f} | "
                      f"{_f(e['escalation_needed'])} |")
     gap = targets["advantage_gap_closed"]
+    per_family = ", ".join(f"{f} {_f(g)}" for f, g in targets.get("advantage_gaps", {}).items())
     lines += [
         "",
         "## Targets (issue 6)",
         "",
         f"- Advantage gate closes >= 70 % of the confidence-to-oracle gap in escalation rate at matched "
-        f"accuracy: **{_f(gap)}** -> "
+        f"accuracy: **{_f(gap)}**{f' ({per_family})' if len(targets.get('advantage_gaps', {})) > 1 else ''} -> "
         f"{'met' if targets['advantage_gap_met'] else 'not met' if gap is not None else 'not measurable'}.",
         f"- Best deployable gate >= 2.5x faster than large-only (wall) at <= 1 pt accuracy loss: "
         f"**{targets['best_gate']}, {_f(targets['best_speedup_vs_large'], '.2f')}x** -> "
         f"{'met' if targets['speedup_met'] else 'not met'}.",
     ]
-    if report.get("router"):
-        lines += ["", "## Router", "", "```", report["router"]["summary"], "```"]
+    for name, entry in report.get("routers", {}).items():
+        lines += ["", f"## Router{' ' + name if name else ''} (`{entry['file']}`)", "", "```", entry["summary"], "```"]
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     lines += ["", "Plots: [pareto_cost.png](pareto_cost.png), [pareto_latency.png](pareto_latency.png)"]
@@ -226,7 +251,7 @@ def _plot(report: dict, out: Path) -> None:
         def x_of(s):
             return s["mean_cost"] if key == "cost" else s["wall_seconds"]["mean"]
 
-        for family, marker in zip(FAMILIES, ("o", "s", "^", "v", "D")):
+        for family, marker in zip(_families(stats), "osPXv^<>Dph"):
             members = [n for n in stats if family_of(n) == family]
             if not members:
                 continue
@@ -255,7 +280,9 @@ def _plot(report: dict, out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Gates side by side, from one harness run.")
     parser.add_argument("--run", required=True, type=Path, help="the harness output directory")
-    parser.add_argument("--router", default=None, type=Path, help="the router file (its metrics are reported)")
+    parser.add_argument("--router", action="append", default=None, metavar="[NAME=]FILE",
+                        help="a router file of the run (its metrics are reported); NAME=FILE for the "
+                             "run's advantage:NAME policies; repeatable")
     parser.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     parser.add_argument("-o", "--output", required=True, type=Path)
     args = parser.parse_args(argv)

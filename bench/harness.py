@@ -19,6 +19,8 @@ Policies (`POLICY_NAMES`), each used at every gate position of an N-tier cascade
   the two models have a core each);
 - ``advantage`` / ``advantage@T``: `AdvantageGate` at threshold T, with the router file given
   as `router` (``--router FILE``, from ``cascade train-router``; refused for other models);
+  ``advantage:NAME@T`` uses the router given as ``--router NAME=FILE``, so routers of
+  several kinds run side by side (``--router seq=s.pt --router lr=l.pt``);
 - ``oracle``: `bench.oracle.OracleGate` (the embedded dataset only: it reads the exact checker);
 - ``calibrated``: `Cascade.from_calibration(calibration, models=cascade.models)`, solved
   with `budget` so that the threshold certified for it is looked up.
@@ -47,9 +49,10 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +68,7 @@ __all__ = [
     "PolicySpec",
     "load_results",
     "parse_policies",
+    "router_files",
     "run_benchmark",
     "summarize",
     "summarize_rows",
@@ -98,6 +102,30 @@ class PolicySpec:
     label: str
     kind: str
     threshold: float | tuple[float, ...] | None = None
+    router: str = ""  # advantage policies: the name of their router ("" = the unnamed one)
+
+
+def router_files(router) -> dict[str, Path]:
+    """The router files of a run by name: one FILE (name ""), a list of "NAME=FILE" / "FILE"
+    strings (the CLI's repeated --router), or a mapping name -> file. Raises BenchError on a
+    name given twice or a malformed name."""
+    if router is None:
+        return {}
+    if isinstance(router, (str, Path)):
+        items = [str(router)]
+    elif isinstance(router, Mapping):
+        items = [f"{k}={v}" if k else str(v) for k, v in router.items()]
+    else:
+        items = [str(r) for r in router]
+    files: dict[str, Path] = {}
+    for item in items:
+        name, eq, rest = item.partition("=")
+        if not eq or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            name, rest = "", item  # a plain path (which may itself hold "=")
+        if name in files:
+            raise BenchError(f"router {name or '(unnamed)'!r} is given twice")
+        files[name] = Path(rest)
+    return files
 
 
 def _policy_list(policies: str | Sequence[str]) -> list[str]:
@@ -112,13 +140,20 @@ def _policy_list(policies: str | Sequence[str]) -> list[str]:
 
 def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: float = 0.5,
                    calibration: str | Path | None = None, budget: float | None = None,
-                   router: str | Path | None = None) -> list[PolicySpec]:
-    """Parse and check policy names before any model is loaded. Raises `BenchError`."""
+                   router=None) -> list[PolicySpec]:
+    """Parse and check policy names before any model is loaded. Raises `BenchError`.
+    router: what `router_files` reads."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or math.isnan(threshold):
         raise BenchError(f"threshold must be a number, got {threshold!r}")
+    routers = router_files(router)
     specs: list[PolicySpec] = []
     for name in _policy_list(policies):
         kind, at, value = name.partition("@")
+        router_name = ""
+        if kind.startswith("advantage:"):  # advantage:NAME: the router given as --router NAME=FILE
+            kind, router_name = "advantage", kind[len("advantage:"):]
+            if not router_name:
+                raise BenchError(f"policy {name!r} names no router after 'advantage:'")
         if kind not in POLICY_NAMES:
             raise BenchError(f"unknown policy {name!r}; valid policies: {', '.join(POLICY_NAMES)} "
                              f"({' and '.join(_THRESHOLD_POLICIES)} also as NAME@THRESHOLD, "
@@ -142,12 +177,15 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
             label = kind
         else:
             label = kind
+        if router_name:
+            label = label.replace("advantage", f"advantage:{router_name}", 1)
         if kind == "oracle" and dataset != "embedded":
             raise BenchError(f"policy 'oracle' reads the exact checker of the embedded task; it runs only "
                              f"with --dataset embedded, not {dataset!r}")
-        if kind == "advantage" and router is None:
-            raise BenchError("policy 'advantage' needs a router file (--router FILE, made by "
-                             "cascade train-router)")
+        if kind == "advantage" and router_name not in routers:
+            raise BenchError(f"policy {name!r} needs a router file (--router "
+                             f"{router_name + '=' if router_name else ''}FILE, made by cascade train-router)"
+                             + (f"; the routers given are {sorted(routers)}" if routers else ""))
         if kind == "calibrated":
             if calibration is None:
                 raise BenchError("policy 'calibrated' needs a calibration file (--calibration FILE)")
@@ -156,7 +194,7 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
                                  "for that budget")
         if any(s.label == label for s in specs):
             raise BenchError(f"policy {label!r} is named twice")
-        specs.append(PolicySpec(label, kind, t))
+        specs.append(PolicySpec(label, kind, t, router_name))
     return specs
 
 
@@ -178,6 +216,7 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
     from cascade.runtime import Cascade
 
     n_gates = len(cascade.models) - 1
+    routers: dict[str, Any] = {}  # name -> loaded router, each file loaded once
     built = []
     for spec in specs:
         if spec.kind == "calibrated":
@@ -205,9 +244,10 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
                     from cascade import AdvantageGate
                     from cascade.router import load_router
 
-                    if isinstance(router, (str, Path)):  # a file: load it once, for every advantage policy
-                        router = load_router(router, models=cascade.models)  # refuses other models
-                    gate = AdvantageGate(router, threshold=threshold)
+                    if spec.router not in routers:
+                        routers[spec.router] = load_router(router_files(router)[spec.router],
+                                                           models=cascade.models)  # refuses other models
+                    gate = AdvantageGate(routers[spec.router], threshold=threshold)
                 else:
                     from bench.oracle import OracleGate
 
@@ -351,8 +391,12 @@ def _settings(cascade, dataset: str, path, limit, examples, policies: Sequence[_
         "options": {"max_steps": options.max_steps, "max_step_tokens": options.max_step_tokens,
                     "temperature": options.temperature, "seed": options.seed},
     }
-    if router is not None:  # only then: directories made before routers existed still resume
-        settings["router"] = {"path": str(Path(router).resolve()), "sha256": _sha256_file(router)}
+    files = {name: {"path": str(p.resolve()), "sha256": _sha256_file(p)} for name, p in router_files(router).items()}
+    # Only when there are routers, and one unnamed router as before: older directories still resume.
+    if list(files) == [""]:
+        settings["router"] = files[""]
+    elif files:
+        settings["router"] = files
     return json.loads(json.dumps(settings))  # as it reads back from the file
 
 
@@ -383,7 +427,7 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
                   threshold: float = 0.5, signal: str = "min_prob", mode: str = "speculate",
                   examples: Sequence[Example] | None = None, command: str | None = None,
                   progress: bool | Callable[[int, int], None] = True, plots: bool = True,
-                  use_math_verify: bool = True, router: str | Path | None = None) -> dict:
+                  use_math_verify: bool = True, router=None) -> dict:
     """Run `policies` on `cascade`'s models over `dataset` (a `bench.datasets` name; `path`
     for "jsonl"), resuming what `out_dir` already holds. Returns the summary (also written
     to summary.json / summary.md, with the plots).
@@ -393,7 +437,8 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
     gate. examples: already loaded `load_dataset(dataset, limit, path)` (else loaded here).
     command: recorded in run.json and the summaries (default: this process's argv).
     progress: True = progress with ETA on stderr, or a callable(done, total).
-    router: the router file of the advantage policies (`cascade train-router`).
+    router: the router file of the advantage policies (`cascade train-router`), or several
+        by name for ``advantage:NAME`` policies (what `router_files` reads).
     """
     from bench.grading import Grader
     from cascade.runtime import _check_budget

@@ -240,7 +240,8 @@ def _bench_command(args) -> str:
 
     parts = ["cascade", "bench"]
     for flag, value in (("--dataset", args.dataset), ("--path", args.path), ("--policies", args.policies),
-                        ("--calibration", args.calibration), ("--router", args.router),
+                        ("--calibration", args.calibration),
+                        *(("--router", router) for router in args.router or ()),
                         ("--threshold", args.threshold),
                         ("--budget", args.budget), ("--limit", args.limit), ("--backend", args.backend),
                         ("--template", args.template),
@@ -453,10 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--path", default=None, help="the JSONL file of --dataset jsonl")
     bench.add_argument("--policies", default="small,large,confidence",
                        help="comma-separated: small, large, confidence[@T], verify[@T], advantage[@T] (with "
-                            "--router), oracle (embedded "
+                            "--router), advantage:NAME[@T] (with --router NAME=FILE), oracle (embedded "
                             "only), calibrated (with --calibration and --budget)")
     bench.add_argument("--calibration", default=None, help="calibration file of the 'calibrated' policy")
-    bench.add_argument("--router", default=None, help="router file of the 'advantage' policy (train-router)")
+    bench.add_argument("--router", action="append", default=None, metavar="[NAME=]FILE",
+                       help="router file of the 'advantage' policies (train-router); NAME=FILE for the "
+                            "'advantage:NAME' policies, repeatable to run routers side by side")
     bench.add_argument("--budget", type=float, default=None, help="hard cap per problem, in cost units")
     bench.add_argument("--limit", type=int, default=None, help="the first N problems")
     bench.add_argument("--backend", default="hf",

@@ -213,3 +213,45 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "sequence router" in out
     assert isinstance(load_router(tmp_path / "seq.pt"), SequenceRouter)
+
+
+def test_harness_and_report_run_two_routers_side_by_side(tmp_path):
+    """--router FILE and --router seq=FILE: advantage and advantage:seq policies in one run,
+    each router loaded for the run's models, each its own family in the report."""
+    import json
+
+    from bench.gate_report import gate_report
+    from bench.harness import BenchError, parse_policies, run_benchmark
+
+    fake_models = ({"name": "small", "fingerprint": "small"}, {"name": "large", "fingerprint": "large"})
+    data = _token_data(n_problems=60)
+    data = RouterDataset(data.features, data.small_score, data.large_score, data.group, data.step_index,
+                         data.spec, fake_models, data.scorer, data.token_offsets, data.token_ids,
+                         data.token_logprobs, data.token_entropies)
+    sequence_file = train_sequence_router(data, spec=SMALL_NET, epochs=1).save(tmp_path / "seq.pt")
+    logistic_file = train_router(data).save(tmp_path / "lr.pt")
+    routers = [str(logistic_file), f"seq={sequence_file}"]
+    with pytest.raises(BenchError, match="--router other=FILE"):
+        parse_policies("advantage:other@0.3", dataset="embedded", router=routers)
+    with pytest.raises(BenchError, match="twice"):
+        parse_policies("advantage", dataset="embedded", router=[str(logistic_file), str(sequence_file)])
+    small, large = FakeBackend("small", 100, counting_script(2, confident=False)), \
+        FakeBackend("large", 1000, counting_script(2))
+    cascade = Cascade(small, large, options=SolveOptions(max_steps=6, max_step_tokens=12))
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"p{k}", "problem": f"q{k}", "answer": "2"}) + "\n"
+                                for k in range(3)))
+    out = tmp_path / "run"
+    summary = run_benchmark(cascade, "jsonl", path=problems, out_dir=out, router=routers, progress=False,
+                            policies="small,large,confidence@0.5,advantage@0.5,advantage:seq@0.5,advantage:seq@0",
+                            plots=False, use_math_verify=False)
+    assert summary["policies"]["advantage:seq@0"]["step_escalation_rate"] == 1.0  # threshold 0: always
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    assert set(settings["router"]) == {"", "seq"} and settings["router"]["seq"]["sha256"]
+    run = json.loads((out / "run.json").read_text())
+    gates = {p["name"]: p["gates"] for p in run["settings"]["policies"]}
+    assert "SequenceRouter" in gates["advantage:seq@0.5"][0] and "SequenceRouter" not in gates["advantage@0.5"][0]
+    report = gate_report(out, tmp_path / "report", router=routers)
+    assert {"advantage", "advantage:seq"} <= set(report["matched"])
+    assert set(report["routers"]) == {"", "seq"} and "sequence router" in report["routers"]["seq"]["summary"]
+    assert set(report["targets"]["advantage_gaps"]) == {"advantage", "advantage:seq"}
