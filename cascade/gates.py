@@ -233,7 +233,8 @@ class VerifyGate:
 
 @runtime_checkable
 class AdvantageModel(Protocol):
-    """What `AdvantageGate` needs of a router (`cascade.router.Router` is one)."""
+    """What `AdvantageGate` needs of a router (`cascade.router.Router` and
+    `cascade.sequence_router.SequenceRouter` are ones)."""
 
     def advantage_probability(self, state: GateState) -> float:
         """P(the next tier's step would be meaningfully better than this draft)."""

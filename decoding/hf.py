@@ -19,6 +19,7 @@ This module knows nothing about gates, costs or budgets.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from decoding.prompting import crop_point, render_prompt
+from decoding.prompting import crop_point, decode_after, delimiter_end, greedy_prefix, render_prompt
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -357,12 +358,7 @@ class HFBackend:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     def _decode_after(self, anchor: int | None, ids: list[int]) -> str:
-        """Text of `ids` as it reads after the token `anchor` (keeps the leading space that
-        SentencePiece-style decoders drop at the start of a sequence)."""
-        if anchor is None:
-            return self.tokenizer.decode(ids, skip_special_tokens=False)
-        with_anchor = self.tokenizer.decode([anchor] + ids, skip_special_tokens=False)
-        return with_anchor[len(self.tokenizer.decode([anchor], skip_special_tokens=False)):]
+        return decode_after(self.tokenizer, anchor, ids)
 
     # ---- cache management ----------------------------------------------------------------
 
@@ -836,29 +832,15 @@ class HFBackend:
     def _greedy_prefix(self, session: _Session, start: int, ids: list[int], agreed: int,
                        at_mismatch: torch.Tensor | None, text: str) -> tuple[str | None, int]:
         """`ScoreOutput.greedy_prefix` of a scored text and its tokens (see there)."""
-        delimiter = self.info.step_delimiter
+        after = at_mismatch if at_mismatch is not None else session.next_logits
         anchor = session.ids[start - 1] if start else None
-        if agreed == len(ids) and text.endswith(delimiter):
-            greedy = list(ids)
-        else:
-            after = at_mismatch if at_mismatch is not None else session.next_logits
-            token = int(torch.argmax(after))
-            if token in self.eos_ids:
-                return None, 0
-            greedy = ids[:agreed] + [token]
-            agreed_text = self._decode_after(anchor, ids[:agreed])
-            if not self._decode_after(anchor, greedy).startswith(agreed_text):
-                return None, 0  # tokens that do not decode piece by piece (a split character)
-        end = self._delimiter_end(anchor, greedy) or len(greedy)  # where decoding would stop
-        prefix = self._decode_after(anchor, greedy[:end])
-        cut = prefix.find(delimiter)
-        return (prefix[: cut + len(delimiter)] if cut >= 0 else prefix, end) if prefix else (None, 0)
+        next_token = int(torch.argmax(after)) if after is not None else None
+        return greedy_prefix(ids, agreed, next_token, text=text, delimiter=self.info.step_delimiter,
+                             decode=functools.partial(self._decode_after, anchor), eos_ids=self.eos_ids,
+                             may_end=self._may_end_delimiter)
 
     def _delimiter_end(self, anchor: int | None, ids: list[int]) -> int | None:
         """How many of `ids` a step decoding them would keep before stopping at the
         delimiter (the first token that completes it), or None if none does."""
-        for end, token in enumerate(ids, start=1):
-            if self._may_end_delimiter(token) and \
-                    self.info.step_delimiter in self._decode_after(anchor, ids[:end]):
-                return end
-        return None
+        return delimiter_end(ids, functools.partial(self._decode_after, anchor), self.info.step_delimiter,
+                             self._may_end_delimiter)

@@ -9,7 +9,11 @@ and rate limits, timeouts, retries with backoff, and turning completions into
   exactly as `HFBackend`'s does.
 - Scoring a given text asks for the prompt's own log-probabilities (`echo=true`,
   `max_tokens=0`, as vLLM serves them). A server that does not return them gets a
-  `BackendError` naming the endpoint.
+  `BackendError` naming the endpoint. With a local tokenizer and `vllm_extensions`
+  (token ids come back), the top-1 alternative at each scored position is the model's
+  greedy choice there, which gives `ScoreOutput.greedy_prefix` (for
+  `VerifyGate(rewrite="token")`) up to the first disagreement; a text agreed throughout
+  gets one only when it ends with the delimiter (max_tokens=0 shows no token after it).
 - The client re-sends the whole prompt each step; keeping the shared prefix cached
   between steps is the server's job (vLLM: automatic prefix caching). `prefill_tokens`
   counts what a prefix-caching engine computes, with the same rule as `HFBackend`'s KV
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import json
 import math
@@ -46,7 +51,9 @@ from decoding._own_loop import OwnLoopBatches
 from decoding.prompting import (
     PrefixLedger,
     check_prompt_settings,
+    decode_after,
     entropy_from_top,
+    greedy_prefix,
     prompt_ids,
     render_prompt,
     step_piece,
@@ -428,10 +435,37 @@ class OpenAIBackend(OwnLoopBatches):
                 else (-1,) * len(scored)
         if any(lp is None or not math.isfinite(lp) for lp in scored):
             raise BackendError(no_echo + " (null or non-finite logprobs for the scored text)", self.info.name)
+        prefix, prefix_tokens = None, 0
+        top = logprobs.get("top_logprobs")
+        if text_ids is not None and self._vllm_extensions and isinstance(top, list) and len(top) == len(token_lps):
+            prefix, prefix_tokens = self._greedy_prefix(text_ids, top[-len(text_ids):], body_prompt, request.text)
         with self._lock:
             self._ledger.record(request.request_id, prompt, request.context, [(request.text, len(ids))],
                                 count)
-        return ScoreOutput(ids, tuple(float(x) for x in scored), fed, time.perf_counter() - started)
+        return ScoreOutput(ids, tuple(float(x) for x in scored), fed, time.perf_counter() - started,
+                           prefix, prefix_tokens)
+
+    def _greedy_prefix(self, text_ids: list[int], top: list, sent: list[int], text: str
+                       ) -> tuple[str | None, int]:
+        """`ScoreOutput.greedy_prefix` from the top-1 alternatives the server returned at the
+        scored positions (`top`, token-id keys); (None, 0) when they are malformed."""
+        agreed, next_token = 0, None
+        for token, alternatives in zip(text_ids, top):
+            if not isinstance(alternatives, dict) or not alternatives:
+                return None, 0
+            best = max(alternatives.items(), key=lambda item: item[1] if isinstance(item[1], (int, float))
+                       else -math.inf)
+            if _token_id(best[0]) == token or alternatives.get(f"token_id:{token}") == best[1]:
+                agreed += 1  # the model's own greedy choice (a tie counts as agreeing)
+                continue
+            next_token = _token_id(best[0])
+            if next_token < 0:
+                return None, 0
+            break
+        anchor = sent[len(sent) - len(text_ids) - 1]
+        return greedy_prefix(text_ids, agreed, next_token, text=text, delimiter=self.info.step_delimiter,
+                             decode=functools.partial(decode_after, self.tokenizer, anchor),
+                             eos_ids={self.tokenizer.eos_token_id})
 
     # ---- the protocol: next_steps/score_steps and their async twins come from OwnLoopBatches
 

@@ -1,5 +1,7 @@
 """What every backend does the same way: turn a problem into prompt text, count the
-tokens a request's next call must prefill, estimate an entropy from top-k logprobs.
+tokens a request's next call must prefill, estimate an entropy from top-k logprobs,
+decode tokens as they read after the context, and work out a scored text's
+`ScoreOutput.greedy_prefix` from the model's greedy choices along it.
 
 `HFBackend`, `VLLMBackend` and `OpenAIBackend` all render prompts here, so the three
 see the same prompt for the same problem and their costs and traces can be compared.
@@ -10,10 +12,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Container, Iterable, Sequence
 
 __all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "crop_point", "prompt_ids", "step_piece",
-           "entropy_from_top"]
+           "entropy_from_top", "decode_after", "delimiter_end", "greedy_prefix"]
 
 
 def check_prompt_settings(step_delimiter: str, prompt_template: str | None) -> None:
@@ -66,6 +68,54 @@ def prompt_ids(encode: Callable[[str, bool], list[int]], prompt: str, add_specia
         if piece:
             ids += encode(piece, False)
     return ids
+
+
+def decode_after(tokenizer, anchor: int | None, ids: Sequence[int]) -> str:
+    """Text of `ids` as it reads after the token `anchor` (keeps the leading space that
+    SentencePiece-style decoders drop at the start of a sequence)."""
+    if anchor is None:
+        return tokenizer.decode(list(ids), skip_special_tokens=False)
+    with_anchor = tokenizer.decode([anchor, *ids], skip_special_tokens=False)
+    return with_anchor[len(tokenizer.decode([anchor], skip_special_tokens=False)):]
+
+
+def delimiter_end(ids: Sequence[int], decode: Callable[[Sequence[int]], str], delimiter: str,
+                  may_end: Callable[[int], bool] | None = None) -> int | None:
+    """How many of `ids` a step decoding them would keep before stopping at the delimiter
+    (the first token that completes it), or None if none does. decode: ids -> their text
+    after the context. may_end: a cheap test that a token can complete the delimiter
+    (others are not decoded)."""
+    for end, token in enumerate(ids, start=1):
+        if (may_end is None or may_end(token)) and delimiter in decode(ids[:end]):
+            return end
+    return None
+
+
+def greedy_prefix(ids: Sequence[int], agreed: int, next_token: int | None, *, text: str, delimiter: str,
+                  decode: Callable[[Sequence[int]], str], eos_ids: Container[int],
+                  may_end: Callable[[int], bool] | None = None) -> tuple[str | None, int]:
+    """`ScoreOutput.greedy_prefix` and its token count, from a scoring pass over `text`.
+
+    ids: the scored text's tokens; agreed: how many leading ids are the model's own greedy
+    choices; next_token: its greedy token at position `agreed` (after the whole text when
+    agreed == len(ids)), None when the pass does not show it. decode: ids -> their text
+    after the context. (None, 0) when the greedy continuation is unknown, is EOS, or does
+    not decode piece by piece (a split character).
+    """
+    if agreed == len(ids) and text.endswith(delimiter):
+        greedy = list(ids)
+    else:
+        if next_token is None or next_token in eos_ids:
+            return None, 0
+        greedy = [*ids[:agreed], next_token]
+        if not decode(greedy).startswith(decode(ids[:agreed])):
+            return None, 0
+    end = delimiter_end(greedy, decode, delimiter, may_end) or len(greedy)  # where decoding would stop
+    prefix = decode(greedy[:end])
+    if not prefix:
+        return None, 0
+    cut = prefix.find(delimiter)
+    return (prefix[: cut + len(delimiter)] if cut >= 0 else prefix), end
 
 
 def step_piece(text: str, generated_tokens: int, stop_reason: str) -> tuple[str, int]:

@@ -4,7 +4,10 @@ Owns: the engine, turning a step / score request into a vLLM request, and its ou
 into `StepOutput`/`ScoreOutput`. Knows nothing about gates, costs or budgets.
 
 - A step: `SamplingParams(stop=[delimiter], include_stop_str_in_output=True,
-  logprobs=top_logprobs)`; a score: `prompt_logprobs=0` on prompt + context + text.
+  logprobs=top_logprobs)`; a score: `prompt_logprobs=1` on prompt + context + text, with
+  one greedy token generated after it: the top-1 alternative at each scored position and
+  that token are the model's greedy choices, which give `ScoreOutput.greedy_prefix` (for
+  `VerifyGate(rewrite="token")`) from the same pass.
 - Prompts are sent as token ids encoded piece by piece exactly as `HFBackend` feeds a
   fresh cache (rendered by `decoding.prompting.render_prompt`), so both backends see
   the same tokens.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import itertools
 import json
 import math
@@ -42,7 +46,9 @@ from decoding._own_loop import OwnLoopBatches
 from decoding.prompting import (
     PrefixLedger,
     check_prompt_settings,
+    decode_after,
     entropy_from_top,
+    greedy_prefix,
     prompt_ids,
     render_prompt,
     step_piece,
@@ -257,23 +263,40 @@ class VLLMBackend(OwnLoopBatches):
         if not text_ids:
             return ScoreOutput((), (), fed, time.perf_counter() - started)
         ids = self._prompt_ids(prompt, add_special, request.context) + text_ids
-        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, skip_special_tokens=False)
         final = await self._run(ids, params)
         entries = final.prompt_logprobs
         if entries is None or len(entries) != len(ids):
             raise BackendError("vLLM returned no prompt logprobs", self.info.name)
-        logprobs = []
-        for position in range(len(ids) - len(text_ids), len(ids)):
+        start = len(ids) - len(text_ids)
+        logprobs, agreed, mismatch, next_token = [], 0, False, None
+        for position in range(start, len(ids)):
             entry = entries[position]
             if entry is None or ids[position] not in entry:
                 raise BackendError(f"vLLM prompt logprobs miss position {position}", self.info.name)
             logprobs.append(float(entry[ids[position]].logprob))
+            if mismatch:
+                continue
+            if entry[ids[position]].rank == 1:
+                agreed += 1  # the model's own greedy choice
+            else:  # the first disagreement: the greedy token there is the top-1 alternative
+                mismatch = True
+                next_token = next((int(t) for t, lp in entry.items() if lp.rank == 1), None)
         if any(not math.isfinite(lp) for lp in logprobs):
             raise BackendError("scoring produced non-finite log-probabilities", self.info.name)
+        if not mismatch:  # agreed throughout: the greedy token generated after the text
+            after = final.outputs[0]
+            ended = after.finish_reason == "stop" and not isinstance(after.stop_reason, str)  # EOS
+            next_token = int(after.token_ids[0]) if after.token_ids and not ended else None
+        prefix, prefix_tokens = greedy_prefix(
+            text_ids, agreed, next_token, text=request.text,
+            delimiter=self.info.step_delimiter, decode=functools.partial(decode_after, self.tokenizer, ids[start - 1]),
+            eos_ids={self.tokenizer.eos_token_id})
         with self._lock:
             self._ledger.record(request.request_id, prompt, request.context,
                                 [(request.text, len(text_ids))], count)
-        return ScoreOutput(tuple(text_ids), tuple(logprobs), fed, time.perf_counter() - started)
+        return ScoreOutput(tuple(text_ids), tuple(logprobs), fed, time.perf_counter() - started,
+                           prefix, prefix_tokens)
 
     # ---- the protocol ------------------------------------------------------------------------
 

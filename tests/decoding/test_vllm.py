@@ -187,6 +187,55 @@ def test_a_cascade_over_vllm_matches_the_cascade_over_hf(small_engine, large_rem
     assert [(s.text, s.author) for s in one.steps] == [(s.text, s.author) for s in theirs[0].steps]
 
 
+def _other_digit(c: str) -> str:
+    return "8" if c == "9" else "9"
+
+
+def test_greedy_prefix_of_a_score_matches_hf(small_engine, large_remote, hf):
+    """ScoreOutput.greedy_prefix (VerifyGate(rewrite="token")) from vLLM's prompt logprobs
+    (in process) and from a vLLM server's echo top-1 alternatives is HFBackend's, draft by
+    draft; the server cannot show the token after a text it agrees with throughout and that
+    has no delimiter (max_tokens=0), so there it reports none."""
+    context = "b=17+38=55\n"
+    for backend, reference in ((small_engine, hf["small"]), (large_remote, hf["large"])):
+        own = reference.next_steps([StepRequest("own", PROBLEMS[0], context, 24)])[0]
+        reference.release("own")
+        drafts = [own.text, own.text[:2] + _other_digit(own.text[2]) + own.text[3:],
+                  own.text[:-2] + _other_digit(own.text[-2]) + "\n", "c=1\n", own.text[:3]]
+        shapes = set()
+        for k, draft in enumerate(drafts):
+            ours = backend.score_steps([ScoreRequest(f"gp{k}", PROBLEMS[0], context, draft)])[0]
+            theirs = reference.score_steps([ScoreRequest(f"gp{k}", PROBLEMS[0], context, draft)])[0]
+            backend.release(f"gp{k}")
+            reference.release(f"gp{k}")
+            assert theirs.greedy_prefix, draft
+            if backend is large_remote and draft == own.text[:3]:
+                assert (ours.greedy_prefix, ours.greedy_prefix_tokens) == (None, 0)
+                continue
+            assert (ours.greedy_prefix, ours.greedy_prefix_tokens) == \
+                (theirs.greedy_prefix, theirs.greedy_prefix_tokens), (backend.info.name, draft)
+            shapes.add(ours.greedy_prefix == draft)
+        assert shapes == {True, False}  # both the whole draft and a correction were seen
+
+
+def test_token_rewrite_over_vllm_matches_hf(small_engine, large_remote, hf):
+    """The fastest gate of issue 6 (verify, token rewrite) over vLLM backends writes the same
+    steps, with the same decisions and costs, as over HFBackend."""
+    options = cascade.SolveOptions(max_steps=cascade.EMBEDDED_MAX_STEPS,
+                                   max_step_tokens=cascade.EMBEDDED_MAX_STEP_TOKENS)
+    gate = cascade.VerifyGate(threshold=0.6, rewrite="token")
+    served = cascade.Cascade(models=[small_engine, large_remote], gate=gate, options=options)
+    local = cascade.Cascade(models=[hf["small"], hf["large"]], gate=gate, options=options)
+    ours = served.solve_many(PROBLEMS, budget=400, concurrency=2)
+    theirs = local.solve_many(PROBLEMS, budget=400, concurrency=2)
+    for a, b in zip(ours, theirs):
+        assert [(s.text, s.author, len(s.decisions)) for s in a.steps] == \
+            [(s.text, s.author, len(s.decisions)) for s in b.steps]
+        assert a.answer == b.answer
+        assert a.cost.total == pytest.approx(b.cost.total, rel=1e-9)
+    assert any(len(s.decisions) > 1 for r in ours for s in r.steps)  # a correction was drafted on
+
+
 def test_cascade_serve_app_over_vllm_backends(small_engine, large_remote, hf):
     """The server's app over the vLLM-backed cascade (in process, ASGI transport): the
     async backends are awaited on the server's loop and the answer matches HFBackend's."""
