@@ -471,6 +471,12 @@ class RouterMetrics:
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
+    def line(self) -> str:
+        """One line for a router's summary."""
+        return (f"held-out: {self.n_heldout} steps ({self.n_train} train), positive rate "
+                f"{self.positive_rate_heldout:.3f}, AUROC {self.auroc:.3f}, advantage captured at the "
+                f"oracle's escalation rate ({self.oracle_escalation_rate:.3f}): {self.captured_advantage:.3f}")
+
 
 def _check_two_classes(labels: np.ndarray, where: str, tau: float) -> None:
     positives = int(labels.sum())
@@ -596,32 +602,19 @@ class Router:
     def save(self, path: str | Path) -> Path:
         import torch
 
-        path = Path(path)
-        payload = {
-            "format": ROUTER_FORMAT,
-            "spec": json.dumps(self.spec.to_json()),
-            "models": json.dumps(list(self.models)),
-            "scorer": self.scorer, "tau": self.tau,
-            "metrics": json.dumps(self.metrics.to_json() if self.metrics else None),
-            "projection": torch.from_numpy(np.ascontiguousarray(self.projection)),
-            "mean": torch.from_numpy(self.mean), "std": torch.from_numpy(self.std),
-            "coef": torch.from_numpy(self.coef), "bias": self.bias,
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, path)
-        return path
+        return save_router_file(path, ROUTER_FORMAT, self, spec=json.dumps(self.spec.to_json()),
+                                projection=torch.from_numpy(np.ascontiguousarray(self.projection)),
+                                mean=torch.from_numpy(self.mean), std=torch.from_numpy(self.std),
+                                coef=torch.from_numpy(self.coef), bias=self.bias)
 
     @classmethod
     def from_payload(cls, payload: dict, path: Path) -> "Router":
         """Build from a loaded file's payload (`load_router` reads the file)."""
         try:
-            metrics = json.loads(payload["metrics"])
             router = cls(spec=FeatureSpec.from_json(json.loads(payload["spec"])),
                          projection=payload["projection"].numpy().astype(np.float64),
                          mean=payload["mean"].numpy(), std=payload["std"].numpy(), coef=payload["coef"].numpy(),
-                         bias=float(payload["bias"]), models=tuple(json.loads(payload["models"])),
-                         scorer=str(payload["scorer"]), tau=float(payload["tau"]),
-                         metrics=RouterMetrics(**metrics) if metrics else None)
+                         bias=float(payload["bias"]), **router_file_fields(payload))
         except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as error:
             raise RouterFileError(f"{path}: a damaged router file: {error}".split("\n")[0]) from error
         if router.coef.shape != (router.spec.size,):
@@ -629,14 +622,31 @@ class Router:
         return router
 
     def summary(self) -> str:
-        m = self.metrics
         lines = [f"router for {' -> '.join(x['name'] for x in self.models)}, scorer {self.scorer}, "
                  f"tau {self.tau:g}, {self.spec.size} features"]
-        if m is not None:
-            lines.append(f"held-out: {m.n_heldout} steps ({m.n_train} train), positive rate "
-                         f"{m.positive_rate_heldout:.3f}, AUROC {m.auroc:.3f}, advantage captured at the "
-                         f"oracle's escalation rate ({m.oracle_escalation_rate:.3f}): {m.captured_advantage:.3f}")
-        return "\n".join(lines)
+        return "\n".join(lines + ([self.metrics.line()] if self.metrics else []))
+
+
+def save_router_file(path: str | Path, file_format: str, router, **fields) -> Path:
+    """Write a router file: what every router records (format, the models it was trained
+    for, scorer, tau, metrics) plus its own `fields` (tensors and strings only, so that
+    loading needs no pickled code)."""
+    import torch
+
+    path = Path(path)
+    payload = {"format": file_format, "models": json.dumps(list(router.models)), "scorer": router.scorer,
+               "tau": router.tau, "metrics": json.dumps(router.metrics.to_json() if router.metrics else None),
+               **fields}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return path
+
+
+def router_file_fields(payload: dict) -> dict:
+    """What every router file records, as constructor arguments (models, scorer, tau, metrics)."""
+    metrics = json.loads(payload["metrics"])
+    return {"models": tuple(json.loads(payload["models"])), "scorer": str(payload["scorer"]),
+            "tau": float(payload["tau"]), "metrics": RouterMetrics(**metrics) if metrics else None}
 
 
 def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | ModelInfo]) -> None:

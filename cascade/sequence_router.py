@@ -42,6 +42,8 @@ from cascade.router import (
     check_router_models,
     heldout_metrics,
     heldout_split,
+    router_file_fields,
+    save_router_file,
     step_features,
 )
 
@@ -214,45 +216,30 @@ class SequenceRouter:
     def save(self, path: str | Path) -> Path:
         import torch
 
-        path = Path(path)
-        payload = {
-            "format": SEQUENCE_ROUTER_FORMAT,
-            "spec": json.dumps(self.spec.to_json()), "features": json.dumps(self.features.to_json()),
-            "models": json.dumps(list(self.models)), "scorer": self.scorer, "tau": self.tau,
-            "metrics": json.dumps(self.metrics.to_json() if self.metrics else None),
-            "mean": torch.from_numpy(self.mean), "std": torch.from_numpy(self.std),
-            "state": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.state.items()},
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(payload, path)
-        return path
+        return save_router_file(
+            path, SEQUENCE_ROUTER_FORMAT, self, spec=json.dumps(self.spec.to_json()),
+            features=json.dumps(self.features.to_json()), mean=torch.from_numpy(self.mean),
+            std=torch.from_numpy(self.std),
+            state={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.state.items()})
 
     @classmethod
     def from_payload(cls, payload: dict, path: Path) -> "SequenceRouter":
         """Build from a loaded file's payload (`cascade.router.load_router` reads the file)."""
         try:
-            metrics = json.loads(payload["metrics"])
             router = cls(spec=SequenceSpec.from_json(json.loads(payload["spec"])),
                          features=FeatureSpec.from_json(json.loads(payload["features"])),
                          mean=payload["mean"].numpy(), std=payload["std"].numpy(),
-                         state={k: v.numpy() for k, v in payload["state"].items()},
-                         models=tuple(json.loads(payload["models"])), scorer=str(payload["scorer"]),
-                         tau=float(payload["tau"]), metrics=RouterMetrics(**metrics) if metrics else None)
+                         state={k: v.numpy() for k, v in payload["state"].items()}, **router_file_fields(payload))
             router._net()  # weights of the wrong shape fail here, not at the first request
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:
             raise RouterFileError(f"{path}: a damaged sequence-router file: {error}".split("\n")[0]) from error
         return router
 
     def summary(self) -> str:
-        m = self.metrics
         lines = [f"sequence router (bi-GRU width {self.spec.width}) for "
                  f"{' -> '.join(x['name'] for x in self.models)}, scorer {self.scorer}, tau {self.tau:g}, "
                  f"{self.features.size} scalar features"]
-        if m is not None:
-            lines.append(f"held-out: {m.n_heldout} steps ({m.n_train} train), positive rate "
-                         f"{m.positive_rate_heldout:.3f}, AUROC {m.auroc:.3f}, advantage captured at the "
-                         f"oracle's escalation rate ({m.oracle_escalation_rate:.3f}): {m.captured_advantage:.3f}")
-        return "\n".join(lines)
+        return "\n".join(lines + ([self.metrics.line()] if self.metrics else []))
 
 
 def train_sequence_router(data: RouterDataset, *, tau: float = 0.0, holdout: float = 0.2, seed: int = 0,
