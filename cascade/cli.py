@@ -19,14 +19,39 @@ _COLOURS = {"small": "\033[32m", "medium": "\033[33m", "large": "\033[35m"}
 _RESET = "\033[0m"
 
 
-def _gate_from_args(args) -> object | None:
+def _router_from_args(args):
+    """The router of --gate advantage (--router FILE). Checked against the models once they
+    are loaded (`check_routers`)."""
+    from cascade.router import load_router
+
+    if getattr(args, "router", None) is None:
+        raise CascadeError("--gate advantage needs --router FILE (a router made by cascade train-router)")
+    return load_router(args.router)
+
+
+def check_routers(runner) -> None:
+    """Refuse a cascade whose advantage gates carry a router trained for other models (the
+    gate at position k judges model k's drafts against model k + 1)."""
+    for k, gate in enumerate(runner.gates):
+        router = getattr(gate, "router", None)
+        if router is not None and hasattr(router, "check_models"):
+            router.check_models(runner.models[k:k + 2])
+
+
+def gate_from_args(args) -> object | None:
     if args.gate is None:
+        if getattr(args, "router", None) is not None and getattr(args, "gates", None) is None:
+            raise CascadeError("--router is the router of --gate advantage; give --gate advantage")
         return None
     options = {}
     if args.threshold is not None:
         options["threshold"] = args.threshold
     if args.gate == "confidence":
         options.update(signal=args.signal, mode=args.mode)
+    if args.gate == "advantage":
+        options["router"] = _router_from_args(args)
+    elif getattr(args, "router", None) is not None:
+        raise CascadeError(f"--router is the router of --gate advantage, not of --gate {args.gate}")
     if getattr(args, "rewrite", None) is not None:
         if args.gate != "verify":
             raise CascadeError(f"--rewrite is a setting of --gate verify, not of --gate {args.gate}")
@@ -55,6 +80,8 @@ def _gates_from_args(args, gate) -> list | None:
                 raise CascadeError(f"bad threshold in --gates item {item!r}: {value!r} is not a number") from None
         if name == "confidence":
             options.update(signal=args.signal, mode=args.mode)
+        if name == "advantage":
+            options["router"] = _router_from_args(args)  # one router file for every advantage gate
         gates.append(make_gate(name, **options))
     return gates
 
@@ -97,8 +124,8 @@ def _build_cascade(args, gate):
             raise CascadeError("embedded:<tier> models cannot be mixed with other models; "
                                f"got --models {args.models}")
         tiers = tuple(m.split(":", 1)[1] for m in models)
-        return cascade.embedded_cascade(None if gates else gate, tiers=tiers, gates=gates, isolate=isolate)
-    if models or args.small or args.large:
+        runner = cascade.embedded_cascade(None if gates else gate, tiers=tiers, gates=gates, isolate=isolate)
+    elif models or args.small or args.large:
         if models and (args.small or args.large):
             raise CascadeError("give --models or --small/--large, not both")
         paths = models or [args.small, args.large]
@@ -113,6 +140,7 @@ def _build_cascade(args, gate):
         runner = cascade.embedded_cascade(None if gates else gate, gates=gates, isolate=isolate)
     if getattr(args, "draft_ahead", False):
         runner.options = dataclasses.replace(runner.options, draft_ahead=True)
+    check_routers(runner)
     return runner
 
 
@@ -141,7 +169,7 @@ def _solve(args) -> int:
     if args.calibration:
         runner = Cascade.from_calibration(args.calibration)
     else:
-        runner = _build_cascade(args, _gate_from_args(args))
+        runner = _build_cascade(args, gate_from_args(args))
     result = runner.solve(args.problem, budget=args.budget)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
@@ -156,7 +184,7 @@ def _calibrate(args) -> int:
     from cascade.calibrate import calibrate, default_thresholds, sweep_file
 
     problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
-    runner = _build_cascade(args, _gate_from_args(args))
+    runner = _build_cascade(args, gate_from_args(args))
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [args.budget]
     if budgets == [None]:
         raise CascadeError("give --budget or --budgets")
@@ -370,7 +398,7 @@ def _apply_template(args) -> None:
         args.delimiter = template.delimiter
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def _add_model_options(parser: argparse.ArgumentParser, router: bool = True) -> None:
     parser.add_argument("--small", help="small model: local path or hub id")
     parser.add_argument("--large", help="large model: local path or hub id")
     parser.add_argument("--models", help="comma-separated models, cheapest first (N tiers)")
@@ -383,6 +411,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="one gate per position, comma-separated NAME[@THRESHOLD] (N models need "
                              "N - 1), e.g. confidence@0.3,confidence@0.5")
     parser.add_argument("--threshold", type=float, default=None)
+    if router:  # (bench names its routers itself; train-router writes one)
+        parser.add_argument("--router", default=None, type=Path,
+                            help="--gate advantage: its router file (cascade train-router); refused for "
+                                 "models it was not trained for")
     parser.add_argument("--signal", default="min_prob", help="confidence signal of --gate confidence")
     parser.add_argument("--mode", default="speculate", choices=["route", "speculate"])
     parser.add_argument("--max-steps", type=int, default=None)
@@ -444,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--data", type=Path, default=None,
                         help="collected rows (JSONL, resumable; default <output>.data.jsonl)")
     router.add_argument("-o", "--output", required=True, type=Path, help="router file to write (.pt)")
-    _add_model_options(router)
+    _add_model_options(router, router=False)
     router.set_defaults(run=_train_router)
 
     bench = commands.add_parser("bench", help="benchmark gate policies on a dataset (resumable)")
@@ -487,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="grade math answers by normalized comparison only")
     bench.add_argument("-o", "--output", required=True, type=Path,
                        help="output directory (re-run the same command to resume)")
-    _add_model_options(bench)  # --threshold: of confidence/verify named without @T (default 0.5)
+    _add_model_options(bench, router=False)  # --threshold: of confidence/verify named without @T (default 0.5)
     bench.set_defaults(run=_bench, delimiter=None)  # None: the --template's delimiter
 
     from cascade.server import add_serve_arguments, run_from_args

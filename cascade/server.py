@@ -681,17 +681,16 @@ def build_served_cascade(args) -> Cascade:
                                   step_timeout=args.step_timeout)
     if getattr(args, "gates", None):
         raise ConfigError("cascade serve takes one --gate for every position, not --gates")
-    gate = None
-    if args.gate is not None:
-        settings: dict[str, Any] = {} if args.threshold is None else {"threshold": args.threshold}
-        if args.gate == "confidence":
-            settings.update(signal=args.signal, mode=args.mode)
-        gate = make_gate(args.gate, **settings)
-    elif not (listed or args.small or args.large):
+    from cascade.cli import gate_from_args, check_routers
+
+    gate = gate_from_args(args)  # --gate with its settings (and --router for advantage)
+    if gate is None and not (listed or args.small or args.large):
         from cascade import DEFAULT_EMBEDDED_GATE
 
         gate = DEFAULT_EMBEDDED_GATE
-    return Cascade(models=models, gate=gate, options=options, on_large_failure=args.on_large_failure)
+    runner = Cascade(models=models, gate=gate, options=options, on_large_failure=args.on_large_failure)
+    check_routers(runner)
+    return runner
 
 
 def run_from_args(args) -> int:

@@ -213,6 +213,26 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "sequence router" in out
     assert isinstance(load_router(tmp_path / "seq.pt"), SequenceRouter)
+    # ... and serves: cascade solve / serve --gate advantage --router FILE, for these models only.
+    from cascade.cli import build_parser
+    from cascade.server import build_served_cascade
+
+    router = str(tmp_path / "seq.pt")
+    code = cli_main(["solve", "a=5;b=a+3;c=b*2;?c", "--gate", "advantage", "--threshold", "0", "--router", router,
+                     "--json"])
+    trace = json.loads(capsys.readouterr().out)
+    assert code == 0 and trace["steps"] and all(s["tier"] == 1 for s in trace["steps"])  # threshold 0
+    code = cli_main(["solve", "a=5;?a", "--models", "embedded:small,embedded:medium,embedded:large",
+                     "--gate", "advantage", "--router", router])
+    assert code == 2 and "trained for" in capsys.readouterr().err  # medium -> large is not its pair
+    assert cli_main(["solve", "a=5;?a", "--gate", "advantage"]) == 2
+    assert "--router FILE" in capsys.readouterr().err
+    assert cli_main(["solve", "a=5;?a", "--gate", "verify", "--router", router]) == 2
+    assert "--gate advantage" in capsys.readouterr().err
+    served = build_served_cascade(build_parser().parse_args(["serve", "--gate", "advantage", "--threshold", "0.4",
+                                                             "--router", router]))
+    assert isinstance(served.gates[0], AdvantageGate) and served.gates[0].threshold == 0.4
+    assert isinstance(served.gates[0].router, SequenceRouter)
 
 
 def test_harness_and_report_run_two_routers_side_by_side(tmp_path):
