@@ -276,14 +276,42 @@ def _gate_spec(gate: Gate) -> dict:
     if type(gate) not in names or not dataclasses.is_dataclass(gate):
         raise ConfigError(f"cannot record gate {type(gate).__name__}: register it in cascade.GATES")
     fields = {f.name: getattr(gate, f.name) for f in dataclasses.fields(gate) if f.name != "threshold"}
+    if "router" in fields:
+        fields["router"] = _router_reference(fields["router"])
     return {"type": names[type(gate)], **fields}
 
 
-def _gate_from_spec(spec: dict, threshold: float) -> Gate:
+def _router_reference(router) -> dict:
+    """An advantage gate's router, as a calibration file records it: the file it was loaded
+    from and its weights' digest (its repr), checked when the file is used."""
+    source = getattr(router, "source", None)
+    if not source:
+        raise ConfigError(f"cannot record the advantage gate's router {router!r} in a calibration file: it "
+                          "was not loaded from a file; save it and load it with cascade.load_router")
+    return {"file": str(source), "weights": repr(router)}
+
+
+def _gate_from_spec(spec: dict, threshold: float, routers: dict) -> Gate:
+    """A recorded gate at `threshold`; routers: file -> loaded router (each file read once)."""
     spec = dict(spec)
     kind = spec.pop("type")
     if kind not in GATES:
         raise CalibrationFileError(f"calibration names unknown gate {kind!r}; known: {sorted(GATES)}")
+    reference = spec.get("router")
+    if isinstance(reference, dict):
+        from cascade.router import RouterFileError, load_router
+
+        file = str(reference.get("file"))
+        if file not in routers:
+            try:
+                router = load_router(file)
+            except RouterFileError as error:
+                raise CalibrationFileError(f"the calibration's advantage gate needs its router: {error}") from error
+            if repr(router) != reference.get("weights"):
+                raise CalibrationFileError(f"the router at {file} is not the one this calibration was made "
+                                           f"with ({reference.get('weights')}); calibrate again")
+            routers[file] = router
+        spec["router"] = routers[file]
     return GATES[kind](threshold=threshold, **spec)
 
 
@@ -309,6 +337,7 @@ class Calibration:
     curves: dict = field(default_factory=dict)
     sweep_stats: dict = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    _routers: dict = field(default_factory=dict, repr=False, compare=False)  # advantage gates' routers
 
     def entry_for(self, budget: float) -> dict | None:
         """The entry of the largest grid budget <= budget that has a certified threshold."""
@@ -320,7 +349,7 @@ class Calibration:
         certified grid budget, the cheapest candidate (the hard cap still holds)."""
         entry = self.entry_for(budget)
         thresholds = entry["thresholds"] if entry is not None else self.candidates[0]
-        return [_gate_from_spec(spec, t) for spec, t in zip(self.gate_specs, thresholds)]
+        return [_gate_from_spec(spec, t, self._routers) for spec, t in zip(self.gate_specs, thresholds)]
 
     def check_models(self, cascade: Cascade) -> None:
         """Refuse a cascade whose models are not the ones this calibration was made for."""
@@ -346,7 +375,8 @@ class Calibration:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        payload = dataclasses.asdict(self)
+        payload = dataclasses.asdict(dataclasses.replace(self, _routers={}))  # loaded routers are not recorded
+        del payload["_routers"]
         payload["candidates"] = [list(c) for c in self.candidates]
         return payload
 
@@ -463,6 +493,7 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
     problems = list(problems)
     if not problems:
         raise ConfigError("calibrate needs at least one problem")
+    gate_specs = tuple(_gate_spec(g) for g in cascade.gates)  # a gate that cannot be recorded fails now
     if budgets is None:
         if budget is None:
             raise ConfigError("give budget= or budgets=")
@@ -516,7 +547,7 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
         curves["accuracy"] = [float(np.mean([a is not None and a == y for a, y in zip(col, labels)]))
                               for col in zip(*swept.answers)]
     return Calibration(
-        gate_specs=tuple(_gate_spec(g) for g in cascade.gates),
+        gate_specs=gate_specs,
         models=tuple({"name": m.info.name, "fingerprint": m.info.fingerprint} for m in cascade.models),
         alpha=alpha, delta=delta, n=len(problems), method=method, objective=objective,
         candidates=tuple(candidates), entries=tuple(entries), curves=curves,

@@ -21,21 +21,12 @@ _RESET = "\033[0m"
 
 def _router_from_args(args):
     """The router of --gate advantage (--router FILE). Checked against the models once they
-    are loaded (`check_routers`)."""
+    are loaded (`cascade.router.check_gate_routers`)."""
     from cascade.router import load_router
 
     if getattr(args, "router", None) is None:
         raise CascadeError("--gate advantage needs --router FILE (a router made by cascade train-router)")
     return load_router(args.router)
-
-
-def check_routers(runner) -> None:
-    """Refuse a cascade whose advantage gates carry a router trained for other models (the
-    gate at position k judges model k's drafts against model k + 1)."""
-    for k, gate in enumerate(runner.gates):
-        router = getattr(gate, "router", None)
-        if router is not None and hasattr(router, "check_models"):
-            router.check_models(runner.models[k:k + 2])
 
 
 def gate_from_args(args) -> object | None:
@@ -140,7 +131,9 @@ def _build_cascade(args, gate):
         runner = cascade.embedded_cascade(None if gates else gate, gates=gates, isolate=isolate)
     if getattr(args, "draft_ahead", False):
         runner.options = dataclasses.replace(runner.options, draft_ahead=True)
-    check_routers(runner)
+    from cascade.router import check_gate_routers
+
+    check_gate_routers(runner.models, runner.gates)
     return runner
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "RouterMetrics",
     "Router",
     "step_features",
+    "check_gate_routers",
     "check_router_models",
     "collect_router_data",
     "heldout_split",
@@ -577,6 +578,7 @@ class Router:
     scorer: str
     tau: float
     metrics: RouterMetrics | None = field(default=None)
+    source: str | None = field(default=None, compare=False)  # the file it was loaded from
 
     def __repr__(self) -> str:
         # Short and stable (run files record gates by repr): models, scorer, tau, weights digest.
@@ -649,6 +651,15 @@ def router_file_fields(payload: dict) -> dict:
             "tau": float(payload["tau"]), "metrics": RouterMetrics(**metrics) if metrics else None}
 
 
+def check_gate_routers(models: Sequence[Backend | ModelInfo], gates: Sequence) -> None:
+    """Refuse (RouterFileError) gates whose router was trained for other models: the gate
+    at position k judges model k's drafts against model k + 1's steps."""
+    for k, gate in enumerate(gates):
+        router = getattr(gate, "router", None)
+        if router is not None and hasattr(router, "check_models"):
+            router.check_models(list(models)[k:k + 2])
+
+
 def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | ModelInfo]) -> None:
     """Refuse (RouterFileError) unless `models` are the models (names and fingerprints) a
     router was trained for, in order (small, large)."""
@@ -680,6 +691,8 @@ def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None =
             raise RouterFileError(f"{path} is not a router file (format {ROUTER_FORMAT} or "
                                   f"{SEQUENCE_ROUTER_FORMAT})")
         router = SequenceRouter.from_payload(payload, path)
+    # Where it came from, so a calibration file can name it (its gates are recorded).
+    object.__setattr__(router, "source", str(path.resolve()))
     if models is not None:
         router.check_models(models)
     return router

@@ -230,7 +230,10 @@ class Cascade:
         calibration = Calibration.load(path)
         if models is None:
             models = [_load_named(m["name"]) for m in calibration.models]
+        from cascade.router import check_gate_routers
+
         gates = calibration.gates_for(math.inf)
+        check_gate_routers(models, gates)  # an advantage gate's router must fit these models too
         return cls(models=models, gates=gates, options=options or _default_options(models),
                    calibration=calibration)
 

@@ -161,6 +161,7 @@ class SequenceRouter:
     scorer: str
     tau: float
     metrics: RouterMetrics | None = field(default=None)
+    source: str | None = field(default=None, compare=False)  # the file it was loaded from
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __repr__(self) -> str:

@@ -681,7 +681,8 @@ def build_served_cascade(args) -> Cascade:
                                   step_timeout=args.step_timeout)
     if getattr(args, "gates", None):
         raise ConfigError("cascade serve takes one --gate for every position, not --gates")
-    from cascade.cli import gate_from_args, check_routers
+    from cascade.cli import gate_from_args
+    from cascade.router import check_gate_routers
 
     gate = gate_from_args(args)  # --gate with its settings (and --router for advantage)
     if gate is None and not (listed or args.small or args.large):
@@ -689,7 +690,7 @@ def build_served_cascade(args) -> Cascade:
 
         gate = DEFAULT_EMBEDDED_GATE
     runner = Cascade(models=models, gate=gate, options=options, on_large_failure=args.on_large_failure)
-    check_routers(runner)
+    check_gate_routers(runner.models, runner.gates)
     return runner
 
 

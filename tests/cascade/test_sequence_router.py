@@ -275,3 +275,38 @@ def test_harness_and_report_run_two_routers_side_by_side(tmp_path):
     assert {"advantage", "advantage:seq"} <= set(report["matched"])
     assert set(report["routers"]) == {"", "seq"} and "sequence router" in report["routers"]["seq"]["summary"]
     assert set(report["targets"]["advantage_gaps"]) == {"advantage", "advantage:seq"}
+
+
+def test_a_calibration_of_an_advantage_gate_names_its_router_file(tmp_path):
+    """calibrate() with an AdvantageGate records the router's file and weights digest;
+    from_calibration loads it back (once), refuses a router file that changed since, and a
+    router not loaded from a file is refused before any problem is run."""
+    from cascade import calibrate
+    from cascade.calibrate import CalibrationFileError
+
+    fake_models = ({"name": "small", "fingerprint": "small"}, {"name": "large", "fingerprint": "large"})
+    data = _token_data(n_problems=60)
+    data = RouterDataset(data.features, data.small_score, data.large_score, data.group, data.step_index,
+                         data.spec, fake_models, data.scorer, data.token_offsets, data.token_ids,
+                         data.token_logprobs, data.token_entropies)
+    trained = train_sequence_router(data, spec=SMALL_NET, epochs=1)
+    path = trained.save(tmp_path / "seq.pt")
+    small, large = FakeBackend("small", 100, counting_script(3, confident=False)), \
+        FakeBackend("large", 1000, counting_script(3))
+    options = SolveOptions(max_steps=6, max_step_tokens=12)
+    problems = [f"q{k}" for k in range(40)]
+    unsaved = Cascade(small, large, AdvantageGate(trained, threshold=0.5), options=options)
+    calls = small.calls
+    with pytest.raises(ConfigError, match="load_router"):
+        calibrate(unsaved, problems, budget=5000.0)
+    assert small.calls == calls  # refused before running anything
+    runner = Cascade(small, large, AdvantageGate(load_router(path), threshold=0.5), options=options)
+    saved = calibrate(runner, problems, budget=5000.0).save(tmp_path / "cal.json")
+    served = Cascade.from_calibration(saved, models=[small, large], options=options)
+    gate = served.calibration.gates_for(5000.0)[0]
+    assert isinstance(gate.router, SequenceRouter) and repr(gate.router) == repr(trained)
+    assert served.calibration.gates_for(5000.0)[0].router is gate.router  # the file is read once
+    assert served.solve("q1", budget=5000.0).steps
+    train_sequence_router(data, spec=SMALL_NET, epochs=1, seed=7).save(path)  # another router, same file
+    with pytest.raises(CalibrationFileError, match="not the one"):
+        Cascade.from_calibration(saved, models=[small, large], options=options)
