@@ -211,6 +211,9 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
     candidate_gates = [[_with_threshold(g, t) for g, t in zip(gates, c)] for c in candidates]
     candidate_gates.append([AlwaysLarge()] * len(gates))  # the label-free reference
     done = list(rows or [])
+    for row, problem in zip(done, problems):  # before any work: a mismatch must not cost a sweep
+        if row["problem"] != problem or len(row["costs"]) != len(candidates):
+            raise ConfigError("resumed sweep rows do not match these problems and candidates")
     started = time.perf_counter()
     for index in range(len(done), len(problems)):
         problem = problems[index]
@@ -225,9 +228,6 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
             on_row(row)
         if progress is not None:
             progress(index + 1, len(problems))
-    for row, problem in zip(done, problems):
-        if row["problem"] != problem or len(row["costs"]) != len(candidates):
-            raise ConfigError("resumed sweep rows do not match these problems and candidates")
     return SweepResult(
         candidates=tuple(candidates), problems=tuple(problems),
         costs=np.array([r["costs"] for r in done], dtype=float).reshape(len(done), len(candidates)),
@@ -246,8 +246,9 @@ def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[S
                on_resume: Callable[[int], None] | None = None) -> SweepResult:
     """`sweep`, resumable through a JSONL file: each finished problem's row is appended to
     `path` as it comes, and a file written for the same models, gates and candidates is
-    resumed (its first rows reused; a file made with other settings is started afresh).
-    on_resume is called with the number of rows reused."""
+    resumed: its rows are reused as far as their problems are these, in order (the file
+    is cut there); a file made with other settings is started afresh. on_resume is called
+    with the number of rows reused."""
     path = Path(path)
     header = {"models": [[m.info.name, m.info.fingerprint] for m in cascade.models],
               "candidates": [list(c) for c in candidates], "gates": [repr(g) for g in cascade.gates]}
@@ -255,8 +256,13 @@ def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[S
     lines = path.read_text().splitlines() if path.exists() else []
     if lines and json.loads(lines[0]) == json.loads(json.dumps(header)):
         # Rows are per problem, in order: a longer earlier run's first rows serve a shorter
-        # one (sweep checks each row's problem text).
-        rows = [json.loads(line) for line in lines[1:] if line.strip()][: len(problems)]
+        # one; from the first row of another problem on, the file is swept again.
+        stored = [json.loads(line) for line in lines[1:] if line.strip()]
+        while len(rows) < min(len(stored), len(problems)) and stored[len(rows)]["problem"] == problems[len(rows)] \
+                and len(stored[len(rows)]["costs"]) == len(candidates):
+            rows.append(stored[len(rows)])
+        if len(rows) < len(stored) and len(rows) < len(problems):
+            path.write_text("".join(json.dumps(r) + "\n" for r in [header, *rows]))
         if on_resume is not None:
             on_resume(len(rows))
     else:

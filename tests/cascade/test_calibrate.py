@@ -67,8 +67,28 @@ def test_sweep_resumes_from_rows():
     resumed = sweep(cascade, problems, GRID, rows=rows)
     full = sweep(cascade, problems, GRID)
     assert np.array_equal(resumed.costs, full.costs) and np.array_equal(first.costs, full.costs[:3])
+    calls = cascade.models[0].calls
     with pytest.raises(ConfigError, match="do not match"):
         sweep(cascade, ["other"] + problems[1:], GRID, rows=rows)
+    assert cascade.models[0].calls == calls  # refused before sweeping anything
+
+
+def test_sweep_file_reuses_rows_only_while_their_problems_match(tmp_path):
+    from cascade.calibrate import sweep_file
+
+    cascade = fake_cascade()
+    path = tmp_path / "sweep.jsonl"
+    problems = [f"p{i}" for i in range(6)]
+    reused = []
+    sweep_file(cascade, problems[:4], GRID, path, on_resume=reused.append)
+    assert reused == [] and len(path.read_text().splitlines()) == 5
+    other = problems[:2] + ["x", "y", "z"]
+    result = sweep_file(cascade, other, GRID, path, on_resume=reused.append)
+    assert reused == [2]  # p0, p1 reused; the file is cut there and swept on
+    assert [json.loads(line)["problem"] for line in path.read_text().splitlines()[1:]] == other
+    np.testing.assert_array_equal(result.costs, sweep(cascade, other, GRID).costs)
+    sweep_file(cascade, other[:3], GRID, path, on_resume=reused.append)  # a shorter run: the file is kept
+    assert reused[-1] == 3 and len(path.read_text().splitlines()) == 6
 
 
 def _calibrated(tmp_path, **kw):
