@@ -42,14 +42,13 @@ def family_of(policy: str) -> str:
 
 
 def _families(policies) -> list[str]:
-    """The gate families present, in FAMILIES' order; each named router's advantage family
-    ("advantage:NAME") right after "advantage"."""
+    """The gate families present, in FAMILIES' order; each named router's family
+    ("advantage:NAME", a screened "verify-fix:NAME=S") right after its base family."""
     present = {family_of(p) for p in policies}
     ordered = []
     for family in FAMILIES:
         ordered += [family] if family in present else []
-        if family == "advantage":
-            ordered += sorted(f for f in present if f.startswith("advantage:"))
+        ordered += sorted(f for f in present if f.startswith(family + ":"))
     return ordered
 
 

@@ -21,6 +21,8 @@ Policies (`POLICY_NAMES`), each used at every gate position of an N-tier cascade
   as `router` (``--router FILE``, from ``cascade train-router``; refused for other models);
   ``advantage:NAME@T`` uses the router given as ``--router NAME=FILE``, so routers of
   several kinds run side by side (``--router seq=s.pt --router lr=l.pt``);
+- ``verify:NAME=S@T`` (and ``verify-ahead:``, ``verify-fix:``): the verify gate screened by
+  router NAME at S: only drafts it gives P(large better) >= S are verified (`VerifyGate.screen`);
 - ``oracle``: `bench.oracle.OracleGate` (the embedded dataset only: it reads the exact checker);
 - ``calibrated``: `Cascade.from_calibration(calibration, models=cascade.models)`, solved
   with `budget` so that the threshold certified for it is looked up.
@@ -103,6 +105,7 @@ class PolicySpec:
     kind: str
     threshold: float | tuple[float, ...] | None = None
     router: str = ""  # advantage policies: the name of their router ("" = the unnamed one)
+    screen_threshold: float | None = None  # screened verify policies ("verify-fix:NAME=S"): S
 
 
 def router_files(router) -> dict[str, Path]:
@@ -149,11 +152,22 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
     specs: list[PolicySpec] = []
     for name in _policy_list(policies):
         kind, at, value = name.partition("@")
-        router_name = ""
-        if kind.startswith("advantage:"):  # advantage:NAME: the router given as --router NAME=FILE
-            kind, router_name = "advantage", kind[len("advantage:"):]
+        router_name, screen = "", None
+        base, colon, suffix = kind.partition(":")
+        if colon and base == "advantage":  # advantage:NAME: the router given as --router NAME=FILE
+            kind, router_name = base, suffix
             if not router_name:
                 raise BenchError(f"policy {name!r} names no router after 'advantage:'")
+        elif colon and base in ("verify", "verify-ahead", "verify-fix"):  # verify:NAME=S: screened
+            router_name, gt, value_s = suffix.partition("=")
+            try:
+                screen = float(value_s) if gt and router_name else math.nan
+            except ValueError:
+                screen = math.nan
+            if math.isnan(screen):
+                raise BenchError(f"policy {name!r}: a screened verify policy reads {base}:NAME=S@T (verify "
+                                 "only drafts router NAME gives P(large better) >= S)")
+            kind = base
         if kind not in POLICY_NAMES:
             raise BenchError(f"unknown policy {name!r}; valid policies: {', '.join(POLICY_NAMES)} "
                              f"({' and '.join(_THRESHOLD_POLICIES)} also as NAME@THRESHOLD, "
@@ -178,11 +192,11 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
         else:
             label = kind
         if router_name:
-            label = label.replace("advantage", f"advantage:{router_name}", 1)
+            label = label.replace(kind, f"{kind}:{router_name}" + ("" if screen is None else f"={screen:g}"), 1)
         if kind == "oracle" and dataset != "embedded":
             raise BenchError(f"policy 'oracle' reads the exact checker of the embedded task; it runs only "
                              f"with --dataset embedded, not {dataset!r}")
-        if kind == "advantage" and router_name not in routers:
+        if (kind == "advantage" or screen is not None) and router_name not in routers:
             raise BenchError(f"policy {name!r} needs a router file (--router "
                              f"{router_name + '=' if router_name else ''}FILE, made by cascade train-router)"
                              + (f"; the routers given are {sorted(routers)}" if routers else ""))
@@ -194,7 +208,7 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
                                  "for that budget")
         if any(s.label == label for s in specs):
             raise BenchError(f"policy {label!r} is named twice")
-        specs.append(PolicySpec(label, kind, t, router_name))
+        specs.append(PolicySpec(label, kind, t, router_name, screen))
     return specs
 
 
@@ -217,6 +231,12 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
 
     n_gates = len(cascade.models) - 1
     routers: dict[str, Any] = {}  # name -> loaded router, each file loaded once
+
+    def load_routers(name: str):
+        from cascade.router import load_router
+
+        routers[name] = load_router(router_files(router)[name], models=cascade.models)  # refuses other models
+        return routers[name]
     built = []
     for spec in specs:
         if spec.kind == "calibrated":
@@ -236,18 +256,16 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
                     gate = AlwaysLarge()
                 elif spec.kind == "confidence":
                     gate = ConfidenceGate(threshold=threshold, signal=signal, mode=mode)
-                elif spec.kind in ("verify", "verify-ahead"):
-                    gate = VerifyGate(threshold=threshold)
-                elif spec.kind == "verify-fix":
-                    gate = VerifyGate(threshold=threshold, rewrite="token")
+                elif spec.kind in ("verify", "verify-ahead", "verify-fix"):
+                    screen = {} if spec.screen_threshold is None else \
+                        {"screen": routers.get(spec.router) or load_routers(spec.router),
+                         "screen_threshold": spec.screen_threshold}
+                    gate = VerifyGate(threshold=threshold, rewrite="token" if spec.kind == "verify-fix" else "step",
+                                      **screen)
                 elif spec.kind == "advantage":
                     from cascade import AdvantageGate
-                    from cascade.router import load_router
 
-                    if spec.router not in routers:
-                        routers[spec.router] = load_router(router_files(router)[spec.router],
-                                                           models=cascade.models)  # refuses other models
-                    gate = AdvantageGate(routers[spec.router], threshold=threshold)
+                    gate = AdvantageGate(routers.get(spec.router) or load_routers(spec.router), threshold=threshold)
                 else:
                     from bench.oracle import OracleGate
 

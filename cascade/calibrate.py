@@ -282,19 +282,20 @@ def _gate_spec(gate: Gate) -> dict:
     if type(gate) not in names or not dataclasses.is_dataclass(gate):
         raise ConfigError(f"cannot record gate {type(gate).__name__}: register it in cascade.GATES")
     fields = {f.name: getattr(gate, f.name) for f in dataclasses.fields(gate) if f.name != "threshold"}
-    if "router" in fields:
-        fields["router"] = _router_reference(fields["router"])
+    for name, value in fields.items():
+        if hasattr(value, "advantage_probability"):  # a router (AdvantageGate.router, VerifyGate.screen)
+            fields[name] = _router_reference(value)
     return {"type": names[type(gate)], **fields}
 
 
 def _router_reference(router) -> dict:
-    """An advantage gate's router, as a calibration file records it: the file it was loaded
-    from and its weights' digest (its repr), checked when the file is used."""
+    """A gate's router, as a calibration file records it: the file it was loaded from and
+    its weights' digest (its repr), checked when the file is used."""
     source = getattr(router, "source", None)
     if not source:
-        raise ConfigError(f"cannot record the advantage gate's router {router!r} in a calibration file: it "
+        raise ConfigError(f"cannot record the gate's router {router!r} in a calibration file: it "
                           "was not loaded from a file; save it and load it with cascade.load_router")
-    return {"file": str(source), "weights": repr(router)}
+    return {"router_file": str(source), "weights": repr(router)}
 
 
 def _gate_from_spec(spec: dict, threshold: float, routers: dict) -> Gate:
@@ -303,21 +304,22 @@ def _gate_from_spec(spec: dict, threshold: float, routers: dict) -> Gate:
     kind = spec.pop("type")
     if kind not in GATES:
         raise CalibrationFileError(f"calibration names unknown gate {kind!r}; known: {sorted(GATES)}")
-    reference = spec.get("router")
-    if isinstance(reference, dict):
+    for name, reference in spec.items():
+        if not (isinstance(reference, dict) and "router_file" in reference):
+            continue
         from cascade.router import RouterFileError, load_router
 
-        file = str(reference.get("file"))
+        file = str(reference["router_file"])
         if file not in routers:
             try:
                 router = load_router(file)
             except RouterFileError as error:
-                raise CalibrationFileError(f"the calibration's advantage gate needs its router: {error}") from error
+                raise CalibrationFileError(f"the calibration's {kind} gate needs its router: {error}") from error
             if repr(router) != reference.get("weights"):
                 raise CalibrationFileError(f"the router at {file} is not the one this calibration was made "
                                            f"with ({reference.get('weights')}); calibrate again")
             routers[file] = router
-        spec["router"] = routers[file]
+        spec[name] = routers[file]
     return GATES[kind](threshold=threshold, **spec)
 
 

@@ -201,6 +201,11 @@ class VerifyGate:
     way; after `max_corrections` corrections (or when a backend reports no greedy prefix,
     or when sampling) the next tier writes the rest of the step. Two-tier cascades, or
     the gate below the top tier.
+
+    screen: an advantage router (`AdvantageModel`) asked first: a draft it gives
+    P(large better) < screen_threshold is accepted without verification (score 0), so
+    the next tier is called only for drafts worth checking. Its tokens are prefilled
+    later, with the next call it gets. None (the default): every draft is verified.
     """
 
     threshold: float = 0.5
@@ -210,6 +215,8 @@ class VerifyGate:
     requires_verification: bool = True
     rewrite: Literal["step", "token"] = "step"
     max_corrections: int = 8
+    screen: "AdvantageModel | None" = None
+    screen_threshold: float = 0.0
 
     def __post_init__(self) -> None:
         _check_threshold(self.threshold)
@@ -222,6 +229,20 @@ class VerifyGate:
             raise ConfigError("VerifyGate judges whole drafts: mode must be 'speculate'")
         if self.reduce not in ("mean", "min"):
             raise ConfigError(f"reduce must be 'mean' or 'min', got {self.reduce!r}")
+        if self.screen is not None and not isinstance(self.screen, AdvantageModel):
+            raise ConfigError(f"screen must be a router with advantage_probability(state), got "
+                              f"{type(self.screen).__name__} (load one with cascade.load_router)")
+        _check_threshold(self.screen_threshold)
+
+    @property
+    def requires_hidden(self) -> bool:
+        """A screen reads the drafting model's hidden state (as AdvantageGate does)."""
+        return self.screen is not None
+
+    def needs_verification(self, state: GateState) -> bool:
+        """Is this draft (state without a verification yet) worth the next tier's pass?"""
+        return self.screen is None or not state.output.token_ids or \
+            float(self.screen.advantage_probability(state)) >= self.screen_threshold
 
     def score(self, state: GateState) -> float:
         if state.verification is None or not state.verification.logprobs:

@@ -652,12 +652,13 @@ def router_file_fields(payload: dict) -> dict:
 
 
 def check_gate_routers(models: Sequence[Backend | ModelInfo], gates: Sequence) -> None:
-    """Refuse (RouterFileError) gates whose router was trained for other models: the gate
-    at position k judges model k's drafts against model k + 1's steps."""
+    """Refuse (RouterFileError) gates whose router (AdvantageGate.router, VerifyGate.screen)
+    was trained for other models: the gate at position k judges model k's drafts against
+    model k + 1's steps."""
     for k, gate in enumerate(gates):
-        router = getattr(gate, "router", None)
-        if router is not None and hasattr(router, "check_models"):
-            router.check_models(list(models)[k:k + 2])
+        for router in (getattr(gate, "router", None), getattr(gate, "screen", None)):
+            if router is not None and hasattr(router, "check_models"):
+                router.check_models(list(models)[k:k + 2])
 
 
 def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | ModelInfo]) -> None:

@@ -594,7 +594,12 @@ class _Run:
             outputs[tier] = output
             gate = self.gates[tier]
             verification = None
-            if gate.requires_verification and output.text and tier + 1 not in self.failed:
+            state = GateState(self.problem, index, tier, self.here, output,
+                              Confidence.of(output, getattr(gate, "probe_tokens", 4) or 4))
+            # A gate may screen drafts first (VerifyGate(screen=...)): only those it picks are verified.
+            screened_in = getattr(gate, "needs_verification", None)
+            if gate.requires_verification and output.text and tier + 1 not in self.failed \
+                    and (screened_in is None or screened_in(state)):
                 bound = self.prefill_bound(tier + 1, self.here + output.text)
                 if self.cascade.cost_model.charge(tier + 1, bound, 0) <= self.remaining():
                     try:
@@ -606,8 +611,8 @@ class _Run:
                         failed(tier + 1, error)
                 else:
                     self.cap_intervened = True  # no room to verify: the draft stands
-            state = GateState(self.problem, index, tier, self.here, output,
-                              Confidence.of(output, getattr(gate, "probe_tokens", 4) or 4), verification)
+            if verification is not None:
+                state = dataclasses.replace(state, verification=verification)
             score, escalate = decide(gate, state)
             unavailable = escalate and tier + 1 in self.failed
             capped = escalate and not unavailable and not self.fits_step(tier + 1)

@@ -198,3 +198,74 @@ def test_draft_ahead_survives_a_failing_verifier_and_a_failing_early_draft(tiny_
     early = Cascade(flaky_small, large, VerifyGate(0.5), options=options).solve(problem)
     assert flaky_small.injected == [(first_pair[0], "error")]
     assert [s.text for s in early.steps] == reference
+
+
+class _MinProbScreen:
+    """A stand-in router for VerifyGate.screen: P(large better) = 1 - the draft's min_prob."""
+
+    def advantage_probability(self, state) -> float:
+        return 1.0 - state.confidence.min_prob
+
+
+class _CountingScores:
+    """Wraps a backend; counts the drafts it is asked to score."""
+
+    def __init__(self, backend):
+        self.backend, self.scored = backend, 0
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def score_steps(self, requests):
+        self.scored += len(requests)
+        return self.backend.score_steps(requests)
+
+
+def test_a_screened_verify_gate_verifies_only_the_drafts_its_router_picks(tiny_dirs):
+    small, large = _tiny_pair(tiny_dirs)
+    counted = _CountingScores(large)
+    options = SolveOptions(max_steps=4, max_step_tokens=8)
+    screen = _MinProbScreen()
+    plain = Cascade(small, large, VerifyGate(0.6), options=options)
+    for problem in PROBLEMS:
+        everything = Cascade(small, large, VerifyGate(0.6, screen=screen, screen_threshold=0.0), options=options)
+        a, b = everything.solve(problem), plain.solve(problem)  # screen at 0: every draft is verified
+        assert [(s.text, s.tier) for s in a.steps] == [(s.text, s.tier) for s in b.steps]
+        assert a.cost.total == pytest.approx(b.cost.total)
+        nothing = Cascade(small, counted, VerifyGate(0.6, screen=screen, screen_threshold=1.5), options=options)
+        before = counted.scored
+        alone = nothing.solve(problem)
+        assert counted.scored == before and all(s.tier == 0 for s in alone.steps)  # never verified
+        assert alone.cost.per_tier[1].cost == 0.0
+    # In between (the median draft's screen score): exactly the drafts the screen picks are
+    # verified, and a draft it does not pick stands unscored (score 0, never escalated).
+    drafts = [1.0 - s.confidence.min_prob for p in PROBLEMS
+              for s in Cascade(small, large, make_gate("always-small"), options=options).solve(p).steps]
+    cut = sorted(drafts)[len(drafts) // 2]
+    gate = VerifyGate(0.6, screen=screen, screen_threshold=cut)
+    picked = skipped = 0
+    for problem in PROBLEMS:
+        before = counted.scored
+        result = Cascade(small, counted, gate, options=options).solve(problem)
+        verified = [d for s in result.steps for d in s.decisions if d.score > 0.0]
+        assert counted.scored - before == len(verified)  # one verification per scored decision
+        for step in result.steps:
+            if step.tier == 0:
+                screened_out = 1.0 - step.confidence.min_prob < cut
+                assert (step.decisions[0].score == 0.0) == screened_out
+                skipped += screened_out
+        picked += len(verified)
+    assert picked > 0 and skipped > 0  # both paths ran
+    assert gate.requires_hidden and not VerifyGate().requires_hidden
+    with pytest.raises(ConfigError, match="screen"):
+        VerifyGate(screen="router.pt")
+
+
+@pytest.mark.parametrize("budget", [5.0, 20.0, 60.0])
+def test_a_screened_verify_gate_honours_the_hard_cap(tiny_dirs, budget):
+    small, large = _tiny_pair(tiny_dirs)
+    options = SolveOptions(max_steps=5, max_step_tokens=6, draft_ahead=True)
+    for rewrite in ("step", "token"):
+        gate = VerifyGate(0.3, rewrite=rewrite, screen=_MinProbScreen(), screen_threshold=0.2)
+        for problem in PROBLEMS:
+            assert Cascade(small, large, gate, options=options).solve(problem, budget).cost.total <= budget + 1e-9

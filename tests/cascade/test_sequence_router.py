@@ -263,7 +263,8 @@ def test_harness_and_report_run_two_routers_side_by_side(tmp_path):
                                 for k in range(3)))
     out = tmp_path / "run"
     summary = run_benchmark(cascade, "jsonl", path=problems, out_dir=out, router=routers, progress=False,
-                            policies="small,large,confidence@0.5,advantage@0.5,advantage:seq@0.5,advantage:seq@0",
+                            policies="small,large,confidence@0.5,advantage@0.5,advantage:seq@0.5,advantage:seq@0,"
+                                     "verify-fix:seq=0.5@0.3",
                             plots=False, use_math_verify=False)
     assert summary["policies"]["advantage:seq@0"]["step_escalation_rate"] == 1.0  # threshold 0: always
     settings = json.loads((out / "run.json").read_text())["settings"]
@@ -272,9 +273,16 @@ def test_harness_and_report_run_two_routers_side_by_side(tmp_path):
     gates = {p["name"]: p["gates"] for p in run["settings"]["policies"]}
     assert "SequenceRouter" in gates["advantage:seq@0.5"][0] and "SequenceRouter" not in gates["advantage@0.5"][0]
     report = gate_report(out, tmp_path / "report", router=routers)
-    assert {"advantage", "advantage:seq"} <= set(report["matched"])
+    assert {"advantage", "advantage:seq", "verify-fix:seq=0.5"} <= set(report["matched"])
+    assert "screen=SequenceRouter" in gates["verify-fix:seq=0.5@0.3"][0]
     assert set(report["routers"]) == {"", "seq"} and "sequence router" in report["routers"]["seq"]["summary"]
     assert set(report["targets"]["advantage_gaps"]) == {"advantage", "advantage:seq"}
+
+
+def cascade_verify_gate(router):
+    from cascade import VerifyGate
+
+    return VerifyGate(0.5, screen=router, screen_threshold=0.2)
 
 
 def test_a_calibration_of_an_advantage_gate_names_its_router_file(tmp_path):
@@ -307,6 +315,10 @@ def test_a_calibration_of_an_advantage_gate_names_its_router_file(tmp_path):
     assert isinstance(gate.router, SequenceRouter) and repr(gate.router) == repr(trained)
     assert served.calibration.gates_for(5000.0)[0].router is gate.router  # the file is read once
     assert served.solve("q1", budget=5000.0).steps
+    screened = Cascade(small, large, cascade_verify_gate(load_router(path)), options=options)
+    again = Cascade.from_calibration(calibrate(screened, problems, budget=5000.0).save(tmp_path / "cal2.json"),
+                                     models=[small, large], options=options)
+    assert repr(again.gates[0].screen) == repr(trained) and again.gates[0].screen_threshold == 0.2
     train_sequence_router(data, spec=SMALL_NET, epochs=1, seed=7).save(path)  # another router, same file
     with pytest.raises(CalibrationFileError, match="not the one"):
         Cascade.from_calibration(saved, models=[small, large], options=options)
