@@ -39,10 +39,18 @@ def gate_from_args(args) -> object | None:
         options["threshold"] = args.threshold
     if args.gate == "confidence":
         options.update(signal=args.signal, mode=args.mode)
+    screen_threshold = getattr(args, "screen_threshold", None)
     if args.gate == "advantage":
         options["router"] = _router_from_args(args)
+    elif args.gate == "verify" and (screen_threshold is not None or getattr(args, "router", None) is not None):
+        if screen_threshold is None:
+            raise CascadeError("--gate verify with --router screens drafts: give --screen-threshold S too")
+        options.update(screen=_router_from_args(args), screen_threshold=screen_threshold)
     elif getattr(args, "router", None) is not None:
-        raise CascadeError(f"--router is the router of --gate advantage, not of --gate {args.gate}")
+        raise CascadeError(f"--router is the router of --gate advantage (or the screen of --gate verify), "
+                           f"not of --gate {args.gate}")
+    if screen_threshold is not None and args.gate != "verify":
+        raise CascadeError(f"--screen-threshold is a setting of --gate verify, not of --gate {args.gate}")
     if getattr(args, "rewrite", None) is not None:
         if args.gate != "verify":
             raise CascadeError(f"--rewrite is a setting of --gate verify, not of --gate {args.gate}")
@@ -407,7 +415,10 @@ def _add_model_options(parser: argparse.ArgumentParser, router: bool = True) -> 
     if router:  # (bench names its routers itself; train-router writes one)
         parser.add_argument("--router", default=None, type=Path,
                             help="--gate advantage: its router file (cascade train-router); refused for "
-                                 "models it was not trained for")
+                                 "models it was not trained for. With --gate verify: the screen")
+        parser.add_argument("--screen-threshold", type=float, default=None,
+                            help="--gate verify --router FILE: verify only drafts the router gives "
+                                 "P(large better) >= this")
     parser.add_argument("--signal", default="min_prob", help="confidence signal of --gate confidence")
     parser.add_argument("--mode", default="speculate", choices=["route", "speculate"])
     parser.add_argument("--max-steps", type=int, default=None)

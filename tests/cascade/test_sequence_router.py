@@ -227,8 +227,14 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
     assert code == 2 and "trained for" in capsys.readouterr().err  # medium -> large is not its pair
     assert cli_main(["solve", "a=5;?a", "--gate", "advantage"]) == 2
     assert "--router FILE" in capsys.readouterr().err
-    assert cli_main(["solve", "a=5;?a", "--gate", "verify", "--router", router]) == 2
+    assert cli_main(["solve", "a=5;?a", "--gate", "confidence", "--router", router]) == 2
     assert "--gate advantage" in capsys.readouterr().err
+    assert cli_main(["solve", "a=5;?a", "--gate", "verify", "--router", router]) == 2
+    assert "--screen-threshold" in capsys.readouterr().err
+    code = cli_main(["solve", "a=5;b=a+3;c=b*2;?c", "--gate", "verify", "--router", router, "--screen-threshold",
+                     "2", "--json"])  # nothing passes the screen: the small model writes every step
+    trace = json.loads(capsys.readouterr().out)
+    assert code == 0 and all(s["tier"] == 0 for s in trace["steps"])
     served = build_served_cascade(build_parser().parse_args(["serve", "--gate", "advantage", "--threshold", "0.4",
                                                              "--router", router]))
     assert isinstance(served.gates[0], AdvantageGate) and served.gates[0].threshold == 0.4
