@@ -266,6 +266,12 @@ class _App:
                 elif signal is not None or mode is not None:
                     raise _BadRequest(400, f"signal and mode apply to gate 'confidence', not {name!r}",
                                       "gate")
+                if name == "advantage":  # the served routers: a request cannot send one
+                    routers = [getattr(g, "router", None) for g in self.runner.gates]
+                    if any(r is None for r in routers):
+                        raise _BadRequest(400, "gate 'advantage' needs the server's router: start it with "
+                                               "--gate advantage --router FILE", "gate")
+                    return [make_gate(name, router=r, **settings) for r in routers]
                 return [make_gate(name, **settings)] * len(self.runner.gates)
             if signal is not None or mode is not None:
                 raise _BadRequest(400, "signal and mode need gate='confidence'", "gate")

@@ -239,6 +239,24 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
                                                              "--router", router]))
     assert isinstance(served.gates[0], AdvantageGate) and served.gates[0].threshold == 0.4
     assert isinstance(served.gates[0].router, SequenceRouter)
+    # A request may pick the advantage gate at its own threshold: the server's router is used.
+    import asyncio
+
+    import httpx
+
+    from cascade.server import ServerConfig, create_app
+
+    async def ask(threshold):
+        transport = httpx.ASGITransport(app=create_app(served, ServerConfig()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+            response = await client.post("/v1/completions", timeout=120, json={
+                "model": "stepcascade", "prompt": "a=5;b=a+3;c=b*2;?c", "gate": "advantage",
+                "threshold": threshold})
+            return response.status_code, response.json()
+
+    status, body = asyncio.run(ask(0.0))
+    assert status == 200, body
+    assert body["cascade"]["authors"] and set(body["cascade"]["authors"]) == {"large"}  # threshold 0
 
 
 def test_harness_and_report_run_two_routers_side_by_side(tmp_path):

@@ -140,6 +140,7 @@ def test_chat_streaming(client):
     ({"model": "stepcascade", "prompt": PROBLEM, "max_tokens": 10 ** 6}, 400, "max_tokens must be <="),
     ({"model": "stepcascade", "prompt": PROBLEM, "max_tokens": 0}, 400, "max_tokens must be >= 1"),
     ({"model": "stepcascade", "prompt": PROBLEM, "gate": "magic"}, 400, "unknown gate 'magic'"),
+    ({"model": "stepcascade", "prompt": PROBLEM, "gate": "advantage"}, 400, "needs the server's router"),
     ({"model": "stepcascade", "prompt": PROBLEM, "threshold": "high"}, 400, "threshold must be a number"),
     ({"model": "stepcascade", "prompt": PROBLEM, "signal": "vibes"}, 400, "signal and mode need gate"),
     ({"model": "stepcascade", "prompt": PROBLEM, "gate": "confidence", "signal": "vibes"}, 400, "signal"),
