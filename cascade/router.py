@@ -154,7 +154,7 @@ def _strip_delimiter(text: str, delimiter: str) -> str:
 
 
 def _model_record(info: ModelInfo) -> dict:
-    return {"name": info.name, "fingerprint": info.fingerprint}
+    return {"name": info.name, "fingerprint": info.fingerprint, "entropy": getattr(info, "entropy", "exact")}
 
 
 def _data_header(small: Backend, large: Backend, scorer: StepScorer, spec: FeatureSpec,
@@ -665,9 +665,16 @@ def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | 
     """Refuse (RouterFileError) unless `models` are the models (names and fingerprints) a
     router was trained for, in order (small, large)."""
     given = [_model_record(m.info if hasattr(m, "info") else m) for m in models]
-    if given != [dict(m) for m in trained_for]:
-        raise RouterFileError(f"this router was trained for {list(trained_for)}, not {given}; "
+    trained = [{"entropy": "exact", **dict(m)} for m in trained_for]  # files before entropies were recorded: HF's
+    identity = [[(m["name"], m["fingerprint"]) for m in x] for x in (given, trained)]
+    if identity[0] != identity[1]:
+        raise RouterFileError(f"this router was trained for {[m['name'] for m in trained]} "
+                              f"(fingerprints {[m['fingerprint'] for m in trained]}), not {given}; "
                               "train one for these models (cascade train-router)")
+    if given and given[0]["entropy"] != trained[0]["entropy"]:  # the router reads the drafting model's
+        raise RouterFileError(f"this router read draft entropies computed '{trained[0]['entropy']}', but "
+                              f"{given[0]['name']}'s backend gives '{given[0]['entropy']}': ask that backend for "
+                              "top_logprobs covering the vocabulary, or collect and train on it")
 
 
 def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None = None):

@@ -171,8 +171,10 @@ class OpenAIBackend(OwnLoopBatches):
         self.model = model
         self.prompt_template = prompt_template
         self.tokenizer = _load_tokenizer(tokenizer)
+        exact = self.tokenizer is not None and top_logprobs >= len(self.tokenizer)
         self.info = ModelInfo(name=name or f"openai:{model}", fingerprint=fingerprint or "unknown",
-                              num_parameters=num_parameters, step_delimiter=step_delimiter)
+                              num_parameters=num_parameters, step_delimiter=step_delimiter,
+                              entropy="exact" if exact else f"top-{top_logprobs}")
         self._api_key = api_key
         self._timeout = float(timeout)
         self._max_retries = max_retries

@@ -50,12 +50,16 @@ class ModelInfo:
     fingerprint: hex digest identifying the weights (calibration files are tied to it).
     num_parameters: used by the default FLOPs-based cost model.
     step_delimiter: text that ends a step ("\\n\\n" for real math models).
+    entropy: how `StepOutput.entropies` are computed: "exact" (over the whole vocabulary)
+        or "top-K" (estimated from the K most likely tokens an engine returns, a lower
+        bound). Routers trained on one kind refuse drafts of the other.
     """
 
     name: str
     fingerprint: str
     num_parameters: int
     step_delimiter: str
+    entropy: str = "exact"
 
 
 @dataclass(frozen=True)

@@ -78,7 +78,8 @@ class VLLMBackend(OwnLoopBatches):
         self.tokenizer = tokenizer
         self.prompt_template = prompt_template
         self.info = ModelInfo(name=name, fingerprint=fingerprint or "unknown",
-                              num_parameters=num_parameters, step_delimiter=step_delimiter)
+                              num_parameters=num_parameters, step_delimiter=step_delimiter,
+                              entropy="exact" if top_logprobs >= len(tokenizer) else f"top-{top_logprobs}")
         self._top_logprobs = top_logprobs
         self._loop = loop
         self._thread = thread

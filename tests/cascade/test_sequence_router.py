@@ -112,6 +112,11 @@ def test_save_load_round_trip_refusals_and_damaged_files(tmp_path):
     load_router(path, models=ok)
     with pytest.raises(RouterFileError, match="trained for"):
         load_router(path, models=ok[::-1])
+    # Trained on exact entropies of the drafting model: a top-k estimate there is refused;
+    # the large model's entropies are not read.
+    with pytest.raises(RouterFileError, match="entropies"):
+        load_router(path, models=[ModelInfo("s", "s", 1, "\n", entropy="top-1"), ok[1]])
+    load_router(path, models=[ok[0], ModelInfo("l", "l", 2, "\n", entropy="top-1")])
     payload = torch.load(path, weights_only=True)
     payload["state"]["head.0.weight"] = torch.zeros(3, 3)  # weights of another shape
     torch.save(payload, tmp_path / "damaged.pt")

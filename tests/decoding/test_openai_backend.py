@@ -164,6 +164,7 @@ def test_scoring_needs_prompt_logprobs():
 def test_text_mode_without_tokenizer_uses_offsets_and_a_conservative_bound():
     with running_fake() as (url, state):
         b = OpenAIBackend(url, "m", num_parameters=1000, step_delimiter="\n", backoff=0.01)
+        assert b.info.entropy == "top-1"  # estimated from the server's top alternatives
         prompt = PROBLEM + "\n"
         assert b.prefill_bound("r", PROBLEM, "") == len(prompt.encode()) + 16
         out = b.next_steps([step()])[0]
