@@ -236,13 +236,18 @@ def _train_router(args) -> int:
     if len(runner.models) != 2:
         raise CascadeError(f"train-router trains a router for one small/large pair; got {len(runner.models)} models")
     scorer = _scorer_from_args(args, runner)
+    reader = None
+    if args.reader is not None:
+        from cascade.runtime import _load_named
+
+        reader = _load_named(args.reader)
     data_path = args.data or Path(str(args.output) + ".data.jsonl")  # resumable: rows appended
     dataset = collect_router_data(runner.models[0], runner.models[1], problems, scorer, data_path,
                                   projection_dim=args.projection_dim, projection_seed=args.seed,
                                   max_steps=runner.options.max_steps,
                                   max_step_tokens=runner.options.max_step_tokens,
                                   skip_perfect=args.tau >= 0,  # a perfect draft cannot be beaten by > tau
-                                  progress=progress_printer("train-router"))
+                                  reader=reader, progress=progress_printer("train-router"))
     npz = dataset.save(Path(data_path).with_suffix(".npz"))
     if args.router_model == "sequence":
         from cascade.sequence_router import train_sequence_router
@@ -475,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logistic: regression on the draft's summary features; sequence: a small "
                              "bi-GRU over the draft's tokens plus those features (cascade.sequence_router)")
     router.add_argument("--epochs", type=int, default=8, help="training passes of the sequence router")
+    router.add_argument("--reader", default=None,
+                        help="a model cheaper than the large one (path, hub id or embedded:<tier>) whose "
+                             "log-probabilities of each draft the router also reads")
     router.add_argument("--projection-dim", type=int, default=16, help="hidden-state projection size")
     router.add_argument("--seed", type=int, default=0, help="projection and held-out split seed")
     router.add_argument("--data", type=Path, default=None,

@@ -23,6 +23,8 @@ about any task; task-specific scorers live outside `cascade`.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import hashlib
 import json
 import math
@@ -34,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from calibration import auroc
-from decoding import Backend, ModelInfo, StepOutput, StepRequest
+from decoding import Backend, ModelInfo, ScoreRequest, StepOutput, StepRequest
 
 from cascade.answer import extract_answer
 from cascade.errors import ConfigError
@@ -48,7 +50,9 @@ __all__ = [
     "RouterMetrics",
     "Router",
     "step_features",
+    "ReaderSessions",
     "check_gate_routers",
+    "decision_features",
     "check_router_models",
     "collect_router_data",
     "heldout_split",
@@ -80,12 +84,17 @@ class FeatureSpec:
     hidden_size: the small model's hidden size (length of `StepOutput.hidden`).
     projection_dim: the hidden state is projected to this many dimensions by a fixed
         Gaussian matrix drawn from `projection_seed` (0 = no hidden-state features).
+    reader: {"name", "fingerprint"} of a reader model, or None. With one, two more
+        features come last: the mean and the smallest log-probability of the draft under
+        the reader given the context (one scoring pass of a model cheaper than the large
+        one; the router loads it by name and checks its fingerprint).
     """
 
     hidden_size: int
     projection_dim: int = 16
     projection_seed: int = 0
     scalars: tuple[str, ...] = SCALAR_FEATURES
+    reader: dict | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "projection_dim", "projection_seed"):
@@ -97,10 +106,12 @@ class FeatureSpec:
         unknown = set(self.scalars) - set(SCALAR_FEATURES)
         if unknown:
             raise ConfigError(f"unknown scalar features {sorted(unknown)}; known: {SCALAR_FEATURES}")
+        if self.reader is not None and (not isinstance(self.reader, dict) or set(self.reader) != {"name", "fingerprint"}):
+            raise ConfigError(f"reader must be {{'name', 'fingerprint'}} or None, got {self.reader!r}")
 
     @property
     def size(self) -> int:
-        return len(self.scalars) + self.projection_dim
+        return len(self.scalars) + self.projection_dim + (2 if self.reader else 0)
 
     def projection(self) -> np.ndarray:
         """The fixed projection matrix, shape (hidden_size, projection_dim), rows scaled so
@@ -110,20 +121,39 @@ class FeatureSpec:
         return matrix / math.sqrt(max(1, self.hidden_size))
 
     def to_json(self) -> dict:
-        return {"hidden_size": self.hidden_size, "projection_dim": self.projection_dim,
+        data = {"hidden_size": self.hidden_size, "projection_dim": self.projection_dim,
                 "projection_seed": self.projection_seed, "scalars": list(self.scalars)}
+        if self.reader is not None:  # only then: specs written before readers read back equal
+            data["reader"] = dict(self.reader)
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "FeatureSpec":
         return cls(int(data["hidden_size"]), int(data["projection_dim"]), int(data["projection_seed"]),
-                   tuple(data["scalars"]))
+                   tuple(data["scalars"]), dict(data["reader"]) if data.get("reader") else None)
+
+
+def reader_features(logprobs: Sequence[float]) -> np.ndarray:
+    """The reader's two features of a draft: mean and smallest log-probability (floored)."""
+    if not logprobs:
+        return np.zeros(2)
+    return np.array([math.fsum(logprobs) / len(logprobs), max(_MIN_LOGPROB_FLOOR, min(logprobs))])
 
 
 def step_features(spec: FeatureSpec, projection: np.ndarray, confidence: Confidence,
-                  step_index: int, output: StepOutput) -> np.ndarray:
+                  step_index: int, output: StepOutput, reader_logprobs: Sequence[float] | None = None
+                  ) -> np.ndarray:
     """Decision-time features of one draft, shape (spec.size,). A pure function of its
-    arguments (deterministic). Raises ConfigError when hidden-state features are asked for
-    and the draft carries no hidden state (the backend was not asked for it)."""
+    arguments (deterministic). reader_logprobs: the draft's log-probabilities under the
+    spec's reader (needed when it has one). Raises ConfigError when hidden-state features
+    are asked for and the draft carries no hidden state (the backend was not asked for it)."""
+    if spec.reader is not None:
+        if reader_logprobs is None:
+            raise ConfigError(f"the router reads {spec.reader['name']}'s log-probabilities of the draft; "
+                              "none were given")
+        plain = dataclasses.replace(spec, reader=None)
+        return np.concatenate([step_features(plain, projection, confidence, step_index, output),
+                               reader_features(reader_logprobs)])
     values = {
         "mean_logprob": confidence.mean_logprob,
         "min_logprob": max(_MIN_LOGPROB_FLOOR, math.log(confidence.min_prob)) if confidence.min_prob > 0
@@ -147,10 +177,47 @@ def step_features(spec: FeatureSpec, projection: np.ndarray, confidence: Confide
     return np.concatenate([scalars, hidden @ projection])
 
 
+class ReaderSessions:
+    """How a router's reader scores drafts at decision time: under one request id per
+    problem, so the reader's cache holds the context from one step to the next (the
+    oldest `keep` ids are released)."""
+
+    def __init__(self, backend: Backend, keep: int = 256) -> None:
+        self.backend = backend
+        self.keep = keep
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def logprobs(self, state: GateState) -> tuple[float, ...]:
+        request_id = "router-reader-" + hashlib.sha256(state.problem.encode()).hexdigest()[:16]
+        self._ids[request_id] = None
+        self._ids.move_to_end(request_id)
+        while len(self._ids) > self.keep:
+            self.backend.release(self._ids.popitem(last=False)[0])
+        request = ScoreRequest(request_id, state.problem, state.context, state.output.text)
+        return self.backend.score_steps([request])[0].logprobs
+
+
+def decision_features(spec: FeatureSpec, projection: np.ndarray, reader: ReaderSessions | None,
+                      state: GateState) -> np.ndarray:
+    """`step_features` of the draft a gate is judging, with the reader's log-probabilities
+    when the spec has a reader."""
+    read = None
+    if spec.reader is not None:
+        if reader is None:
+            raise ConfigError(f"this router reads {spec.reader['name']}'s log-probabilities of the draft, but "
+                              "has no reader attached: load it with load_router (which loads the reader)")
+        read = reader.logprobs(state)
+    return step_features(spec, projection, state.confidence, state.step_index, state.output, read)
+
+
 # ---- data collection ----------------------------------------------------------------------
 
 def _strip_delimiter(text: str, delimiter: str) -> str:
     return text[: -len(delimiter)] if delimiter and text.endswith(delimiter) else text
+
+
+def _reader_record(reader: Backend | None) -> dict | None:
+    return None if reader is None else {"name": reader.info.name, "fingerprint": reader.info.fingerprint}
 
 
 def _model_record(info: ModelInfo) -> dict:
@@ -187,6 +254,7 @@ def _read_jsonl_resumable(path: Path) -> tuple[list[dict], int]:
 def collect_router_data(small: Backend, large: Backend, problems: Sequence[str], scorer: StepScorer,
                         path: str | Path, *, projection_dim: int = 16, projection_seed: int = 0,
                         max_steps: int = 32, max_step_tokens: int = 256, skip_perfect: bool = False,
+                        reader: Backend | None = None,
                         progress: Callable[[int, int], None] | None = None) -> "RouterDataset":
     """Collect router training rows for `problems`, appending one JSON line per problem to
     `path` as each is finished; re-running with the same arguments resumes (problems
@@ -201,6 +269,9 @@ def collect_router_data(small: Backend, large: Backend, problems: Sequence[str],
     more than any tau >= 0, so the large step is not generated for it (its score is
     recorded as NaN: label 0 for every tau >= 0; training with tau < 0 is then refused).
     With an exact checker this skips most large-model calls.
+
+    reader: a model (cheaper than the large one) whose log-probabilities of each draft
+    become two more features (`FeatureSpec.reader`).
     """
     problems = list(problems)
     if not problems:
@@ -221,7 +292,8 @@ def collect_router_data(small: Backend, large: Backend, problems: Sequence[str],
             raise RouterFileError(f"{path} is not a router-data file; refusing to add to it")
         header = rows[0]
         spec = FeatureSpec.from_json(header["spec"])
-        asked = FeatureSpec(spec.hidden_size, projection_dim if spec.hidden_size else 0, projection_seed)
+        asked = FeatureSpec(spec.hidden_size, projection_dim if spec.hidden_size else 0, projection_seed,
+                            reader=_reader_record(reader))
         expected = _data_header(small, large, scorer, asked, max_steps, max_step_tokens, skip_perfect)
         if json.loads(json.dumps(expected)) != header:
             diff = [k for k in expected if json.loads(json.dumps(expected[k])) != header.get(k)]
@@ -244,7 +316,8 @@ def collect_router_data(small: Backend, large: Backend, problems: Sequence[str],
             for count, index in enumerate(todo, start=1):
                 record, spec, projection = _collect_one(small, large, scorer, problems[index], index, spec,
                                                         projection, projection_dim, projection_seed,
-                                                        max_steps, max_step_tokens, delimiter, skip_perfect)
+                                                        max_steps, max_step_tokens, delimiter, skip_perfect,
+                                                        reader)
                 if sink.tell() == 0:
                     header = _data_header(small, large, scorer, spec, max_steps, max_step_tokens, skip_perfect)
                     sink.write(json.dumps(header) + "\n")
@@ -261,7 +334,7 @@ def collect_router_data(small: Backend, large: Backend, problems: Sequence[str],
 def _collect_one(small: Backend, large: Backend, scorer: StepScorer, problem: str, index: int,
                  spec: FeatureSpec | None, projection: np.ndarray | None, projection_dim: int,
                  projection_seed: int, max_steps: int, max_step_tokens: int, delimiter: str,
-                 skip_perfect: bool):
+                 skip_perfect: bool, reader: Backend | None = None):
     request_id = f"router-data-{uuid.uuid4().hex}"
     context = ""
     steps = []
@@ -271,8 +344,12 @@ def _collect_one(small: Backend, large: Backend, scorer: StepScorer, problem: st
                                                   return_hidden=True)])[0]
             if spec is None:
                 hidden_size = len(draft.hidden) if draft.hidden is not None else 0
-                spec = FeatureSpec(hidden_size, projection_dim if hidden_size else 0, projection_seed)
+                spec = FeatureSpec(hidden_size, projection_dim if hidden_size else 0, projection_seed,
+                                   reader=_reader_record(reader))
                 projection = spec.projection()
+            read = None
+            if reader is not None:
+                read = reader.score_steps([ScoreRequest(request_id, problem, context, draft.text)])[0].logprobs
             small_text = _strip_delimiter(draft.text, delimiter)
             large_text, large_score = None, math.nan
             if skip_perfect:
@@ -285,7 +362,7 @@ def _collect_one(small: Backend, large: Backend, scorer: StepScorer, problem: st
                 else:
                     small_score, large_score = scorer.score(problem, context, [small_text, large_text])
             confidence = Confidence.of(draft, _CONFIDENCE_K)
-            features = step_features(spec, projection, confidence, step_index, draft)
+            features = step_features(spec, projection, confidence, step_index, draft, read)
             steps.append({"step_index": step_index, "small": small_text, "large": large_text,
                           "small_score": float(small_score),
                           "large_score": None if math.isnan(large_score) else float(large_score),
@@ -301,6 +378,8 @@ def _collect_one(small: Backend, large: Backend, scorer: StepScorer, problem: st
     finally:
         small.release(request_id)
         large.release(request_id)
+        if reader is not None:
+            reader.release(request_id)
     return {"index": index, "problem": problem, "steps": steps}, spec, projection
 
 
@@ -579,6 +658,7 @@ class Router:
     tau: float
     metrics: RouterMetrics | None = field(default=None)
     source: str | None = field(default=None, compare=False)  # the file it was loaded from
+    reader: ReaderSessions | None = field(default=None, compare=False)  # attached by load_router
 
     def __repr__(self) -> str:
         # Short and stable (run files record gates by repr): models, scorer, tau, weights digest.
@@ -593,7 +673,7 @@ class Router:
 
     def advantage_probability(self, state: GateState) -> float:
         """P(large better) for the draft a gate is judging (what `AdvantageGate` scores)."""
-        x = step_features(self.spec, self.projection, state.confidence, state.step_index, state.output)
+        x = decision_features(self.spec, self.projection, self.reader, state)
         return float(self.probability(x[None, :])[0])
 
     def check_models(self, models: Sequence[Backend | ModelInfo]) -> None:
@@ -677,9 +757,24 @@ def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | 
                               "top_logprobs covering the vocabulary, or collect and train on it")
 
 
-def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None = None):
+def _reader_backend(record: dict, given: Backend | None) -> Backend:
+    """The router's reader: `given`, or loaded by the name it was trained with; its weights
+    must be the ones it was trained with."""
+    if given is None:
+        from cascade.runtime import _load_named
+
+        given = _load_named(record["name"])
+    if given.info.fingerprint != record["fingerprint"]:
+        raise RouterFileError(f"the router's reader {record['name']} has other weights now "
+                              f"({given.info.fingerprint}, trained with {record['fingerprint']})")
+    return given
+
+
+def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None = None,
+                reader: Backend | None = None):
     """Load a router saved by `Router.save` or `SequenceRouter.save` (the file says which);
-    with `models` (small, large), refuse a router trained for other models."""
+    with `models` (small, large), refuse a router trained for other models. A router that
+    reads a reader model gets `reader`, or the model loaded by the name it recorded."""
     import torch
 
     path = Path(path)
@@ -701,6 +796,9 @@ def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None =
         router = SequenceRouter.from_payload(payload, path)
     # Where it came from, so a calibration file can name it (its gates are recorded).
     object.__setattr__(router, "source", str(path.resolve()))
+    spec = router.spec if isinstance(router, Router) else router.features
+    if spec.reader is not None:
+        object.__setattr__(router, "reader", ReaderSessions(_reader_backend(spec.reader, reader)))
     if models is not None:
         router.check_models(models)
     return router

@@ -38,13 +38,14 @@ from cascade.router import (
     FeatureSpec,
     RouterDataset,
     RouterFileError,
+    ReaderSessions,
     RouterMetrics,
     check_router_models,
+    decision_features,
     heldout_metrics,
     heldout_split,
     router_file_fields,
     save_router_file,
-    step_features,
 )
 
 __all__ = ["SequenceSpec", "SequenceRouter", "train_sequence_router", "SEQUENCE_ROUTER_FORMAT"]
@@ -162,6 +163,7 @@ class SequenceRouter:
     tau: float
     metrics: RouterMetrics | None = field(default=None)
     source: str | None = field(default=None, compare=False)  # the file it was loaded from
+    reader: ReaderSessions | None = field(default=None, compare=False, repr=False)  # attached by load_router
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __repr__(self) -> str:
@@ -204,8 +206,7 @@ class SequenceRouter:
     def advantage_probability(self, state: GateState) -> float:
         """P(large better) for the draft a gate is judging (what `AdvantageGate` scores)."""
         self._net()
-        x = step_features(self.features, self._cache["projection"], state.confidence, state.step_index,
-                          state.output)
+        x = decision_features(self.features, self._cache["projection"], self.reader, state)
         output = state.output
         return float(self.probability([(output.token_ids, output.logprobs, output.entropies)], x[None, :])[0])
 

@@ -27,7 +27,7 @@ from cascade.router import (
     step_features,
     train_router,
 )
-from decoding import HFBackend, ModelInfo, StepOutput, StepRequest
+from decoding import HFBackend, ModelInfo, ScoreRequest, StepOutput, StepRequest
 
 OPTIONS = SolveOptions(max_steps=10, max_step_tokens=12)
 SCALARS_ONLY = FeatureSpec(hidden_size=0, projection_dim=0)
@@ -343,3 +343,64 @@ def test_calibration_sweeps_the_advantage_gate_unchanged():
     for k, t in enumerate(thresholds):
         alone = runner.solve_many(problems, gates=[AdvantageGate(_Threshold(), threshold=t)])
         np.testing.assert_allclose(swept.costs[:, k], [r.cost.total for r in alone], rtol=1e-9)
+
+
+def test_reader_features_come_last_and_are_named_in_the_spec():
+    spec = FeatureSpec(hidden_size=0, projection_dim=0, reader={"name": "r", "fingerprint": "f"})
+    output = _output([-0.1, -2.0, -0.3])
+    x = step_features(spec, spec.projection(), Confidence.of(output, 4), 1, output, (-0.2, -4.0, -0.6))
+    assert x.shape == (spec.size,) == (8,)
+    np.testing.assert_allclose(x[-2:], [np.mean([-0.2, -4.0, -0.6]), -4.0])
+    np.testing.assert_array_equal(x[:6], step_features(SCALARS_ONLY, SCALARS_ONLY.projection(),
+                                                       Confidence.of(output, 4), 1, output))
+    with pytest.raises(ConfigError, match="log-probabilities"):
+        step_features(spec, spec.projection(), Confidence.of(output, 4), 1, output)
+    assert FeatureSpec.from_json(spec.to_json()) == spec
+    assert "reader" not in SCALARS_ONLY.to_json() and FeatureSpec.from_json(SCALARS_ONLY.to_json()).reader is None
+
+
+def test_collection_with_a_reader_records_its_scores_and_its_name(tmp_path):
+    small, large = _fake_pair()
+    reader = FakeBackend("reader", 500, counting_script(3))  # scores every token -0.5
+    data = collect_router_data(small, large, ["p1", "p22"], _DigitScorer(), tmp_path / "rows.jsonl",
+                               max_steps=4, reader=reader)
+    assert data.spec.reader == {"name": "reader", "fingerprint": "reader"}
+    np.testing.assert_allclose(data.features[:, -2:], -0.5)
+    with pytest.raises(RouterFileError, match="other settings"):
+        collect_router_data(small, large, ["p1", "p22"], _DigitScorer(), tmp_path / "rows.jsonl", max_steps=4)
+
+
+def test_a_router_with_a_reader_scores_drafts_with_it_end_to_end(tiny_dirs, tmp_path):
+    """Collect with a reader, train, save; load_router attaches the reader (given, or loaded
+    by its recorded name), refuses one with other weights; the gate's scores are the
+    router's probabilities of features computed by hand with a fresh scoring pass."""
+    from cascade import LikelihoodScorer
+
+    small = HFBackend.from_pretrained(tiny_dirs[0], step_delimiter="\n")
+    large = HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n")
+    reader = HFBackend.from_pretrained(tiny_dirs[1], step_delimiter="\n")
+    problems = [f"a={k};b=a+{k + 1};?b" for k in range(12)]
+    data = collect_router_data(small, large, problems, LikelihoodScorer(large), tmp_path / "rows.jsonl",
+                               projection_dim=4, max_steps=3, max_step_tokens=6, reader=reader)
+    router = train_router(data, tau=float(np.median(data.advantage)), holdout=0.25)
+    with pytest.raises(ConfigError, match="no reader attached"):
+        AdvantageGate(router).score(GateState("p", 0, 0, "", _output([-0.1], hidden=(0.0,) * 64),
+                                              Confidence.of(_output([-0.1]), 4)))
+    path = router.save(tmp_path / "router.pt")
+    assert load_router(path).reader.backend.info.fingerprint == reader.info.fingerprint  # loaded by name
+    with pytest.raises(RouterFileError, match="other weights"):
+        load_router(path, reader=large)
+    router = load_router(path, models=[small, large], reader=reader)
+    options = SolveOptions(max_steps=3, max_step_tokens=6)
+    result = Cascade(small, large, AdvantageGate(router, threshold=0.5), options=options).solve(problems[0])
+    context = ""
+    for step in result.steps:
+        out = small.next_steps([StepRequest(f"hand{step.index}", problems[0], context, 6, return_hidden=True)])[0]
+        small.release(f"hand{step.index}")
+        read = reader.score_steps([ScoreRequest(f"read{step.index}", problems[0], context, out.text)])[0].logprobs
+        reader.release(f"read{step.index}")
+        features = step_features(router.spec, router.projection, Confidence.of(out, 4), step.index, out, read)
+        expected = float(router.probability(features[None, :])[0])
+        assert step.decisions[0].score == pytest.approx(expected, abs=1e-5)
+        context += step.text + "\n"
+    assert result.steps
