@@ -185,6 +185,9 @@ class ReaderSessions:
     def __init__(self, backend: Backend, keep: int = 256) -> None:
         self.backend = backend
         self.keep = keep
+        # Tokens the reader has fed (prefill + scored): its compute is not a tier's, so the
+        # runtime's costs do not include it; this is how to account for it.
+        self.tokens = 0
         self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
 
     def logprobs(self, state: GateState) -> tuple[float, ...]:
@@ -194,7 +197,9 @@ class ReaderSessions:
         while len(self._ids) > self.keep:
             self.backend.release(self._ids.popitem(last=False)[0])
         request = ScoreRequest(request_id, state.problem, state.context, state.output.text)
-        return self.backend.score_steps([request])[0].logprobs
+        scored = self.backend.score_steps([request])[0]
+        self.tokens += scored.prefill_tokens + scored.scored_tokens
+        return scored.logprobs
 
 
 def decision_features(spec: FeatureSpec, projection: np.ndarray, reader: ReaderSessions | None,

@@ -403,4 +403,4 @@ def test_a_router_with_a_reader_scores_drafts_with_it_end_to_end(tiny_dirs, tmp_
         expected = float(router.probability(features[None, :])[0])
         assert step.decisions[0].score == pytest.approx(expected, abs=1e-5)
         context += step.text + "\n"
-    assert result.steps
+    assert result.steps and router.reader.tokens > 0  # what the reader fed is counted
