@@ -87,3 +87,19 @@ class FakeBackend:
 
     def release(self, request_id: str) -> None:
         self.cached.pop(request_id, None)
+
+
+def replayed_drafts(small, problem: str, steps, max_tokens: int):
+    """For each step of a solved trace: (step, the small model's draft from that step's
+    context by a fresh call with hidden states, that context), to check a gate's scores
+    by hand."""
+    from decoding import StepRequest
+
+    context, out = "", []
+    for step in steps:
+        draft = small.next_steps([StepRequest(f"hand{step.index}", problem, context, max_tokens,
+                                              return_hidden=True)])[0]
+        small.release(f"hand{step.index}")
+        out.append((step, draft, context))
+        context += step.text + "\n"
+    return out

@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from fakes import FakeBackend, counting_script
+from fakes import FakeBackend, counting_script, replayed_drafts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -255,15 +255,11 @@ def test_runtime_asks_for_hidden_states_and_scores_match_the_router(tiny_dirs, t
     gate = AdvantageGate(router, threshold=0.5)
     options = SolveOptions(max_steps=3, max_step_tokens=6)  # return_hidden left False
     result = Cascade(small, large, gate, options=options).solve(problems[0])
-    context = ""
-    for step in result.steps:
-        out = small.next_steps([StepRequest(f"hand{step.index}", problems[0], context, 6, return_hidden=True)])[0]
-        small.release(f"hand{step.index}")
+    for step, out, _ in replayed_drafts(small, problems[0], result.steps, 6):
         features = step_features(router.spec, router.projection, Confidence.of(out, 4), step.index, out)
         expected = float(router.probability(features[None, :])[0])
         assert step.decisions[0].score == pytest.approx(expected, abs=1e-5)
         assert step.decisions[0].escalated == (expected >= 0.5)
-        context += step.text + "\n"
     assert result.steps
 
 
@@ -393,14 +389,10 @@ def test_a_router_with_a_reader_scores_drafts_with_it_end_to_end(tiny_dirs, tmp_
     router = load_router(path, models=[small, large], reader=reader)
     options = SolveOptions(max_steps=3, max_step_tokens=6)
     result = Cascade(small, large, AdvantageGate(router, threshold=0.5), options=options).solve(problems[0])
-    context = ""
-    for step in result.steps:
-        out = small.next_steps([StepRequest(f"hand{step.index}", problems[0], context, 6, return_hidden=True)])[0]
-        small.release(f"hand{step.index}")
+    for step, out, context in replayed_drafts(small, problems[0], result.steps, 6):
         read = reader.score_steps([ScoreRequest(f"read{step.index}", problems[0], context, out.text)])[0].logprobs
         reader.release(f"read{step.index}")
         features = step_features(router.spec, router.projection, Confidence.of(out, 4), step.index, out, read)
         expected = float(router.probability(features[None, :])[0])
         assert step.decisions[0].score == pytest.approx(expected, abs=1e-5)
-        context += step.text + "\n"
     assert result.steps and router.reader.tokens > 0  # what the reader fed is counted

@@ -10,7 +10,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from fakes import FakeBackend, counting_script
+from fakes import FakeBackend, counting_script, replayed_drafts
 
 from cascade import AdvantageGate, Cascade, ConfigError, SolveOptions
 from cascade.cli import main as cli_main
@@ -26,7 +26,7 @@ from cascade.router import (
     train_router,
 )
 from cascade.sequence_router import SequenceRouter, SequenceSpec, train_sequence_router
-from decoding import HFBackend, ModelInfo, StepRequest
+from decoding import HFBackend, ModelInfo
 
 SCALARS_ONLY = FeatureSpec(hidden_size=0, projection_dim=0)
 SMALL_NET = SequenceSpec(id_buckets=32, embedding_dim=8, width=16)
@@ -183,16 +183,12 @@ def test_gate_scores_are_the_routers_probabilities_on_tiny_models(tiny_dirs, tmp
     router = load_router(path, models=[small, large])
     options = SolveOptions(max_steps=3, max_step_tokens=6)
     result = Cascade(small, large, AdvantageGate(router, threshold=0.5), options=options).solve(problems[0])
-    context = ""
-    for step in result.steps:
-        out = small.next_steps([StepRequest(f"hand{step.index}", problems[0], context, 6, return_hidden=True)])[0]
-        small.release(f"hand{step.index}")
+    for step, out, _ in replayed_drafts(small, problems[0], result.steps, 6):
         features = step_features(router.features, router.features.projection(), Confidence.of(out, 4),
                                  step.index, out)
         expected = float(router.probability([(out.token_ids, out.logprobs, out.entropies)], features[None, :])[0])
         assert step.decisions[0].score == pytest.approx(expected, abs=1e-5)
         assert step.decisions[0].escalated == (expected >= 0.5)
-        context += step.text + "\n"
     assert result.steps
 
 
