@@ -258,9 +258,10 @@ def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[S
         # Rows are per problem, in order: a longer earlier run's first rows serve a shorter
         # one; from the first row of another problem on, the file is swept again.
         stored = [json.loads(line) for line in lines[1:] if line.strip()]
-        while len(rows) < min(len(stored), len(problems)) and stored[len(rows)]["problem"] == problems[len(rows)] \
-                and len(stored[len(rows)]["costs"]) == len(candidates):
-            rows.append(stored[len(rows)])
+        for row, problem in zip(stored, problems):
+            if row["problem"] != problem or len(row["costs"]) != len(candidates):
+                break
+            rows.append(row)
         if len(rows) < len(stored) and len(rows) < len(problems):
             path.write_text("".join(json.dumps(r) + "\n" for r in [header, *rows]))
         if on_resume is not None:

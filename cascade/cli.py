@@ -20,8 +20,8 @@ _RESET = "\033[0m"
 
 
 def _router_from_args(args):
-    """The router of --gate advantage (--router FILE). Checked against the models once they
-    are loaded (`cascade.router.check_gate_routers`)."""
+    """The router of --gate advantage (--router FILE). The cascade checks it against the
+    models once they are loaded."""
     from cascade.router import load_router
 
     if getattr(args, "router", None) is None:
@@ -68,7 +68,7 @@ def _gates_from_args(args, gate) -> list | None:
     if args.threshold is not None:
         raise CascadeError("--threshold sets the threshold of --gate; with --gates write NAME@THRESHOLD "
                            "(e.g. --gates confidence@0.3,confidence@0.5)")
-    gates = []
+    gates, router = [], None
     for item in spec.split(","):
         name, at, value = item.strip().partition("@")
         options: dict = {}
@@ -80,7 +80,8 @@ def _gates_from_args(args, gate) -> list | None:
         if name == "confidence":
             options.update(signal=args.signal, mode=args.mode)
         if name == "advantage":
-            options["router"] = _router_from_args(args)  # one router file for every advantage gate
+            router = router or _router_from_args(args)  # one router file, read once, for every advantage gate
+            options["router"] = router
         gates.append(make_gate(name, **options))
     return gates
 
@@ -139,9 +140,6 @@ def _build_cascade(args, gate):
         runner = cascade.embedded_cascade(None if gates else gate, gates=gates, isolate=isolate)
     if getattr(args, "draft_ahead", False):
         runner.options = dataclasses.replace(runner.options, draft_ahead=True)
-    from cascade.router import check_gate_routers
-
-    check_gate_routers(runner.models, runner.gates)
     return runner
 
 

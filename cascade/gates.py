@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 from decoding import ScoreOutput, StepOutput
 
@@ -239,6 +239,11 @@ class VerifyGate:
         """A screen reads the drafting model's hidden state (as AdvantageGate does)."""
         return self.screen is not None
 
+    def check_models(self, models: Sequence) -> None:
+        """Refuse a screen trained for other models than (drafting, verifying) `models`."""
+        if self.screen is not None and hasattr(self.screen, "check_models"):
+            self.screen.check_models(models)
+
     def needs_verification(self, state: GateState) -> bool:
         """Is this draft (state without a verification yet) worth the next tier's pass?"""
         return self.screen is None or not state.output.token_ids or \
@@ -288,6 +293,11 @@ class AdvantageGate:
         if self.mode != "speculate" or self.requires_verification or not self.requires_hidden:
             raise ConfigError("AdvantageGate judges whole drafts from their hidden state: mode must be "
                               "'speculate', requires_hidden True, requires_verification False")
+
+    def check_models(self, models: Sequence) -> None:
+        """Refuse a router trained for other models than (drafting, next tier) `models`."""
+        if hasattr(self.router, "check_models"):
+            self.router.check_models(models)
 
     def score(self, state: GateState) -> float:
         if not state.output.token_ids:

@@ -51,7 +51,6 @@ __all__ = [
     "Router",
     "step_features",
     "ReaderSessions",
-    "check_gate_routers",
     "decision_features",
     "check_router_models",
     "collect_router_data",
@@ -147,13 +146,9 @@ def step_features(spec: FeatureSpec, projection: np.ndarray, confidence: Confide
     arguments (deterministic). reader_logprobs: the draft's log-probabilities under the
     spec's reader (needed when it has one). Raises ConfigError when hidden-state features
     are asked for and the draft carries no hidden state (the backend was not asked for it)."""
-    if spec.reader is not None:
-        if reader_logprobs is None:
-            raise ConfigError(f"the router reads {spec.reader['name']}'s log-probabilities of the draft; "
-                              "none were given")
-        plain = dataclasses.replace(spec, reader=None)
-        return np.concatenate([step_features(plain, projection, confidence, step_index, output),
-                               reader_features(reader_logprobs)])
+    if spec.reader is not None and reader_logprobs is None:
+        raise ConfigError(f"the router reads {spec.reader['name']}'s log-probabilities of the draft; "
+                          "none were given")
     values = {
         "mean_logprob": confidence.mean_logprob,
         "min_logprob": max(_MIN_LOGPROB_FLOOR, math.log(confidence.min_prob)) if confidence.min_prob > 0
@@ -163,18 +158,20 @@ def step_features(spec: FeatureSpec, projection: np.ndarray, confidence: Confide
         "step_index": float(step_index),
         "draft_tokens": float(output.generated_tokens),
     }
-    scalars = np.array([values[name] for name in spec.scalars], dtype=np.float64)
-    if spec.projection_dim == 0:
-        return scalars
-    if output.hidden is None:
-        raise ConfigError("the router reads the small model's hidden state, but the draft has none: "
-                          "the backend must be asked for it (StepRequest.return_hidden; the runtime "
-                          "does this for gates with requires_hidden=True)")
-    hidden = np.asarray(output.hidden, dtype=np.float64)
-    if hidden.shape != (spec.hidden_size,):
-        raise ConfigError(f"the router was trained on hidden states of size {spec.hidden_size}, "
-                          f"this model's has size {hidden.shape[0]}")
-    return np.concatenate([scalars, hidden @ projection])
+    parts = [np.array([values[name] for name in spec.scalars], dtype=np.float64)]
+    if spec.projection_dim > 0:
+        if output.hidden is None:
+            raise ConfigError("the router reads the small model's hidden state, but the draft has none: "
+                              "the backend must be asked for it (StepRequest.return_hidden; the runtime "
+                              "does this for gates with requires_hidden=True)")
+        hidden = np.asarray(output.hidden, dtype=np.float64)
+        if hidden.shape != (spec.hidden_size,):
+            raise ConfigError(f"the router was trained on hidden states of size {spec.hidden_size}, "
+                              f"this model's has size {hidden.shape[0]}")
+        parts.append(hidden @ projection)
+    if spec.reader is not None:
+        parts.append(reader_features(reader_logprobs))
+    return np.concatenate(parts)
 
 
 class ReaderSessions:
@@ -736,16 +733,6 @@ def router_file_fields(payload: dict) -> dict:
             "tau": float(payload["tau"]), "metrics": RouterMetrics(**metrics) if metrics else None}
 
 
-def check_gate_routers(models: Sequence[Backend | ModelInfo], gates: Sequence) -> None:
-    """Refuse (RouterFileError) gates whose router (AdvantageGate.router, VerifyGate.screen)
-    was trained for other models: the gate at position k judges model k's drafts against
-    model k + 1's steps."""
-    for k, gate in enumerate(gates):
-        for router in (getattr(gate, "router", None), getattr(gate, "screen", None)):
-            if router is not None and hasattr(router, "check_models"):
-                router.check_models(list(models)[k:k + 2])
-
-
 def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | ModelInfo]) -> None:
     """Refuse (RouterFileError) unless `models` are the models (names and fingerprints) a
     router was trained for, in order (small, large)."""
@@ -799,11 +786,10 @@ def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None =
             raise RouterFileError(f"{path} is not a router file (format {ROUTER_FORMAT} or "
                                   f"{SEQUENCE_ROUTER_FORMAT})")
         router = SequenceRouter.from_payload(payload, path)
-    # Where it came from, so a calibration file can name it (its gates are recorded).
-    object.__setattr__(router, "source", str(path.resolve()))
+    # Where it came from (so a calibration file can name it), and its reader if it has one.
     spec = router.spec if isinstance(router, Router) else router.features
-    if spec.reader is not None:
-        object.__setattr__(router, "reader", ReaderSessions(_reader_backend(spec.reader, reader)))
+    router = dataclasses.replace(router, source=str(path.resolve()), reader=None if spec.reader is None
+                                 else ReaderSessions(_reader_backend(spec.reader, reader)))
     if models is not None:
         router.check_models(models)
     return router

@@ -192,6 +192,10 @@ class Cascade:
             if not isinstance(gate, Gate):
                 raise ConfigError(f"{gate!r} is not a gate (needs threshold, mode, probe_tokens, "
                                   "requires_verification and score(state))")
+        for k, gate in enumerate(gates):
+            # A gate that carries a router checks it was trained for the models it sits between.
+            if hasattr(gate, "check_models"):
+                gate.check_models(self.models[k:k + 2])
         return gates
 
     @classmethod
@@ -230,10 +234,7 @@ class Cascade:
         calibration = Calibration.load(path)
         if models is None:
             models = [_load_named(m["name"]) for m in calibration.models]
-        from cascade.router import check_gate_routers
-
         gates = calibration.gates_for(math.inf)
-        check_gate_routers(models, gates)  # an advantage gate's router must fit these models too
         return cls(models=models, gates=gates, options=options or _default_options(models),
                    calibration=calibration)
 

@@ -688,16 +688,13 @@ def build_served_cascade(args) -> Cascade:
     if getattr(args, "gates", None):
         raise ConfigError("cascade serve takes one --gate for every position, not --gates")
     from cascade.cli import gate_from_args
-    from cascade.router import check_gate_routers
 
     gate = gate_from_args(args)  # --gate with its settings (and --router for advantage)
     if gate is None and not (listed or args.small or args.large):
         from cascade import DEFAULT_EMBEDDED_GATE
 
         gate = DEFAULT_EMBEDDED_GATE
-    runner = Cascade(models=models, gate=gate, options=options, on_large_failure=args.on_large_failure)
-    check_gate_routers(runner.models, runner.gates)
-    return runner
+    return Cascade(models=models, gate=gate, options=options, on_large_failure=args.on_large_failure)
 
 
 def run_from_args(args) -> int:

@@ -3,6 +3,7 @@ and AdvantageGate in the runtime (hidden states requested, hard cap held)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -215,9 +216,12 @@ def test_advantage_gate_settings():
         make_gate("advantage")  # no router
 
 
-@functools.lru_cache(maxsize=1)
-def _trained_router() -> Router:
-    return train_router(_synthetic(), tau=0.0)
+@functools.lru_cache(maxsize=None)
+def _trained_router(names: tuple[str, str] = ("s", "l")) -> Router:
+    """A router trained on synthetic features, recorded for the (fake) models `names`."""
+    data = _synthetic()
+    models = tuple({"name": n, "fingerprint": n} for n in names)
+    return train_router(dataclasses.replace(data, models=models), tau=0.0)
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -226,8 +230,8 @@ def _trained_router() -> Router:
 def test_advantage_gate_honours_the_hard_cap(budget, threshold, tiers, steps, use_router):
     models = [FakeBackend(f"m{k}", 10 ** (k + 2), counting_script(steps, confident=k == tiers - 1))
               for k in range(tiers)]
-    router = _trained_router() if use_router else _Threshold()
-    gates = [AdvantageGate(router, threshold=threshold)] * (tiers - 1)
+    gates = [AdvantageGate(_trained_router((f"m{k}", f"m{k + 1}")) if use_router else _Threshold(),
+                           threshold=threshold) for k in range(tiers - 1)]
     result = Cascade(models=models, gates=gates, options=OPTIONS).solve("cap", budget=budget)
     assert result.cost.total <= budget + 1e-9
     if result.stop_reason == "budget":
@@ -279,11 +283,7 @@ def test_cli_train_router_errors(tmp_path, capsys):
 
 def _fake_router_file(tmp_path, names=("small", "large")) -> str:
     """A router trained on synthetic scalar features, recorded for the fake models' names."""
-    data = _synthetic()
-    models = tuple({"name": n, "fingerprint": n} for n in names)
-    data = RouterDataset(data.features, data.small_score, data.large_score, data.group, data.step_index,
-                         data.spec, models, data.scorer)
-    return str(train_router(data, tau=0.0).save(tmp_path / "router.pt"))
+    return str(_trained_router(tuple(names)).save(tmp_path / "router.pt"))
 
 
 def test_harness_runs_the_advantage_policy_and_the_report_matches_accuracy(tmp_path):

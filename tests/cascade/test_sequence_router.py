@@ -194,7 +194,8 @@ def test_gate_scores_are_the_routers_probabilities_on_tiny_models(tiny_dirs, tmp
 
 def test_gate_with_a_sequence_router_honours_the_hard_cap():
     router = _trained()
-    models = [FakeBackend(f"m{k}", 10 ** (k + 2), counting_script(4, confident=k == 1)) for k in range(2)]
+    models = [FakeBackend(name, 10 ** (k + 2), counting_script(4, confident=k == 1))
+              for k, name in enumerate(("s", "l"))]  # the models the router was trained for
     for budget in (0.0, 150.0, 900.0, 5000.0):
         for threshold in (0.0, 0.5, 1.0):
             result = Cascade(models=models, gates=[AdvantageGate(router, threshold=threshold)],
@@ -347,3 +348,20 @@ def test_a_calibration_of_an_advantage_gate_names_its_router_file(tmp_path):
     train_sequence_router(data, spec=SMALL_NET, epochs=1, seed=7).save(path)  # another router, same file
     with pytest.raises(CalibrationFileError, match="not the one"):
         Cascade.from_calibration(saved, models=[small, large], options=options)
+
+
+def test_a_cascade_refuses_a_gate_whose_router_was_trained_for_other_models():
+    """The check lives in the cascade's gate check: at construction, per call, and for a
+    verify gate's screen alike."""
+    from cascade import VerifyGate
+
+    router = _trained()  # trained for s -> l
+    ok = [FakeBackend(name, 10 ** (k + 2), counting_script(2)) for k, name in enumerate(("s", "l"))]
+    other = [FakeBackend(name, 10 ** (k + 2), counting_script(2)) for k, name in enumerate(("a", "b"))]
+    with pytest.raises(RouterFileError, match="trained for"):
+        Cascade(models=other, gates=[AdvantageGate(router)])
+    with pytest.raises(RouterFileError, match="trained for"):
+        Cascade(models=other, gates=[VerifyGate(screen=router)])
+    with pytest.raises(RouterFileError, match="trained for"):
+        Cascade(models=other).solve("q", gates=[AdvantageGate(router)])
+    assert Cascade(models=ok, gates=[AdvantageGate(router)]).solve("q").steps
