@@ -108,7 +108,7 @@ class PolicySpec:
     screen_threshold: float | None = None  # screened verify policies ("verify-fix:NAME=S"): S
 
 
-def router_files(router) -> dict[str, Path]:
+def router_files(router: str | Path | Sequence[str] | Mapping[str, str | Path] | None) -> dict[str, Path]:
     """The router files of a run by name: one FILE (name ""), a list of "NAME=FILE" / "FILE"
     strings (the CLI's repeated --router), or a mapping name -> file. Raises BenchError on a
     name given twice or a malformed name."""

@@ -29,7 +29,8 @@ def _router_from_args(args):
     return load_router(args.router)
 
 
-def gate_from_args(args) -> object | None:
+def gate_from_args(args: argparse.Namespace) -> object | None:
+    """The gate that --gate and its settings name (None without --gate); CLI and serve."""
     if args.gate is None:
         if getattr(args, "router", None) is not None and getattr(args, "gates", None) is None:
             raise CascadeError("--router is the router of --gate advantage; give --gate advantage")

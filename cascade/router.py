@@ -132,7 +132,7 @@ class FeatureSpec:
                    tuple(data["scalars"]), dict(data["reader"]) if data.get("reader") else None)
 
 
-def reader_features(logprobs: Sequence[float]) -> np.ndarray:
+def _reader_features(logprobs: Sequence[float]) -> np.ndarray:
     """The reader's two features of a draft: mean and smallest log-probability (floored)."""
     if not logprobs:
         return np.zeros(2)
@@ -170,7 +170,7 @@ def step_features(spec: FeatureSpec, projection: np.ndarray, confidence: Confide
                               f"this model's has size {hidden.shape[0]}")
         parts.append(hidden @ projection)
     if spec.reader is not None:
-        parts.append(reader_features(reader_logprobs))
+        parts.append(_reader_features(reader_logprobs))
     return np.concatenate(parts)
 
 
