@@ -6,15 +6,19 @@ splits. It knows nothing about models or tokenizers.
 
 A problem and its solution look like this::
 
-    a=42;b=a-17;c=b+a;d=c*3;?d          <- problem (what a user passes to solve)
+    a=42;b=a-17;c=b+a;d=c-9;?d          <- problem (what a user passes to solve)
     b=42-17=25                           <- one step per line: name=operands=value
     c=25+42=67
-    d=67*3=201
-    #### 201                             <- final-answer line
+    d=67-9=58
+    #### 58                              <- final-answer line
+
+The default configuration (what the shipped embedded models were trained on, see
+cascade/embedded/MODEL_CARD.md) uses + and - only, with 2-6 derived variables; "*" by
+one digit and longer chains are generator options the shipped models do not handle.
 
 Each step copies the operand values as they were stated on earlier lines (or in the
 problem, for the first variable) and applies one operation. Steps differ in
-difficulty: copying the previous line's value and a one-digit operation are easy;
+difficulty: copying the previous line's value and a one-digit operand are easy;
 copying a value from many lines back and a two-digit subtraction with a borrow are
 hard. That mix is what a step-level cascade exploits.
 """
@@ -60,7 +64,8 @@ class TaskConfig:
         [0, max_value]; 99 keeps operands at two digits.
     ops: operations drawn from; "*" always multiplies by a single digit. The default
         leaves "*" out: a one-digit multiplication table was the slowest thing for the
-        embedded models to learn on 2 CPU cores (see README, model card).
+        embedded models to learn on 2 CPU cores, and the shipped models were trained
+        without it (see cascade/embedded/MODEL_CARD.md).
     p_previous: probability that a step's first operand is the variable defined just
         before it (an easy copy); otherwise an earlier variable (a long-range copy).
     p_variable_operand: probability that the second operand is a variable rather than

@@ -2,7 +2,7 @@
 whether a larger model writes (or re-writes) a step instead.
 
     import cascade
-    result = cascade.solve("a=17;b=a*3;c=b-25;?c", budget=400)   # embedded default pair
+    result = cascade.solve("a=17;b=a+38;c=b-25;?c", budget=400)   # embedded default pair: 30
     print(result.answer, result.cost.total, result.escalation_rate)
 """
 

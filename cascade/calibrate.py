@@ -15,7 +15,11 @@ alpha of problems, so the calibrated accuracy is what users get on the others.
 The sweep is memoized as a tree: for one problem, all candidates run in lockstep, and
 candidates whose calls so far were identical share one backend session and one model
 call. When their next calls differ, the session is forked (KV cache copied), so every
-branch's prefill and cost are exactly those of an independent run.
+branch's prefill and cost are exactly those of an independent run. Branches that parted
+still share a call when it is the same call to a model whose session has seen the same
+calls in both (e.g. the small model drafting the next step after one branch had the
+large model rewrite a step to the very text the other branch kept): it runs once and
+that model's state is copied to the other branch.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class SweepResult:
     executed_tokens: int = 0
     independent_tokens: int = 0
     seconds: float = 0.0
+    cap_intervened: np.ndarray | None = None  # (n, K) bool: the hard cap changed what the run did
 
     @property
     def agreement(self) -> np.ndarray:
@@ -112,7 +117,8 @@ def _call_key(tier: int, request) -> tuple:
 
 
 def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Gate]],
-                   options: SolveOptions, tag: str) -> tuple[list[Result], int]:
+                   options: SolveOptions, tag: str, caps: Sequence[float | None] | None = None
+                   ) -> tuple[list[Result], int]:
     """Run every candidate on one problem as a shared tree; returns results and tokens run."""
     models = cascade.models
     shareable = all(hasattr(m, "fork") for m in models)
@@ -123,8 +129,9 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
     machine_ids = [f"{tag}:m{k}" for k in range(len(candidate_gates))]
     for k, mid in enumerate(machine_ids):
         route[mid] = f"{tag}:s0" if shareable else f"{tag}:s{k}"
-    machines = [runner.step_machine(problem, None, gates, options, request_id=mid)
-                for gates, mid in zip(candidate_gates, machine_ids)]
+    caps = list(caps) if caps is not None else [None] * len(candidate_gates)
+    machines = [runner.step_machine(problem, cap, gates, options, request_id=mid)
+                for gates, mid, cap in zip(candidate_gates, machine_ids, caps)]
     results: list[Result | None] = [None] * len(machines)
     pending: dict[int, tuple] = {}
     executed = 0
@@ -149,31 +156,66 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
             executed += output.prefill_tokens + output.scored_tokens
         return output
 
+    # A model call's output and cost depend only on the call and on what that model's
+    # session has seen so far: `seen[session][tier]` names that history (an interned
+    # chain of calls). Machines whose next calls are the same call to a tier whose
+    # history is the same share one execution, even when they sit in different sessions
+    # (branches that parted over a decision and then wrote the same text, e.g. an
+    # escalated step the large model wrote as the small one had drafted it): it runs in
+    # one of them and that tier's state is copied to the others.
+    histories: dict[tuple, int] = {}
+    seen: dict[str, list[int]] = {}
+
+    def history(session: str) -> list[int]:
+        return seen.setdefault(session, [0] * len(models))
+
+    def extend(session: str, tier: int, request) -> None:
+        chain = (history(session)[tier], _call_key(tier, request))
+        history(session)[tier] = histories.setdefault(chain, len(histories) + 1)
+
     for k in range(len(machines)):
         advance(k)
     try:
         while pending:
             buckets: dict[tuple, list[int]] = {}
             for k, calls in pending.items():
-                key = tuple(_call_key(*c) for c in calls) if isinstance(calls, list) else _call_key(*calls)
-                buckets.setdefault((route[machine_ids[k]], key), []).append(k)
-            # Branches that diverge this round get their own copy of the session first.
-            seen: set[str] = set()
-            for (session, _), members in buckets.items():
-                if session in seen:
-                    branch = f"{tag}:s{next(fresh)}"
-                    for model in models:
-                        model.fork(session, branch)
-                    for k in members:
-                        route[machine_ids[k]] = branch
-                seen.add(session)
-            for (_, _), members in buckets.items():
-                calls = pending[members[0]]
-                session = route[machine_ids[members[0]]]
-                if isinstance(calls, list):  # calls sent together (draft_ahead): run in turn
-                    output = [run(tier, request, session) for tier, request in calls]
+                session = route[machine_ids[k]]
+                if isinstance(calls, list):  # calls sent together (draft_ahead): shared within a session
+                    key = ("together", session, tuple(_call_key(*c) for c in calls))
                 else:
-                    output = run(*calls, session)
+                    tier, request = calls
+                    # Without fork, a session's state cannot be copied: share within a session only.
+                    where = history(session)[tier] if shareable else session
+                    key = ("one", tier, where, _call_key(tier, request))
+                buckets.setdefault(key, []).append(k)
+            # Machines of one session that part this round: each further bucket gets its own copy.
+            owner: dict[str, tuple] = {}
+            branches: dict[tuple[str, tuple], str] = {}
+            for key, members in buckets.items():
+                for k in members:
+                    session = route[machine_ids[k]]
+                    if owner.setdefault(session, key) == key:
+                        continue
+                    if (session, key) not in branches:
+                        branch = branches[(session, key)] = f"{tag}:s{next(fresh)}"
+                        for model in models:
+                            model.fork(session, branch)
+                        seen[branch] = list(history(session))
+                    route[machine_ids[k]] = branches[(session, key)]
+            for key, members in buckets.items():
+                calls = pending[members[0]]
+                sessions = list(dict.fromkeys(route[machine_ids[k]] for k in members))
+                if key[0] == "together":  # run in turn
+                    output = [run(tier, request, sessions[0]) for tier, request in calls]
+                    for tier, request in calls:
+                        extend(sessions[0], tier, request)
+                else:
+                    tier, request = calls
+                    output = run(tier, request, sessions[0])
+                    extend(sessions[0], tier, request)
+                    for other in sessions[1:]:  # same history before, same state after
+                        models[tier].fork(sessions[0], other)
+                        history(other)[tier] = history(sessions[0])[tier]
                 for k in members:
                     advance(k, output)
     finally:
@@ -196,10 +238,13 @@ def _tokens(result: Result) -> int:
 def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequence[float]],
           *, gates: Sequence[Gate] | None = None, options: SolveOptions | None = None,
           progress: Callable[[int, int], None] | None = None,
-          rows: list[dict] | None = None, on_row: Callable[[dict], None] | None = None) -> SweepResult:
+          rows: list[dict] | None = None, on_row: Callable[[dict], None] | None = None,
+          caps: Sequence[float | None] | None = None) -> SweepResult:
     """Run the cascade at each candidate threshold vector (and top-tier only) on each problem.
 
-    candidates: K threshold vectors, one threshold per gate. rows: rows of an earlier,
+    candidates: K threshold vectors, one threshold per gate. caps: the hard cap each
+    candidate's requests run under (K values, None = no cap; default: none; the top tier's
+    reference run is never capped). rows: rows of an earlier,
     interrupted sweep of the same candidates (resumed, not recomputed); on_row is called
     with each new row so callers can persist it.
     """
@@ -210,6 +255,11 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
         raise ConfigError(f"candidates must be non-empty threshold vectors of length {len(gates)}")
     candidate_gates = [[_with_threshold(g, t) for g, t in zip(gates, c)] for c in candidates]
     candidate_gates.append([AlwaysLarge()] * len(gates))  # the label-free reference
+    if caps is not None:
+        caps = [None if c is None else float(c) for c in caps]
+        if len(caps) != len(candidates) or any(c is not None and not (math.isfinite(c) and c >= 0) for c in caps):
+            raise ConfigError(f"caps must be {len(candidates)} caps (finite numbers >= 0 or None), got {caps}")
+        caps = [*caps, None]
     done = list(rows or [])
     for row, problem in zip(done, problems):  # before any work: a mismatch must not cost a sweep
         if row["problem"] != problem or len(row["costs"]) != len(candidates):
@@ -217,8 +267,9 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
     started = time.perf_counter()
     for index in range(len(done), len(problems)):
         problem = problems[index]
-        results, executed = _sweep_problem(cascade, problem, candidate_gates, options, f"sweep{index}")
+        results, executed = _sweep_problem(cascade, problem, candidate_gates, options, f"sweep{index}", caps)
         row = {"problem": problem, "costs": [r.cost.total for r in results[:-1]],
+               "capped": [r.cap_intervened for r in results[:-1]],
                "escalation": [r.escalation_rate for r in results[:-1]],
                "answers": [r.answer for r in results[:-1]], "reference_answer": results[-1].answer,
                "reference_cost": results[-1].cost.total, "executed_tokens": executed,
@@ -235,6 +286,8 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
         answers=tuple(tuple(r["answers"]) for r in done),
         reference_answers=tuple(r["reference_answer"] for r in done),
         reference_costs=tuple(r.get("reference_cost", math.nan) for r in done),
+        cap_intervened=np.array([r.get("capped", [False] * len(candidates)) for r in done],
+                                dtype=bool).reshape(len(done), len(candidates)),
         executed_tokens=sum(r["executed_tokens"] for r in done),
         independent_tokens=sum(r["independent_tokens"] for r in done),
         seconds=time.perf_counter() - started,

@@ -35,6 +35,7 @@ __all__ = [
     "AdvantageModel",
     "AdvantageGate",
     "decide",
+    "effective_threshold",
     "GATES",
     "make_gate",
 ]
@@ -97,6 +98,12 @@ class GateState:
 
     output: the probe (route mode) or the whole draft (speculate mode).
     verification: the next tier's scoring of the draft, when the gate asks for it.
+    budget: the request's hard cap in cost units (None = no cap).
+    spent: what the request has spent so far, this step's calls included (cost units).
+    escalation_cost: the most it would cost now for tier + 1 to write this step (its
+        worst case, as the hard cap counts it); filled in for gates that read it
+        (`budget_aware`), else None. With `step_index` (steps so far), these let a
+        gate weigh what an escalation costs against what is left (cascade.budget).
     """
 
     problem: str
@@ -106,6 +113,14 @@ class GateState:
     output: StepOutput
     confidence: Confidence
     verification: ScoreOutput | None = None
+    budget: float | None = None
+    spent: float = 0.0
+    escalation_cost: float | None = None
+
+    @property
+    def remaining(self) -> float:
+        """What is left of the cap (inf without one)."""
+        return math.inf if self.budget is None else self.budget - self.spent
 
 
 @runtime_checkable
@@ -305,12 +320,25 @@ class AdvantageGate:
         return float(self.router.advantage_probability(state))
 
 
+def effective_threshold(gate: Gate, state: GateState) -> float:
+    """The threshold the gate's score meets in this state: `gate.threshold`, or for a
+    budget-aware gate (one with `threshold_at(state)`, e.g. `cascade.budget.BudgetGate`)
+    the threshold it sets from what is left of the request's budget."""
+    threshold_at = getattr(gate, "threshold_at", None)
+    if threshold_at is None:
+        return gate.threshold
+    threshold = float(threshold_at(state))
+    if math.isnan(threshold):
+        raise ConfigError(f"{type(gate).__name__} returned a NaN threshold at step {state.step_index}")
+    return threshold
+
+
 def decide(gate: Gate, state: GateState) -> tuple[float, bool]:
     """The one place a score meets a threshold: returns (score, escalate)."""
     score = float(gate.score(state))
     if math.isnan(score):
         raise ConfigError(f"{type(gate).__name__} returned a NaN score at step {state.step_index}")
-    return score, score >= gate.threshold
+    return score, score >= effective_threshold(gate, state)
 
 
 GATES: dict[str, type] = {

@@ -41,7 +41,7 @@ from decoding import (
 from cascade.answer import extract_answer
 from cascade.cost import Cost, CostModel, Usage
 from cascade.errors import ConfigError, RequestTimeoutError, StepFailedError
-from cascade.gates import Confidence, ConfidenceGate, Gate, GateState, decide
+from cascade.gates import Confidence, ConfidenceGate, Gate, GateState, decide, effective_threshold
 from cascade.records import Decision, Result, Step
 
 __all__ = ["SolveOptions", "Cascade", "tier_names_for"]
@@ -385,13 +385,22 @@ class _Run:
 
     # -- money ----------------------------------------------------------------------------
 
-    def remaining(self) -> float:
-        if self.budget is None:
-            return math.inf
+    def used(self) -> float:
+        """What the request has spent so far (the step being written and an early draft included)."""
         used = math.fsum(u.cost for u in self.spent) + math.fsum(u.cost for u in self.step_usage)
-        if self.ahead is not None:
-            used += self.ahead[2].cost
-        return self.budget - used
+        return used + (self.ahead[2].cost if self.ahead is not None else 0.0)
+
+    def remaining(self) -> float:
+        return math.inf if self.budget is None else self.budget - self.used()
+
+    def gate_state(self, index: int, tier: int, output: StepOutput, gate: Gate) -> GateState:
+        """What gate `tier` sees of this step; a budget-aware gate also gets the price of
+        escalating now (cascade.budget.BudgetGate)."""
+        escalation = self.worst(tier + 1, self.here, self.step_tokens_left()) \
+            if getattr(gate, "budget_aware", False) else None
+        return GateState(self.problem, index, tier, self.here, output,
+                         Confidence.of(output, getattr(gate, "probe_tokens", 4) or 4),
+                         budget=self.budget, spent=self.used(), escalation_cost=escalation)
 
     def usage(self, tier: int, prefill: int, generated: int, seconds: float) -> Usage:
         return Usage(prefill, generated, seconds, self.cascade.cost_model.charge(tier, prefill, generated))
@@ -595,8 +604,7 @@ class _Run:
             outputs[tier] = output
             gate = self.gates[tier]
             verification = None
-            state = GateState(self.problem, index, tier, self.here, output,
-                              Confidence.of(output, getattr(gate, "probe_tokens", 4) or 4))
+            state = self.gate_state(index, tier, output, gate)
             # A gate may screen drafts first (VerifyGate(screen=...)): only those it picks are verified.
             screened_in = getattr(gate, "needs_verification", None)
             if gate.requires_verification and output.text and tier + 1 not in self.failed \
@@ -613,12 +621,12 @@ class _Run:
                 else:
                     self.cap_intervened = True  # no room to verify: the draft stands
             if verification is not None:
-                state = dataclasses.replace(state, verification=verification)
+                state = dataclasses.replace(state, verification=verification, spent=self.used())
             score, escalate = decide(gate, state)
             unavailable = escalate and tier + 1 in self.failed
             capped = escalate and not unavailable and not self.fits_step(tier + 1)
             moves = escalate and not unavailable and not capped
-            decisions.append(Decision(tier, score, gate.threshold, moves, capped, unavailable))
+            decisions.append(Decision(tier, score, effective_threshold(gate, state), moves, capped, unavailable))
             self.cap_intervened |= capped
             degraded |= unavailable
             if not moves:

@@ -30,7 +30,8 @@ from bench.tasks import (
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The module docstring's example: b = 42-17 = 25, c = 25+42 = 67, d = 67*3 = 201.
+# A problem with "*" (the checker handles it; the shipped models were not trained on it):
+# b = 42-17 = 25, c = 25+42 = 67, d = 67*3 = 201.
 P = "a=42;b=a-17;c=b+a;d=c*3;?d"
 B, C, D = "b=42-17=25", "c=25+42=67", "d=67*3=201"
 

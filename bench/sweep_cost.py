@@ -1,0 +1,51 @@
+"""What a calibration sweep costs against one pass of the cascade.
+
+    python -m bench.sweep_cost --n 40 --out bench/results/budget_curve/sweep_cost.json
+
+Sweeps the embedded pair's default confidence gate over the 21 default thresholds on the
+first n calibration problems (a fixed set) and reports tokens run by the sweep (prefill +
+generated, every tier) against one pass: the mean, over the thresholds, of what one
+independent run of that threshold runs. Tokens, not seconds, so the figure does not
+depend on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from bench.pair_report import _git_commit
+from bench.tasks import generate_split
+from cascade import ConfidenceGate, embedded_cascade, sweep
+from cascade.calibrate import default_thresholds
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--out", default=None, help="JSON file to write (default: print only)")
+    args = parser.parse_args(argv)
+    runner = embedded_cascade(ConfidenceGate(threshold=0.5, signal="min_prob"))
+    candidates = [(t,) for t in sorted(default_thresholds(21), reverse=True)]
+    problems = [p.problem for p in generate_split("calibration", args.n)]
+    started = time.perf_counter()
+    swept = sweep(runner, problems, candidates)
+    one_pass = swept.independent_tokens / len(candidates)
+    report = {"command": "python -m bench.sweep_cost " + " ".join(argv or []), "commit": _git_commit(),
+              "n": args.n, "thresholds": len(candidates), "executed_tokens": swept.executed_tokens,
+              "independent_tokens": swept.independent_tokens, "one_pass_tokens": one_pass,
+              "sweep_vs_one_pass": swept.executed_tokens / one_pass,
+              "seconds": time.perf_counter() - started}
+    print(json.dumps(report, indent=1))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""Budget-aware escalation under a hard cap, and the accuracy-budget curve.
+
+A request runs under a hard cap C (cost units; the runtime never spends past it). A
+`BudgetGate` wraps any gate and lets the request spend C where the gate's scores say it
+helps most: at each step it knows what is left (C - spent), how many steps probably
+remain (fitted from the problem's length) and what escalating this step would cost now
+(the next tier's worst case, `GateState.escalation_cost`, which is small once the next
+tier's KV cache is warm). From these it computes the fraction f of the remaining steps
+it can still afford to escalate, and escalates a step when its score is among the top f
+of the scores the cheapest tier's drafts get (a quantile fitted label-free), and at
+least the gate's own floor `threshold`:
+
+    m = max(1, expected_steps(problem) - steps so far)          remaining steps
+    k = (C - spent - (m - 1) * step_cost) / escalation_cost     escalations affordable now
+    f = clip(k / m, 0, 1);   threshold_at = max(threshold, Q(1 - f))   (inf when k < 1)
+
+Rich requests escalate every step scoring above the floor; poor ones only their least
+confident steps; one that cannot afford an escalation does not ask for one (so the cap
+does not have to refuse it). Without a cap (budget None) it is the plain gate.
+
+The product (`calibrate_budget_curve`): a user buys a *mean* budget B per request. The
+request runs under the hard cap C = cap_factor * B, and the floor threshold is certified
+label-free by conformal risk control with the cap as the loss bound (cost_max = C): for
+exchangeable problems, E[cost] <= B (Angelopoulos et al., "Conformal Risk Control",
+2022), while every single request stays <= C by construction. The curve also
+calibrates, at the same budgets, the single-threshold methods (C3PO's per-query tail
+bound P(cost > B) <= alpha by split conformal or Learn-then-Test, and risk control of
+E[cost] without a cap), and reports each choice's expected accuracy proxy: agreement of
+its answers with the top tier's on the calibration problems.
+
+This module knows the runtime only through `Cascade.solve_many` and `cascade.calibrate.sweep`;
+the statistics are `calibration`'s pure functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import numpy as np
+
+import calibration as cal
+from cascade.calibrate import SweepResult, default_thresholds, sweep
+from cascade.errors import ConfigError
+from cascade.gates import AlwaysLarge, AlwaysSmall, Gate, GateState
+from cascade.runtime import Cascade
+
+__all__ = ["BudgetGate", "fit_budget_gate", "BudgetPoint", "BudgetCurve", "calibrate_budget_curve",
+           "budget_grid", "CURVE_METHODS"]
+
+CurveMethod = Literal["budget", "risk", "conformal", "ltt"]
+CURVE_METHODS: tuple[str, ...] = ("budget", "risk", "conformal", "ltt")
+
+
+@dataclass(frozen=True)
+class BudgetGate:
+    """A gate whose threshold rises as the request's cap runs short (see the module docstring).
+
+    inner: the gate whose score is used (any gate; its own threshold is ignored).
+    threshold: the floor: no step scoring below it escalates, however rich the request.
+    score_quantiles: the inner gate's scores on the cheapest tier's drafts at evenly
+        spaced levels 0..1 (`fit_budget_gate`); empty = scores taken as uniform on [0, 1].
+    steps_intercept, steps_slope: expected steps of a problem = intercept + slope * len(problem).
+    step_cost: what one step by the cheapest tier costs (kept in reserve for each
+        remaining step, cost units).
+    """
+
+    inner: Gate
+    threshold: float = 0.0
+    score_quantiles: tuple[float, ...] = ()
+    steps_intercept: float = 5.0
+    steps_slope: float = 0.0
+    step_cost: float = 0.0
+
+    budget_aware = True  # the runtime fills GateState.escalation_cost for it
+
+    def __post_init__(self) -> None:
+        if isinstance(self.inner, BudgetGate) or not isinstance(self.inner, Gate):
+            raise ConfigError(f"BudgetGate wraps a gate (not a BudgetGate), got {type(self.inner).__name__}")
+        if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
+            raise ConfigError(f"threshold must be a number, got {self.threshold!r}")
+        q = self.score_quantiles
+        if q and (len(q) < 2 or any(not math.isfinite(v) for v in q) or any(b < a for a, b in zip(q, q[1:]))):
+            raise ConfigError("score_quantiles must be >= 2 finite nondecreasing scores, got "
+                              f"{list(q)[:5]}...")
+        for name in ("steps_intercept", "steps_slope", "step_cost"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        if self.step_cost < 0:
+            raise ConfigError(f"step_cost must be >= 0, got {self.step_cost!r}")
+
+    # The runtime reads these of any gate; they are the inner gate's.
+    @property
+    def mode(self):
+        return self.inner.mode
+
+    @property
+    def probe_tokens(self) -> int:
+        return self.inner.probe_tokens
+
+    @property
+    def requires_verification(self) -> bool:
+        return self.inner.requires_verification
+
+    def __getattr__(self, name: str):
+        # Optional gate hooks the runtime asks for with getattr (requires_hidden,
+        # needs_verification, rewrite, check_models, ...) are the inner gate's.
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def score(self, state: GateState) -> float:
+        return self.inner.score(state)
+
+    def expected_steps(self, problem: str) -> float:
+        return max(1.0, self.steps_intercept + self.steps_slope * len(problem))
+
+    def affordable_fraction(self, state: GateState) -> float:
+        """f: the fraction of the remaining steps the request can still afford to escalate
+        at today's price (0 when not even this escalation fits)."""
+        if state.budget is None:
+            return 1.0
+        cost = state.escalation_cost
+        if cost is None or cost <= 0:
+            return 1.0
+        m = max(1.0, self.expected_steps(state.problem) - state.step_index)
+        affordable = (state.remaining - (m - 1.0) * self.step_cost) / cost
+        if affordable < 1.0:
+            return 0.0
+        return min(1.0, affordable / m)
+
+    def threshold_at(self, state: GateState) -> float:
+        """The threshold this step's score meets (read by `cascade.gates.decide`)."""
+        f = self.affordable_fraction(state)
+        if f <= 0.0:
+            return math.inf
+        if f >= 1.0:
+            return self.threshold
+        return max(self.threshold, self.score_quantile(1.0 - f))
+
+    def score_quantile(self, level: float) -> float:
+        if not self.score_quantiles:
+            return level
+        q = np.asarray(self.score_quantiles)
+        return float(np.interp(level, np.linspace(0.0, 1.0, q.size), q))
+
+
+def fit_budget_gate(cascade: Cascade, problems: Sequence[str], gate: Gate | None = None, *,
+                    threshold: float = 0.0, levels: int = 101) -> BudgetGate:
+    """A BudgetGate around `gate` (default: the cascade's gate), fitted label-free on `problems`:
+    the cheapest tier alone writes every step (the gate scores each draft, nothing escalates),
+    which gives the score quantiles, the steps-per-problem-length line and the step cost."""
+    if len(cascade.models) != 2:
+        raise ConfigError(f"fit_budget_gate fits two-tier cascades, got {len(cascade.models)} tiers")
+    inner = gate if gate is not None else cascade.gates[0]
+    if isinstance(inner, BudgetGate):
+        inner = inner.inner
+    problems = list(problems)
+    if len(problems) < 2:
+        raise ConfigError(f"fit_budget_gate needs at least 2 problems, got {len(problems)}")
+    scorer = _PassiveGate(inner)
+    results = cascade.solve_many(problems, gates=[scorer])
+    scores = [d.score for r in results for s in r.steps for d in s.decisions if d.tier == 0]
+    if not scores:
+        raise ConfigError("the cheapest tier wrote no step the gate could score on these problems")
+    steps = np.array([len(r.steps) for r in results], dtype=float)
+    lengths = np.array([len(p) for p in problems], dtype=float)
+    if np.ptp(lengths) > 0:
+        slope, intercept = np.polyfit(lengths, steps, 1)
+    else:
+        slope, intercept = 0.0, float(steps.mean())
+    step_costs = [s.cost for r in results for s in r.steps]
+    return BudgetGate(inner=inner, threshold=threshold,
+                      score_quantiles=tuple(float(v) for v in np.quantile(scores, np.linspace(0, 1, levels))),
+                      steps_intercept=float(intercept), steps_slope=float(slope),
+                      step_cost=float(max(step_costs)) if step_costs else 0.0)
+
+
+@dataclass(frozen=True)
+class _PassiveGate:
+    """The inner gate's score, never escalating: records what it would say on every draft."""
+
+    inner: Gate
+    threshold: float = math.inf
+
+    @property
+    def mode(self):
+        return self.inner.mode
+
+    @property
+    def probe_tokens(self) -> int:
+        return self.inner.probe_tokens
+
+    @property
+    def requires_verification(self) -> bool:
+        return self.inner.requires_verification
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def score(self, state: GateState) -> float:
+        return self.inner.score(state)
+
+
+# ---- the accuracy-budget curve -----------------------------------------------------------
+
+def budget_grid(small_cost: float, large_cost: float, k: int = 11) -> tuple[float, ...]:
+    """k budgets from the small-only to the large-only mean cost: the small-only cost, then
+    (1/(k-1), 2/(k-1), ..., 1) times the large-only cost (so 0.5x is on the grid for odd k)."""
+    if not (math.isfinite(small_cost) and math.isfinite(large_cost) and 0 <= small_cost < large_cost):
+        raise ConfigError(f"need 0 <= small_cost < large_cost, got {small_cost}, {large_cost}")
+    if k < 2:
+        raise ConfigError(f"k must be >= 2, got {k}")
+    fractions = np.linspace(0.0, 1.0, k)[1:]
+    return tuple(float(round(b, 3)) for b in [small_cost, *(large_cost * fractions)] if b >= small_cost)
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One method's certified policy at one mean budget B.
+
+    index: the chosen candidate (a column of the curve's sweep), None when nothing is
+    certified (then `reason` says why). cap: the hard cap its requests run under (None =
+    none). threshold: its (floor) threshold. agreement / mean_cost: on the calibration
+    problems, its answers' agreement with the top tier (the label-free accuracy proxy)
+    and its mean cost. statement: the guarantee, in words.
+    """
+
+    budget: float
+    method: str
+    index: int | None
+    cap: float | None
+    threshold: float | None
+    agreement: float | None
+    mean_cost: float | None
+    statement: str
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class BudgetCurve:
+    """The accuracy-budget curve: for each method and budget, the certified policy.
+
+    candidates: per sweep column, (family, threshold, cap): family "threshold" (the inner
+    gate at a threshold, no cap) or "budget" (the BudgetGate at a floor threshold under
+    the cap). swept: the calibration sweep (arrays per problem and column).
+    """
+
+    gate: BudgetGate
+    budgets: tuple[float, ...]
+    cap_factor: float
+    alpha: float
+    delta: float
+    candidates: tuple[tuple[str, float, float | None], ...]
+    points: tuple[BudgetPoint, ...]
+    swept: SweepResult
+    cost_max_uncapped: float
+
+    def point(self, method: str, budget: float) -> BudgetPoint:
+        for p in self.points:
+            if p.method == method and p.budget == budget:
+                return p
+        raise ConfigError(f"no point for method {method!r} at budget {budget!r}; methods "
+                          f"{sorted({p.method for p in self.points})}, budgets {list(self.budgets)}")
+
+    def policy(self, method: str, budget: float) -> tuple[list[Gate], float | None]:
+        """(gates, hard cap) to solve with, e.g. `cascade.solve_many(problems, cap, gates=gates)`,
+        for the largest grid budget <= `budget` where `method` certified a policy; below all
+        of them, the cheapest tier alone (under the cap `budget`)."""
+        usable = [p for p in self.points if p.method == method and p.budget <= budget and p.index is not None]
+        if not usable:
+            return [AlwaysSmall()], budget
+        p = max(usable, key=lambda q: q.budget)
+        family, threshold, cap = self.candidates[p.index]
+        gate = dataclasses.replace(self.gate, threshold=threshold) if family == "budget" \
+            else dataclasses.replace(self.gate.inner, threshold=threshold)
+        return [gate], cap
+
+    def summary(self) -> str:
+        lines = [f"Accuracy-budget curve (alpha={self.alpha}, delta={self.delta}, n={self.swept.costs.shape[0]}, "
+                 f"cap = {self.cap_factor:g} x budget for the budget-aware policy)"]
+        for method in dict.fromkeys(p.method for p in self.points):
+            lines.append(f"  {method}:")
+            for p in (q for q in self.points if q.method == method):
+                if p.index is None:
+                    lines.append(f"    budget {p.budget:g}: none certified ({p.reason[:100]})")
+                else:
+                    cap = "no cap" if p.cap is None else f"cap {p.cap:g}"
+                    lines.append(f"    budget {p.budget:g}: threshold {p.threshold:g}, {cap}, expected agreement "
+                                 f"{p.agreement:.3f}, mean cost {p.mean_cost:.1f}")
+        return "\n".join(lines)
+
+
+def curve_candidates(budgets: Sequence[float], thresholds: Sequence[float], budget_thresholds: Sequence[float],
+                     cap_factor: float) -> list[tuple[str, float, float | None]]:
+    """The sweep columns: the threshold family (uncapped), then per budget the budget family."""
+    columns: list[tuple[str, float, float | None]] = [("threshold", float(t), None) for t in thresholds]
+    for b in budgets:
+        columns += [("budget", float(t), float(cap_factor * b)) for t in budget_thresholds]
+    return columns
+
+
+def _family_columns(candidates, family: str, cap: float | None = None) -> np.ndarray:
+    return np.array([j for j, (f, _, c) in enumerate(candidates)
+                     if f == family and (cap is None or c == cap)], dtype=np.intp)
+
+
+def select_on_curve(costs: np.ndarray, candidates: Sequence[tuple[str, float, float | None]],
+                    objective: np.ndarray, method: str, budget: float, alpha: float, delta: float,
+                    cap_factor: float, cost_max_uncapped: float) -> tuple[int, str]:
+    """Certify one method at one budget on recorded arrays; returns (column, statement).
+
+    costs: (n, K) calibration costs per sweep column; objective: (K,) label-free values
+    (agreement), maximised among certified columns. Columns of a family are ordered
+    cheapest first (thresholds descending). Raises calibration.CalibrationError when
+    nothing is certified."""
+    if method == "budget":
+        columns = _family_columns(candidates, "budget", cap_factor * budget)
+        if columns.size == 0:
+            raise cal.CalibrationError(f"no budget-family columns swept for budget {budget:g}")
+        cap = cap_factor * budget
+        selection = cal.select_risk_control(costs[:, columns], budget, np.arange(columns.size), cost_max=cap)
+        statement = (f"E[cost] <= {budget:g} (conformal risk control, cost_max = the hard cap {cap:g}; "
+                     f"every request <= {cap:g})")
+    else:
+        columns = _family_columns(candidates, "threshold")
+        order = np.arange(columns.size)
+        if method == "risk":
+            selection = cal.select_risk_control(costs[:, columns], budget, order, cost_max=cost_max_uncapped)
+        elif method == "conformal":
+            selection = cal.select_conformal(costs[:, columns], budget, alpha, order)
+        elif method == "ltt":
+            selection = cal.select_ltt(costs[:, columns], budget, alpha, delta, order)
+        else:
+            raise ConfigError(f"method must be one of {CURVE_METHODS}, got {method!r}")
+        statement = ""
+    best = cal.choose_by_objective(selection, objective[columns])
+    chosen = selection.at(best)
+    return int(columns[best]), statement or chosen.statement()
+
+
+def calibrate_budget_curve(cascade: Cascade, problems: Sequence[str], *,
+                           budgets: Sequence[float] | None = None,
+                           methods: Sequence[str] = CURVE_METHODS, cap_factor: float = 2.0,
+                           alpha: float = 0.1, delta: float = 0.05,
+                           thresholds: Sequence[float] | None = None,
+                           budget_thresholds: Sequence[float] | None = None,
+                           gate: BudgetGate | None = None, fit_problems: Sequence[str] | None = None,
+                           swept: SweepResult | None = None,
+                           progress: Callable[[int, int], None] | None = None) -> BudgetCurve:
+    """The accuracy-budget curve of a two-tier cascade, calibrated on unlabeled `problems`.
+
+    budgets: mean budgets B (cost units); default `budget_grid` between the small-only and
+    the large-only mean cost of a pilot (the first 20 problems run each way). For each B
+    and method, the certified policy and its agreement with the top tier:
+    - "budget": BudgetGate under the hard cap cap_factor * B, floor threshold certified by
+      conformal risk control with cost_max = that cap: E[cost] <= B (exchangeable problems);
+    - "risk": one threshold, no cap, conformal risk control with cost_max = the request's
+      worst case without a cap: E[cost] <= B;
+    - "conformal": one threshold, split conformal (C3PO's setting): P(cost > B) <= alpha;
+    - "ltt": one threshold, Learn-then-Test: P(P(cost > B) > alpha) <= delta.
+    gate: a fitted BudgetGate (default: `fit_budget_gate` on `fit_problems`, else on `problems`).
+    thresholds / budget_thresholds: the two families' grids (default: 21 points in [0, 1]).
+    """
+    problems = list(problems)
+    if not problems:
+        raise ConfigError("calibrate_budget_curve needs at least one problem")
+    if not (isinstance(cap_factor, (int, float)) and math.isfinite(cap_factor) and cap_factor >= 1):
+        raise ConfigError(f"cap_factor must be a finite number >= 1 (the cap is cap_factor x budget), "
+                          f"got {cap_factor!r}")
+    unknown = set(methods) - set(CURVE_METHODS)
+    if unknown or not methods:
+        raise ConfigError(f"methods must be a non-empty subset of {CURVE_METHODS}, got {list(methods)}")
+    if gate is None:
+        gate = fit_budget_gate(cascade, list(fit_problems or problems))
+    if budgets is None:
+        pilot = problems[:20]
+        small = np.mean([r.cost.total for r in cascade.solve_many(pilot, gates=[AlwaysSmall()])])
+        large = np.mean([r.cost.total for r in cascade.solve_many(pilot, gates=[AlwaysLarge()])])
+        budgets = budget_grid(float(small), float(large))
+    budgets = tuple(sorted(float(b) for b in budgets))
+    if any(not math.isfinite(b) or b <= 0 for b in budgets):
+        raise ConfigError(f"budgets must be finite and > 0, got {list(budgets)}")
+    grid = sorted({float(t) for t in (thresholds or default_thresholds())}, reverse=True)
+    floors = sorted({float(t) for t in (budget_thresholds or default_thresholds())}, reverse=True)
+    candidates = curve_candidates(budgets, grid, floors, cap_factor)
+    if swept is None:
+        swept = sweep(cascade, problems, [(t,) for _, t, _ in candidates], gates=[gate],
+                      caps=[c for _, _, c in candidates], progress=progress)
+    elif swept.costs.shape[1] != len(candidates):
+        raise ConfigError(f"swept has {swept.costs.shape[1]} columns, the curve needs {len(candidates)}")
+    cost_max = uncapped_cost_max(cascade, problems)
+    agreement = swept.agreement.mean(axis=0)
+    points = []
+    for method in methods:
+        for b in budgets:
+            try:
+                j, statement = select_on_curve(swept.costs, candidates, agreement, method, b, alpha, delta,
+                                               cap_factor, cost_max)
+            except cal.CalibrationError as error:
+                points.append(BudgetPoint(b, method, None, None, None, None, None, "", str(error)))
+                continue
+            family, threshold, cap = candidates[j]
+            points.append(BudgetPoint(b, method, j, cap, threshold, float(agreement[j]),
+                                      float(swept.costs[:, j].mean()), statement))
+    return BudgetCurve(gate=gate, budgets=budgets, cap_factor=float(cap_factor), alpha=alpha, delta=delta,
+                       candidates=tuple(candidates), points=tuple(points), swept=swept,
+                       cost_max_uncapped=cost_max)
+
+
+def uncapped_cost_max(cascade: Cascade, problems: Sequence[str]) -> float:
+    """An upper bound on one request's cost without a cap: every tier prefills the longest
+    prompt and every step's tokens once (KV caches keep what was read) and writes
+    max_steps * max_step_tokens tokens."""
+    options = cascade.options
+    tokens = options.max_steps * options.max_step_tokens
+    total = 0.0
+    for tier, model in enumerate(cascade.models):
+        prompt = max(model.prefill_bound("cost-bound", p, "") for p in problems)
+        model.release("cost-bound")
+        total += cascade.cost_model.charge(tier, prompt + 2 * tokens, 2 * tokens)
+    return float(total)
