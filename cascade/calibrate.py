@@ -144,17 +144,20 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
             results[k] = stop.value
             pending.pop(k, None)
 
-    def run(tier: int, request, session: str):
+    def run_batch(tier: int, requests: list, sessions: list[str]) -> list:
+        """Calls of one kind to one tier, each in its own session, as one batch."""
         nonlocal executed
-        request = dataclasses.replace(request, request_id=session)
-        if isinstance(request, StepRequest):
-            output = models[tier].next_steps([request])[0]
-            executed += output.prefill_tokens + output.decoded_tokens
+        requests = [dataclasses.replace(r, request_id=s) for r, s in zip(requests, sessions)]
+        if isinstance(requests[0], StepRequest):
+            outputs = models[tier].next_steps(requests)
+            executed += sum(o.prefill_tokens + o.decoded_tokens for o in outputs)
         else:
-            assert isinstance(request, ScoreRequest)
-            output = models[tier].score_steps([request])[0]
-            executed += output.prefill_tokens + output.scored_tokens
-        return output
+            outputs = models[tier].score_steps(requests)
+            executed += sum(o.prefill_tokens + o.scored_tokens for o in outputs)
+        return list(outputs)
+
+    def run(tier: int, request, session: str):
+        return run_batch(tier, [request], [session])[0]
 
     # A model call's output and cost depend only on the call and on what that model's
     # session has seen so far: `seen[session][tier]` names that history (an interned
@@ -202,6 +205,19 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                             model.fork(session, branch)
                         seen[branch] = list(history(session))
                     route[machine_ids[k]] = branches[(session, key)]
+            outputs: dict[tuple, object] = {}
+            # Single calls of one kind to one tier run as one batch (each bucket in its own
+            # session, so the batch's request ids are distinct).
+            batches: dict[tuple, list[tuple]] = {}
+            for key, members in buckets.items():
+                if key[0] == "one":
+                    tier, request = pending[members[0]]
+                    batches.setdefault((tier, type(request)), []).append(key)
+            for (tier, _), keys in batches.items():
+                firsts = [route[machine_ids[buckets[key][0]]] for key in keys]
+                requests = [pending[buckets[key][0]][1] for key in keys]
+                for key, output in zip(keys, run_batch(tier, requests, firsts)):
+                    outputs[key] = output
             for key, members in buckets.items():
                 calls = pending[members[0]]
                 sessions = list(dict.fromkeys(route[machine_ids[k]] for k in members))
@@ -211,7 +227,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                         extend(sessions[0], tier, request)
                 else:
                     tier, request = calls
-                    output = run(tier, request, sessions[0])
+                    output = outputs[key]
                     extend(sessions[0], tier, request)
                     for other in sessions[1:]:  # same history before, same state after
                         models[tier].fork(sessions[0], other)

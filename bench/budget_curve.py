@@ -1,0 +1,272 @@
+"""Accuracy against budget on the embedded pair, for every calibration method side by side.
+
+    python -m bench.budget_curve --n-cal 120 --n-test 150 --out bench/results/budget_curve
+
+1. Fits the budget-aware gate (`cascade.budget.fit_budget_gate`) on train-split problems
+   (label-free; the small model alone) and sets the budget grid from the small-only and
+   large-only mean cost of a pilot on other train-split problems, so nothing the
+   calibration certifies was fitted on its own problems.
+2. Sweeps, on the calibration split (answers unused) and the test split (answers used
+   only to score), the columns of the curve: the confidence gate at 11 thresholds
+   without a cap, and per budget B the budget-aware gate at its floor thresholds under
+   the hard cap cap_factor * B. Saves the arrays (`sweeps.npz`), which the test suite
+   re-uses to check the guarantees over many random splits.
+3. For each budget and method ("budget": E[cost] <= B by conformal risk control with the
+   cap as the loss bound; "risk": the same for one uncapped threshold; "conformal":
+   C3PO's per-query P(cost > B) <= alpha; "ltt": the same by Learn-then-Test), the
+   label-free choice on the calibration split and its test accuracy, mean cost, tail
+   P(cost > B) and cap interventions, against the oracle: the column with the best test
+   accuracy among those whose test mean cost is <= B, chosen with the labels.
+4. Checks each guarantee over random calibration draws from the pooled problems.
+Writes report.json, report.md and budget_curve.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+import calibration as cal
+from bench.pair_report import _git_commit
+from bench.tasks import check_answer, generate_split
+from cascade import AlwaysLarge, AlwaysSmall, ConfidenceGate, embedded_cascade, sweep
+from cascade.budget import (CURVE_METHODS, budget_grid, calibrate_budget_curve, curve_candidates,
+                            fit_budget_gate, select_on_curve, uncapped_cost_max)
+from cascade.calibrate import default_thresholds
+
+__all__ = ["main", "check_guarantees"]
+
+FLOORS = (1.0, 0.6, 0.4, 0.3, 0.2, 0.1, 0.0)
+LABELS = {"budget": "budget-aware, cap = k x B (E[cost] <= B, risk control)",
+          "risk": "one threshold (E[cost] <= B, risk control)",
+          "conformal": "one threshold, C3PO setting (P(cost > B) <= alpha, conformal)",
+          "ltt": "one threshold (P(cost > B) <= alpha w.p. 1 - delta, LTT)"}
+
+
+def _arrays(swept, problems) -> dict[str, np.ndarray]:
+    correct = np.array([[check_answer(p, a) for a in row] for p, row in zip(problems, swept.answers)])
+    return {"costs": swept.costs, "agreement": swept.agreement, "correct": correct,
+            "capped": swept.cap_intervened,
+            "reference_correct": np.array([check_answer(p, a) for p, a in zip(problems, swept.reference_answers)]),
+            "reference_costs": np.array(swept.reference_costs)}
+
+
+def check_guarantees(pool_costs: np.ndarray, candidates, budgets, methods, alpha: float, delta: float,
+                     cap_factor: float, cost_max: float, n_cal: int, splits: int, seed: int = 0) -> dict:
+    """Each method's guarantee over `splits` calibration sets drawn i.i.d. from the pool.
+
+    The pool is the population, so a chosen column's true mean cost and true P(cost > B)
+    are the pool's. Returns per method and budget: the mean over splits of the true mean
+    cost (risk control promises E <= B), the fraction of splits whose true P(cost > B)
+    exceeds alpha (LTT promises <= delta), the mean true P(cost > B) (conformal promises
+    <= alpha), and how often nothing was certified."""
+    rng = np.random.default_rng(seed)
+    # Among certified columns take the most escalating (columns run cheapest first within a
+    # family): the costliest choice the guarantee has to cover.
+    most_escalating = np.arange(pool_costs.shape[1], dtype=float)
+    out: dict = {}
+    draws = [rng.integers(0, len(pool_costs), n_cal) for _ in range(splits)]
+    for method in methods:
+        for b in budgets:
+            true_mean, true_tail, abstain = [], [], 0
+            tail = (pool_costs > b).mean(axis=0)
+            mean = pool_costs.mean(axis=0)
+            for draw in draws:
+                try:
+                    j, _ = select_on_curve(pool_costs[draw], candidates, most_escalating,
+                                           method, b, alpha, delta, cap_factor, cost_max)
+                except cal.CalibrationError:
+                    abstain += 1
+                    continue
+                true_mean.append(mean[j])
+                true_tail.append(tail[j])
+            out[f"{method}@{b:g}"] = {
+                "method": method, "budget": b, "splits": splits, "abstained": abstain,
+                "mean_true_cost": float(np.mean(true_mean)) if true_mean else None,
+                "sd_true_cost": float(np.std(true_mean, ddof=1)) if len(true_mean) > 1 else None,
+                "mean_true_tail": float(np.mean(true_tail)) if true_tail else None,
+                "frac_tail_over_alpha": float(np.mean(np.array(true_tail) > alpha)) if true_tail else None}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n-cal", type=int, default=120)
+    parser.add_argument("--n-test", type=int, default=150)
+    parser.add_argument("--n-fit", type=int, default=60, help="train-split problems to fit the gate on")
+    parser.add_argument("--n-pilot", type=int, default=30, help="train-split problems to set the budget grid")
+    parser.add_argument("--cap-factor", type=float, default=3.0)
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--delta", type=float, default=0.05)
+    parser.add_argument("--splits", type=int, default=300)
+    parser.add_argument("--thresholds", type=int, default=11, help="one-threshold family: this many in [0, 1]")
+    parser.add_argument("--budgets", type=int, default=7, help="grid points, small-only to large-only mean cost")
+    parser.add_argument("--out", default="bench/results/budget_curve")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    inner = ConfidenceGate(threshold=0.5, signal="min_prob")
+    runner = embedded_cascade(inner)
+    train = [p.problem for p in generate_split("train", args.n_fit + args.n_pilot)]
+    gate = fit_budget_gate(runner, train[: args.n_fit], inner)
+    pilot = train[args.n_fit:]
+    small = float(np.mean([r.cost.total for r in runner.solve_many(pilot, gates=[AlwaysSmall()])]))
+    large = float(np.mean([r.cost.total for r in runner.solve_many(pilot, gates=[AlwaysLarge()])]))
+    budgets = budget_grid(small, large, k=args.budgets)
+    grid = sorted(default_thresholds(args.thresholds), reverse=True)
+    candidates = curve_candidates(budgets, grid, FLOORS, args.cap_factor)
+    print(f"gate fitted; budgets {budgets}; {len(candidates)} columns", flush=True)
+
+    data = {}
+    stats = {}
+    for split, n in (("calibration", args.n_cal), ("test", args.n_test)):
+        problems = [p.problem for p in generate_split(split, n)]
+        t0 = time.perf_counter()
+        swept = sweep(runner, problems, [(t,) for _, t, _ in candidates], gates=[gate],
+                      caps=[c for _, _, c in candidates],
+                      progress=lambda d, t, s=split: print(f"\r{s}: {d}/{t}", end="", flush=True))
+        print(flush=True)
+        stats[split] = {"seconds": time.perf_counter() - t0, "executed_tokens": swept.executed_tokens,
+                        "independent_tokens": swept.independent_tokens}
+        data[split] = (problems, swept, _arrays(swept, problems))
+    cal_problems, cal_swept, _ = data["calibration"]
+    _, _, test = data["test"]
+    np.savez_compressed(out / "sweeps.npz", budgets=np.array(budgets), cap_factor=args.cap_factor,
+                        families=np.array([f for f, _, _ in candidates]),
+                        thresholds=np.array([t for _, t, _ in candidates]),
+                        caps=np.array([math.nan if c is None else c for _, _, c in candidates]),
+                        **{f"{s}_{k}": v for s, (_, _, arrays) in data.items() for k, v in arrays.items()})
+
+    curve = calibrate_budget_curve(runner, cal_problems, budgets=budgets, cap_factor=args.cap_factor,
+                                   alpha=args.alpha, delta=args.delta, thresholds=grid,
+                                   budget_thresholds=FLOORS, gate=gate, swept=cal_swept)
+    small_test = float(test["correct"][:, 0].mean())  # threshold 1.0 without a cap: small alone
+    large_test = float(test["reference_correct"].mean())
+    rows = []
+    for p in curve.points:
+        row = {"method": p.method, "budget": p.budget, "index": p.index, "cap": p.cap, "threshold": p.threshold,
+               "expected_agreement": p.agreement, "calibration_mean_cost": p.mean_cost, "statement": p.statement,
+               "reason": p.reason}
+        if p.index is not None:
+            j = p.index
+            acc = float(test["correct"][:, j].mean())
+            row.update(test_accuracy=acc, test_mean_cost=float(test["costs"][:, j].mean()),
+                       test_tail=float((test["costs"][:, j] > p.budget).mean()),
+                       test_cap_intervened=float(test["capped"][:, j].mean()),
+                       test_agreement=float(test["agreement"][:, j].mean()),
+                       gap_recovered=(acc - small_test) / (large_test - small_test))
+        rows.append(row)
+    oracle = []
+    test_mean = test["costs"].mean(axis=0)
+    test_acc = test["correct"].mean(axis=0)
+    for b in budgets:
+        entry = {"budget": b}
+        for name, family in (("oracle", None), ("oracle_budget_family", "budget")):
+            cols = [j for j, (f, _, c) in enumerate(candidates) if test_mean[j] <= b
+                    and (family is None or (f == family and c == args.cap_factor * b))]
+            if cols:
+                j = max(cols, key=lambda k: (test_acc[k], -test_mean[k]))
+                entry[name] = {"index": j, "family": candidates[j][0], "threshold": candidates[j][1],
+                               "cap": candidates[j][2], "test_accuracy": float(test_acc[j]),
+                               "test_mean_cost": float(test_mean[j])}
+        oracle.append(entry)
+    pool = np.concatenate([data["calibration"][2]["costs"], test["costs"]])
+    guarantees = check_guarantees(pool, candidates, budgets, CURVE_METHODS, args.alpha, args.delta,
+                                  args.cap_factor, curve.cost_max_uncapped, args.n_cal, args.splits)
+    report = {
+        "command": "python -m bench.budget_curve " + " ".join(argv or []),
+        "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "n_cal": args.n_cal, "n_test": args.n_test, "n_fit": args.n_fit, "n_pilot": args.n_pilot,
+        "alpha": args.alpha, "delta": args.delta, "cap_factor": args.cap_factor,
+        "pilot_small_mean_cost": small, "pilot_large_mean_cost": large, "budgets": list(budgets),
+        "test_small_accuracy": small_test, "test_large_accuracy": large_test,
+        "test_large_mean_cost": float(test["reference_costs"].mean()),
+        "gate": {k: v for k, v in dataclasses.asdict(gate).items() if k != "inner"} | {"inner": repr(inner)},
+        "cost_max_uncapped": curve.cost_max_uncapped, "floors": list(FLOORS), "thresholds": grid,
+        "sweep": stats, "points": rows, "oracle": oracle, "guarantees": guarantees,
+        "seconds": time.perf_counter() - started,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "report.md").write_text(markdown(report) + "\n")
+    plot(report, out / "budget_curve.png")
+    print(markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Accuracy vs budget on the embedded pair ({report['n_cal']} unlabeled calibration problems, "
+        f"{report['n_test']} test problems)", "",
+        f"Command: `{report['command']}`  ", f"Commit: `{report['commit']}`, {report['date']}", "",
+        f"Budget B: what a request may cost on average (cost units). Test: small alone "
+        f"{report['test_small_accuracy']:.3f}, large alone {report['test_large_accuracy']:.3f} at mean cost "
+        f"{report['test_large_mean_cost']:.1f}. The budget-aware policy runs each request under the hard cap "
+        f"{report['cap_factor']:g} x B. alpha={report['alpha']}, delta={report['delta']}.", "",
+        "| B | method | chosen (threshold, cap) | expected agreement (cal.) | test accuracy | gap recovered | "
+        "test mean cost | test P(cost > B) | cap intervened | oracle accuracy (labels) |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    oracle = {o["budget"]: o for o in report["oracle"]}
+    for method in CURVE_METHODS:
+        for row in (r for r in report["points"] if r["method"] == method):
+            o = oracle[row["budget"]].get("oracle")
+            o_text = f"{o['test_accuracy']:.3f}" if o else "none"
+            if row["index"] is None:
+                lines.append(f"| {row['budget']:g} | {method} | none certified | | | | | | | {o_text} |")
+                continue
+            cap = "no cap" if row["cap"] is None else f"cap {row['cap']:.0f}"
+            lines.append(f"| {row['budget']:g} | {method} | {row['threshold']:g}, {cap} | "
+                         f"{row['expected_agreement']:.3f} | {row['test_accuracy']:.3f} | "
+                         f"{row['gap_recovered']:.2f} | {row['test_mean_cost']:.1f} | {row['test_tail']:.3f} | "
+                         f"{row['test_cap_intervened']:.3f} | {o_text} |")
+    lines += ["", f"Guarantees over {report['guarantees'][next(iter(report['guarantees']))]['splits']} "
+              f"calibration sets of {report['n_cal']} drawn i.i.d. from the pooled "
+              f"{report['n_cal'] + report['n_test']} problems (true values = the pool's):", "",
+              "| method | B | mean true E[cost] (<= B?) | mean true P(cost > B) | splits with P(cost > B) > alpha "
+              "| abstained |", "|---|---|---|---|---|---|"]
+    for g in report["guarantees"].values():
+        if g["mean_true_cost"] is None:
+            lines.append(f"| {g['method']} | {g['budget']:g} | none certified | | | {g['abstained']} |")
+            continue
+        lines.append(f"| {g['method']} | {g['budget']:g} | {g['mean_true_cost']:.2f} | {g['mean_true_tail']:.3f} | "
+                     f"{g['frac_tail_over_alpha']:.3f} | {g['abstained']} |")
+    s = report["sweep"]["calibration"]
+    lines += ["", f"Sweep of the calibration split: {s['executed_tokens']} tokens run for "
+              f"{s['independent_tokens']} in independent runs, {s['seconds']:.0f} s."]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for method, style in zip(CURVE_METHODS, ("o-", "s-", "^--", "v:")):
+        rows = [r for r in report["points"] if r["method"] == method]
+        xs = [r["budget"] for r in rows]
+        ys = [r.get("test_accuracy", report["test_small_accuracy"]) for r in rows]  # none certified: small alone
+        ax.plot(xs, ys, style, label=LABELS[method])
+    xs = [o["budget"] for o in report["oracle"] if "oracle" in o]
+    ax.plot(xs, [o["oracle"]["test_accuracy"] for o in report["oracle"] if "oracle" in o], "k--", lw=1,
+            label="oracle: best column with test mean cost <= B (labels)")
+    ax.axhline(report["test_large_accuracy"], color="gray", ls=":", label="large alone")
+    ax.axhline(report["test_small_accuracy"], color="gray", ls="-.", label="small alone")
+    ax.set(xlabel="budget B: mean cost per request (large-token equivalents)", ylabel="test accuracy",
+           title="Embedded pair: accuracy vs budget, label-free calibration")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
