@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import math
+import pickle
 import time
 from pathlib import Path
 
@@ -36,8 +37,9 @@ import calibration as cal
 from bench.pair_report import _git_commit
 from bench.tasks import check_answer, generate_split
 from cascade import AlwaysLarge, AlwaysSmall, ConfidenceGate, embedded_cascade, sweep
-from cascade.budget import (CURVE_METHODS, budget_grid, calibrate_budget_curve, curve_candidates,
-                            fit_budget_gate, select_on_curve, uncapped_cost_max)
+from cascade.budget import (CURVE_METHODS, BudgetGate, budget_grid, calibrate_budget_curve, curve_candidates,
+                            fit_budget_gate, select_on_curve)
+from cascade.calibrate import SweepResult
 from cascade.calibrate import default_thresholds
 
 __all__ = ["main", "check_guarantees"]
@@ -95,7 +97,7 @@ def check_guarantees(pool_costs: np.ndarray, candidates, budgets, methods, alpha
     return out
 
 
-def main(argv: list[str] | None = None) -> dict:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n-cal", type=int, default=120)
     parser.add_argument("--n-test", type=int, default=150)
@@ -107,35 +109,90 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--splits", type=int, default=300)
     parser.add_argument("--thresholds", type=int, default=11, help="one-threshold family: this many in [0, 1]")
     parser.add_argument("--budgets", type=int, default=7, help="grid points, small-only to large-only mean cost")
+    parser.add_argument("--stage", choices=["all", "prepare", "sweep", "report"], default="all",
+                        help="run in parts (a busy machine): prepare (fit the gate, set the grid: plan.json), "
+                             "sweep --split S --start a --stop b (in parallel processes), report")
+    parser.add_argument("--split", choices=["calibration", "test"], default="calibration")
+    parser.add_argument("--start", type=int, default=0)
+    parser.add_argument("--stop", type=int, default=None)
     parser.add_argument("--out", default="bench/results/budget_curve")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    return parser
 
-    inner = ConfidenceGate(threshold=0.5, signal="min_prob")
-    runner = embedded_cascade(inner)
+
+def _prepare(args, runner, inner) -> dict:
     train = [p.problem for p in generate_split("train", args.n_fit + args.n_pilot)]
     gate = fit_budget_gate(runner, train[: args.n_fit], inner)
     pilot = train[args.n_fit:]
     small = float(np.mean([r.cost.total for r in runner.solve_many(pilot, gates=[AlwaysSmall()])]))
     large = float(np.mean([r.cost.total for r in runner.solve_many(pilot, gates=[AlwaysLarge()])]))
-    budgets = budget_grid(small, large, k=args.budgets)
-    grid = sorted(default_thresholds(args.thresholds), reverse=True)
-    candidates = curve_candidates(budgets, grid, FLOORS, args.cap_factor)
-    print(f"gate fitted; budgets {budgets}; {len(candidates)} columns", flush=True)
+    gate_fields = {k: v for k, v in dataclasses.asdict(gate).items() if k != "inner"}
+    return {"commit": _git_commit(), "gate": gate_fields, "small": small, "large": large,
+            "budgets": list(budget_grid(small, large, k=args.budgets)),
+            "thresholds": sorted(default_thresholds(args.thresholds), reverse=True)}
 
+
+def _sweep_part(runner, gate, candidates, split: str, start: int, stop: int):
+    problems = [p.problem for p in generate_split(split, stop)][start:]
+    t0 = time.perf_counter()
+    swept = sweep(runner, problems, [(t,) for _, t, _ in candidates], gates=[gate],
+                  caps=[c for _, _, c in candidates],
+                  progress=lambda d, t: print(f"\r{split}[{start}:{stop}]: {d}/{t}", end="", flush=True))
+    print(flush=True)
+    return problems, swept, time.perf_counter() - t0
+
+
+def _concat(parts) -> tuple[list[str], SweepResult, float]:
+    problems = [p for part in parts for p in part[0]]
+    sweeps = [part[1] for part in parts]
+    swept = dataclasses.replace(
+        sweeps[0], problems=tuple(problems),
+        costs=np.concatenate([s.costs for s in sweeps]), escalation=np.concatenate([s.escalation for s in sweeps]),
+        answers=tuple(a for s in sweeps for a in s.answers),
+        reference_answers=tuple(a for s in sweeps for a in s.reference_answers),
+        reference_costs=tuple(c for s in sweeps for c in s.reference_costs),
+        cap_intervened=np.concatenate([s.cap_intervened for s in sweeps]),
+        executed_tokens=sum(s.executed_tokens for s in sweeps),
+        independent_tokens=sum(s.independent_tokens for s in sweeps), seconds=sum(s.seconds for s in sweeps))
+    return problems, swept, sum(part[2] for part in parts)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    inner = ConfidenceGate(threshold=0.5, signal="min_prob")
+    runner = embedded_cascade(inner)
+    plan_path = out / "plan.json"
+    if args.stage in ("all", "prepare"):
+        plan_path.write_text(json.dumps(_prepare(args, runner, inner), indent=1) + "\n")
+        if args.stage == "prepare":
+            return None
+    plan = json.loads(plan_path.read_text())
+    gate = BudgetGate(inner, **{k: tuple(v) if isinstance(v, list) else v for k, v in plan["gate"].items()})
+    budgets, grid, small, large = tuple(plan["budgets"]), plan["thresholds"], plan["small"], plan["large"]
+    candidates = curve_candidates(budgets, grid, FLOORS, args.cap_factor)
+    print(f"budgets {budgets}; {len(candidates)} columns", flush=True)
+    sizes = {"calibration": args.n_cal, "test": args.n_test}
+    if args.stage == "sweep":
+        stop = sizes[args.split] if args.stop is None else args.stop
+        part = _sweep_part(runner, gate, candidates, args.split, args.start, stop)
+        with open(out / f"part_{args.split}_{args.start}_{stop}.pkl", "wb") as handle:
+            pickle.dump(part, handle)
+        return None
     data = {}
     stats = {}
-    for split, n in (("calibration", args.n_cal), ("test", args.n_test)):
-        problems = [p.problem for p in generate_split(split, n)]
-        t0 = time.perf_counter()
-        swept = sweep(runner, problems, [(t,) for _, t, _ in candidates], gates=[gate],
-                      caps=[c for _, _, c in candidates],
-                      progress=lambda d, t, s=split: print(f"\r{s}: {d}/{t}", end="", flush=True))
-        print(flush=True)
-        stats[split] = {"seconds": time.perf_counter() - t0, "executed_tokens": swept.executed_tokens,
-                        "independent_tokens": swept.independent_tokens}
+    for split, n in sizes.items():
+        if args.stage == "all":
+            parts = [_sweep_part(runner, gate, candidates, split, 0, n)]
+        else:
+            files = sorted(out.glob(f"part_{split}_*.pkl"), key=lambda f: int(f.stem.split("_")[2]))
+            parts = [pickle.loads(f.read_bytes()) for f in files]
+        problems, swept, seconds = _concat(parts)
+        if len(problems) != n or problems != [p.problem for p in generate_split(split, n)]:
+            raise SystemExit(f"the {split} parts hold {len(problems)} problems, not the first {n} of the split")
+        stats[split] = {"seconds": seconds, "executed_tokens": swept.executed_tokens,
+                        "independent_tokens": swept.independent_tokens, "processes": len(parts)}
         data[split] = (problems, swept, _arrays(swept, problems))
     cal_problems, cal_swept, _ = data["calibration"]
     _, _, test = data["test"]
@@ -183,13 +240,13 @@ def main(argv: list[str] | None = None) -> dict:
                                   args.cap_factor, curve.cost_max_uncapped, args.n_cal, args.splits)
     report = {
         "command": "python -m bench.budget_curve " + " ".join(argv or []),
-        "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": _git_commit(), "sweep_commit": plan.get("commit"), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "n_cal": args.n_cal, "n_test": args.n_test, "n_fit": args.n_fit, "n_pilot": args.n_pilot,
         "alpha": args.alpha, "delta": args.delta, "cap_factor": args.cap_factor,
         "pilot_small_mean_cost": small, "pilot_large_mean_cost": large, "budgets": list(budgets),
         "test_small_accuracy": small_test, "test_large_accuracy": large_test,
         "test_large_mean_cost": float(test["reference_costs"].mean()),
-        "gate": {k: v for k, v in dataclasses.asdict(gate).items() if k != "inner"} | {"inner": repr(inner)},
+        "gate": plan["gate"] | {"inner": repr(inner)},
         "cost_max_uncapped": curve.cost_max_uncapped, "floors": list(FLOORS), "thresholds": grid,
         "sweep": stats, "points": rows, "oracle": oracle, "guarantees": guarantees,
         "seconds": time.perf_counter() - started,
@@ -205,7 +262,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Accuracy vs budget on the embedded pair ({report['n_cal']} unlabeled calibration problems, "
         f"{report['n_test']} test problems)", "",
-        f"Command: `{report['command']}`  ", f"Commit: `{report['commit']}`, {report['date']}", "",
+        f"Command: `{report['command']}`  ", f"Commit: `{report['commit']}` (gate fitted and problems swept at `{report['sweep_commit']}`), "
+        f"{report['date']}", "",
         f"Budget B: what a request may cost on average (cost units). Test: small alone "
         f"{report['test_small_accuracy']:.3f}, large alone {report['test_large_accuracy']:.3f} at mean cost "
         f"{report['test_large_mean_cost']:.1f}. The budget-aware policy runs each request under the hard cap "

@@ -205,6 +205,15 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                             model.fork(session, branch)
                         seen[branch] = list(history(session))
                     route[machine_ids[k]] = branches[(session, key)]
+            # Calls to the highest tier asked for go first; the others wait a round. A branch
+            # that escalated a step has one more call (the next tier's) than one that did not,
+            # so this keeps both at the same step, where their next calls can be shared.
+            def tier_of(key: tuple) -> int:
+                calls = pending[buckets[key][0]]
+                return max(t for t, _ in calls) if isinstance(calls, list) else calls[0]
+
+            top = max(tier_of(key) for key in buckets)
+            buckets = {key: members for key, members in buckets.items() if tier_of(key) == top}
             outputs: dict[tuple, object] = {}
             # Single calls of one kind to one tier run as one batch (each bucket in its own
             # session, so the batch's request ids are distinct).

@@ -1,0 +1,197 @@
+"""cascade.budget: the budget-aware gate under the hard cap, and the accuracy-budget curve."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from fakes import FakeBackend, counting_script
+
+import calibration as cal
+from cascade import Cascade, ConfidenceGate, ConfigError, GateState, SolveOptions, decide, sweep
+from cascade.budget import (BudgetGate, budget_grid, calibrate_budget_curve, curve_candidates, fit_budget_gate,
+                            select_on_curve)
+from cascade.calibrate import default_thresholds
+from decoding import StepOutput
+
+OPTIONS = SolveOptions(max_steps=10, max_step_tokens=12)
+EMPTY = StepOutput("", (), (), (), "delimiter", 0, 0.0)
+
+
+def fake_cascade(steps=5, gate=None):
+    small = FakeBackend("small", 100, counting_script(steps, confident=False))
+    large = FakeBackend("large", 1000, counting_script(steps, confident=True))
+    return Cascade(small, large, gate or ConfidenceGate(0.5), options=OPTIONS)
+
+
+def state(budget, spent, cost, step_index=1, problem="p"):
+    return GateState(problem, step_index, 0, "", EMPTY, None, budget=budget, spent=spent, escalation_cost=cost)
+
+
+def test_threshold_follows_what_is_left_per_remaining_step():
+    gate = BudgetGate(ConfidenceGate(0.5), threshold=0.0, steps_intercept=5.0, step_cost=1.0)
+    # m = 5 - 1 = 4 steps left; (100 - 20 - 3 * 1) / 20 = 3.85 escalations affordable:
+    # f = 3.85 / 4, and with uniform score quantiles the threshold is 1 - f.
+    assert gate.affordable_fraction(state(100, 20, 20)) == pytest.approx(3.85 / 4)
+    assert gate.threshold_at(state(100, 20, 20)) == pytest.approx(1 - 3.85 / 4)
+    # Poorer: fewer affordable escalations, a higher threshold; can't afford one: never.
+    assert gate.threshold_at(state(100, 60, 20)) == pytest.approx(1 - (40 - 3) / 20 / 4)
+    assert gate.threshold_at(state(100, 90, 20)) == math.inf
+    # Rich: every step above the floor; no cap: the floor.
+    assert gate.threshold_at(state(1000, 0, 20)) == 0.0
+    assert dataclasses.replace(gate, threshold=0.3).threshold_at(state(None, 0, None)) == 0.3
+    assert dataclasses.replace(gate, threshold=0.3).threshold_at(state(100, 20, 20)) == pytest.approx(0.3)
+
+
+def test_fitted_score_quantiles_set_the_threshold():
+    # Scores quantiles 0, 0.01, ..., with most drafts confident: escalating the top 20 % means
+    # a threshold at the 80th percentile of the scores, not at 0.8.
+    q = tuple(float(x) for x in np.linspace(0, 1, 11) ** 3)
+    gate = BudgetGate(ConfidenceGate(0.5), score_quantiles=q, steps_intercept=2.0)
+    # m = 1, (10 - 0) / 10 = 1 escalation: f = 1 -> the floor; 2 steps left, 1 affordable -> top half.
+    assert gate.threshold_at(state(10, 0, 10, step_index=1)) == 0.0
+    assert gate.threshold_at(state(10, 0, 10, step_index=0)) == pytest.approx(0.5 ** 3, abs=0.02)
+
+
+def test_decide_meets_the_budget_aware_threshold():
+    gate = BudgetGate(ConfidenceGate(0.5), steps_intercept=5.0)
+    # 4 steps left, (100 - 40) / 20 = 3 affordable: the top 3/4 of scores, threshold 0.25.
+    confident = dataclasses.replace(state(100, 40, 20), confidence=_confidence(0.99))
+    unsure = dataclasses.replace(state(100, 40, 20), confidence=_confidence(0.5))
+    assert gate.threshold_at(unsure) == pytest.approx(0.25)
+    assert decide(gate, unsure) == (pytest.approx(0.5), True)
+    assert decide(gate, confident)[1] is False
+    assert decide(gate, dataclasses.replace(unsure, spent=90))[1] is False  # can't afford: never
+
+
+def _confidence(min_prob):
+    from cascade.gates import Confidence
+
+    return Confidence(math.log(min_prob), min_prob, 0.0, 0.0, 1)
+
+
+def test_bad_budget_gates_are_refused():
+    with pytest.raises(ConfigError, match="wraps a gate"):
+        BudgetGate("confidence")
+    with pytest.raises(ConfigError, match="score_quantiles"):
+        BudgetGate(ConfidenceGate(), score_quantiles=(0.5, 0.1))
+    with pytest.raises(ConfigError, match="step_cost"):
+        BudgetGate(ConfidenceGate(), step_cost=-1.0)
+    with pytest.raises(ConfigError, match="wraps a gate"):
+        BudgetGate(BudgetGate(ConfidenceGate()))
+
+
+@pytest.mark.parametrize("cap", [5.0, 20.0, 40.0, 80.0, 200.0])
+def test_runtime_gives_the_gate_its_budget_and_the_cap_holds(cap):
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Recording:
+        threshold: float = 0.5
+        mode: str = "speculate"
+        probe_tokens: int = 0
+        requires_verification: bool = False
+
+        def score(self, s):
+            seen.append(s)
+            return 1.0 - s.confidence.min_prob
+
+    runner = fake_cascade()
+    gate = BudgetGate(Recording(), steps_intercept=6.0, step_cost=0.5)
+    for problem in ("p1", "p2", "p3"):
+        seen.clear()
+        result = runner.solve(problem, cap, gates=[gate])
+        assert result.cost.total <= cap + 1e-9
+        assert seen and all(s.budget == cap and s.escalation_cost is not None and s.escalation_cost > 0
+                            for s in seen)
+        assert [s.step_index for s in seen] == sorted(s.step_index for s in seen)
+        assert all(b.spent >= a.spent for a, b in zip(seen, seen[1:]))
+        decisions = [d for step in result.steps for d in step.decisions]
+        # The gate only asks for what fits: the cap never has to refuse an escalation.
+        assert not any(d.capped for d in decisions)
+        # The recorded threshold is the one the score met.
+        assert all(d.escalated == (d.score >= d.threshold) for d in decisions)
+
+
+def test_without_a_cap_it_is_the_inner_gate_at_its_floor():
+    runner = fake_cascade()
+    for floor in (0.2, 0.5, 0.8):
+        plain = runner.solve_many(["p1", "p2", "p3"], gates=[ConfidenceGate(floor)])
+        wrapped = runner.solve_many(["p1", "p2", "p3"], gates=[BudgetGate(ConfidenceGate(0.9), threshold=floor)])
+        assert [r.cost.total for r in plain] == [r.cost.total for r in wrapped]
+        assert [r.answer for r in plain] == [r.answer for r in wrapped]
+
+
+def test_fit_reads_scores_steps_and_step_cost_without_labels():
+    runner = fake_cascade(steps=4)
+    gate = fit_budget_gate(runner, [f"p{i}" for i in range(8)])
+    assert len(gate.score_quantiles) == 101 and list(gate.score_quantiles) == sorted(gate.score_quantiles)
+    assert gate.expected_steps("p1") == pytest.approx(5.0)  # 4 steps and the answer line
+    assert gate.step_cost > 0
+    assert isinstance(gate.inner, ConfidenceGate)
+
+
+def test_budget_grid_spans_small_to_large_and_holds_half():
+    grid = budget_grid(1.4, 86.0, k=7)
+    assert grid[0] == 1.4 and grid[-1] == 86.0 and 43.0 in grid and list(grid) == sorted(grid)
+    with pytest.raises(ConfigError):
+        budget_grid(90.0, 86.0)
+
+
+def test_select_on_curve_certifies_expected_cost_with_the_cap_as_bound():
+    budgets = [10.0]
+    candidates = curve_candidates(budgets, [1.0, 0.0], [1.0, 0.5, 0.0], cap_factor=3.0)
+    # columns: threshold 1.0, 0.0 (no cap); budget family floors 1.0, 0.5, 0.0 under cap 30
+    n = 99
+    costs = np.zeros((n, 5))
+    costs[:, 0], costs[:, 1] = 1.0, 60.0
+    costs[:, 2], costs[:, 3], costs[:, 4] = 1.0, 9.0, 12.0
+    objective = np.arange(5, dtype=float)
+    j, statement = select_on_curve(costs, candidates, objective, "budget", 10.0, 0.1, 0.05, 3.0, 100.0)
+    # floor 0.5: 0.99 * 9 + 30 / 100 = 9.21 <= 10; floor 0.0: 0.99 * 12 + 0.3 > 10
+    assert j == 3 and "E[cost] <= 10" in statement and "30" in statement
+    assert select_on_curve(costs, candidates, objective, "risk", 10.0, 0.1, 0.05, 3.0, 100.0)[0] == 0
+    with pytest.raises(cal.CalibrationError):
+        select_on_curve(costs, candidates, objective, "budget", 0.5, 0.1, 0.05, 3.0, 100.0)
+    with pytest.raises(ConfigError, match="method"):
+        select_on_curve(costs, candidates, objective, "nope", 10.0, 0.1, 0.05, 3.0, 100.0)
+
+
+def test_curve_on_fakes_certifies_and_serves():
+    runner = fake_cascade()
+    problems = [f"p{i}" for i in range(30)]
+    curve = calibrate_budget_curve(runner, problems, budgets=[5.0, 20.0, 60.0], cap_factor=2.0,
+                                   thresholds=default_thresholds(5), budget_thresholds=(1.0, 0.5, 0.0))
+    assert {p.method for p in curve.points} == {"budget", "risk", "conformal", "ltt"}
+    certified = [p for p in curve.points if p.method == "budget" and p.index is not None]
+    assert certified and all(p.cap == 2.0 * p.budget for p in certified)
+    for p in certified:
+        bound = 30 / 31 * p.mean_cost + p.cap / 31
+        assert bound <= p.budget + 1e-9 and 0 <= p.agreement <= 1
+        gates, cap = curve.policy("budget", p.budget)
+        assert cap == p.cap and isinstance(gates[0], BudgetGate) and gates[0].threshold == p.threshold
+        runs = runner.solve_many(problems, cap, gates=gates)
+        assert np.allclose([r.cost.total for r in runs], curve.swept.costs[:, p.index])
+    assert "budget" in curve.summary()
+    with pytest.raises(ConfigError, match="cap_factor"):
+        calibrate_budget_curve(runner, problems, budgets=[5.0], cap_factor=0.5)
+    with pytest.raises(ConfigError, match="methods"):
+        calibrate_budget_curve(runner, problems, budgets=[5.0], methods=("magic",))
+
+
+def test_sweep_shares_calls_across_branches_whose_model_state_matches():
+    # The fake large model writes every step exactly as the small one drafts it, so
+    # branches that parted over an escalation have the same contexts again, and the
+    # small model's session in each has seen the same calls: its drafts are one call
+    # each, however many thresholds are swept.
+    runner = fake_cascade(steps=5)
+    grid = [(t,) for t in sorted(default_thresholds(11), reverse=True)]
+    single = fake_cascade(steps=5)
+    single.solve("p1", gates=[ConfidenceGate(1.0)])
+    swept_runner = fake_cascade(steps=5)
+    swept = sweep(swept_runner, ["p1"], grid)
+    assert swept_runner.models[0].calls == single.models[0].calls
+    for j, (t,) in enumerate(grid):
+        assert swept.costs[0, j] == runner.solve("p1", gates=[ConfidenceGate(t)]).cost.total
