@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from cascade.answer import extract_answer
 from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep, sweep_file
+from cascade.budget import BudgetCurve, BudgetGate, calibrate_budget_curve, fit_budget_gate
 from cascade.cost import Cost, CostModel, Prices, Usage
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from cascade.errors import CascadeError, ConfigError, RequestTimeoutError, StepFailedError
@@ -26,6 +27,7 @@ from cascade.gates import (
     GateState,
     VerifyGate,
     decide,
+    effective_threshold,
     make_gate,
 )
 from cascade.records import Decision, Result, Step
@@ -38,6 +40,8 @@ __all__ = [
     "AdvantageGate",
     "AlwaysLarge",
     "AlwaysSmall",
+    "BudgetCurve",
+    "BudgetGate",
     "Calibration",
     "CalibrationFileError",
     "Cascade",
@@ -67,11 +71,14 @@ __all__ = [
     "Usage",
     "VerifyGate",
     "calibrate",
+    "calibrate_budget_curve",
     "collect_router_data",
     "load_router",
     "decide",
+    "effective_threshold",
     "embedded_cascade",
     "extract_answer",
+    "fit_budget_gate",
     "make_gate",
     "solve",
     "sweep",

@@ -407,7 +407,10 @@ class Calibration:
     """Certified thresholds for a grid of budgets, and the curves they were chosen from.
 
     entries: one per budget, sorted by budget: {"budget", "index" (candidate index or None
-        when infeasible), "thresholds", "statement", "reason"}.
+        when infeasible), "thresholds", "statement", "reason", and for a certified one
+        "agreement" (its answers' agreement with the top tier on the calibration problems:
+        the label-free accuracy proxy) and "mean_cost"}. For the accuracy-budget curve
+        across methods, with the budget-aware policy, see `cascade.budget.calibrate_budget_curve`.
     curves: per candidate (length K) — cost quantile at 1 - alpha, mean cost, escalation
         rate, agreement with the top tier, and accuracy when labels were given.
     """
@@ -452,7 +455,9 @@ class Calibration:
             if entry["index"] is None:
                 lines.append(f"  budget {entry['budget']:g}: no certified threshold ({entry['reason']})")
             else:
-                lines.append(f"  budget {entry['budget']:g}: thresholds {entry['thresholds']} - "
+                proxy = f" (agreement with the top tier {entry['agreement']:.3f}, mean cost " \
+                    f"{entry['mean_cost']:.1f})" if "agreement" in entry else ""
+                lines.append(f"  budget {entry['budget']:g}: thresholds {entry['thresholds']}{proxy} - "
                              f"{entry['statement']}")
         stats = self.sweep_stats
         if stats.get("independent_tokens"):
@@ -615,7 +620,10 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
             best = cal.choose_by_objective(selection, objective_values, maximize=True)
             entries.append({"budget": b, "index": int(best), "thresholds": list(candidates[best]),
                             "certified": certified, "statement": selection.at(best).statement(),
-                            "reason": ""})
+                            "reason": "",
+                            # the expected accuracy proxy: agreement with the top tier's answers
+                            "agreement": float(swept.agreement[:, best].mean()),
+                            "mean_cost": float(swept.costs[:, best].mean())})
         except cal.CalibrationError as error:
             if len(budgets) == 1:
                 raise
