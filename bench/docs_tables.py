@@ -91,17 +91,18 @@ def gates(results: Path) -> list[str]:
              "advantage:seq": "advantage, sequence router", "verify": "verify",
              "verify-ahead": "verify + draft ahead", "verify-fix": "verify + token rewrite + draft ahead",
              "oracle": "oracle (upper bound)"}
-    rows = [(names.get(family, family), f"`{m['policy']}`", f"{m['accuracy']:.3f}", f"{m['cost_vs_large']:.3f}",
-             _ratio(m["speedup_vs_large"]), f"{m['step_escalation_rate']:.3f}")
+    rows = [(names.get(family, family), f"`{m['policy']}`", f"{m['accuracy']:.3f}",
+             f"{m['cost_vs_large']:.3f}", _ratio(m["speedup_vs_large"]), f"{m['step_escalation_rate']:.3f}")
             if m["policy"] is not None else (names.get(family, family), "none reaches it", "-", "-", "-", "-")
             for family, m in report["matched"].items()]
     large = report["policies"]["large"]
     return _table(("gate", "policy", "accuracy", "cost vs large", "wall speedup vs large", "steps escalated"),
                   rows) + [
         "",
-        f"{report['n_problems']} held-out embedded test problems; large-only accuracy {large['accuracy']:.3f}, "
-        f"matched = within {report['tolerance']:g} of it (>= {report['target_accuracy']:g}). "
-        f"Pair {_pair(summary['models'])}. Run: `{report['run_commands'][0]}` at {_commits(report['run_commits'])}; "
+        f"{report['n_problems']} held-out embedded test problems; large-only accuracy "
+        f"{large['accuracy']:.3f}, matched = within {report['tolerance']:g} of it "
+        f"(>= {report['target_accuracy']:g}). Pair {_pair(summary['models'])}. "
+        f"Run: `{report['run_commands'][0]}` at {_commits(report['run_commits'])}; "
         f"table: `{_command(report['command'])}` at {_commits([report['commit']])}. "
         f"Source: {_source('gates/report.json')}."]
 
@@ -118,7 +119,8 @@ def _matched_table(relative: str, results: Path) -> list[str]:
                    "steps escalated"), rows) + [
         "",
         f"{report['n_problems']} embedded test problems; large-only accuracy {large['accuracy']:.3f}. "
-        f"Pair {_pair(summary['models'])}. Run: `{report['run_commands'][0]}` at {_commits(report['run_commits'])}; "
+        f"Pair {_pair(summary['models'])}. "
+        f"Run: `{report['run_commands'][0]}` at {_commits(report['run_commits'])}; "
         f"table: `{_command(report['command'])}` at {_commits([report['commit']])}. "
         f"Source: {_source(relative + '/report.json')}."]
 
@@ -135,22 +137,26 @@ def screened(results: Path) -> list[str]:
 
 def gate_targets(results: Path) -> list[str]:
     """The two targets of the gates run and the router runs, and the routers' held-out AUROC."""
-    rows = []
+    rows, provenance = [], []
     for relative in ("gates", "reader"):
         report = _load(relative + "/report.json", results)
+        pair = _pair(_load(relative + "/run/summary.json", results)["models"])
+        provenance.append(f"{relative}: pair {pair}, `cascade bench` at {_commits(report['run_commits'])}, "
+                          f"`python -m bench.gate_report` at {_commits([report['commit']])}")
         t = report["targets"]
         rows.append((f"[{relative}]({{root}}bench/results/{relative}/report.md)", f"`{t['best_gate']}`",
                      f"{_ratio(t['best_speedup_vs_large'])} (target {_ratio(t['speedup_target'])})",
                      f"`{t['advantage_gap_family']}`",
-                     f"{100 * t['advantage_gap_closed']:.1f} % (target {100 * t['advantage_gap_target']:.0f} %)",
+                     f"{100 * t['advantage_gap_closed']:.1f} % "
+                     f"(target {100 * t['advantage_gap_target']:.0f} %)",
                      ", ".join(f"{name or 'logistic'} {r['metrics']['auroc']:.3f}"
                                for name, r in report["routers"].items())))
     return _table(("run", "fastest gate at matched accuracy", "its speedup vs large", "best router",
                    "confidence-to-oracle gap closed", "router held-out AUROC"), rows) + [
         "",
         "Gap closed: how far the router's step-escalation rate at matched accuracy moves from the "
-        "confidence gate's to the oracle's. Runs and commits as in the tables above; "
-        f"sources: {_source('gates/report.json', 'reader/report.json')}."]
+        "confidence gate's to the oracle's. Runs (full commands in the tables above): "
+        + "; ".join(provenance) + f". Sources: {_source('gates/report.json', 'reader/report.json')}."]
 
 
 def embedded_bench(results: Path) -> list[str]:
@@ -159,9 +165,9 @@ def embedded_bench(results: Path) -> list[str]:
     rows = []
     for name, p in s["policies"].items():
         low, high = p["accuracy_ci95"]
-        rows.append((f"`{name}`", f"{p['accuracy']:.3f} ({low:.3f}-{high:.3f})", f"{p['wall_seconds']['mean']:.3f}",
-                     f"{p['wall_seconds']['p95']:.3f}", f"{p['speedup_vs_large']:.2f}", f"{p['mean_cost']:.1f}",
-                     f"{p['escalation_rate']:.3f}"))
+        rows.append((f"`{name}`", f"{p['accuracy']:.3f} ({low:.3f}-{high:.3f})",
+                     f"{p['wall_seconds']['mean']:.3f}", f"{p['wall_seconds']['p95']:.3f}",
+                     f"{p['speedup_vs_large']:.2f}", f"{p['mean_cost']:.1f}", f"{p['escalation_rate']:.3f}"))
     return _table(("policy", "accuracy (95% CI)", "mean s", "p95 s", "speedup vs large", "mean cost",
                    "escalation rate"), rows) + [
         "",
@@ -196,8 +202,9 @@ def nl_datasets(results: Path) -> list[str]:
 def calibration(results: Path) -> list[str]:
     """Label-free calibration at five budgets: the chosen threshold against the test split."""
     r = _load("calibration/report.json", results)
-    rows = [(f"{b['budget']:g}", f"{b['threshold']:g}", f"{b['test_violation']:.3f}", f"{b['test_accuracy']:.3f}",
-             f"{b['test_mean_cost']:.1f}", f"{b['oracle_threshold']:g}", f"{b['oracle_accuracy']:.3f}")
+    rows = [(f"{b['budget']:g}", f"{b['threshold']:g}", f"{b['test_violation']:.3f}",
+             f"{b['test_accuracy']:.3f}", f"{b['test_mean_cost']:.1f}", f"{b['oracle_threshold']:g}",
+             f"{b['oracle_accuracy']:.3f}")
             for b in r["budgets"]]
     return _table(("budget", "chosen threshold", f"test P(cost > B) (alpha {r['alpha']:g})", "test accuracy",
                    "test mean cost", "best threshold with labels", "its accuracy"), rows) + [
@@ -216,10 +223,11 @@ def trio(results: Path) -> list[str]:
     for name, s in r["summary"].items():
         low, high = s["accuracy_ci95"]
         thresholds = s.get("thresholds")
-        rows.append((name.replace("->", " -> "), f"{s['accuracy']:.3f} ({low:.3f}-{high:.3f})", f"{s['mean_cost']:.1f}",
-                     f"{s['mean_wall_seconds']:.3f}",
+        rows.append((name.replace("->", " -> "), f"{s['accuracy']:.3f} ({low:.3f}-{high:.3f})",
+                     f"{s['mean_cost']:.1f}", f"{s['mean_wall_seconds']:.3f}",
                      ", ".join(f"{t:g}" for t in thresholds) if thresholds else "-"))
-    return _table(("cascade", "accuracy (95% CI)", "mean cost", "mean wall s", "calibrated thresholds"), rows) + [
+    header = ("cascade", "accuracy (95% CI)", "mean cost", "mean wall s", "calibrated thresholds")
+    return _table(header, rows) + [
         "",
         f"{r['n_test']} test problems, {r['n_calibration']} calibration problems, alpha {r['alpha']:g}, "
         f"delta {r['delta']:g}. Models {_pair(r['models'].values())}. "
@@ -271,7 +279,8 @@ def overhead(results: Path) -> list[str]:
         "",
         f"{r['n']} embedded test problems, batch 1, {r['threads']} torch thread; load average "
         f"{r['load_average_before']:.2f} before, {r['load_average_after']:.2f} after. "
-        f"Run: `{r['command'].strip()}` at {_commits([r['commit']])}. Source: {_source('overhead/report.json')}."]
+        f"Run: `{r['command'].strip()}` at {_commits([r['commit']])}. "
+        f"Source: {_source('overhead/report.json')}."]
 
 
 def embedded_pair(results: Path) -> list[str]:
@@ -281,24 +290,55 @@ def embedded_pair(results: Path) -> list[str]:
     for name, s in r["summary"].items():
         low, high = s["accuracy_ci95"]
         rows.append((f"`{name}`", f"{s['accuracy']:.3f} ({low:.3f}-{high:.3f})", f"{s['mean_cost']:.1f}",
-                     f"{s['escalation_rate']:.3f}", f"{s['mean_wall_seconds']:.3f}", f"{s['gap_recovered']:.2f}"))
+                     f"{s['escalation_rate']:.3f}", f"{s['mean_wall_seconds']:.3f}",
+                     f"{s['gap_recovered']:.2f}"))
     auroc = ", ".join(f"{k} {v:.3f}" for k, v in r["step_auroc_confidence_vs_correct"].items())
     task = r["task_config"]
     return _table(("policy", "accuracy (95% CI)", "mean cost", "escalation rate", "mean wall s",
                    "accuracy gap recovered"), rows) + [
         "",
-        f"{r['n_problems']} {r['split']}-split problems ({task['min_steps']}-{task['max_steps']} derived variables, "
-        f"ops `{task['ops']}`, values 0-{task['max_value']}), {r['machine']}. Small-model step AUROC of "
+        f"{r['n_problems']} {r['split']}-split problems "
+        f"({task['min_steps']}-{task['max_steps']} derived variables, ops `{task['ops']}`, "
+        f"values 0-{task['max_value']}), {r['machine']}. Small-model step AUROC of "
         f"confidence vs correctness: {auroc}; large/small seconds per step "
         f"{r['seconds_per_step']['ratio']:.1f}x. Pair {_pair(r['models'].values())}. "
-        f"Run: `{r['command']}` at {_commits([r['commit']])}. Source: {_source('embedded_pair/report.json')}."]
+        f"Run: `{r['command']}` at {_commits([r['commit']])}. "
+        f"Source: {_source('embedded_pair/report.json')}."]
+
+
+def model_accuracy(results: Path) -> list[str]:
+    """Each shipped model alone: the pair report (1000 problems) and the trio run (300)."""
+    pair = _load("embedded_pair/report.json", results)
+    tri = _load("trio/report.json", results)
+    rows = []
+    for size in ("small", "medium", "large"):
+        model = tri["models"][size]
+        cells = [f"`{model['name']}`", f"{model['parameters']:,}"]
+        for summary, n in ((pair["summary"], pair["n_problems"]), (tri["summary"], tri["n_test"])):
+            s = summary.get(size) or summary.get(f"{size}-only")
+            cells.append(f"{s['accuracy']:.3f} ({n})" if s else "-")
+        rows.append(cells)
+    return _table(("model", "parameters", "accuracy alone: pair report (problems)",
+                   "accuracy alone: three-tier run (problems)"), rows) + [
+        "",
+        f"Test-split problems. Runs: `{pair['command']}` at {_commits([pair['commit']])}; "
+        f"`{tri['command']}` at {_commits([tri['commit']])}. "
+        f"Sources: {_source('embedded_pair/report.json', 'trio/report.json')}."]
+
+
+def pair_accuracy(results: Path) -> list[str]:
+    """One line for the README: the shipped pair's accuracy alone."""
+    r = _load("embedded_pair/report.json", results)
+    small, large = (r["summary"][k]["accuracy"] for k in ("small", "large"))
+    return [f"Measured alone on {r['n_problems']} test problems: `embedded:small` {small:.3f}, "
+            f"`embedded:large` {large:.3f} (`{r['command']}` at {_commits([r['commit']])})."]
 
 
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "gates": gates, "gate-targets": gate_targets, "reader": reader, "screened": screened,
     "embedded-bench": embedded_bench, "nl-datasets": nl_datasets, "calibration": calibration,
     "trio": trio, "throughput": throughput, "serve-load": serve_load, "overhead": overhead,
-    "embedded-pair": embedded_pair,
+    "embedded-pair": embedded_pair, "model-accuracy": model_accuracy, "pair-accuracy": pair_accuracy,
 }
 
 
@@ -345,11 +385,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any region is stale")
     args = parser.parse_args(argv)
     if args.check:
-        stale = stale_regions()
+        stale = stale_regions(ROOT, RESULTS)
         for line in stale:
             print(f"stale: {line} (run python -m bench.docs_tables)", file=sys.stderr)
         return 1 if stale else 0
-    for path in doc_files():
+    for path in doc_files(ROOT):
         text = path.read_text()
         new = rewrite(text, RESULTS, _root_link(path, ROOT))
         if new != text:
