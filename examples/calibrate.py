@@ -26,4 +26,5 @@ path = calib.save(Path(tempfile.mkdtemp()) / "calib.json")
 served = cascade.Cascade.from_calibration(path)
 test = generate_split("test", 1)[0]
 result = served.solve(test.problem, budget=args.budget)
-print(f"{test.problem} -> {result.answer} (truth {test.answer}), cost {result.cost.total:.1f} <= {args.budget}")
+print(f"{test.problem} -> {result.answer} (truth {test.answer}), "
+      f"cost {result.cost.total:.1f} <= {args.budget}")

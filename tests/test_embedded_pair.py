@@ -73,9 +73,16 @@ def test_tight_budget_is_a_hard_cap():
     assert cascade.solve(problem, budget=5, gate=cascade.AlwaysLarge()).cap_intervened
 
 
+# Each example's work is bounded by its arguments (problem counts, steps), not by the clock:
+# the suite runs on busy 2-core machines where the same work takes several times longer
+# (calibrate.py at --n 30 ran past a 300 s limit at load ~10). The timeout below is only a
+# hang guard: it costs time only when an example hangs.
+EXAMPLE_HANG_GUARD_S = 1800
+
+
 @pytest.mark.parametrize("script,args", [
     ("solve.py", ["a=5;b=a+7;?b", "--budget", "200"]),
-    ("calibrate.py", ["--n", "30", "--budget", "60", "--alpha", "0.3", "--delta", "0.3"]),
+    ("calibrate.py", ["--n", "12", "--budget", "60", "--alpha", "0.3", "--delta", "0.3"]),
     ("benchmark.py", ["--limit", "4", "--out", "{tmp}/bench", "--policies", "small,large,confidence@0.5"]),
     ("train_router.py", ["--n", "40"]),
     ("serve.py", ["a=5;b=a+7;?b", "--budget", "200"]),
@@ -83,6 +90,6 @@ def test_tight_budget_is_a_hard_cap():
 def test_examples_run(script, args, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     done = subprocess.run([sys.executable, str(REPO / "examples" / script), *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=EXAMPLE_HANG_GUARD_S)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip()
