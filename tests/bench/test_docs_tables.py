@@ -64,13 +64,23 @@ def test_each_table_names_its_pair_command_and_commit():
         assert re.search(r"at `[0-9a-f]{7}", text), name
 
 
-def test_links_are_relative_to_the_file_that_holds_the_table():
+def _anchors(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    headings = re.findall(r"^#+ (.+)$", markdown, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_resolve_from_the_file_that_holds_them():
     assert "](bench/results/gates/report.json)" in render("gates")
     assert "](../bench/results/gates/report.json)" in render("gates", root_link="../")
     for path in doc_files():
         text = path.read_text()
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
-            assert (path.parent / target).exists(), f"{path.relative_to(ROOT)} links to missing {target}"
+        for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", text):
+            where = f"{path.relative_to(ROOT)} links to {target}#{anchor}"
+            linked = path.parent / target if target else path
+            assert linked.exists(), where
+            if anchor and linked.suffix == ".md":
+                assert anchor in _anchors(linked.read_text()), where
 
 
 def test_bad_regions_are_named(tmp_path):
