@@ -111,3 +111,8 @@ def test_readme_test_command_is_the_one_ci_runs():
     readme = (ROOT / "README.md").read_text()
     assert " && ".join(commands) in readme.splitlines()
     assert "ruff check ." in commands[-1]
+
+
+def test_readme_stays_short():
+    # issue 20: a newcomer reads it in five minutes; details belong in docs/
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 250
