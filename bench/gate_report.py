@@ -25,8 +25,8 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from bench.harness import load_results, router_files, summarize_rows
 
@@ -196,7 +196,8 @@ def _markdown(report: dict) -> str:
                      f"{_f(s['speedup_vs_large'], '.2f')} |")
     lines += [
         "",
-        f"## At matched accuracy (>= large-only - {report['tolerance'] * 100:g} pt = {report['target_accuracy']:.3f})",
+        f"## At matched accuracy (>= large-only - {report['tolerance'] * 100:g} pt = "
+        f"{report['target_accuracy']:.3f})",
         "",
         "Cheapest measured threshold of each gate that reaches it; escalation needed: interpolated "
         "along the gate's accuracy-vs-escalation curve.",
@@ -222,14 +223,16 @@ def _markdown(report: dict) -> str:
         "## Targets (issue 6)",
         "",
         f"- Advantage gate closes >= 70 % of the confidence-to-oracle gap in escalation rate at matched "
-        f"accuracy: **{_f(gap)}**{f' ({per_family})' if len(targets.get('advantage_gaps', {})) > 1 else ''} -> "
+        f"accuracy: **{_f(gap)}**{f' ({per_family})' if len(targets.get('advantage_gaps', {})) > 1 else ''}"
+        " -> "
         f"{'met' if targets['advantage_gap_met'] else 'not met' if gap is not None else 'not measurable'}.",
         f"- Best deployable gate >= 2.5x faster than large-only (wall) at <= 1 pt accuracy loss: "
         f"**{targets['best_gate']}, {_f(targets['best_speedup_vs_large'], '.2f')}x** -> "
         f"{'met' if targets['speedup_met'] else 'not met'}.",
     ]
     for name, entry in report.get("routers", {}).items():
-        lines += ["", f"## Router{' ' + name if name else ''} (`{entry['file']}`)", "", "```", entry["summary"], "```"]
+        lines += ["", f"## Router{' ' + name if name else ''} (`{entry['file']}`)", "",
+                  "```", entry["summary"], "```"]
     if report.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {note}" for note in report["notes"]]
     lines += ["", "Plots: [pareto_cost.png](pareto_cost.png), [pareto_latency.png](pareto_latency.png)"]
@@ -247,10 +250,11 @@ def _plot(report: dict, out: Path) -> None:
                                   ("pareto_latency.png", "wall", "mean wall seconds per problem")):
         fig, ax = plt.subplots(figsize=(6.5, 4.8))
 
-        def x_of(s):
+        def x_of(s, key=key):  # bound now: the loop rebinds `key`
             return s["mean_cost"] if key == "cost" else s["wall_seconds"]["mean"]
 
-        for family, marker in zip(_families(stats), "osPXv^<>Dph"):
+        # strict=False: a twelfth family would go unplotted (no run has more than seven)
+        for family, marker in zip(_families(stats), "osPXv^<>Dph", strict=False):
             members = [n for n in stats if family_of(n) == family]
             if not members:
                 continue

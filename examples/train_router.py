@@ -29,14 +29,15 @@ small, large = runner.models
 work = Path(tempfile.mkdtemp())
 problems = [p.problem for p in generate_split("train", args.n)]
 data = collect_router_data(small, large, problems, ExactStepScorer(), work / "rows.jsonl",
-                           max_steps=runner.options.max_steps, max_step_tokens=runner.options.max_step_tokens,
-                           skip_perfect=True)
-router = train_router(data, tau=0.0) if args.router_model == "logistic" else train_sequence_router(data, tau=0.0)
+                           max_steps=runner.options.max_steps,
+                           max_step_tokens=runner.options.max_step_tokens, skip_perfect=True)
+train = train_router if args.router_model == "logistic" else train_sequence_router
+router = train(data, tau=0.0)
 print(router.summary())
 path = router.save(work / "router.pt")
 
 gate = cascade.AdvantageGate(load_router(path, models=runner.models), threshold=args.threshold)
 for test in generate_split("test", 3):
     result = runner.solve(test.problem, gates=[gate])
-    print(f"{test.problem} -> {result.answer} (truth {test.answer}), escalation {result.escalation_rate:.0%}, "
-          f"cost {result.cost.total:.1f}")
+    print(f"{test.problem} -> {result.answer} (truth {test.answer}), "
+          f"escalation {result.escalation_rate:.0%}, cost {result.cost.total:.1f}")

@@ -120,7 +120,7 @@ def running_fake(state: FakeState | None = None):
     server = uvicorn.Server(uvicorn.Config(make_app(state), host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120  # start-up guard; the loop leaves as soon as it is up
     while not server.started:
         if time.monotonic() > deadline:
             raise RuntimeError("fake OpenAI server did not start")

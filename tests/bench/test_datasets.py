@@ -142,7 +142,8 @@ def test_sources_table_matches_the_shipped_bytes() -> None:
                                          "aime25.jsonl"}
     for name, lines, size, digest in table:
         data = (DATA_DIR / name).read_bytes()
-        assert (data.count(b"\n"), len(data), hashlib.sha256(data).hexdigest()) == (int(lines), int(size), digest)
+        measured = (data.count(b"\n"), len(data), hashlib.sha256(data).hexdigest())
+        assert measured == (int(lines), int(size), digest)
 
 
 @pytest.mark.parametrize("split", ["calibration", "test"])
@@ -153,4 +154,6 @@ def test_committed_embedded_splits_load_as_user_files(split: str) -> None:
     assert all(e.id.startswith(f"{split}-") and ";?" in e.problem and e.answer for e in examples)
     if split == "test":  # the "embedded" dataset is this file, graded as integers
         embedded = load_dataset("embedded")
-        assert [(e.id, e.problem, e.answer) for e in embedded] == [(e.id, e.problem, e.answer) for e in examples]
+        def rows(items):
+            return [(e.id, e.problem, e.answer) for e in items]
+        assert rows(embedded) == rows(examples)

@@ -167,10 +167,13 @@ def test_timeout_falls_back_without_hanging() -> None:
     items = [("\\boxed{\\sqrt{4}}", "2", "math"),    # needs math-verify: times out -> fallback False
              ("\\boxed{0.5}", "\\frac12", "math"),    # fallback True: never sent to the worker
              ("\\boxed{\\sqrt{9}}", "3", "math")]     # a fresh pool, times out again
+    delay = 300.0
     start = time.monotonic()
-    with Grader(timeout=0.5, verifier=_DelayedVerifier(60.0)) as grader:
+    with Grader(timeout=0.5, verifier=_DelayedVerifier(delay)) as grader:
         assert grader.grade_many(items) == [False, True, False]
-    assert time.monotonic() - start < 20.0
+    # A grader that waited on the verifier takes >= delay; starting worker processes on a busy
+    # machine takes seconds, so the bound is the delay itself rather than a tight figure.
+    assert time.monotonic() - start < delay
 
 
 @needs_math_verify

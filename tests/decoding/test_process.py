@@ -108,5 +108,7 @@ def test_dead_child_fails_calls_instead_of_hanging(tiny_dirs):
         for _ in range(50):  # the reader notices the closed socket within a moment
             _steps(remote, [""], "y")
             time.sleep(0.05)
-    assert time.monotonic() - started < 10
+    # Slow, not hung: a call that blocked on the dead child would never return, so this bound
+    # only has to separate "noticed" from "waited on something"; 60 s holds on a busy machine.
+    assert time.monotonic() - started < 60
     remote.close()

@@ -1,0 +1,402 @@
+"""The result tables of README.md and docs/*.md, generated from the committed JSON under bench/results/.
+
+    python -m bench.docs_tables            # rewrite every marked region in place
+    python -m bench.docs_tables --check    # exit 1, naming each region that differs
+
+A region is the text between `<!-- table:NAME -->` and `<!-- /table:NAME -->`; NAME is a key
+of `TABLES`. Its whole content is rebuilt from the JSON, with a provenance line (the pair,
+the commands and commits the JSON records), so a figure edited by hand, or a JSON changed
+without regenerating, shows up as a difference (tests/bench/test_docs_tables.py checks it).
+The same NAME may appear in several files; each copy gets the same text.
+
+Run from a source checkout: run outputs are not packaged in the wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+__all__ = ["TABLES", "DOC_FILES", "render", "rewrite", "stale_regions"]
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC_FILES = ("README.md", "docs/*.md")
+
+_REGION = re.compile(r"(<!-- table:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)",
+                     re.DOTALL)
+
+
+# ---- formatting ---------------------------------------------------------------------------------
+
+def _load(relative: str, results: Path) -> dict:
+    path = results / relative
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: the committed result this table is built from is missing") from None
+
+
+def _short(commit: str) -> str:
+    dirty = commit.endswith("-dirty")
+    return commit[:7] + (" (uncommitted changes)" if dirty else "")
+
+
+def _commits(commits: Iterable[str]) -> str:
+    return ", ".join(f"`{_short(c)}`" for c in dict.fromkeys(commits))
+
+
+def _pair(models: Iterable[dict]) -> str:
+    """`embedded:small` -> `embedded:large` from a results file's model records."""
+    names = []
+    for model in models:
+        name = model["name"]
+        shipped = re.search(r"cascade/embedded/(\w+)$", name)  # older reports record the path
+        names.append(f"embedded:{shipped.group(1)}" if shipped else name)
+    return " -> ".join(f"`{n}`" for n in names)
+
+
+def _command(command: str) -> str:
+    # gate_report commands carry their free-text notes (--note '...'); the notes are in the
+    # report itself, the provenance line keeps the command that matters.
+    head = command.split(" --note ")[0]
+    return head + (" --note ..." if head != command else "")
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2f}x"
+
+
+def _source(*relative: str) -> str:
+    return ", ".join(f"[`bench/results/{r}`]({{root}}bench/results/{r})" for r in relative)
+
+
+# ---- the tables ---------------------------------------------------------------------------------
+
+def gates(results: Path) -> list[str]:
+    """The headline: each gate at matched accuracy (within the tolerance of large-only)."""
+    report = _load("gates/report.json", results)
+    summary = _load("gates/run/summary.json", results)
+    names = {"confidence": "confidence", "advantage": "advantage, logistic router",
+             "advantage:seq": "advantage, sequence router", "verify": "verify",
+             "verify-ahead": "verify + draft ahead", "verify-fix": "verify + token rewrite + draft ahead",
+             "oracle": "oracle (upper bound)"}
+    rows = [(names.get(family, family), f"`{m['policy']}`", f"{m['accuracy']:.3f}",
+             f"{m['cost_vs_large']:.3f}", _ratio(m["speedup_vs_large"]), f"{m['step_escalation_rate']:.3f}")
+            if m["policy"] is not None else (names.get(family, family), "none reaches it", "-", "-", "-", "-")
+            for family, m in report["matched"].items()]
+    large = report["policies"]["large"]
+    return _table(("gate", "policy", "accuracy", "cost vs large", "wall speedup vs large", "steps escalated"),
+                  rows) + [
+        "",
+        f"{report['n_problems']} held-out embedded test problems; large-only accuracy "
+        f"{large['accuracy']:.3f}, matched = within {report['tolerance']:g} of it "
+        f"(>= {report['target_accuracy']:g}). Pair {_pair(summary['models'])}. "
+        f"Run: `{report['run_commands'][0]}` at {_commits(report['run_commits'])}; "
+        f"table: `{_command(report['command'])}` at {_commits([report['commit']])}. "
+        f"Source: {_source('gates/report.json')}."]
+
+
+def _matched_table(relative: str, results: Path) -> list[str]:
+    report = _load(relative + "/report.json", results)
+    summary = _load(relative + "/run/summary.json", results)
+    rows = [(f"`{m['policy']}`", f"{m['accuracy']:.3f}", f"{m['cost_vs_large']:.3f}",
+             _ratio(m["speedup_vs_large"]), f"{m['step_escalation_rate']:.3f}")
+            if m["policy"] is not None else (f"`{family}`: no threshold run reaches it", "-", "-", "-", "-")
+            for family, m in report["matched"].items()]
+    large = report["policies"]["large"]
+    return _table(("policy at matched accuracy", "accuracy", "cost vs large", "wall speedup vs large",
+                   "steps escalated"), rows) + [
+        "",
+        f"{report['n_problems']} embedded test problems; large-only accuracy {large['accuracy']:.3f}. "
+        f"Pair {_pair(summary['models'])}. "
+        f"Run: `{report['run_commands'][0]}` at {_commits(report['run_commits'])}; "
+        f"table: `{_command(report['command'])}` at {_commits([report['commit']])}. "
+        f"Source: {_source(relative + '/report.json')}."]
+
+
+def reader(results: Path) -> list[str]:
+    """Routers that read a cheaper model's log-probabilities of the draft (`advantage:rd`)."""
+    return _matched_table("reader", results)
+
+
+def screened(results: Path) -> list[str]:
+    """Verification screened by the sequence router (`verify-fix:seq=S@T`)."""
+    return _matched_table("screened", results)
+
+
+def gate_targets(results: Path) -> list[str]:
+    """The two targets of the gates run and the router runs, and the routers' held-out AUROC."""
+    rows, provenance = [], []
+    for relative in ("gates", "reader"):
+        report = _load(relative + "/report.json", results)
+        pair = _pair(_load(relative + "/run/summary.json", results)["models"])
+        provenance.append(f"{relative}: pair {pair}, `cascade bench` at {_commits(report['run_commits'])}, "
+                          f"`python -m bench.gate_report` at {_commits([report['commit']])}")
+        t = report["targets"]
+        rows.append((f"[{relative}]({{root}}bench/results/{relative}/report.md)", f"`{t['best_gate']}`",
+                     f"{_ratio(t['best_speedup_vs_large'])} (target {_ratio(t['speedup_target'])})",
+                     f"`{t['advantage_gap_family']}`",
+                     f"{100 * t['advantage_gap_closed']:.1f} % "
+                     f"(target {100 * t['advantage_gap_target']:.0f} %)",
+                     ", ".join(f"{name or 'logistic'} {r['metrics']['auroc']:.3f}"
+                               for name, r in report["routers"].items())))
+    return _table(("run", "fastest gate at matched accuracy", "its speedup vs large", "best router",
+                   "confidence-to-oracle gap closed", "router held-out AUROC"), rows) + [
+        "",
+        "Gap closed: how far the router's step-escalation rate at matched accuracy moves from the "
+        "confidence gate's to the oracle's. Runs (full commands in the tables above): "
+        + "; ".join(provenance) + f". Sources: {_source('gates/report.json', 'reader/report.json')}."]
+
+
+def embedded_bench(results: Path) -> list[str]:
+    """Fixed-threshold policies on 500 test problems (the first committed benchmark)."""
+    s = _load("embedded_bench/summary.json", results)
+    rows = []
+    for name, p in s["policies"].items():
+        low, high = p["accuracy_ci95"]
+        rows.append((f"`{name}`", f"{p['accuracy']:.3f} ({low:.3f}-{high:.3f})",
+                     f"{p['wall_seconds']['mean']:.3f}", f"{p['wall_seconds']['p95']:.3f}",
+                     f"{p['speedup_vs_large']:.2f}", f"{p['mean_cost']:.1f}", f"{p['escalation_rate']:.3f}"))
+    return _table(("policy", "accuracy (95% CI)", "mean s", "p95 s", "speedup vs large", "mean cost",
+                   "escalation rate"), rows) + [
+        "",
+        f"{s['n_problems']} embedded test problems, greedy, batch 1. Pair {_pair(s['models'])}. "
+        f"Run: `{s['command']}` at {_commits(s['commits'])} (three processes over problem shards, "
+        f"see `run.json`). Source: {_source('embedded_bench/summary.json')}."]
+
+
+def nl_datasets(results: Path) -> list[str]:
+    """The natural-language sets with the embedded pair: the path end to end, accuracy 0."""
+    rows, commands, commits, pair = [], [], [], ""
+    for dataset in ("gsm8k", "math500", "aime24", "aime25"):
+        s = _load(f"{dataset}/summary.json", results)
+        p = s["policies"]
+        correct = sorted({q["n_correct"] for q in p.values()})
+        rows.append((f"[{dataset}]({{root}}bench/results/{dataset}/summary.md)", str(s["n_problems"]),
+                     "/".join(str(c) for c in correct) + f"/{s['n_problems']}",
+                     f"{p['small']['wall_seconds']['mean']:.2f} / {p['large']['wall_seconds']['mean']:.2f}",
+                     f"{p['small']['mean_cost']:.1f} / {p['large']['mean_cost']:.1f}",
+                     f"{s['problems_with_unknown_chars']}/{s['n_problems']}"))
+        commands.append(s["command"])
+        commits += s["commits"]
+        pair = _pair(s["models"])
+    policies = ",".join(p for p in _load("gsm8k/summary.json", results)["policies"])
+    return _table(("dataset", "problems", "correct, every policy", "mean s: small / large",
+                   "mean cost: small / large", "problems with unknown characters"), rows) + [
+        "",
+        f"Policies `{policies}`. Pair {pair}. Runs: `{commands[0]}` (and the same with each dataset) "
+        f"at {_commits(commits)}. Sources: `bench/results/{{gsm8k,math500,aime24,aime25}}/summary.json`."]
+
+
+def calibration(results: Path) -> list[str]:
+    """Label-free calibration at five budgets: the chosen threshold against the test split."""
+    r = _load("calibration/report.json", results)
+    rows = [(f"{b['budget']:g}", f"{b['threshold']:g}", f"{b['test_violation']:.3f}",
+             f"{b['test_accuracy']:.3f}", f"{b['test_mean_cost']:.1f}", f"{b['oracle_threshold']:g}",
+             f"{b['oracle_accuracy']:.3f}")
+            for b in r["budgets"]]
+    return _table(("budget", "chosen threshold", f"test P(cost > B) (alpha {r['alpha']:g})", "test accuracy",
+                   "test mean cost", "best threshold with labels", "its accuracy"), rows) + [
+        "",
+        f"LTT, alpha {r['alpha']:g}, delta {r['delta']:g}, {r['n_cal']} unlabeled calibration problems, "
+        f"{r['n_test']} test problems; small-only mean cost {r['small_only_mean_cost']:.1f}, large-only "
+        f"{r['large_only_mean_cost']:.1f}. Pair `embedded:small` -> `embedded:large` (the script's "
+        f"`embedded_cascade()`). Run: `{r['command'].strip()}` at {_commits([r['commit']])}. "
+        f"Source: {_source('calibration/report.json')}."]
+
+
+def trio(results: Path) -> list[str]:
+    """Two- and three-tier cascades with the medium model, calibrated at the same budgets."""
+    r = _load("trio/report.json", results)
+    rows = []
+    for name, s in r["summary"].items():
+        low, high = s["accuracy_ci95"]
+        thresholds = s.get("thresholds")
+        rows.append((name.replace("->", " -> "), f"{s['accuracy']:.3f} ({low:.3f}-{high:.3f})",
+                     f"{s['mean_cost']:.1f}", f"{s['mean_wall_seconds']:.3f}",
+                     ", ".join(f"{t:g}" for t in thresholds) if thresholds else "-"))
+    header = ("cascade", "accuracy (95% CI)", "mean cost", "mean wall s", "calibrated thresholds")
+    return _table(header, rows) + [
+        "",
+        f"{r['n_test']} test problems, {r['n_calibration']} calibration problems, alpha {r['alpha']:g}, "
+        f"delta {r['delta']:g}. Models {_pair(r['models'].values())}. "
+        f"Run: `{r['command']}` at {_commits([r['commit']])}. Source: {_source('trio/report.json')}."]
+
+
+def throughput(results: Path) -> list[str]:
+    """`solve_many` against sequential `solve`, in one process and with the large model isolated."""
+    r = _load("throughput/report.json", results)
+    rows = [(run["setup"], f"`{run['mode']}`", str(run["concurrency"]), f"{run['throughput']:.2f}",
+             _ratio(run["speedup"]), f"{run['latency_p95']:.2f}", "yes" if run["same_traces"] else "NO")
+            for run in r["runs"]]
+    return _table(("setup", "call", "concurrency", "problems/s", "vs sequential", "p95 latency s",
+                   "same traces"), rows) + [
+        "",
+        f"{r['n']} embedded test problems, {r['torch_threads']} torch thread per process, {r['machine']}; "
+        f"baseline: the mean of the sequential in-process runs, {r['baseline_throughput']:.2f} problems/s. "
+        f"Models `{r['models']}`, gate `{r['gate']}`. Run: `{r['command']}` at {_commits([r['commit']])}. "
+        f"Source: {_source('throughput/report.json')}."]
+
+
+def serve_load(results: Path) -> list[str]:
+    """Closed-loop load against `cascade serve`, in one process and `--isolate`."""
+    rows, provenance = [], []
+    for relative in ("serve", "serve_isolated"):
+        r = _load(relative + "/report.json", results)
+        for level in r["levels"]:
+            rows.append((f"`{r['server_command'].split('  ')[0]}`", str(level["clients"]),
+                         f"{level['completed_200']}/{level['requests_planned']}",
+                         str(level["errors"] + level["lost"]), str(level["hard_cap_violations"]),
+                         f"{level['throughput_rps']:.1f}", f"{level['latency_p50_s']:.2f}",
+                         f"{level['latency_p99_s']:.2f}"))
+        provenance.append(f"`{r['command']}` at {_commits([r['commit']])} ({r['machine']})")
+    return _table(("server", "clients", "answered 200", "errors + lost", "hard-cap violations", "requests/s",
+                   "p50 s", "p99 s"), rows) + [
+        "",
+        f"Budget {r['budget']:g} per request; the server runs the embedded default pair "
+        "(`embedded:small` -> `embedded:large`). Runs: " + "; ".join(provenance) + ". "
+        f"Sources: {_source('serve/report.json', 'serve_isolated/report.json')}."]
+
+
+def overhead(results: Path) -> list[str]:
+    """Milliseconds per decoded token: the step runtime against bare `model.generate`."""
+    r = _load("overhead/report.json", results)
+    rows = [(f"`embedded:{tier}`", str(t["steps"]), str(t["tokens"]), f"{t['cascade_ms_per_token']:.2f}",
+             f"{t['generate_ms_per_token']:.2f}", f"{100 * t['overhead_fraction']:+.1f} %")
+            for tier, t in r["tiers"].items()]
+    return _table(("model", "steps", "tokens", "runtime ms/token", "generate ms/token", "overhead"), rows) + [
+        "",
+        f"{r['n']} embedded test problems, batch 1, {r['threads']} torch thread; load average "
+        f"{r['load_average_before']:.2f} before, {r['load_average_after']:.2f} after. "
+        f"Run: `{r['command'].strip()}` at {_commits([r['commit']])}. "
+        f"Source: {_source('overhead/report.json')}."]
+
+
+def embedded_pair(results: Path) -> list[str]:
+    """The shipped pair alone and with a confidence gate, 1000 test problems."""
+    r = _load("embedded_pair/report.json", results)
+    rows = []
+    for name, s in r["summary"].items():
+        low, high = s["accuracy_ci95"]
+        rows.append((f"`{name}`", f"{s['accuracy']:.3f} ({low:.3f}-{high:.3f})", f"{s['mean_cost']:.1f}",
+                     f"{s['escalation_rate']:.3f}", f"{s['mean_wall_seconds']:.3f}",
+                     f"{s['gap_recovered']:.2f}"))
+    auroc = ", ".join(f"{k} {v:.3f}" for k, v in r["step_auroc_confidence_vs_correct"].items())
+    task = r["task_config"]
+    return _table(("policy", "accuracy (95% CI)", "mean cost", "escalation rate", "mean wall s",
+                   "accuracy gap recovered"), rows) + [
+        "",
+        f"{r['n_problems']} {r['split']}-split problems "
+        f"({task['min_steps']}-{task['max_steps']} derived variables, ops `{task['ops']}`, "
+        f"values 0-{task['max_value']}), {r['machine']}. Small-model step AUROC of "
+        f"confidence vs correctness: {auroc}; large/small seconds per step "
+        f"{r['seconds_per_step']['ratio']:.1f}x. Pair {_pair(r['models'].values())}. "
+        f"Run: `{r['command']}` at {_commits([r['commit']])}. "
+        f"Source: {_source('embedded_pair/report.json')}."]
+
+
+def model_accuracy(results: Path) -> list[str]:
+    """Each shipped model alone: the pair report (1000 problems) and the trio run (300)."""
+    pair = _load("embedded_pair/report.json", results)
+    tri = _load("trio/report.json", results)
+    rows = []
+    for size in ("small", "medium", "large"):
+        model = tri["models"][size]
+        cells = [f"`{model['name']}`", f"{model['parameters']:,}"]
+        for summary, n in ((pair["summary"], pair["n_problems"]), (tri["summary"], tri["n_test"])):
+            s = summary.get(size) or summary.get(f"{size}-only")
+            cells.append(f"{s['accuracy']:.3f} ({n})" if s else "-")
+        rows.append(cells)
+    return _table(("model", "parameters", "accuracy alone: pair report (problems)",
+                   "accuracy alone: three-tier run (problems)"), rows) + [
+        "",
+        f"Test-split problems. Runs: `{pair['command']}` at {_commits([pair['commit']])}; "
+        f"`{tri['command']}` at {_commits([tri['commit']])}. "
+        f"Sources: {_source('embedded_pair/report.json', 'trio/report.json')}."]
+
+
+def pair_accuracy(results: Path) -> list[str]:
+    """One line for the README: the shipped pair's accuracy alone."""
+    r = _load("embedded_pair/report.json", results)
+    small, large = (r["summary"][k]["accuracy"] for k in ("small", "large"))
+    return [f"Measured alone on {r['n_problems']} test problems: `embedded:small` {small:.3f}, "
+            f"`embedded:large` {large:.3f} (`{r['command']}` at {_commits([r['commit']])})."]
+
+
+TABLES: dict[str, Callable[[Path], list[str]]] = {
+    "gates": gates, "gate-targets": gate_targets, "reader": reader, "screened": screened,
+    "embedded-bench": embedded_bench, "nl-datasets": nl_datasets, "calibration": calibration,
+    "trio": trio, "throughput": throughput, "serve-load": serve_load, "overhead": overhead,
+    "embedded-pair": embedded_pair, "model-accuracy": model_accuracy, "pair-accuracy": pair_accuracy,
+}
+
+
+# ---- rewriting marked regions ---------------------------------------------------------------------
+
+def render(name: str, results: Path = RESULTS, root_link: str = "") -> str:
+    """The region body for table NAME; `root_link` prefixes repository links (docs/ uses "../")."""
+    if name not in TABLES:
+        raise KeyError(f"unknown table {name!r}; known: {', '.join(TABLES)}")
+    return "\n".join(TABLES[name](results)).replace("{root}", root_link) + "\n"
+
+
+def _root_link(path: Path, root: Path) -> str:
+    depth = len(path.resolve().relative_to(root.resolve()).parts) - 1
+    return "../" * depth
+
+
+def rewrite(text: str, results: Path = RESULTS, root_link: str = "") -> str:
+    """`text` with every marked region's body rebuilt."""
+    return _REGION.sub(lambda m: m.group(1) + render(m.group("name"), results, root_link) + m.group(4), text)
+
+
+def doc_files(root: Path = ROOT) -> list[Path]:
+    return sorted({p for pattern in DOC_FILES for p in root.glob(pattern)})
+
+
+def stale_regions(root: Path = ROOT, results: Path = RESULTS) -> list[str]:
+    """`file: table NAME` for every region whose text differs from what the JSON gives."""
+    stale = []
+    for path in doc_files(root):
+        text = path.read_text()
+        link = _root_link(path, root)
+        if text.count("<!-- table:") != len(_REGION.findall(text)):
+            stale.append(f"{path.relative_to(root)}: a `<!-- table:NAME -->` marker without its "
+                         "`<!-- /table:NAME -->` (or the reverse)")
+        for match in _REGION.finditer(text):
+            if match.group("body") != render(match.group("name"), results, link):
+                stale.append(f"{path.relative_to(root)}: table {match.group('name')}")
+    return stale
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="change nothing; exit 1 if any region is stale")
+    args = parser.parse_args(argv)
+    if args.check:
+        stale = stale_regions(ROOT, RESULTS)
+        for line in stale:
+            print(f"stale: {line} (run python -m bench.docs_tables)", file=sys.stderr)
+        return 1 if stale else 0
+    for path in doc_files(ROOT):
+        text = path.read_text()
+        new = rewrite(text, RESULTS, _root_link(path, ROOT))
+        if new != text:
+            path.write_text(new)
+            print(f"rewrote {path.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
