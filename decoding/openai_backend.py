@@ -495,8 +495,15 @@ class OpenAIBackend(OwnLoopBatches):
         scored = token_lps[first:prompt_entries]
         if not scored or any(lp is None or not math.isfinite(lp) for lp in scored):
             raise BackendError(no_echo + " (null or non-finite logprobs for the scored text)", self.info.name)
-        if generated and endpoint not in self._echo_checked:
-            await self._check_echo(body, endpoint, token_lps[-1], tokens[-1] if tokens else None)
+        if endpoint not in self._echo_checked:
+            if generated:
+                await self._check_echo(body, endpoint, token_lps[-1], tokens[-1] if tokens else None)
+            elif self.prompt_format == "text":
+                # The check needs a generated token; with text prompts nothing else shows a
+                # shifted echo, so an unchecked server's scores are not taken.
+                raise BackendError(f"{where}: cannot check this server's echoed logprobs yet (the model "
+                                   "ended the scored text with EOS, so no token was generated to compare); "
+                                   "refusing to score with unchecked logprobs", self.info.name)
         prefix_text, prefix_tokens = None, 0
         top = logprobs.get("top_logprobs")
         if text_ids is not None and self._vllm_extensions and isinstance(top, list) and len(top) == len(token_lps):

@@ -323,10 +323,11 @@ class VLLMBackend(OwnLoopBatches):
 
     # ---- the protocol ------------------------------------------------------------------------
 
-    def _submit(self, coroutine) -> concurrent.futures.Future:
+    def _check_open(self) -> None:
         if self._loop.is_closed():
-            coroutine.close()
             raise BackendError("this VLLMBackend was closed", self.info.name)
+
+    def _submit(self, coroutine) -> concurrent.futures.Future:
         if threading.current_thread() is self._thread:
             coroutine.close()
             raise RuntimeError("VLLMBackend: a blocking call from inside its own event loop")
