@@ -424,7 +424,12 @@ class OpenAIBackend(OwnLoopBatches):
             text = decode_after(self.tokenizer, sent[-1] if sent else None, kept)
             piece = step_piece(text, token_ids, stop_reason)
         else:
-            if stop_reason == "delimiter" and not text.endswith(self.info.step_delimiter):
+            spelled = "".join(tokens) if tokens and all(isinstance(t, str) for t in tokens) else ""
+            if stop_reason == "delimiter" and spelled.startswith(text) and self.info.step_delimiter in spelled:
+                # The server cut its text at the stop string; its tokens' texts keep every
+                # character of the token that completed it, as HFBackend's step does.
+                text = spelled
+            elif stop_reason == "delimiter" and not text.endswith(self.info.step_delimiter):
                 text += self.info.step_delimiter
             # ids unknown (or the server tokenizes text itself): the step is a new piece
             piece = (text, encode(text, False))

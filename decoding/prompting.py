@@ -1,5 +1,7 @@
-"""What every backend does the same way: turn a problem into prompt text, count the
-tokens a request's next call must prefill, estimate an entropy from top-k logprobs,
+"""What every backend does the same way: turn a problem into prompt text, turn a
+request's context into tokens by one rule (`plan_catch_up`, kept per request by
+`PrefixLedger` for engines that are sent the whole prompt each call), count the tokens
+a request's next call must prefill, estimate an entropy from top-k logprobs,
 decode tokens as they read after the context, and work out a scored text's
 `ScoreOutput.greedy_prefix` from the model's greedy choices along it.
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Container, Iterable, Sequence
 
 __all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "CatchUp", "plan_catch_up", "crop_point",
-           "prompt_ids", "step_piece", "entropy_from_top", "decode_after", "delimiter_end", "greedy_prefix"]
+           "step_piece", "entropy_from_top", "decode_after", "delimiter_end", "greedy_prefix"]
 
 
 def check_prompt_settings(step_delimiter: str, prompt_template: str | None) -> None:
@@ -113,17 +115,6 @@ def plan_catch_up(held_text: str, held_tokens: int, boundaries: Sequence[tuple[i
         return CatchUp(0, 0, ids, False)
     rest = target[chars:]
     return CatchUp(tokens, chars, encode(rest, False) if rest else [], tokens < held_tokens)
-
-
-def prompt_ids(encode: Callable[[str, bool], list[int]], prompt: str, add_special: bool,
-               *pieces: str) -> list[int]:
-    """Token ids as HFBackend feeds them to a fresh cache: the prompt, then each piece
-    encoded on its own (so engine backends send exactly the tokens HFBackend would)."""
-    ids = encode(prompt, add_special)
-    for piece in pieces:
-        if piece:
-            ids += encode(piece, False)
-    return ids
 
 
 def decode_after(tokenizer, anchor: int | None, ids: Sequence[int]) -> str:

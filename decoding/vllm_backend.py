@@ -54,7 +54,6 @@ from decoding.prompting import (
     entropy_from_top,
     greedy_prefix,
     render_prompt,
-    step_piece,
 )
 from decoding.types import (
     BackendError,
@@ -84,6 +83,7 @@ class VLLMBackend(OwnLoopBatches):
                               num_parameters=num_parameters, step_delimiter=step_delimiter,
                               entropy="exact" if top_logprobs >= len(tokenizer) else f"top-{top_logprobs}")
         self._top_logprobs = top_logprobs
+        self._eos_ids = {tokenizer.eos_token_id} - {None}
         self._loop = loop
         self._thread = thread
         self._ledger = PrefixLedger()
@@ -263,13 +263,13 @@ class VLLMBackend(OwnLoopBatches):
             stop_reason = "eos"
         # The text of the tokens as HFBackend decodes them (a token that completes the
         # delimiter keeps all its characters; vLLM's own text stops at the stop string).
-        kept = token_ids[:-1] if stop_reason == "eos" and token_ids else token_ids
+        # (vLLM lists the EOS that ended a step among its tokens; HFBackend never feeds it.)
+        kept = list(token_ids[:-1] if token_ids and token_ids[-1] in self._eos_ids else token_ids)
         text = decode_after(self.tokenizer, sent[-1] if sent else None, kept)
         if stop_reason == "delimiter" and self.info.step_delimiter not in text:
             raise BackendError(f"vLLM stopped at the delimiter but its tokens read {text!r}", self.info.name)
         with self._lock:
-            self._ledger.record(request.request_id, prompt, request.context,
-                                [step_piece(text, token_ids, stop_reason)], encode)
+            self._ledger.record(request.request_id, prompt, request.context, [(text, kept)], encode)
         return StepOutput(text=text, token_ids=token_ids, logprobs=tuple(logprobs),
                           entropies=tuple(entropies), stop_reason=stop_reason, prefill_tokens=fed,
                           seconds=time.perf_counter() - started)
