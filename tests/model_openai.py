@@ -10,9 +10,8 @@ against the real servers where they ran here):
   fails with HTTP 500 (it concatenates the prompt list with text); `max_tokens` <= 0
   means "until the context is full" (`n_ctx`); no `stop_reason`; tokens come back as
   text; echoed entries skip a leading BOS and pair each token with the distribution
-  *after* it, which is right only when the prompt starts with BOS (for a model without
-  BOS every echoed logprob is off by one position; the generated token's then reads a
-  stale row, here a uniform one).
+  *after* it, which is right only when the prompt starts with BOS (without it every
+  echoed logprob is off by one position and the last entry is missing).
 """
 
 from __future__ import annotations
@@ -113,15 +112,13 @@ class ModelServer:
         if echo:
             if llamacpp:
                 # Row i of its score table is the distribution after token i of the evaluated
-                # sequence (the last generated token is never evaluated: a stale row); entry
-                # idx pairs all_tokens[idx] with row idx.
+                # sequence (the last generated token is never evaluated); entry idx pairs
+                # all_tokens[idx] with row idx, and the pairing stops with the rows (zip).
                 bos = self.tokenizer.bos_token_id
                 has_bos = bool(ids) and ids[0] == bos
                 all_tokens = (ids[1:] if has_bos else ids) + generated
-                uniform = torch.log_softmax(torch.zeros(rows.shape[1]), dim=-1)
-                table = list(rows) + list(gen_rows[1:]) + [uniform]
-                for index, token in enumerate(all_tokens):
-                    row = table[index] if index < len(table) else uniform
+                table = list(rows) + list(gen_rows[1:])
+                for token, row in zip(all_tokens, table):
                     tokens.append(self._key(token, False))
                     token_lps.append(float(row[token]))
                     tops.append(self._top(row, token, max(k, 1), False))

@@ -123,7 +123,9 @@ def test_a_prompt_without_bos_first_is_refused_not_scored(server, tokenizer):
     b = _backend(server, tokenizer=tokenizer, prompt_template="Question: {problem}\nAnswer:",
                  prompt_format="text")
     try:
-        with pytest.raises(BackendError, match="echoes wrong prompt logprobs"):
+        # (its echo is one entry short as well as shifted: the tokens ending it do not spell
+        # the scored text)
+        with pytest.raises(BackendError, match="refusing to score"):
             b.score_steps([ScoreRequest("r", PROBLEM, "", " Tom has 8 apples.")])
     finally:
         b.close()

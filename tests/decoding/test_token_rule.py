@@ -261,7 +261,7 @@ def test_llamacpp_style_server_token_prompts_text_prompts_and_a_shifted_echo(smo
             assert echoes and all(body["max_tokens"] == 1 for body in echoes)
             # without BOS first, its echo pairs each token with the next position's
             # distribution: refused, not scored
-            with pytest.raises(BackendError, match="echoes wrong prompt logprobs"):
+            with pytest.raises(BackendError, match="refusing to score"):
                 plain.score_steps([ScoreRequest("p", PENS, "", " 4 pens cost 8 dollars.")])
         finally:
             for rid in ("h", "h2"):
