@@ -2,8 +2,9 @@
 
 Kinds (an `Example.kind` from `bench.datasets`):
 
-- ``gsm8k``: numbers. ``$``, thousands separators, ``%``, trailing unit words and a
-  trailing ``.0`` are ignored; integers compare exactly, other values to 1e-6 relative.
+- ``gsm8k``: numbers, read by `answer_number` (the one numeric reading every kind uses:
+  ``$``, thousands separators including ``{,}``, ``%``, trailing unit words and LaTeX
+  fractions); integers compare exactly, other values to 1e-6 relative.
 - ``aime``, ``embedded``: integers (``025`` equals ``25``).
 - ``math``, ``user``: a normalized string / numeric comparison first (cheap and strict);
   if that says no and the optional ``math-verify`` package is installed, math-verify
@@ -11,10 +12,12 @@ Kinds (an `Example.kind` from `bench.datasets`):
   signals, so it runs in a worker process with a per-item timeout; on timeout or error
   the fallback's answer stands.
 
-A prediction is the model's text: its final answer is the last ``\\boxed{}``/``\\fbox{}``,
-else the text after the last ``####``, else what follows "the answer is"; a text with none
-of these is taken as a bare answer. To grade many items, use `grade_many` or one `Grader`
-(it starts its worker process once, and only when some item needs math-verify).
+A prediction is the model's text: its final answer is what the runtime's extractor
+(`cascade.answer.extract_answer`) reads: the last ``\\boxed{}``/``\\fbox{}``, else the text
+after the last ``####``, else the sentence after the last "the answer is" / "Final
+Answer:"; a text with none of these is taken as a bare answer. To grade many items, use
+`grade_many` or one `Grader` (it starts its worker process once, and only when some item
+needs math-verify).
 
 The worker process is started with the "spawn" method (safe in a process that uses CUDA or
 threads); a script that grades must therefore guard its entry point with
@@ -34,9 +37,12 @@ from dataclasses import dataclass
 from fractions import Fraction
 from types import TracebackType
 
+from cascade.answer import extract_answer, strip_wrappers
+
 __all__ = [
     "KINDS",
     "Grader",
+    "answer_number",
     "extract_final_answer",
     "grade",
     "grade_many",
@@ -53,68 +59,19 @@ Verifier = Callable[[str, str], "bool | None"]
 
 # --------------------------------------------------------------------------- extraction
 
-_BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_IS_RE = re.compile(r"(?:final answer|the answer)\s*(?:is|:)\s*:?\s*([^\n]+)", re.IGNORECASE)
-
-
-def _braced(text: str, start: int) -> str | None:
-    """The content of the brace group whose '{' is at text[start - 1]; None if unbalanced."""
-    depth = 1
-    for index in range(start, len(text)):
-        char = text[index]
-        if char == "{":
-            depth += 1
-        elif char == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start:index]
-    return None
-
-
-def _strip_wrappers(answer: str) -> str:
-    answer = answer.strip()
-    for _ in range(3):
-        before = answer
-        answer = answer.strip().rstrip(".").strip()
-        for left, right in (("$", "$"), ("**", "**"), ("\\(", "\\)"), ("\\[", "\\]")):
-            if len(answer) > len(left) + len(right) and answer.startswith(left) and answer.endswith(right):
-                answer = answer[len(left):-len(right)].strip()
-        if answer == before:
-            break
-    return answer
-
-
 def extract_final_answer(text: str) -> str | None:
-    """The final answer in a model's text, or None when it states none.
-
-    Order: the last balanced ``\\boxed{...}`` / ``\\fbox{...}`` (nested braces kept), else
-    the text after the last ``####`` on its line, else what follows the last "the answer
-    is" / "final answer is" (case-insensitive, trailing period and ``$``/``**`` dropped).
-    """
-    boxed: str | None = None
-    for match in _BOX_RE.finditer(text):
-        content = _braced(text, match.end())
-        if content is not None:
-            boxed = content
-    if boxed is not None:
-        return boxed.strip()
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1].strip().split("\n", 1)[0]
-        answer = _strip_wrappers(tail)
-        return answer or None
-    matches = list(_ANSWER_IS_RE.finditer(text))
-    if matches:
-        answer = _strip_wrappers(matches[-1].group(1))
-        return answer or None
-    return None
+    """The final answer in a model's text, or None when it states none: the runtime's own
+    extractor (`cascade.answer.extract_answer`), so a trace's `Result.answer` and its
+    grade read the same answer."""
+    return extract_answer(text)
 
 
 def _answer_text(prediction: str | None) -> str | None:
     if prediction is None:
         return None
-    answer = extract_final_answer(prediction)
+    answer = extract_answer(prediction)
     if answer is None:
-        answer = _strip_wrappers(prediction)  # a bare answer such as "42" or "\frac{1}{2}"
+        answer = strip_wrappers(prediction)  # a bare answer such as "42" or "\frac{1}{2}"
     return answer or None
 
 
@@ -157,10 +114,19 @@ def numbers_equal(a: Fraction, b: Fraction, rel_tol: float = 1e-6) -> bool:
 
 _TEXT_RE = re.compile(r"\\(?:text|textbf|textrm|mbox|mathrm)\s*\{([^{}]*)\}")
 _UNIT_WORDS_RE = re.compile(r"\s+[A-Za-z][A-Za-z.\s/]*$")
+_SHORT_FRAC_RE = re.compile(r"\\frac\s*(\d|\{[^{}]*\})\s*(\d|\{[^{}]*\})")
 
 
-def _gsm8k_number(answer: str) -> Fraction | None:
-    text = _TEXT_RE.sub(r" \1", answer)
+def answer_number(answer: str) -> Fraction | None:
+    """An answer as an exact number, for every kind of task (the one numeric reading):
+    ``$``/``\\$``, ``%``/``\\%``, ``\\text{...}``, trailing unit words ("18 dollars"), a
+    leading ``x =``, thousands separators (``1,000``, ``1{,}000``, ``1\\,000``), and LaTeX
+    fractions (``\\frac{1}{2}``, ``\\dfrac{1}{2}``, ``\\tfrac12``, ``1\\frac{4}{5}``) are read;
+    else None."""
+    text = _TEXT_RE.sub(r" \1", strip_wrappers(answer))
+    text = text.replace("{,}", ",")
+    text = re.sub(r"\\[dt]frac", r"\\frac", text)
+    text = _SHORT_FRAC_RE.sub(lambda m: rf"\frac{{{m[1].strip('{}')}}}{{{m[2].strip('{}')}}}", text)
     text = re.sub(r"\\[!,;:]|\\\$|\\%|[$%]", "", text).strip().rstrip(".").strip()
     text = re.sub(r"^[A-Za-z]\w*\s*=\s*", "", text)  # "x = 18"
     text = _UNIT_WORDS_RE.sub("", text)  # "18 dollars", "5 hours"
@@ -168,7 +134,7 @@ def _gsm8k_number(answer: str) -> Fraction | None:
 
 
 def _integer(answer: str) -> int | None:
-    value = _gsm8k_number(answer)
+    value = answer_number(answer)
     if value is None or value.denominator != 1:
         return None
     return int(value)
@@ -177,7 +143,6 @@ def _integer(answer: str) -> int | None:
 # --------------------------------------------------------------------------- MATH fallback
 
 _LEFT_RIGHT_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])")
-_SHORT_FRAC_RE = re.compile(r"\\frac\s*(\d|\{[^{}]*\})\s*(\d|\{[^{}]*\})")
 _SHORT_SQRT_RE = re.compile(r"\\sqrt\s*(\d+|[A-Za-z])")
 _TRAILING_TEXT_RE = re.compile(r"(?<=\S)\s*\\(?:text|textrm|mbox|mathrm)\s*\{[^{}]*\}(?:\^\{?\d\}?)?$")
 
@@ -191,7 +156,7 @@ def normalize_math_answer(answer: str) -> str:
     ``\\text{X}`` around a whole answer is unwrapped; ``(C)`` becomes ``C``; a leading
     single-variable ``x=`` is dropped.
     """
-    text = _strip_wrappers(answer)
+    text = strip_wrappers(answer)
     text = _LEFT_RIGHT_RE.sub("", text)
     text = re.sub(r"\\[dt]frac", r"\\frac", text)
     text = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", text)
@@ -215,7 +180,7 @@ def _fallback_math_equal(prediction: str, reference: str) -> bool:
         return False
     if pred == ref:
         return True
-    pred_value, ref_value = parse_number(pred), parse_number(ref)
+    pred_value, ref_value = answer_number(prediction), answer_number(reference)
     return pred_value is not None and ref_value is not None and numbers_equal(pred_value, ref_value)
 
 
@@ -341,7 +306,7 @@ class Grader:
             if answer is None:
                 results.append(False)
             elif kind == "gsm8k":
-                pred_value, ref_value = _gsm8k_number(answer), _gsm8k_number(reference)
+                pred_value, ref_value = answer_number(answer), answer_number(reference)
                 results.append(pred_value is not None and ref_value is not None
                                and numbers_equal(pred_value, ref_value))
             elif kind in ("aime", "embedded"):

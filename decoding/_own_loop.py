@@ -21,6 +21,10 @@ class OwnLoopBatches:
     def _submit(self, coroutine) -> concurrent.futures.Future:
         raise NotImplementedError
 
+    def _check_open(self) -> None:
+        """Raise when the backend can no longer run calls (checked before any coroutine
+        is made, so a refused call leaves none un-awaited)."""
+
     async def _next_step(self, request: StepRequest) -> StepOutput:
         raise NotImplementedError
 
@@ -32,15 +36,19 @@ class OwnLoopBatches:
         return await asyncio.gather(*coroutines)
 
     async def anext_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
+        self._check_open()
         future = self._submit(self._gather([self._next_step(r) for r in requests]))
         return list(await asyncio.wrap_future(future))
 
     async def ascore_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
+        self._check_open()
         future = self._submit(self._gather([self._score(r) for r in requests]))
         return list(await asyncio.wrap_future(future))
 
     def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
+        self._check_open()
         return list(self._submit(self._gather([self._next_step(r) for r in requests])).result())
 
     def score_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
+        self._check_open()
         return list(self._submit(self._gather([self._score(r) for r in requests])).result())

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-from decoding.prompting import crop_point, decode_after, delimiter_end, greedy_prefix, render_prompt
+from decoding.prompting import (CatchUp, decode_after, delimiter_end, greedy_prefix, plan_catch_up,
+                                render_prompt)
 from decoding.types import (
     BackendError,
     ModelInfo,
@@ -387,43 +388,50 @@ class HFBackend:
         session.ids.extend(ids)
         return torch.log_softmax(logits, dim=-1)
 
-    def _plan_catch_up(self, session: _Session, target: str) -> tuple[int, int]:
-        """The (tokens, characters) boundary to keep: the last one inside the shared prefix."""
-        return crop_point(session.text, session.boundaries, target)
+    def _plan(self, session: _Session, problem: str, context: str) -> tuple[str, int, CatchUp]:
+        """(prompt, its token count, how the session reaches prompt + context)."""
+        prompt, add_special = self.render_prompt(problem)
+
+        def encode(text: str, is_prompt: bool) -> list[int]:
+            return self._encode(text, add_special_tokens=is_prompt and add_special)
+
+        plan = plan_catch_up(session.text, len(session.ids), session.boundaries, prompt, context, encode)
+        prompt_tokens = len(encode(prompt, True)) if plan.keep_tokens == 0 else 0
+        return prompt, prompt_tokens, plan
 
     def _plan_feed(self, request_id: str, problem: str, context: str) -> tuple[_Session, list[int]]:
-        """Bring the session's text and boundaries to prompt + context (cropping its cache
-        back to the last shared boundary when the context diverged); returns the session
-        and the token ids still to be fed through the model."""
+        """Bring the session's text and boundaries to prompt + context by the shared rule
+        (`decoding.prompting.plan_catch_up`), cropping its cache back to the last shared
+        boundary when the context diverged; returns the session and the token ids still
+        to be fed through the model."""
         session = self._sessions.setdefault(request_id, _Session())
         session.scored = None  # this call changes what the session holds
-        prompt, add_special = self.render_prompt(problem)
+        prompt, prompt_tokens, plan = self._plan(session, problem, context)
         target = prompt + context
-        tokens, chars = self._plan_catch_up(session, target)
         feed: list[int] = []
-        if tokens == 0:
+        if plan.keep_tokens == 0:
             # Fresh (or fully diverged) request: start over from the prompt.
             self._sessions[request_id] = session = _Session()
-            feed = self._encode(prompt, add_special_tokens=add_special)
-            if not feed:
+            if not prompt_tokens:
                 raise BackendError("the prompt encoded to no tokens", self.info.name)
-            tokens, chars = len(feed), len(prompt)
             session.text = prompt
-            session.boundaries.append((tokens, chars))
-        elif tokens < len(session.ids):
-            # Diverged after a shared boundary: crop to one token before it and re-feed
-            # that token, so the distribution at the boundary is known again.
-            feed = [session.ids[tokens - 1]]
-            session.cache.crop(-(len(session.ids) - (tokens - 1)))  # negative: tokens to drop
-            del session.ids[tokens - 1:]
-            session.text = target[:chars]
-            session.boundaries = [b for b in session.boundaries if b[0] <= tokens]
-        rest = target[chars:]
-        if rest:
-            ids = self._encode(rest)
-            feed = feed + ids
+            session.boundaries.append((prompt_tokens, len(prompt)))
+            feed = plan.new_ids[:prompt_tokens]
+            tokens, chars, new_ids = prompt_tokens, len(prompt), plan.new_ids[prompt_tokens:]
+        else:
+            tokens, chars, new_ids = plan.keep_tokens, plan.keep_chars, plan.new_ids
+            if plan.refeed:
+                # Diverged after a shared boundary: crop to one token before it and re-feed
+                # that token, so the distribution at the boundary is known again.
+                feed = [session.ids[tokens - 1]]
+                session.cache.crop(-(len(session.ids) - (tokens - 1)))  # negative: tokens to drop
+                del session.ids[tokens - 1:]
+                session.text = target[:chars]
+                session.boundaries = [b for b in session.boundaries if b[0] <= tokens]
+        if len(target) > chars:
+            feed = feed + new_ids
             session.text = target
-            session.boundaries.append((tokens + len(ids), len(target)))
+            session.boundaries.append((tokens + len(new_ids), len(target)))
         return session, feed
 
     def _catch_up(self, request_id: str, problem: str, context: str,
@@ -437,15 +445,7 @@ class HFBackend:
     # ---- the protocol ----------------------------------------------------------------------
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
-        session = self._sessions.get(request_id, _Session())
-        prompt, add_special = self.render_prompt(problem)
-        target = prompt + context
-        tokens, chars = self._plan_catch_up(session, target)
-        if tokens == 0:
-            prompt_tokens = len(self._encode(prompt, add_special))
-            return prompt_tokens + (len(self._encode(context)) if context else 0)
-        rest = target[chars:]
-        return int(tokens < len(session.ids)) + (len(self._encode(rest)) if rest else 0)
+        return self._plan(self._sessions.get(request_id, _Session()), problem, context)[2].prefill
 
     def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
         """Generate one step for each request, all rows decoding together as one padded batch.

@@ -107,15 +107,16 @@ class ProcessBackend:
         return render_prompt(problem, tokenizer=self.tokenizer, step_delimiter=self.info.step_delimiter,
                              prompt_template=self.prompt_template)
 
-    def _count(self, add_special: bool):
-        def count(text: str, is_prompt: bool) -> int:
-            return len(self.tokenizer.encode(text, add_special_tokens=add_special and is_prompt))
-        return count
+    def _encoder(self, add_special: bool):
+        """`PrefixLedger`'s encoder: the prompt with the specials its rendering asks for."""
+        def encode(text: str, is_prompt: bool) -> list[int]:
+            return list(self.tokenizer.encode(text, add_special_tokens=add_special and is_prompt))
+        return encode
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)
         with self._lock:
-            return self._ledger.prefill(request_id, prompt, context, self._count(add_special))
+            return self._ledger.prefill(request_id, prompt, context, self._encoder(add_special))
 
     def _settled(self, request: StepRequest | ScoreRequest, future: concurrent.futures.Future) -> None:
         """Runs as each answer arrives (before any caller sees it). After an answer the
@@ -128,11 +129,11 @@ class ProcessBackend:
         output = future.result()
         prompt, add_special = self.render_prompt(request.problem)
         if isinstance(output, StepOutput):
-            pieces = [step_piece(output.text, len(output.token_ids), output.stop_reason)]
+            pieces = [step_piece(output.text, output.token_ids, output.stop_reason)]
         else:
-            pieces = [(request.text, len(output.token_ids))] if output.token_ids else []
+            pieces = [(request.text, list(output.token_ids))] if output.token_ids else []
         with self._lock:
-            self._ledger.record(request.request_id, prompt, request.context, pieces, self._count(add_special))
+            self._ledger.record(request.request_id, prompt, request.context, pieces, self._encoder(add_special))
 
     # ---- the protocol -------------------------------------------------------------------------
 

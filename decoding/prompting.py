@@ -1,5 +1,7 @@
-"""What every backend does the same way: turn a problem into prompt text, count the
-tokens a request's next call must prefill, estimate an entropy from top-k logprobs,
+"""What every backend does the same way: turn a problem into prompt text, turn a
+request's context into tokens by one rule (`plan_catch_up`, kept per request by
+`PrefixLedger` for engines that are sent the whole prompt each call), count the tokens
+a request's next call must prefill, estimate an entropy from top-k logprobs,
 decode tokens as they read after the context, and work out a scored text's
 `ScoreOutput.greedy_prefix` from the model's greedy choices along it.
 
@@ -14,8 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Container, Iterable, Sequence
 
-__all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "crop_point", "prompt_ids", "step_piece",
-           "entropy_from_top", "decode_after", "delimiter_end", "greedy_prefix"]
+__all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "CatchUp", "plan_catch_up", "crop_point",
+           "step_piece", "entropy_from_top", "decode_after", "delimiter_end", "greedy_prefix"]
 
 
 def check_prompt_settings(step_delimiter: str, prompt_template: str | None) -> None:
@@ -59,15 +61,60 @@ def crop_point(cached: str, boundaries: Iterable[tuple[int, int]], target: str) 
     return keep
 
 
-def prompt_ids(encode: Callable[[str, bool], list[int]], prompt: str, add_special: bool,
-               *pieces: str) -> list[int]:
-    """Token ids as HFBackend feeds them to a fresh cache: the prompt, then each piece
-    encoded on its own (so engine backends send exactly the tokens HFBackend would)."""
-    ids = encode(prompt, add_special)
-    for piece in pieces:
-        if piece:
-            ids += encode(piece, False)
-    return ids
+Encode = Callable[[str, bool], list[int]]  # (text, is_prompt) -> token ids
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """How a request's token sequence reaches prompt + context (see `plan_catch_up`).
+
+    keep_tokens/keep_chars: the leading tokens (and the characters they spell) of what
+    the request already holds that stay; 0 = start over from the prompt.
+    new_ids: the tokens after them: the prompt (when starting over), then the new text.
+    refeed: one kept token must be fed again (the cache was cut back inside what it held,
+    so the distribution after the boundary must be computed again).
+    """
+
+    keep_tokens: int
+    keep_chars: int
+    new_ids: list[int]
+    refeed: bool
+
+    @property
+    def prefill(self) -> int:
+        """Tokens a call that catches up this way feeds through the model."""
+        return int(self.refeed) + len(self.new_ids)
+
+
+def plan_catch_up(held_text: str, held_tokens: int, boundaries: Sequence[tuple[int, int]], prompt: str,
+                  context: str, encode: Encode) -> CatchUp:
+    """THE rule for what a request's context is in tokens, shared by every backend.
+
+    A request's token sequence is built by appending pieces: the prompt (encoded with the
+    tokenizer's specials when it asks for them), then each step exactly as the model's
+    own token ids when this model generated it, each scored text encoded on its own, and
+    any other new text encoded on its own. When the context diverges from what is held
+    (a rejected draft, another tier's step, a sweep branch), the sequence is cut back to
+    the last piece boundary inside the shared text and the rest is encoded as one piece.
+
+    So one model's greedy run feeds back exactly the tokens it generated (a cascade with
+    a single tier writes what plain greedy decoding writes), the sequence only ever grows
+    at its end between divergences (prefix caches always hit), and `HFBackend` (its KV
+    cache), `VLLMBackend` and `OpenAIBackend` (their `PrefixLedger`) send the same tokens
+    for the same history, so they write the same greedy steps on any tokenizer.
+    Re-encoding the whole text instead would turn a step generated as '.', '\n', '\n\n'
+    into '.', '\n\n\n' on a BPE tokenizer: tokens the model never wrote, a different next
+    step, and a cache that misses at every step boundary.
+    """
+    target = prompt + context
+    tokens, chars = crop_point(held_text, boundaries, target)
+    if tokens == 0:
+        ids = encode(prompt, True)
+        if context:
+            ids = ids + encode(context, False)
+        return CatchUp(0, 0, ids, False)
+    rest = target[chars:]
+    return CatchUp(tokens, chars, encode(rest, False) if rest else [], tokens < held_tokens)
 
 
 def decode_after(tokenizer, anchor: int | None, ids: Sequence[int]) -> str:
@@ -118,74 +165,74 @@ def greedy_prefix(ids: Sequence[int], agreed: int, next_token: int | None, *, te
     return (prefix[: cut + len(delimiter)] if cut >= 0 else prefix), end
 
 
-def step_piece(text: str, generated_tokens: int, stop_reason: str) -> tuple[str, int]:
-    """A generated step as a `PrefixLedger.record` piece: its text and the tokens a cache
-    holds after it, which is all of them but a final EOS (HFBackend never feeds EOS)."""
-    return text, generated_tokens - (1 if stop_reason == "eos" else 0)
+def step_piece(text: str, token_ids: Sequence[int], stop_reason: str) -> tuple[str, list[int]]:
+    """A generated step as a `PrefixLedger.record` piece: its text and the token ids a
+    cache holds after it, which is all of them but a final EOS (HFBackend never feeds EOS)."""
+    ids = list(token_ids)
+    return text, ids[:-1] if stop_reason == "eos" and ids else ids
 
 
 @dataclass
 class _Entry:
     text: str = ""
-    tokens: int = 0
+    ids: list[int] = field(default_factory=list)
     # (tokens, characters) after each piece sent or generated: the places a cache that
     # holds this text can be cut back to without re-encoding (as HFBackend crops its KV).
     boundaries: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
 
 
 class PrefixLedger:
-    """Per-request record of the text a (prefix-caching) engine has already seen.
+    """Per-request record of the tokens a (prefix-caching) engine has been sent and has
+    generated, kept by the backend that talks to it (vLLM, an OpenAI-compatible server).
 
-    A backend that re-sends the whole prompt each call (a server, vLLM) still only
-    computes the tokens past the cached prefix; this ledger counts those tokens with the
-    same rule `HFBackend` applies to its own KV cache: keep the last piece boundary inside
-    the shared prefix, re-feed one token when the text diverged after it, then the rest.
-    Counting with the same rule is what makes costs, and so calibrations, comparable
-    across backends. Not thread-safe: the owning backend serializes access.
+    `plan` gives the token ids to send for prompt + context by `plan_catch_up`, the
+    rule `HFBackend` applies to its own KV cache, and the tokens a prefix cache leaves to
+    compute; `record` appends what the call sent and generated. Sending the same tokens
+    and counting with the same rule is what makes steps, costs and so calibrations the
+    same across backends. A backend without a tokenizer passes an `encode` that returns
+    placeholder ids (-1), one per token of its count: the counts stay right, the ids are
+    not sent. Not thread-safe: the owning backend serializes access.
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
 
-    def _keep(self, entry: _Entry, target: str) -> tuple[int, int]:
-        return crop_point(entry.text, entry.boundaries, target)
-
-    def prefill(self, request_id: str, prompt: str, context: str,
-                count: Callable[[str, bool], int]) -> int:
-        """Tokens a call on prompt + context must prefill. count(text, is_prompt) -> tokens."""
+    def _catch_up(self, request_id: str, prompt: str, context: str, encode: Encode) -> tuple[_Entry, CatchUp]:
         entry = self._entries.get(request_id, _Entry())
-        tokens, chars = self._keep(entry, prompt + context)
-        if tokens == 0:
-            return count(prompt, True) + (count(context, False) if context else 0)
-        rest = (prompt + context)[chars:]
-        return int(tokens < entry.tokens) + (count(rest, False) if rest else 0)
+        return entry, plan_catch_up(entry.text, len(entry.ids), entry.boundaries, prompt, context, encode)
 
-    def record(self, request_id: str, prompt: str, context: str, pieces: Iterable[tuple[str, int]],
-               count: Callable[[str, bool], int]) -> None:
-        """After a call: the engine now holds prompt + context + the pieces (text, tokens)
-        it generated or scored."""
-        entry = self._entries.get(request_id, _Entry())
+    def plan(self, request_id: str, prompt: str, context: str, encode: Encode) -> tuple[list[int], int]:
+        """(the token ids of prompt + context to send, the tokens a call must prefill)."""
+        entry, plan = self._catch_up(request_id, prompt, context, encode)
+        return entry.ids[:plan.keep_tokens] + plan.new_ids, plan.prefill
+
+    def prefill(self, request_id: str, prompt: str, context: str, encode: Encode) -> int:
+        """Tokens a call on prompt + context must prefill."""
+        return self._catch_up(request_id, prompt, context, encode)[1].prefill
+
+    def record(self, request_id: str, prompt: str, context: str,
+               pieces: Iterable[tuple[str, Sequence[int]]], encode: Encode) -> None:
+        """After a call: the engine now holds prompt + context (as `plan` sent it) and the
+        pieces (text, token ids) it generated or scored, each one piece."""
+        entry, plan = self._catch_up(request_id, prompt, context, encode)
         target = prompt + context
-        tokens, chars = self._keep(entry, target)
-        if tokens == 0:
-            entry = _Entry()
-            entry.tokens = count(prompt, True)
-            entry.text = prompt
-            entry.boundaries.append((entry.tokens, len(prompt)))
-            tokens, chars = entry.tokens, len(prompt)
+        if plan.keep_tokens == 0:
+            prompt_len = len(encode(prompt, True))
+            entry = _Entry(text=prompt, ids=plan.new_ids[:prompt_len])
+            entry.boundaries.append((prompt_len, len(prompt)))
+            rest_ids, rest_text = plan.new_ids[prompt_len:], context
         else:
-            entry.tokens = tokens
-            entry.text = target[:chars]
-            entry.boundaries = [b for b in entry.boundaries if b[0] <= tokens]
-        rest = target[chars:]
-        if rest:
-            entry.tokens += count(rest, False)
-            entry.text = target
-            entry.boundaries.append((entry.tokens, len(target)))
-        for text, n in pieces:
-            entry.tokens += n
+            entry.ids = entry.ids[:plan.keep_tokens]
+            entry.text = target[:plan.keep_chars]
+            entry.boundaries = [b for b in entry.boundaries if b[0] <= plan.keep_tokens]
+            rest_ids, rest_text = plan.new_ids, target[plan.keep_chars:]
+        pieces = [(rest_text, rest_ids), *pieces]
+        for text, ids in pieces:
+            if not text and not ids:
+                continue
+            entry.ids.extend(ids)
             entry.text += text
-            entry.boundaries.append((entry.tokens, len(entry.text)))
+            entry.boundaries.append((len(entry.ids), len(entry.text)))
         self._entries[request_id] = entry
 
     def release(self, request_id: str) -> None:
@@ -197,7 +244,7 @@ class PrefixLedger:
         if entry is None:
             self._entries.pop(target_id, None)
         else:
-            self._entries[target_id] = _Entry(entry.text, entry.tokens, list(entry.boundaries))
+            self._entries[target_id] = _Entry(entry.text, list(entry.ids), list(entry.boundaries))
 
 
 def entropy_from_top(logprobs: Iterable[float]) -> float:

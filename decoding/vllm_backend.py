@@ -8,9 +8,13 @@ into `StepOutput`/`ScoreOutput`. Knows nothing about gates, costs or budgets.
   one greedy token generated after it: the top-1 alternative at each scored position and
   that token are the model's greedy choices, which give `ScoreOutput.greedy_prefix` (for
   `VerifyGate(rewrite="token")`) from the same pass.
-- Prompts are sent as token ids encoded piece by piece exactly as `HFBackend` feeds a
-  fresh cache (rendered by `decoding.prompting.render_prompt`), so both backends see
-  the same tokens.
+- Prompts are sent as token ids by the rule every backend shares
+  (`decoding.prompting.plan_catch_up`, kept per request in a `PrefixLedger`): the
+  prompt, then the model's own token ids for the steps it generated and each other
+  piece of text encoded on its own, exactly as `HFBackend` feeds its KV cache, so both
+  backends see the same tokens and write the same greedy steps. A step's text is the
+  decoded text of its tokens (as `HFBackend`'s), not the engine's text cut at the stop
+  string.
 - vLLM batches concurrent requests itself and keeps shared prefixes cached
   (`enable_prefix_caching=True`): a step handed between tiers is not re-prefilled from
   scratch. `prefill_tokens` counts what that cache leaves to compute, with the rule
@@ -49,9 +53,7 @@ from decoding.prompting import (
     decode_after,
     entropy_from_top,
     greedy_prefix,
-    prompt_ids,
     render_prompt,
-    step_piece,
 )
 from decoding.types import (
     BackendError,
@@ -81,6 +83,7 @@ class VLLMBackend(OwnLoopBatches):
                               num_parameters=num_parameters, step_delimiter=step_delimiter,
                               entropy="exact" if top_logprobs >= len(tokenizer) else f"top-{top_logprobs}")
         self._top_logprobs = top_logprobs
+        self._eos_ids = {tokenizer.eos_token_id} - {None}
         self._loop = loop
         self._thread = thread
         self._ledger = PrefixLedger()
@@ -92,7 +95,7 @@ class VLLMBackend(OwnLoopBatches):
                         prompt_template: str | None = None, dtype: str = "float32",
                         gpu_memory_utilization: float = 0.45, max_model_len: int | None = None,
                         seed: int = 0, top_logprobs: int = 1, name: str | None = None,
-                        **engine_kwargs) -> "VLLMBackend":
+                        enforce_eager: bool = False, **engine_kwargs) -> "VLLMBackend":
         """Start an engine on a local model directory.
 
         gpu_memory_utilization: fraction of the GPU this engine may take (two engines on
@@ -100,7 +103,15 @@ class VLLMBackend(OwnLoopBatches):
             where vLLM sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB).
         max_model_len: tokens of prompt + output one request may hold; None, or more than
             the model's `max_position_embeddings`, means the model's own context length.
+        enforce_eager: run the model eagerly, without compiling it or capturing graphs.
+            Compiling pays off over long runs on a GPU; on a CPU it costs minutes of
+            warm-up per engine (~200 s measured on a 2-core machine), so short CPU runs
+            and tests want True.
         engine_kwargs: any other `vllm.AsyncEngineArgs` field (e.g. tensor_parallel_size).
+
+        The engine runs until `close()` (or the end of a `with` block): close every
+        backend you start, or vLLM's engine process dies under a live client at exit
+        and logs EngineDeadError tracebacks after an otherwise successful run.
         """
         from decoding.hf import weights_fingerprint
         from decoding.openai_backend import count_parameters
@@ -113,6 +124,8 @@ class VLLMBackend(OwnLoopBatches):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization!r}")
         if not isinstance(top_logprobs, int) or top_logprobs < 1:
             raise ValueError(f"top_logprobs must be an integer >= 1, got {top_logprobs!r}")
+        if not isinstance(enforce_eager, bool):
+            raise ValueError(f"enforce_eager must be True or False, got {enforce_eager!r}")
         try:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
@@ -129,7 +142,7 @@ class VLLMBackend(OwnLoopBatches):
                                max_model_len=max_model_len, enable_prefix_caching=True, seed=seed,
                                gpu_memory_utilization=gpu_memory_utilization,
                                max_logprobs=max(20, top_logprobs), disable_log_stats=True,
-                               **engine_kwargs)
+                               enforce_eager=enforce_eager, **engine_kwargs)
         loop = asyncio.new_event_loop()
         thread = threading.Thread(target=loop.run_forever, name=f"vllm:{model_dir.name}", daemon=True)
         thread.start()
@@ -150,10 +163,10 @@ class VLLMBackend(OwnLoopBatches):
                    loop=loop, thread=thread)
 
     def close(self) -> None:
-        """Shut the engine down and stop its loop."""
+        """Shut the engine down (its engine process included) and stop the loop.
+        Idempotent; calls after it fail with a BackendError."""
         if self._loop.is_closed():
             return
-
         engine, self.engine = self.engine, None
 
         async def shutdown() -> None:
@@ -166,6 +179,14 @@ class VLLMBackend(OwnLoopBatches):
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=10)
             self._loop.close()
+            with self._lock:
+                self._ledger = PrefixLedger()
+
+    def __enter__(self) -> "VLLMBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ---- prompts and counting ------------------------------------------------------------
 
@@ -176,16 +197,14 @@ class VLLMBackend(OwnLoopBatches):
     def _encode(self, text: str, add_special: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special))
 
-    def _count(self, add_special: bool):
-        return lambda text, is_prompt: len(self._encode(text, add_special and is_prompt))
-
-    def _prompt_ids(self, prompt: str, add_special: bool, *pieces: str) -> list[int]:
-        return prompt_ids(self._encode, prompt, add_special, *pieces)
+    def _encoder(self, add_special: bool):
+        """`PrefixLedger`'s encoder: the prompt with the specials its rendering asks for."""
+        return lambda text, is_prompt: self._encode(text, add_special and is_prompt)
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)
         with self._lock:
-            return self._ledger.prefill(request_id, prompt, context, self._count(add_special))
+            return self._ledger.prefill(request_id, prompt, context, self._encoder(add_special))
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -217,16 +236,16 @@ class VLLMBackend(OwnLoopBatches):
             raise ValueError(f"max_tokens must be >= 1, got {request.max_tokens}")
         started = time.perf_counter()
         prompt, add_special = self.render_prompt(request.problem)
-        count = self._count(add_special)
+        encode = self._encoder(add_special)
         with self._lock:
-            fed = self._ledger.prefill(request.request_id, prompt, request.context, count)
+            sent, fed = self._ledger.plan(request.request_id, prompt, request.context, encode)
         seed = None
         if request.temperature > 0:
             seed = zlib.crc32(f"{request.seed}\x00{request.problem}\x00{request.context}".encode())
         params = SamplingParams(temperature=request.temperature, max_tokens=request.max_tokens, seed=seed,
                                 stop=[self.info.step_delimiter], include_stop_str_in_output=True,
                                 logprobs=self._top_logprobs, skip_special_tokens=True)
-        output = (await self._run(self._prompt_ids(prompt, add_special, request.context), params)).outputs[0]
+        output = (await self._run(sent, params)).outputs[0]
         token_ids = tuple(int(t) for t in output.token_ids)
         if output.logprobs is None or len(output.logprobs) != len(token_ids):
             raise BackendError("vLLM returned no per-token logprobs", self.info.name)
@@ -236,18 +255,21 @@ class VLLMBackend(OwnLoopBatches):
             top = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)
             ranked = [lp.logprob for lp in top if lp.rank is not None and lp.rank <= self._top_logprobs]
             entropies.append(entropy_from_top(ranked or [alternatives[token].logprob]))
-        text = output.text
         if output.finish_reason == "length":
             stop_reason = "max_tokens"
         elif isinstance(output.stop_reason, str):
             stop_reason = "delimiter"
         else:
             stop_reason = "eos"
-        if stop_reason == "delimiter" and not text.endswith(self.info.step_delimiter):
-            text += self.info.step_delimiter
+        # The text of the tokens as HFBackend decodes them (a token that completes the
+        # delimiter keeps all its characters; vLLM's own text stops at the stop string).
+        # (vLLM lists the EOS that ended a step among its tokens; HFBackend never feeds it.)
+        kept = list(token_ids[:-1] if token_ids and token_ids[-1] in self._eos_ids else token_ids)
+        text = decode_after(self.tokenizer, sent[-1] if sent else None, kept)
+        if stop_reason == "delimiter" and self.info.step_delimiter not in text:
+            raise BackendError(f"vLLM stopped at the delimiter but its tokens read {text!r}", self.info.name)
         with self._lock:
-            self._ledger.record(request.request_id, prompt, request.context,
-                                [step_piece(text, len(token_ids), stop_reason)], count)
+            self._ledger.record(request.request_id, prompt, request.context, [(text, kept)], encode)
         return StepOutput(text=text, token_ids=token_ids, logprobs=tuple(logprobs),
                           entropies=tuple(entropies), stop_reason=stop_reason, prefill_tokens=fed,
                           seconds=time.perf_counter() - started)
@@ -257,13 +279,13 @@ class VLLMBackend(OwnLoopBatches):
 
         started = time.perf_counter()
         prompt, add_special = self.render_prompt(request.problem)
-        count = self._count(add_special)
+        encode = self._encoder(add_special)
         with self._lock:
-            fed = self._ledger.prefill(request.request_id, prompt, request.context, count)
+            sent, fed = self._ledger.plan(request.request_id, prompt, request.context, encode)
         text_ids = self._encode(request.text, False) if request.text else []
         if not text_ids:
             return ScoreOutput((), (), fed, time.perf_counter() - started)
-        ids = self._prompt_ids(prompt, add_special, request.context) + text_ids
+        ids = sent + text_ids
         params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, skip_special_tokens=False)
         final = await self._run(ids, params)
         entries = final.prompt_logprobs
@@ -295,11 +317,15 @@ class VLLMBackend(OwnLoopBatches):
             eos_ids={self.tokenizer.eos_token_id})
         with self._lock:
             self._ledger.record(request.request_id, prompt, request.context,
-                                [(request.text, len(text_ids))], count)
+                                [(request.text, text_ids)], encode)
         return ScoreOutput(tuple(text_ids), tuple(logprobs), fed, time.perf_counter() - started,
                            prefix, prefix_tokens)
 
     # ---- the protocol ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._loop.is_closed():
+            raise BackendError("this VLLMBackend was closed", self.info.name)
 
     def _submit(self, coroutine) -> concurrent.futures.Future:
         if threading.current_thread() is self._thread:

@@ -1,10 +1,13 @@
 """A small OpenAI-compatible `/v1/completions` server that fails on purpose, for tests.
 
 It writes scripted steps one character per token (like the embedded tokenizer) and
-answers echo/max_tokens=0 with prompt logprobs like vLLM. `FakeState.plan` is a queue
+answers echo=true with prompt logprobs like vLLM (the prompt's tokens, the first with a
+null logprob, then the `max_tokens` generated ones). `FakeState.plan` is a queue
 of what the next requests do instead of answering: "429", "500", "503", "400",
 "sleep:<seconds>", "garbage" (a 200 whose body is not a completion), "noecho" (a
-completion without prompt logprobs). Run in a thread (`running_fake`) or as a process:
+completion without prompt logprobs), "runon" (an echo that ignores max_tokens and goes on
+for 28 generated tokens, as llama-cpp-python does with max_tokens=0), "shifted" (echoed
+logprobs one position off, as llama-cpp-python's for a prompt without BOS). Run in a thread (`running_fake`) or as a process:
 `python tests/fake_openai.py --port P [--delay S]`.
 """
 
@@ -69,16 +72,25 @@ def make_app(state: FakeState):
         if action == "garbage":
             return PlainTextResponse("not json at all")
         prompt = body.get("prompt")
-        if body.get("echo") and body.get("max_tokens") == 0:
-            n = len(prompt) if isinstance(prompt, list) else len(str(prompt))
-            logprobs = {"tokens": [f"t{i}" for i in range(n)],
-                        "token_logprobs": [None] + [-0.5 - 0.01 * i for i in range(1, n)],
-                        "top_logprobs": None, "text_offset": list(range(n))}
+        if body.get("echo"):
+            text = _prompt_text(prompt)
+            n = len(text)
+            generated = min(int(body.get("max_tokens") or 0), 1)  # the step's first character
+            if action == "runon":
+                generated = 28
+            run = (state.step * generated)[:generated]
+            tokens = list(text) + list(run)
+            token_lps = [None] + [-0.5 - 0.01 * i for i in range(1, n)] + [-0.05] * generated
+            if action == "shifted":
+                token_lps = [None] + token_lps[2:] + [-9.0] * min(generated, 1)
+            logprobs = {"tokens": tokens, "token_logprobs": token_lps,
+                        "top_logprobs": None, "text_offset": list(range(n + generated))}
             if action == "noecho":
                 logprobs = None
             return {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
-                    "choices": [{"index": 0, "text": "", "logprobs": logprobs, "finish_reason": "length"}],
-                    "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}}
+                    "choices": [{"index": 0, "text": text + run, "logprobs": logprobs,
+                                 "finish_reason": "length"}],
+                    "usage": {"prompt_tokens": n, "completion_tokens": generated, "total_tokens": n + generated}}
         text = _prompt_text(prompt)
         delimiter = (body.get("stop") or ["\n"])[0]
         step = state.step

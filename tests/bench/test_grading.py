@@ -210,3 +210,41 @@ def test_normalize_math_answer() -> None:
     assert normalize_math_answer("\\$32,\\!348") == "32,348"
     assert normalize_math_answer("\\frac{270}7\\text{ degrees}") == "\\frac{270}{7}"
     assert normalize_math_answer("11\\sqrt2") == "11\\sqrt{2}"
+
+
+# Natural-language answers as instruction-tuned models write them (issue 18): each row
+# was misread (or refused) by at least one grader before they shared one extractor and
+# one numeric reading.
+NL_CASES = [
+    # the MATH "Final Answer" convention: both graders took the whole sentence
+    ("Final Answer: The final answer is 18. I hope it is correct.", "18", "gsm8k", True),
+    ("Final Answer: The final answer is $\\frac{3}{4}$. I hope it is correct.", "\\frac{3}{4}", "math", True),
+    ("**Final Answer:** 12", "12", "gsm8k", True),
+    ("Final Answer:\n$42$", "42", "gsm8k", True),
+    ("The answer is 3.5. That is all.", "3.5", "gsm8k", True),
+    # numbers the MATH side wrote and the GSM8K grader refused
+    ("The answer is \\dfrac{1}{2}.", "0.5", "gsm8k", True),
+    ("\\boxed{\\frac12}", "0.5", "gsm8k", True),
+    ("\\boxed{1{,}000}", "1000", "gsm8k", True),
+    ("\\boxed{1{,}000}", "1000", "math", True),
+    ("#### 1{,}234", "1234", "gsm8k", True),
+    ("\\boxed{1\\,000}", "1000", "aime", True),
+    ("The answer is 18. I hope it is correct.", "17", "gsm8k", False),
+]
+
+
+@pytest.mark.parametrize(("prediction", "reference", "kind", "expected"), NL_CASES)
+def test_natural_language_answers(fallback_grader: Grader, prediction: str, reference: str, kind: str,
+                                  expected: bool) -> None:
+    assert fallback_grader.grade(prediction, reference, kind) is expected
+
+
+def test_one_numeric_reading_for_every_kind() -> None:
+    from fractions import Fraction
+
+    from bench.grading import answer_number
+
+    for text in ("\\frac{1}{2}", "\\dfrac{1}{2}", "\\tfrac12", "0.5", "$0.50", "50\\%", "x = 0.5"):
+        assert answer_number(text) in (Fraction(1, 2), Fraction(50)), text
+    assert answer_number("1{,}000") == answer_number("1,000") == answer_number("1\\,000") == 1000
+    assert answer_number("18 dollars") == 18 and answer_number("=") is None

@@ -164,6 +164,47 @@ def test_scoring_needs_prompt_logprobs():
         b.score_steps([ScoreRequest("r", PROBLEM, "", "b=55\n")])
 
 
+@pytest.mark.parametrize("prompt_format", ["token_ids", "text"])
+def test_scoring_sends_max_tokens_1_and_refuses_a_run_on_echo(prompt_format):
+    """max_tokens=0 is "no limit" to llama-cpp-python's server: its continuation came back
+    with the echo and was scored as the step's tokens (36 logprobs for an 8-token step)."""
+    with running_fake(FakeState(plan=["runon"])) as (url, state):
+        b = backend(url, prompt_format=prompt_format, max_retries=0)
+        with pytest.raises(BackendError, match="generated 28 tokens for a score request with max_tokens=1"):
+            b.score_steps([ScoreRequest("r", PROBLEM, "", "b=55\n")])
+        assert state.bodies[-1]["max_tokens"] == 1 and state.bodies[-1]["echo"] is True
+        scored = b.score_steps([ScoreRequest("r", PROBLEM, "", "b=55\n")])[0]
+        assert scored.scored_tokens == len("b=55\n")  # the generated token is not among them
+        assert scored.logprobs[-1] != -0.05
+        b.close()
+
+
+@pytest.mark.parametrize("prompt_format", ["token_ids", "text"])
+def test_a_shifted_echo_is_refused_not_scored(prompt_format):
+    with running_fake(FakeState(plan=["shifted"])) as (url, state):
+        b = backend(url, prompt_format=prompt_format, max_retries=0)
+        with pytest.raises(BackendError, match="echoes wrong prompt logprobs"):
+            b.score_steps([ScoreRequest("r", PROBLEM, "", "b=55\n")])
+        assert [body["echo"] for body in state.bodies] == [True, False]  # the check: one plain completion
+        # a correct echo passes the check once per endpoint, then is not checked again
+        b.score_steps([ScoreRequest("r", PROBLEM, "", "b=55\n")])
+        b.score_steps([ScoreRequest("r", PROBLEM, "b=55\n", "c=1\n")])
+        assert [body["echo"] for body in state.bodies] == [True, False, True, False, True]
+        b.close()
+
+
+def test_token_prompts_refused_with_500_name_the_text_option():
+    with running_fake(FakeState(plan=["500"])) as (url, _):
+        b = backend(url, max_retries=0)
+        with pytest.raises(BackendError, match="prompt_format='text'"):
+            b.score_steps([ScoreRequest("r", PROBLEM, "", "b=55\n")])
+        b.close()
+    with pytest.raises(ValueError, match="prompt_format='token_ids' needs the model's tokenizer"):
+        OpenAIBackend("http://127.0.0.1:1", "m", num_parameters=10, prompt_format="token_ids")
+    with pytest.raises(ValueError, match="prompt_format must be one of"):
+        OpenAIBackend("http://127.0.0.1:1", "m", num_parameters=10, prompt_format="ids")
+
+
 def test_text_mode_without_tokenizer_uses_offsets_and_a_conservative_bound():
     with running_fake() as (url, state):
         b = OpenAIBackend(url, "m", num_parameters=1000, step_delimiter="\n", backoff=0.01)
