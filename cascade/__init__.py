@@ -26,12 +26,12 @@ from cascade.gates import (
     GateState,
     VerifyGate,
     decide,
-    make_gate,
 )
 from cascade.records import Decision, Result, Step
 from cascade.router import Router, collect_router_data, load_router, train_router
 from cascade.sequence_router import SequenceRouter, train_sequence_router
 from cascade.runtime import Cascade, SolveOptions
+from cascade.specs import GateSpec, ModelSpec, PolicySpec, load_model, load_models, make_gate, parse_gate, parse_policy
 from cascade.scorers import LikelihoodScorer, PRMScorer, StepScorer
 
 __all__ = [
@@ -51,9 +51,12 @@ __all__ = [
     "Decision",
     "GATES",
     "Gate",
+    "GateSpec",
     "GateState",
     "LikelihoodScorer",
+    "ModelSpec",
     "PRMScorer",
+    "PolicySpec",
     "Prices",
     "RequestTimeoutError",
     "Result",
@@ -68,11 +71,15 @@ __all__ = [
     "VerifyGate",
     "calibrate",
     "collect_router_data",
+    "load_model",
+    "load_models",
     "load_router",
     "decide",
     "embedded_cascade",
     "extract_answer",
     "make_gate",
+    "parse_gate",
+    "parse_policy",
     "solve",
     "sweep",
     "sweep_file",
@@ -86,14 +93,9 @@ DEFAULT_EMBEDDED_GATE = ConfidenceGate(threshold=0.5, signal="min_prob", mode="s
 
 @lru_cache(maxsize=4)
 def _load_embedded(tiers: tuple[str, ...], isolate: bool = False, threads: int = 1):
-    from decoding import HFBackend, ProcessBackend
-
-    def load(tier: str, own_process: bool):
-        settings = {"step_delimiter": EMBEDDED_DELIMITER, "name": f"embedded:{tier}"}
-        if own_process:
-            return ProcessBackend.from_pretrained(embedded_path(tier), threads=threads, **settings)
-        return HFBackend.from_pretrained(embedded_path(tier), **settings)
-    return tuple(load(tier, isolate and k > 0) for k, tier in enumerate(tiers))
+    return tuple(load_models([ModelSpec(f"embedded:{tier}", backend="process" if isolate and k > 0 else "hf",
+                                        threads=threads if isolate and k > 0 else None)
+                              for k, tier in enumerate(tiers)]))
 
 
 def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small", "large"), *,

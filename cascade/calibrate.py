@@ -21,33 +21,29 @@ branch's prefill and cost are exactly those of an independent run.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import numpy as np
 
 import calibration as cal
-from cascade.errors import CascadeError, ConfigError
-from cascade.gates import GATES, AlwaysLarge, Gate
+from cascade.calibration_file import SCHEMA_VERSION, Calibration, CalibrationFileError
+from cascade.errors import ConfigError
+from cascade.gates import AlwaysLarge, Gate
 from cascade.records import Result
 from cascade.runtime import Cascade, SolveOptions
+from cascade.specs import gate_spec_of
 from decoding import ScoreRequest, StepRequest
 
 __all__ = ["SweepResult", "Calibration", "CalibrationFileError", "sweep", "sweep_file", "calibrate",
            "default_thresholds", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
 Method = Literal["ltt", "conformal", "risk"]
 Objective = Literal["agreement", "max_escalation", "min_cost"]
-
-
-class CalibrationFileError(CascadeError, ValueError):
-    """A calibration file is corrupt, edited, of another schema, or for other models."""
 
 
 def default_thresholds(k: int = 21) -> tuple[float, ...]:
@@ -276,154 +272,6 @@ def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[S
     return sweep(cascade, problems, candidates, rows=rows, on_row=keep, progress=progress)
 
 
-# ---- the calibration record ---------------------------------------------------------------
-
-def _gate_spec(gate: Gate) -> dict:
-    names = {cls: name for name, cls in GATES.items()}
-    if type(gate) not in names or not dataclasses.is_dataclass(gate):
-        raise ConfigError(f"cannot record gate {type(gate).__name__}: register it in cascade.GATES")
-    fields = {f.name: getattr(gate, f.name) for f in dataclasses.fields(gate) if f.name != "threshold"}
-    for name, value in fields.items():
-        if hasattr(value, "advantage_probability"):  # a router (AdvantageGate.router, VerifyGate.screen)
-            fields[name] = _router_reference(value)
-    return {"type": names[type(gate)], **fields}
-
-
-def _router_reference(router) -> dict:
-    """A gate's router, as a calibration file records it: the file it was loaded from and
-    its weights' digest (its repr), checked when the file is used."""
-    source = getattr(router, "source", None)
-    if not source:
-        raise ConfigError(f"cannot record the gate's router {router!r} in a calibration file: it "
-                          "was not loaded from a file; save it and load it with cascade.load_router")
-    return {"router_file": str(source), "weights": repr(router)}
-
-
-def _gate_from_spec(spec: dict, threshold: float, routers: dict) -> Gate:
-    """A recorded gate at `threshold`; routers: file -> loaded router (each file read once)."""
-    spec = dict(spec)
-    kind = spec.pop("type")
-    if kind not in GATES:
-        raise CalibrationFileError(f"calibration names unknown gate {kind!r}; known: {sorted(GATES)}")
-    for name, reference in spec.items():
-        if not (isinstance(reference, dict) and "router_file" in reference):
-            continue
-        from cascade.router import RouterFileError, load_router
-
-        file = str(reference["router_file"])
-        if file not in routers:
-            try:
-                router = load_router(file)
-            except RouterFileError as error:
-                raise CalibrationFileError(f"the calibration's {kind} gate needs its router: {error}") from error
-            if repr(router) != reference.get("weights"):
-                raise CalibrationFileError(f"the router at {file} is not the one this calibration was made "
-                                           f"with ({reference.get('weights')}); calibrate again")
-            routers[file] = router
-        spec[name] = routers[file]
-    return GATES[kind](threshold=threshold, **spec)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Certified thresholds for a grid of budgets, and the curves they were chosen from.
-
-    entries: one per budget, sorted by budget: {"budget", "index" (candidate index or None
-        when infeasible), "thresholds", "statement", "reason"}.
-    curves: per candidate (length K) — cost quantile at 1 - alpha, mean cost, escalation
-        rate, agreement with the top tier, and accuracy when labels were given.
-    """
-
-    gate_specs: tuple[dict, ...]
-    models: tuple[dict, ...]
-    alpha: float
-    delta: float
-    n: int
-    method: str
-    objective: str
-    candidates: tuple[tuple[float, ...], ...]
-    entries: tuple[dict, ...]
-    curves: dict = field(default_factory=dict)
-    sweep_stats: dict = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-    _routers: dict = field(default_factory=dict, repr=False, compare=False)  # advantage gates' routers
-
-    def entry_for(self, budget: float) -> dict | None:
-        """The entry of the largest grid budget <= budget that has a certified threshold."""
-        usable = [e for e in self.entries if e["budget"] <= budget and e["index"] is not None]
-        return usable[-1] if usable else None
-
-    def gates_for(self, budget: float) -> list[Gate]:
-        """Gates at the thresholds certified for `budget` (see entry_for); below every
-        certified grid budget, the cheapest candidate (the hard cap still holds)."""
-        entry = self.entry_for(budget)
-        thresholds = entry["thresholds"] if entry is not None else self.candidates[0]
-        return [_gate_from_spec(spec, t, self._routers) for spec, t in zip(self.gate_specs, thresholds)]
-
-    def check_models(self, cascade: Cascade) -> None:
-        """Refuse a cascade whose models are not the ones this calibration was made for."""
-        have = [{"name": m.info.name, "fingerprint": m.info.fingerprint} for m in cascade.models]
-        if have != list(self.models):
-            raise CalibrationFileError(f"calibration was made for models {list(self.models)}, "
-                                       f"not {have}")
-
-    def summary(self) -> str:
-        lines = [f"Calibration ({self.method}, alpha={self.alpha}, delta={self.delta}, n={self.n}, "
-                 f"objective={self.objective}) for " + " -> ".join(m["name"] for m in self.models)]
-        for entry in self.entries:
-            if entry["index"] is None:
-                lines.append(f"  budget {entry['budget']:g}: no certified threshold ({entry['reason']})")
-            else:
-                lines.append(f"  budget {entry['budget']:g}: thresholds {entry['thresholds']} - "
-                             f"{entry['statement']}")
-        stats = self.sweep_stats
-        if stats.get("independent_tokens"):
-            lines.append(f"  sweep ran {stats['executed_tokens']} tokens for {len(self.candidates)} "
-                         f"candidates ({stats['executed_tokens'] / stats['independent_tokens']:.3f} of "
-                         f"independent runs)")
-        return "\n".join(lines)
-
-    def to_json(self) -> dict:
-        payload = dataclasses.asdict(dataclasses.replace(self, _routers={}))  # loaded routers are not recorded
-        del payload["_routers"]
-        payload["candidates"] = [list(c) for c in self.candidates]
-        return payload
-
-    def save(self, path: str | Path) -> Path:
-        payload = self.to_json()
-        body = json.dumps(payload, sort_keys=True)
-        document = {"checksum": hashlib.sha256(body.encode()).hexdigest(), "calibration": payload}
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
-        path = Path(path)
-        try:
-            document = json.loads(path.read_text())
-            payload = document["calibration"]
-            checksum = document["checksum"]
-        except FileNotFoundError:
-            raise CalibrationFileError(f"no calibration file at {str(path)!r}") from None
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
-            raise CalibrationFileError(f"{path} is not a calibration file: {error}") from None
-        if hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest() != checksum:
-            raise CalibrationFileError(f"{path} was edited or corrupted: its checksum does not match")
-        if payload.get("schema_version") != SCHEMA_VERSION:
-            raise CalibrationFileError(f"{path} has schema version {payload.get('schema_version')!r}; "
-                                       f"this stepcascade reads version {SCHEMA_VERSION}")
-        try:
-            payload["candidates"] = tuple(tuple(c) for c in payload["candidates"])
-            for key in ("gate_specs", "models", "entries"):
-                payload[key] = tuple(payload[key])
-            return cls(**payload)
-        except TypeError as error:
-            raise CalibrationFileError(f"{path} does not match the calibration schema: {error}") from None
-
-
 # ---- calibrate ------------------------------------------------------------------------------
 
 def _default_paths(candidates: list[tuple[float, ...]]) -> list[np.ndarray]:
@@ -502,7 +350,7 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
     problems = list(problems)
     if not problems:
         raise ConfigError("calibrate needs at least one problem")
-    gate_specs = tuple(_gate_spec(g) for g in cascade.gates)  # a gate that cannot be recorded fails now
+    gate_specs = tuple(gate_spec_of(g).to_json() for g in cascade.gates)  # a gate that cannot be recorded fails now
     if budgets is None:
         if budget is None:
             raise ConfigError("give budget= or budgets=")

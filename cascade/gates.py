@@ -36,7 +36,7 @@ __all__ = [
     "AdvantageGate",
     "decide",
     "GATES",
-    "make_gate",
+    "SIGNALS",
 ]
 
 Mode = Literal["route", "speculate"]
@@ -313,20 +313,12 @@ def decide(gate: Gate, state: GateState) -> tuple[float, bool]:
     return score, score >= gate.threshold
 
 
+# Gate kinds by name, one vocabulary with bench's policies ("small", "large"); names from
+# outside are read, checked and built in `cascade.specs` (`make_gate`, `build_gate`).
 GATES: dict[str, type] = {
+    "small": AlwaysSmall,
+    "large": AlwaysLarge,
     "confidence": ConfidenceGate,
-    "always-small": AlwaysSmall,
-    "always-large": AlwaysLarge,
     "verify": VerifyGate,
     "advantage": AdvantageGate,
 }
-
-
-def make_gate(name: str, **options) -> Gate:
-    """Build a gate by registry name (CLI and HTTP edge); the error lists valid names."""
-    if name not in GATES:
-        raise ConfigError(f"unknown gate {name!r}; choose one of {sorted(GATES)}")
-    try:
-        return GATES[name](**options)
-    except TypeError as error:
-        raise ConfigError(f"bad options for gate {name!r}: {error}") from error

@@ -30,8 +30,6 @@ from typing import Callable, Generator, Iterable, Literal, Sequence
 from decoding import (
     Backend,
     BackendError,
-    HFBackend,
-    ProcessBackend,
     ScoreOutput,
     ScoreRequest,
     StepOutput,
@@ -39,10 +37,12 @@ from decoding import (
 )
 
 from cascade.answer import extract_answer
+from cascade.calibration_file import Calibration
 from cascade.cost import Cost, CostModel, Usage
 from cascade.errors import ConfigError, RequestTimeoutError, StepFailedError
 from cascade.gates import Confidence, ConfidenceGate, Gate, GateState, decide
 from cascade.records import Decision, Result, Step
+from cascade.specs import ModelSpec, load_models, step_limits
 
 __all__ = ["SolveOptions", "Cascade", "tier_names_for"]
 
@@ -205,7 +205,8 @@ class Cascade:
                         prompt_template: str | None = None, dtype: str = "float32",
                         device: str = "cpu", options: SolveOptions = SolveOptions(),
                         cost_model: CostModel | None = None, isolate: bool = False) -> "Cascade":
-        """Load each model with `HFBackend.from_pretrained` (local path or hub id).
+        """Load each model through `cascade.specs.load_models` (local path, hub id, embedded:<tier>
+        or a .gguf file).
 
         isolate: every model above the first runs in a process of its own
         (`decoding.ProcessBackend`): concurrent requests then use a core (or drive a GPU)
@@ -215,10 +216,9 @@ class Cascade:
             raise ConfigError("give either small=/large= or models=, not both")
         if len(paths) < 2:
             raise ConfigError("from_pretrained needs small= and large= (or models=[...])")
-        settings = {"step_delimiter": step_delimiter, "prompt_template": prompt_template, "dtype": dtype,
-                    "device": device}
-        backends = [(ProcessBackend if isolate and k > 0 else HFBackend).from_pretrained(p, **settings)
-                    for k, p in enumerate(paths)]
+        backends = load_models([ModelSpec(p, backend="process" if isolate and k > 0 else None,
+                                          template=prompt_template, delimiter=step_delimiter, dtype=dtype,
+                                          device=device) for k, p in enumerate(paths)])
         return cls(models=backends, gate=gate, gates=gates, options=options, cost_model=cost_model)
 
     @classmethod
@@ -229,11 +229,9 @@ class Cascade:
         Without `models`, the models are loaded by the names the calibration recorded
         ("embedded:<tier>" for the shipped ones); either way their fingerprints must match.
         """
-        from cascade.calibrate import Calibration
-
         calibration = Calibration.load(path)
         if models is None:
-            models = [_load_named(m["name"]) for m in calibration.models]
+            models = load_models([ModelSpec(m["name"]) for m in calibration.models])
         gates = calibration.gates_for(math.inf)
         return cls(models=models, gates=gates, options=options or _default_options(models),
                    calibration=calibration)
@@ -719,21 +717,9 @@ class _Run:
                       cap_intervened=self.cap_intervened, budget=self.budget)
 
 
-def _load_named(name: str) -> Backend:
-    from cascade.embedded import EMBEDDED_DELIMITER, embedded_path
-
-    if name.startswith("embedded:"):
-        tier = name.split(":", 1)[1]
-        return HFBackend.from_pretrained(embedded_path(tier), step_delimiter=EMBEDDED_DELIMITER, name=name)
-    return HFBackend.from_pretrained(name)
-
-
 def _default_options(models: Sequence[Backend]) -> SolveOptions:
-    from cascade.embedded import EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS
-
-    if all(m.info.name.startswith("embedded:") for m in models):
-        return SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
-    return SolveOptions()
+    max_steps, max_step_tokens = step_limits(models)
+    return SolveOptions(max_steps=max_steps, max_step_tokens=max_step_tokens)
 
 
 def _join(first: StepOutput, second: StepOutput) -> StepOutput:
