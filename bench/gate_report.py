@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from bench.harness import load_results, router_files, summarize_rows
+from bench.provenance import package_commit
 
 __all__ = ["family_of", "matched_point", "escalation_at_accuracy", "gate_report"]
 
@@ -91,8 +92,6 @@ def escalation_at_accuracy(points: Sequence[tuple[float, float]], target: float)
 def gate_report(run_dir: str | Path, out_dir: str | Path, *, router=None,
                 command: str | None = None, tolerance: float = TOLERANCE,
                 notes: Sequence[str] = ()) -> dict:
-    from bench.pair_report import _git_commit
-
     run_dir, out = Path(run_dir), Path(out_dir)
     rows, n_problems = _complete_rows(load_results(run_dir / "results.jsonl"))
     if not rows:
@@ -149,7 +148,7 @@ def gate_report(run_dir: str | Path, out_dir: str | Path, *, router=None,
                                 "metrics": loaded.metrics.to_json() if loaded.metrics else None}
     report = {
         "command": command or " ".join(["python -m bench.gate_report", *sys.argv[1:]]),
-        "commit": _git_commit(), "run_dir": str(run_dir), "run_commands": [s.get("command") for s in
+        "commit": package_commit(), "run_dir": str(run_dir), "run_commands": [s.get("command") for s in
                                                                             header.get("sessions", [])],
         "run_commits": sorted({s.get("commit") for s in header.get("sessions", [])}),
         "n_problems": n_problems, "tolerance": tolerance, "target_accuracy": target,

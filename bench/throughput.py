@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from bench.datasets import load_dataset
-from bench.pair_report import _git_commit
+from bench.provenance import package_commit
 from cascade import Cascade, Result, embedded_cascade
 
 __all__ = ["RunStats", "TimedBackend", "main", "percentile"]
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     runner = embedded_cascade()
     isolated = None if args.no_isolated else embedded_cascade(isolate=True, threads=args.threads)
     meta = {"command": "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
-            "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n": len(problems),
+            "commit": package_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n": len(problems),
             "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"Python {platform.python_version()}, torch {torch.__version__}",

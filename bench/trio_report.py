@@ -33,11 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.pair_report import _git_commit, wilson_interval
+from bench.pair_report import wilson_interval
+from bench.provenance import package_commit
 from bench.tasks import DEFAULT_CONFIG, check_answer, generate_split
 from calibration import product_grid
 from cascade import DEFAULT_EMBEDDED_GATE, AlwaysLarge, AlwaysSmall, Cascade, SolveOptions, calibrate, sweep_file
-from cascade.cli import progress_printer
+from bench.progress import progress_printer
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from decoding import HFBackend
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     sweep_by_cost = matched_accuracy(sweep_summary, sweep_families, targets, "mean_cost")
     command = "python -m bench.trio_report " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
-        "command": command, "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command, "commit": package_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads 1, "
                    f"load average {os.getloadavg()[0]:.1f} at start",
         "n_calibration": len(cal_problems), "n_test": len(done), "alpha": args.alpha, "delta": args.delta,

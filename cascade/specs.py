@@ -329,11 +329,11 @@ def make_gate(name: str, **options) -> Gate:
 
 # ---- the grammar ----------------------------------------------------------------------------
 
-def _thresholds(text: str, name: str) -> tuple[float, ...]:
+def _thresholds(text: str, name: str, what: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split("/"))  # "/" separates per-gate values
     except ValueError:
-        raise ConfigError(f"bad threshold in {name!r}: {text!r} is not a number "
+        raise ConfigError(f"bad threshold in {what} {name!r}: {text!r} is not a number "
                           "(or T1/T2/... for one threshold per gate)") from None
     return tuple(check_threshold_value(v, f"the threshold of {name!r}") for v in values)
 
@@ -383,11 +383,13 @@ class PolicySpec:
         return [GateSpec(kind, threshold=t, **settings) for t in thresholds]
 
 
-def parse_policy(text: str, *, threshold: float | None = 0.5, bench_kinds: bool = True) -> PolicySpec:
+def parse_policy(text: str, *, threshold: float | None = 0.5, bench_kinds: bool = True,
+                 what: str = "policy") -> PolicySpec:
     """Parse one policy / gate name of the grammar above. threshold: of a threshold kind
-    named without @T (None: the gate's default). bench_kinds: accept oracle/calibrated."""
+    named without @T (None: the gate's default). bench_kinds: accept oracle/calibrated.
+    what: how error messages name the text ("policy", "--gates item", ...)."""
     if not isinstance(text, str) or not text.strip():
-        raise ConfigError(f"a policy must be a non-empty name, got {text!r}")
+        raise ConfigError(f"a {what} must be a non-empty name, got {text!r}")
     name = text.strip()
     head, at, value = name.partition("@")
     kind, *qualifiers = head.split(":")
@@ -427,7 +429,7 @@ def parse_policy(text: str, *, threshold: float | None = 0.5, bench_kinds: bool 
         if kind not in THRESHOLD_KINDS:
             raise ConfigError(f"policy {kind!r} takes no threshold (only {', '.join(THRESHOLD_KINDS)} "
                               f"do), got {name!r}")
-        values = _thresholds(value, name)
+        values = _thresholds(value, name, what)
         t = values[0] if len(values) == 1 else values
         label = f"{kind}@" + "/".join(f"{v:g}" for v in values)
     else:
@@ -441,10 +443,14 @@ def parse_policy(text: str, *, threshold: float | None = 0.5, bench_kinds: bool 
     return PolicySpec(label, kind, t, router, screen, signal, mode)
 
 
-def parse_gate(text: str, *, threshold: float | None = None) -> GateSpec:
+def parse_gate(text: str, *, threshold: float | None = None, what: str = "gate") -> GateSpec:
     """One gate of the grammar (a single threshold; no draft-ahead kinds, which are
     policies): e.g. ``confidence:entropy@0.3``, ``verify:seq=0.1@0.4``, ``small``."""
-    policy = parse_policy(text, threshold=threshold, bench_kinds=False)
+    if isinstance(text, str):
+        kind = text.strip().partition("@")[0].partition(":")[0]
+        if GATE_ALIASES.get(kind, kind) not in POLICY_KINDS:
+            raise ConfigError(f"unknown gate {kind!r} in {what} {text!r}; choose one of {', '.join(GATE_KINDS)}")
+    policy = parse_policy(text, threshold=threshold, bench_kinds=False, what=what)
     if policy.draft_ahead:
         raise ConfigError(f"{policy.kind!r} is a policy (verify with draft-ahead), not a gate")
     if isinstance(policy.threshold, tuple):
@@ -583,9 +589,9 @@ def load_model(spec: ModelSpec, *, api_key: str | None = None) -> Backend:
     if spec.backend == "vllm":
         import decoding  # VLLMBackend is an attribute loaded on first use (vllm is optional)
 
-        return decoding.VLLMBackend.from_pretrained(
-            spec.path, name=name, dtype=spec.dtype or "auto", gpu_memory_utilization=spec.gpu_memory or 0.45,
-            max_model_len=spec.max_model_len, **common)
+        settings = {k: v for k, v in (("dtype", spec.dtype), ("gpu_memory_utilization", spec.gpu_memory),
+                                      ("max_model_len", spec.max_model_len)) if v is not None}
+        return decoding.VLLMBackend.from_pretrained(spec.path, name=name, **settings, **common)
     settings = {"name": name, **common}
     if spec.dtype is not None:
         settings["dtype"] = spec.dtype
