@@ -459,9 +459,9 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
         by name for ``advantage:NAME`` policies (what `router_files` reads).
     """
     from bench.grading import Grader
-    from cascade.runtime import _check_budget
+    from cascade.checks import check_budget
 
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     specs = parse_policies(policies, dataset=dataset, threshold=threshold, calibration=calibration,
                            budget=budget, router=router)
     if examples is None:

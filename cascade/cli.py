@@ -162,10 +162,11 @@ def progress_printer(label: str, unit: str = "problems"):
 
 
 def _solve(args) -> int:
-    from cascade.runtime import Cascade, _check_budget, _check_problem
+    from cascade.checks import check_budget, check_problem
+    from cascade.runtime import Cascade
 
-    _check_problem(args.problem)  # before loading any model: bad input fails fast
-    _check_budget(args.budget)
+    check_problem(args.problem)  # before loading any model: bad input fails fast
+    check_budget(args.budget)
     if args.calibration:
         runner = Cascade.from_calibration(args.calibration)
     else:
