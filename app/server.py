@@ -35,6 +35,7 @@ from typing import Any
 
 from app.options import gate_specs_from_args, model_specs_from_args, routers_from_args, solve_options
 from cascade import DEFAULT_EMBEDDED_GATE
+from cascade.checks import check_threshold
 from cascade.errors import CascadeError, ConfigError, RequestTimeoutError, StepFailedError
 from cascade.gates import GATES, AlwaysSmall
 from cascade.records import Result, Step
@@ -45,7 +46,6 @@ from cascade.specs import (
     build_gate,
     build_gates,
     canonical_gate_name,
-    check_threshold_value,
     load_models,
 )
 
@@ -355,7 +355,7 @@ class _App:
             if signal is not None or mode is not None:
                 raise _BadRequest(400, "signal and mode need gate='confidence'", "gate")
             if threshold is not None:
-                threshold = check_threshold_value(threshold)
+                threshold = check_threshold(threshold)
                 gates = []
                 for gate in self.runner.gates:
                     if not dataclasses.is_dataclass(gate):

@@ -109,7 +109,8 @@ def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small"
     options = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
     if gates is not None and gate is not None:
         raise ConfigError("give either gate= or gates=, not both")
-    gates = list(gates) if gates is not None else [gate or DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1)
+    if gates is None:  # given gates are checked by Cascade (a single gate there is refused clearly)
+        gates = [gate or DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1)
     return Cascade(models=list(_load_embedded(tuple(tiers), isolate, threads)), gates=gates, options=options)
 
 

@@ -32,7 +32,8 @@ import numpy as np
 
 import calibration as cal
 from cascade.calibration_file import SCHEMA_VERSION, Calibration, CalibrationFileError
-from cascade.errors import ConfigError
+from cascade.checks import check_budget, check_number, check_probability, check_problems
+from cascade.errors import ConfigError, certification_error
 from cascade.gates import AlwaysLarge, Gate
 from cascade.records import Result
 from cascade.runtime import Cascade, SolveOptions
@@ -199,6 +200,7 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
     interrupted sweep of the same candidates (resumed, not recomputed); on_row is called
     with each new row so callers can persist it.
     """
+    problems = check_problems(problems)
     gates = list(gates or cascade.gates)
     options = options or cascade.options
     candidates = [tuple(float(t) for t in c) for c in candidates]
@@ -347,17 +349,30 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
     - "risk": E[cost] <= B (needs cost_max, an upper bound on any problem's cost).
     labels (optional) are used only to report accuracy, never to choose.
     """
-    problems = list(problems)
+    # Every argument is checked here, before the sweep: a mistake must not cost minutes of model calls.
+    problems = check_problems(problems)
     if not problems:
         raise ConfigError("calibrate needs at least one problem")
+    alpha = check_probability(alpha, "alpha")
+    delta = check_probability(delta, "delta")
+    if method not in ("ltt", "conformal", "risk"):
+        raise ConfigError(f"method must be 'ltt', 'conformal' or 'risk', got {method!r}")
+    if objective not in ("agreement", "max_escalation", "min_cost"):
+        raise ConfigError(f"objective must be 'agreement', 'max_escalation' or 'min_cost', got {objective!r}")
+    if method == "risk":
+        if cost_max is None:
+            raise ConfigError("method='risk' needs cost_max, an upper bound on one problem's cost")
+        cost_max = check_number(cost_max, "cost_max")
     gate_specs = tuple(gate_spec_of(g).to_json() for g in cascade.gates)  # a gate that cannot be recorded fails now
     if budgets is None:
         if budget is None:
             raise ConfigError("give budget= or budgets=")
         budgets = [budget]
-    budgets = sorted(float(b) for b in budgets)
-    if any(not math.isfinite(b) or b < 0 for b in budgets):
-        raise ConfigError(f"budgets must be finite and >= 0, got {budgets}")
+    if isinstance(budgets, (str, bytes)):
+        raise ConfigError(f"budgets must be a list of numbers, got {budgets!r}")
+    if any(b is None for b in budgets):
+        raise ConfigError(f"budgets must be numbers (a calibrated budget cannot be None), got {list(budgets)}")
+    budgets = sorted(check_budget(b) for b in budgets)
     n_gates = len(cascade.gates)
     if candidates is None:
         grid = sorted(set(float(t) for t in (thresholds or default_thresholds())), reverse=True)
@@ -388,7 +403,7 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
                             "reason": ""})
         except cal.CalibrationError as error:
             if len(budgets) == 1:
-                raise
+                raise certification_error(error) from error
             entries.append({"budget": b, "index": None, "thresholds": None, "certified": [],
                             "statement": "", "reason": str(error)})
     q = min(len(problems), math.ceil((len(problems) + 1) * (1 - alpha)))

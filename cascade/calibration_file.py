@@ -18,11 +18,12 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.gates import Gate
 from cascade.router import RouterFileError, load_router
-from cascade.specs import GateSpec, build_gate, check_threshold_value
+from cascade.specs import GateSpec, build_gate
 
 __all__ = ["SCHEMA_VERSION", "Calibration", "CalibrationFileError"]
 
@@ -177,11 +178,15 @@ def _list(value: object, name: str) -> list:
     return list(value)
 
 
-def _thresholds(value: object, name: str, n_gates: int) -> tuple[float, ...]:
+def _thresholds(value: object, name: str, gates: Sequence[GateSpec]) -> tuple[float, ...]:
+    """A threshold vector: one threshold per gate, each in its gate's range (the spec checks it)."""
     values = _list(value, name)
-    if len(values) != n_gates:
-        raise ConfigError(f"{name} must hold {n_gates} threshold(s), one per gate, got {values!r}")
-    return tuple(check_threshold_value(v, name) for v in values)
+    if len(values) != len(gates):
+        raise ConfigError(f"{name} must hold {len(gates)} threshold(s), one per gate, got {values!r}")
+    try:
+        return tuple(gate.with_threshold(v).threshold for gate, v in zip(gates, values))
+    except ConfigError as error:
+        raise ConfigError(f"{name}: {error}") from None
 
 
 def _checked_payload(payload: object) -> dict:
@@ -200,9 +205,10 @@ def _checked_payload(payload: object) -> dict:
     specs = _list(payload["gate_specs"], "gate_specs")
     if not specs:
         raise ConfigError("gate_specs is empty")
+    gates = []
     for k, spec in enumerate(specs):
         try:
-            GateSpec.from_json(spec)
+            gates.append(GateSpec.from_json(spec))
         except ConfigError as error:
             raise ConfigError(f"gate_specs[{k}]: {error}") from None
     out["gate_specs"] = tuple(specs)
@@ -224,7 +230,7 @@ def _checked_payload(payload: object) -> dict:
     candidates = _list(payload["candidates"], "candidates")
     if not candidates:
         raise ConfigError("candidates is empty")
-    out["candidates"] = tuple(_thresholds(c, f"candidates[{j}]", len(specs)) for j, c in enumerate(candidates))
+    out["candidates"] = tuple(_thresholds(c, f"candidates[{j}]", gates) for j, c in enumerate(candidates))
     entries = []
     for k, entry in enumerate(_list(payload["entries"], "entries")):
         where = f"entries[{k}]"
@@ -239,7 +245,7 @@ def _checked_payload(payload: object) -> dict:
             if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(candidates):
                 raise ConfigError(f"{where}.index must be a candidate index in [0, {len(candidates) - 1}] "
                                   f"or null, got {index!r}")
-            if _thresholds(entry["thresholds"], f"{where}.thresholds", len(specs)) != out["candidates"][index]:
+            if _thresholds(entry["thresholds"], f"{where}.thresholds", gates) != out["candidates"][index]:
                 raise ConfigError(f"{where}.thresholds are not candidate {index}'s")
         for text in ("statement", "reason"):
             if text in entry and not isinstance(entry[text], str):

@@ -20,6 +20,7 @@ from typing import Literal, Protocol, Sequence, runtime_checkable
 
 from decoding import ScoreOutput, StepOutput
 
+from cascade.checks import check_number, check_threshold
 from cascade.errors import ConfigError
 
 __all__ = [
@@ -110,7 +111,13 @@ class GateState:
 
 @runtime_checkable
 class Gate(Protocol):
-    """One scalar threshold and a score; higher score = more reason to escalate."""
+    """One scalar threshold and a score; higher score = more reason to escalate.
+
+    Thresholds are checked against the range the gate's score can take: [0, 1] for the
+    built-in scored gates (confidence, verify, advantage: their scores are probabilities
+    or one minus a confidence), [0, inf] for AlwaysSmall (score 0), [0, 1] for AlwaysLarge
+    (score 1). A score must be a real number (numpy's included), never NaN or a string.
+    """
 
     threshold: float
     mode: Mode
@@ -120,9 +127,10 @@ class Gate(Protocol):
     def score(self, state: GateState) -> float: ...
 
 
-def _check_threshold(threshold: float) -> None:
-    if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise ConfigError(f"threshold must be a number, got {threshold!r}")
+def _set_threshold(gate: object, name: str = "threshold", *, low: float = 0.0, high: float = 1.0) -> None:
+    """Check a frozen gate's threshold field and store it as a plain float (a numpy number
+    given is accepted, and recorded the same way as a float)."""
+    object.__setattr__(gate, name, check_threshold(getattr(gate, name), name, low=low, high=high))
 
 
 def _check_mode(mode: str, probe_tokens: int) -> None:
@@ -147,7 +155,7 @@ class ConfidenceGate:
     requires_verification: bool = False
 
     def __post_init__(self) -> None:
-        _check_threshold(self.threshold)
+        _set_threshold(self)  # score = 1 - a confidence in [0, 1]
         _check_mode(self.mode, self.probe_tokens)
         if self.signal not in SIGNALS:
             raise ConfigError(f"signal must be one of {SIGNALS}, got {self.signal!r}")
@@ -167,6 +175,9 @@ class AlwaysSmall:
     probe_tokens: int = 0
     requires_verification: bool = False
 
+    def __post_init__(self) -> None:
+        _set_threshold(self, high=math.inf)  # its score is always 0
+
     def score(self, state: GateState) -> float:
         return 0.0
 
@@ -179,6 +190,9 @@ class AlwaysLarge:
     mode: Mode = "route"
     probe_tokens: int = 0
     requires_verification: bool = False
+
+    def __post_init__(self) -> None:
+        _set_threshold(self)  # its score is always 1
 
     def score(self, state: GateState) -> float:
         return 1.0
@@ -219,7 +233,7 @@ class VerifyGate:
     screen_threshold: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_threshold(self.threshold)
+        _set_threshold(self)  # score = 1 - a probability
         if self.rewrite not in ("step", "token"):
             raise ConfigError(f"rewrite must be 'step' or 'token', got {self.rewrite!r}")
         if isinstance(self.max_corrections, bool) or not isinstance(self.max_corrections, int) \
@@ -232,7 +246,7 @@ class VerifyGate:
         if self.screen is not None and not isinstance(self.screen, AdvantageModel):
             raise ConfigError(f"screen must be a router with advantage_probability(state), got "
                               f"{type(self.screen).__name__} (load one with cascade.load_router)")
-        _check_threshold(self.screen_threshold)
+        _set_threshold(self, "screen_threshold")  # compared with P(large better)
 
     @property
     def requires_hidden(self) -> bool:
@@ -286,7 +300,7 @@ class AdvantageGate:
     requires_hidden: bool = True
 
     def __post_init__(self) -> None:
-        _check_threshold(self.threshold)
+        _set_threshold(self)  # score = P(large better)
         if not isinstance(self.router, AdvantageModel):
             raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state), got "
                               f"{type(self.router).__name__} (load one with cascade.router.load_router)")
@@ -307,9 +321,12 @@ class AdvantageGate:
 
 def decide(gate: Gate, state: GateState) -> tuple[float, bool]:
     """The one place a score meets a threshold: returns (score, escalate)."""
-    score = float(gate.score(state))
-    if math.isnan(score):
-        raise ConfigError(f"{type(gate).__name__} returned a NaN score at step {state.step_index}")
+    raw = gate.score(state)
+    try:
+        score = check_number(raw, "score")
+    except ConfigError:
+        raise ConfigError(f"{type(gate).__name__}.score returned {raw!r} ({type(raw).__name__}) at step "
+                          f"{state.step_index}; a gate's score must be a real number, not NaN") from None
     return score, score >= gate.threshold
 
 

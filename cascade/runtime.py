@@ -38,6 +38,7 @@ from decoding import (
 
 from cascade.answer import extract_answer
 from cascade.calibration_file import Calibration
+from cascade.checks import check_budget, check_problem, check_problems
 from cascade.cost import Cost, CostModel, Usage
 from cascade.errors import ConfigError, RequestTimeoutError, StepFailedError
 from cascade.gates import Confidence, ConfidenceGate, Gate, GateState, decide
@@ -106,24 +107,6 @@ def tier_names_for(n: int) -> tuple[str, ...]:
     return tuple(f"tier{k}" for k in range(n))
 
 
-def _check_problem(problem: object) -> str:
-    if not isinstance(problem, str):
-        raise ConfigError(f"problem must be a string, got {type(problem).__name__}")
-    if not problem.strip():
-        raise ConfigError("problem is empty")
-    return problem
-
-
-def _check_budget(budget: object) -> float | None:
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"budget must be a number or None, got {budget!r}")
-    if not math.isfinite(budget) or budget < 0:
-        raise ConfigError(f"budget must be finite and >= 0 (cost units), got {budget!r}")
-    return float(budget)
-
-
 class Cascade:
     """N models, cheapest first, and N - 1 gates between them.
 
@@ -172,6 +155,13 @@ class Cascade:
         if len(self.cost_model.prices) != len(models):
             raise ConfigError(f"cost_model has {len(self.cost_model.prices)} price entries "
                               f"for {len(models)} models")
+        for k in range(1, len(models)):
+            # Every step starts at tier 0 and escalates upwards: the order is the cascade's meaning.
+            below, above = self.cost_model.prices[k - 1].output, self.cost_model.prices[k].output
+            if above < below:
+                raise ConfigError(f"models must be ordered cheapest first: {models[k - 1].info.name!r} "
+                                  f"({below:g} per token) comes before the cheaper {models[k].info.name!r} "
+                                  f"({above:g} per token)")
         self.tier_names = tuple(tier_names) if tier_names else tier_names_for(len(models))
         if len(self.tier_names) != len(models):
             raise ConfigError(f"tier_names has {len(self.tier_names)} names for {len(models)} models")
@@ -184,11 +174,17 @@ class Cascade:
             self.calibration = calibration
 
     def _check_gates(self, gates: Sequence[Gate]) -> list[Gate]:
+        if isinstance(gates, (str, bytes)) or isinstance(gates, Gate) or not isinstance(gates, Iterable):
+            raise ConfigError(f"gates must be a list of {len(self.models) - 1} gate(s), one per position, "
+                              f"got {gates!r}; for one gate at every position give gate=")
         gates = list(gates)
         if len(gates) != len(self.models) - 1:
             raise ConfigError(f"{len(self.models)} models need {len(self.models) - 1} gates, "
                               f"got {len(gates)}")
         for gate in gates:
+            if isinstance(gate, type):
+                raise ConfigError(f"{gate.__name__} is a gate class, not a gate: give an instance, "
+                                  f"e.g. {gate.__name__}()")
             if not isinstance(gate, Gate):
                 raise ConfigError(f"{gate!r} is not a gate (needs threshold, mode, probe_tokens, "
                                   "requires_verification and score(state))")
@@ -254,7 +250,7 @@ class Cascade:
         """
         budget, gates, options = self._prepare(budget, gates, options)
         return await self._driver().run(
-            self.step_machine(_check_problem(problem), budget, gates, options, on_step=on_step), options)
+            self.step_machine(check_problem(problem), budget, gates, options, on_step=on_step), options)
 
     def solve_many(self, problems: Iterable[str], budget: float | None = None, *,
                    gates: Sequence[Gate] | None = None, options: SolveOptions | None = None,
@@ -264,7 +260,7 @@ class Cascade:
         A request that fails does not disturb the others. With return_exceptions=True its
         error (a CascadeError carrying the partial result) takes its place in the list;
         otherwise the first error is raised once every request has ended."""
-        problems = [_check_problem(p) for p in problems]
+        problems = check_problems(problems)
         budget, gates, options = self._prepare(budget, gates, options)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -287,7 +283,7 @@ class Cascade:
         return outcomes
 
     def _prepare(self, budget, gates, options) -> tuple[float | None, list[Gate], SolveOptions]:
-        budget = _check_budget(budget)
+        budget = check_budget(budget)
         if gates is None and self.calibration is not None and budget is not None:
             # The threshold certified for the largest calibrated budget <= this one; the
             # budget itself is still enforced as a hard cap.
@@ -669,8 +665,23 @@ class _Run:
         self.spent = [a + b for a, b in zip(self.spent, self.step_usage)]
         self.step_usage = [Usage()] * self.n
 
+    def check_fits(self) -> None:
+        """Refuse a problem whose prompt and one whole step do not fit in a model's context
+        (past it a model writes garbage, or fails, at full cost)."""
+        for tier, model in enumerate(self.cascade.models):
+            limit = model.info.context_length
+            if limit is None:
+                continue
+            prompt = self.prefill_bound(tier, "")
+            if prompt + self.options.max_step_tokens > limit:
+                raise ConfigError(f"problem too long for model {model.info.name!r}: its prompt is {prompt} "
+                                  f"tokens, and with max_step_tokens={self.options.max_step_tokens} a step "
+                                  f"needs {prompt + self.options.max_step_tokens} positions; the model's "
+                                  f"context holds {limit}")
+
     def machine(self):
         try:
+            self.check_fits()
             stop_reason = "max_steps"
             for index in range(self.options.max_steps):
                 self.step_usage = [Usage()] * self.n

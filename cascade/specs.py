@@ -41,6 +41,7 @@ from typing import Any
 from decoding import Backend, HFBackend, OpenAIBackend, ProcessBackend
 
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
+from cascade.checks import check_threshold
 from cascade.errors import ConfigError
 from cascade.gates import (
     GATES,
@@ -67,7 +68,6 @@ __all__ = [
     "build_gate",
     "build_gates",
     "canonical_gate_name",
-    "check_threshold_value",
     "gate_spec_of",
     "load_model",
     "load_models",
@@ -91,17 +91,6 @@ BACKEND_KINDS: tuple[str, ...] = ("hf", "process", "vllm", "openai", "llamacpp")
 
 
 # ---- values ---------------------------------------------------------------------------------
-
-def check_threshold_value(value: object, name: str = "threshold") -> float:
-    """A gate threshold: a real number in [0, 1] (every built-in gate scores in [0, 1]).
-    Booleans, strings, NaN and infinities are refused by name."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
-    value = float(value)
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be in [0, 1] (gate scores lie there), got {value!r}")
-    return value
-
 
 def _check_int(value: object, name: str, low: int = 0) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -167,7 +156,9 @@ class GateSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "kind", canonical_gate_name(self.kind))
         if self.threshold is not None:
-            object.__setattr__(self, "threshold", check_threshold_value(self.threshold))
+            # AlwaysSmall scores 0 (any threshold above 0 never escalates); the others score in [0, 1]
+            high = math.inf if self.kind == "small" else 1.0
+            object.__setattr__(self, "threshold", check_threshold(self.threshold, high=high))
         allowed = _SETTINGS[self.kind]
         for name in ("signal", "mode", "probe_tokens", "reduce", "rewrite", "max_corrections", "router",
                      "screen_threshold"):
@@ -191,7 +182,7 @@ class GateSpec:
             raise ConfigError(f"router must be a router name or file, got {self.router!r}")
         if self.screen_threshold is not None:
             object.__setattr__(self, "screen_threshold",
-                               check_threshold_value(self.screen_threshold, "screen_threshold"))
+                               check_threshold(self.screen_threshold, "screen_threshold"))
         if self.kind == "verify" and (self.router is None) != (self.screen_threshold is None):
             raise ConfigError("a screened verify gate needs both a router (the screen) and a screen "
                               "threshold S (verify only drafts the router gives P(large better) >= S)")
@@ -335,7 +326,7 @@ def _thresholds(text: str, name: str, what: str) -> tuple[float, ...]:
     except ValueError:
         raise ConfigError(f"bad threshold in {what} {name!r}: {text!r} is not a number "
                           "(or T1/T2/... for one threshold per gate)") from None
-    return tuple(check_threshold_value(v, f"the threshold of {name!r}") for v in values)
+    return tuple(check_threshold(v, f"the threshold of {name!r}") for v in values)
 
 
 @dataclass(frozen=True)
@@ -421,7 +412,7 @@ def parse_policy(text: str, *, threshold: float | None = 0.5, bench_kinds: bool 
         if math.isnan(screen):
             raise ConfigError(f"policy {name!r}: a screened verify policy reads {kind}:NAME=S@T (verify "
                               "only drafts router NAME gives P(large better) >= S)")
-        screen = check_threshold_value(screen, f"the screen threshold of {name!r}")
+        screen = check_threshold(screen, f"the screen threshold of {name!r}")
     elif qualifiers:
         raise ConfigError(f"policy {kind!r} takes no qualifier, got {name!r}")
     t: float | tuple[float, ...] | None = None
@@ -434,7 +425,7 @@ def parse_policy(text: str, *, threshold: float | None = 0.5, bench_kinds: bool 
         label = f"{kind}@" + "/".join(f"{v:g}" for v in values)
     else:
         if kind in THRESHOLD_KINDS and threshold is not None:
-            t = check_threshold_value(threshold)
+            t = check_threshold(threshold)
         label = kind
     qualifier = ":".join(q for q in (signal, mode) if q) if kind == "confidence" else \
         (router + ("" if screen is None else f"={screen:g}") if router else "")

@@ -278,6 +278,12 @@ def _in_rounds(requests: Sequence, run_batch) -> list:
     return outputs
 
 
+def _context_length(model) -> int | None:
+    """The positions a model attends over, from its config (None when it does not say)."""
+    length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
+
+
 class HFBackend:
     """A causal LM and its tokenizer, behind the `decoding.Backend` protocol.
 
@@ -303,6 +309,7 @@ class HFBackend:
             fingerprint=fingerprint or "unknown",
             num_parameters=sum(p.numel() for p in model.parameters()),
             step_delimiter=step_delimiter,
+            context_length=_context_length(model),
         )
         self._sessions: dict[str, _Session] = {}
         self._ends_delimiter: dict[int, bool] = {}

@@ -53,6 +53,9 @@ class ModelInfo:
     entropy: how `StepOutput.entropies` are computed: "exact" (over the whole vocabulary)
         or "top-K" (estimated from the K most likely tokens an engine returns, a lower
         bound). Routers trained on one kind refuse drafts of the other.
+    context_length: positions the model attends over (prompt + everything generated), or
+        None when the backend does not know it; the runtime refuses a problem that leaves
+        no room for a step in it.
     """
 
     name: str
@@ -60,6 +63,7 @@ class ModelInfo:
     num_parameters: int
     step_delimiter: str
     entropy: str = "exact"
+    context_length: int | None = None
 
 
 @dataclass(frozen=True)

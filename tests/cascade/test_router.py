@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cascade import AdvantageGate, Cascade, ConfigError, SolveOptions, make_gate
-from cascade.cli import main as cli_main
+from app.cli import main as cli_main
 from cascade.gates import Confidence, GateState
 from cascade.router import (
     FeatureSpec,
