@@ -263,8 +263,9 @@ def gate_specs_from_args(args: argparse.Namespace, n_models: int) -> list[GateSp
         if router is not None:
             raise ConfigError("--router is the router of --gate advantage; give --gate advantage")
         if settings_given:
-            raise ConfigError(f"{', '.join(settings_given)} set(s) the gate of --gate; give --gate NAME "
-                              f"({', '.join(GATE_KINDS)})")
+            verb = "is a setting" if len(settings_given) == 1 else "are settings"
+            raise ConfigError(f"{', '.join(settings_given)} {verb} of --gate, which is not given; give --gate "
+                              f"NAME ({', '.join(GATE_KINDS)})")
         return None
     kind = canonical_gate_name(name)
     options: dict = {"threshold": threshold}
