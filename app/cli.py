@@ -328,8 +328,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Flags a subcommand does not offer, which users bring from another one: what to do instead.
+_NOT_OFFERED = {
+    ("bench", "--gate"): "bench names its gates with --policies (e.g. small,large,confidence@0.3; "
+                         "confidence@0.3/0.5 for one threshold per gate), not --gate/--gates",
+    ("bench", "--gates"): "bench names its gates with --policies (e.g. small,large,confidence@0.3; "
+                          "confidence@0.3/0.5 for one threshold per gate), not --gate/--gates",
+    ("bench", "--rewrite"): "bench names token fixes as the policy verify-fix",
+    ("train-router", "--gate"): "train-router reads every step of both models, whatever a gate would "
+                                "decide: it takes no gate, threshold or rewrite",
+    ("train-router", "--threshold"): "train-router reads every step of both models, whatever a gate would "
+                                     "decide: it takes no gate, threshold or rewrite",
+    ("train-router", "--rewrite"): "train-router reads every step of both models, whatever a gate would "
+                                   "decide: it takes no gate, threshold or rewrite",
+    ("calibrate", "--threshold"): "calibrate chooses the thresholds: give the candidates with --thresholds",
+    ("serve", "--gates"): "serve takes one --gate for every position",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # a flag this subcommand does not offer: say so, and what it takes instead
+        flags = [u.split("=", 1)[0] for u in unknown if u.startswith("-")]
+        hints = [_NOT_OFFERED[(args.command, f)] for f in flags if (args.command, f) in _NOT_OFFERED]
+        print(f"cascade {args.command}: error: unrecognized arguments: {' '.join(unknown)}"
+              + (f"; {hints[0]}" if hints else f" (see cascade {args.command} --help)"), file=sys.stderr)
+        return 2
     hf_logging.disable_progress_bar()  # weight-loading bars would drown the trace
     try:
         return args.run(args)
