@@ -341,7 +341,6 @@ _NOT_OFFERED = {
                                      "decide: it takes no gate, threshold or rewrite",
     ("train-router", "--rewrite"): "train-router reads every step of both models, whatever a gate would "
                                    "decide: it takes no gate, threshold or rewrite",
-    ("calibrate", "--threshold"): "calibrate chooses the thresholds: give the candidates with --thresholds",
     ("serve", "--gates"): "serve takes one --gate for every position",
 }
 
