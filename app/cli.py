@@ -37,7 +37,7 @@ from cascade.checks import check_budget, check_problem
 from cascade.router import collect_router_data, train_router
 from cascade.scorers import LikelihoodScorer, PRMScorer
 from cascade.sequence_router import train_sequence_router
-from cascade.specs import ModelSpec, load_model, load_models
+from cascade.specs import ModelSpec, load_model
 
 __all__ = ["bench_command", "build_parser", "main"]
 
@@ -150,7 +150,8 @@ def _train_router(args) -> int:
     problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
     runner = build_runner(args, gates=False)
     if len(runner.models) != 2:
-        raise CascadeError(f"train-router trains a router for one small/large pair; got {len(runner.models)} models")
+        raise CascadeError(f"train-router trains a router for one small/large pair; got {len(runner.models)} "
+                           "models")
     scorer = _scorer_from_args(args, runner)
     reader = None if args.reader is None else load_model(ModelSpec(args.reader))
     data_path = args.data or Path(str(args.output) + ".data.jsonl")  # resumable: rows appended
@@ -249,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     calib.add_argument("--alpha", type=float, default=0.1, help="allowed P(cost > budget)")
     calib.add_argument("--delta", type=float, default=0.05, help="LTT: allowed failure probability")
     calib.add_argument("--method", default="ltt", choices=["ltt", "conformal", "risk"])
-    calib.add_argument("--objective", default="agreement", choices=["agreement", "max_escalation", "min_cost"])
+    calib.add_argument("--objective", default="agreement",
+                       choices=["agreement", "max_escalation", "min_cost"])
     calib.add_argument("--thresholds", default=None, help="comma-separated threshold grid")
     calib.add_argument("--grid", action="store_true",
                        help="N-model cascades: candidates are every combination of --thresholds, one "
@@ -275,11 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     router.add_argument("--router-model", default="logistic", choices=["logistic", "sequence"],
                         help="logistic: regression on the draft's summary features; sequence: a small "
                              "bi-GRU over the draft's tokens plus those features (cascade.sequence_router)")
-    router.add_argument("--epochs", type=positive_int, default=8, help="training passes of the sequence router")
+    router.add_argument("--epochs", type=positive_int, default=8,
+                        help="training passes of the sequence router")
     router.add_argument("--reader", default=None,
                         help="a model cheaper than the large one (path, hub id or embedded:<tier>) whose "
                              "log-probabilities of each draft the router also reads")
-    router.add_argument("--projection-dim", type=positive_int, default=16, help="hidden-state projection size")
+    router.add_argument("--projection-dim", type=positive_int, default=16,
+                        help="hidden-state projection size")
     router.add_argument("--seed", type=int, default=0, help="projection and held-out split seed")
     router.add_argument("--data", type=Path, default=None,
                         help="collected rows (JSONL, resumable; default <output>.data.jsonl)")

@@ -49,7 +49,8 @@ def positive_int(text: str) -> int:
 
 # ---- registering ------------------------------------------------------------------------------
 
-def add_model_options(parser: argparse.ArgumentParser, *, isolate: bool = True, template: bool = True) -> None:
+def add_model_options(parser: argparse.ArgumentParser, *, isolate: bool = True,
+                      template: bool = True) -> None:
     parser.add_argument("--small", help="small model: local path, hub id, embedded:<tier> or a .gguf file")
     parser.add_argument("--large", help="large model: local path, hub id, embedded:<tier> or a .gguf file")
     parser.add_argument("--models", help="comma-separated models, cheapest first (N tiers)")
@@ -84,7 +85,8 @@ def add_backend_options(parser: argparse.ArgumentParser, backends: Sequence[str]
         parser.add_argument("--api-key-env", default=None,
                             help="--backend openai: the environment variable holding the API key")
     if "vllm" in backends:
-        parser.add_argument("--dtype", default="auto", help="--backend vllm: weight dtype (auto, bfloat16, ...)")
+        parser.add_argument("--dtype", default="auto",
+                            help="--backend vllm: weight dtype (auto, bfloat16, ...)")
         parser.add_argument("--gpu-memory", default=None,
                             help="--backend vllm: comma-separated GPU memory fraction per model "
                                  "(default: 0.9 split evenly)")
@@ -166,8 +168,8 @@ def _templates(args: argparse.Namespace, names: list[str]) -> list:
             raise ConfigError(f"--template {template.name} needs --small/--large (or --models); the embedded "
                               "pair only reads its own prompt (--template embedded)")
         if not embedded and template.name == "embedded":
-            raise ConfigError("--template embedded is the shipped pair's own prompt; leave out --small/--large "
-                              "to use the embedded pair")
+            raise ConfigError("--template embedded is the shipped pair's own prompt; leave out "
+                              "--small/--large to use the embedded pair")
     return templates
 
 
@@ -191,8 +193,8 @@ def model_specs_from_args(args: argparse.Namespace, *, backend: str | None = Non
     if kind == "openai":
         endpoints = getattr(args, "endpoints", None) or []
         if not endpoints:
-            raise ConfigError("--backend openai needs --endpoints URL[,URL...] once per model, cheapest first "
-                              "(e.g. --endpoints http://127.0.0.1:8000 --endpoints http://127.0.0.1:8001)")
+            raise ConfigError("--backend openai needs --endpoints URL[,URL...] once per model, cheapest "
+                              "first (e.g. --endpoints http://127.0.0.1:8000 --endpoints http://127.0.0.1:8001)")
         if len(endpoints) != len(names):
             raise ConfigError(f"--endpoints is given {len(endpoints)} time(s) for {len(names)} models: "
                               "once per model, cheapest first")
@@ -246,9 +248,11 @@ def gate_specs_from_args(args: argparse.Namespace, n_models: int) -> list[GateSp
         for item in listed.split(","):
             spec = parse_gate(item.strip(), what="--gates item")
             if spec.kind == "confidence":
-                spec = dataclasses.replace(spec, signal=spec.signal or args.signal, mode=spec.mode or args.mode)
+                spec = dataclasses.replace(spec, signal=spec.signal or args.signal,
+                                           mode=spec.mode or args.mode)
             elif spec.kind == "advantage" and router is None:
-                raise ConfigError("--gates advantage needs --router FILE (a router made by cascade train-router)")
+                raise ConfigError("--gates advantage needs --router FILE (a router made by cascade "
+                                  "train-router)")
             specs.append(spec)
         for flag in ("--rewrite", "--screen-threshold"):
             if flag in settings_given:
@@ -264,8 +268,8 @@ def gate_specs_from_args(args: argparse.Namespace, n_models: int) -> list[GateSp
             raise ConfigError("--router is the router of --gate advantage; give --gate advantage")
         if settings_given:
             verb = "is a setting" if len(settings_given) == 1 else "are settings"
-            raise ConfigError(f"{', '.join(settings_given)} {verb} of --gate, which is not given; give --gate "
-                              f"NAME ({', '.join(GATE_KINDS)})")
+            raise ConfigError(f"{', '.join(settings_given)} {verb} of --gate, which is not given; give "
+                              f"--gate NAME ({', '.join(GATE_KINDS)})")
         return None
     kind = canonical_gate_name(name)
     options: dict = {"threshold": threshold}
@@ -311,7 +315,8 @@ def build_runner(args: argparse.Namespace, *, gates: bool = True, backend: str |
     gate_specs = gate_specs_from_args(args, len(specs)) if gates else None
     options = solve_options(args, specs)
     # Before any model loads: the router file (checked against the models by the cascade).
-    routers = routers_from_args(args) if gate_specs and any(s.router is not None for s in gate_specs) else None
+    routed = gate_specs is not None and any(s.router is not None for s in gate_specs)
+    routers = routers_from_args(args) if routed else None
     built = build_gates(gate_specs, routers) if gate_specs else None
     embedded_hf = all(s.is_embedded and s.backend in ("hf", "process") and s.template is None
                       and s.delimiter == cascade.EMBEDDED_DELIMITER for s in specs)

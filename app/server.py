@@ -112,7 +112,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         value = self.tier_retry_seconds
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0:
             raise ConfigError(f"tier_retry_seconds must be a finite number >= 0, got {value!r}")
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ConfigError(f"model_name must be a non-empty string, got {self.model_name!r}")
@@ -342,7 +343,8 @@ class _App:
                     raise _BadRequest(400, f"unknown gate {name[:50]!r}; choose one of {list(GATES)}", "gate")
                 kind = canonical_gate_name(name)
                 if kind != "confidence" and (signal is not None or mode is not None):
-                    raise _BadRequest(400, f"signal and mode apply to gate 'confidence', not {name!r}", "gate")
+                    raise _BadRequest(400, f"signal and mode apply to gate 'confidence', not {name!r}",
+                                      "gate")
                 spec = GateSpec(kind, threshold=threshold, signal=signal, mode=mode,
                                 router="" if kind == "advantage" else None)
                 if kind == "advantage":  # the served routers: a request cannot send one
@@ -460,6 +462,7 @@ def _error_body(error: _BadRequest) -> dict:
 
 def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
     """The ASGI app (FastAPI) serving `runner` as the model `config.model_name`."""
+    # fastapi and uvicorn are the optional [serve] extra: imported only when a server is made.
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -664,7 +667,7 @@ def serve(runner: Cascade, config: ServerConfig = ServerConfig(), *, host: str =
           port: int = 8000, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM; in-flight requests then get
     `config.limits.shutdown_grace` seconds to finish, and a clean 503 after that."""
-    import uvicorn
+    import uvicorn  # the optional [serve] extra
 
     app = create_app(runner, config)
     state: _App = app.state.cascade_app
@@ -739,10 +742,12 @@ def build_served_cascade(args) -> Cascade:
     """The cascade `cascade serve` serves, from the command line's fixed model paths."""
     specs = model_specs_from_args(args, backend=args.backend)  # --template per tier, --delimiter, --isolate
     remote = _parse_remote(args.remote, tier_names_for(len(specs)))
-    specs = [dataclasses.replace(spec, backend="openai", endpoints=tuple(remote[k][1]), served_name=remote[k][0])
-             if k in remote else spec for k, spec in enumerate(specs)]
+    specs = [dataclasses.replace(spec, backend="openai", endpoints=tuple(remote[k][1]),
+                                 served_name=remote[k][0]) if k in remote else spec
+             for k, spec in enumerate(specs)]
     gate_specs = gate_specs_from_args(args, len(specs))  # --gate with its settings (and --router)
-    routers = routers_from_args(args) if gate_specs and any(g.router is not None for g in gate_specs) else None
+    routed = gate_specs is not None and any(g.router is not None for g in gate_specs)
+    routers = routers_from_args(args) if routed else None
     gates = build_gates(gate_specs, routers) if gate_specs else None
     if gates is None and all(spec.is_embedded for spec in specs):
         gates = [DEFAULT_EMBEDDED_GATE] * (len(specs) - 1)

@@ -30,6 +30,7 @@ from typing import Sequence
 
 from bench.harness import load_results, router_files, summarize_rows
 from bench.provenance import package_commit
+from cascade.router import load_router
 
 __all__ = ["family_of", "matched_point", "escalation_at_accuracy", "gate_report"]
 
@@ -139,8 +140,6 @@ def gate_report(run_dir: str | Path, out_dir: str | Path, *, router=None,
     # Target 2: the best deployable gate (not the oracle) >= 2.5x faster than large at <= 1 pt loss.
     deployable = [e for f, e in matched.items() if f != "oracle" and e.get("policy")]
     best = max(deployable, key=lambda e: e["speedup_vs_large"]) if deployable else None
-    from cascade.router import load_router
-
     router_metrics = {}
     for name, path in router_files(router).items():
         loaded = load_router(path)

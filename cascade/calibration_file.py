@@ -113,7 +113,8 @@ class Calibration:
         return "\n".join(lines)
 
     def to_json(self) -> dict:
-        payload = dataclasses.asdict(dataclasses.replace(self, _routers={}))  # loaded routers are not recorded
+        # loaded routers are not recorded
+        payload = dataclasses.asdict(dataclasses.replace(self, _routers={}))
         del payload["_routers"]
         payload["candidates"] = [list(c) for c in self.candidates]
         return payload

@@ -38,21 +38,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from decoding import Backend, HFBackend, OpenAIBackend, ProcessBackend
-
-from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
+import decoding
 from cascade.checks import check_threshold
+from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from cascade.errors import ConfigError
 from cascade.gates import (
     GATES,
     SIGNALS,
     AdvantageGate,
-    AlwaysLarge,
-    AlwaysSmall,
     ConfidenceGate,
     Gate,
     VerifyGate,
 )
+from decoding import Backend, HFBackend, OpenAIBackend, ProcessBackend
 
 __all__ = [
     "BACKEND_KINDS",
@@ -230,7 +228,8 @@ class GateSpec:
                 if value is None:
                     continue
                 if not (isinstance(value, dict) and isinstance(value.get("router_file"), str)
-                        and isinstance(value.get("weights"), str) and set(value) == {"router_file", "weights"}):
+                        and isinstance(value.get("weights"), str)
+                        and set(value) == {"router_file", "weights"}):
                     raise ConfigError(f"gate {kind!r}: {key} must be {{'router_file': str, 'weights': str}}, "
                                       f"got {value!r}")
                 settings.update(router=value["router_file"], router_weights=value["weights"])
@@ -351,7 +350,8 @@ class PolicySpec:
         """verify-ahead and verify-fix draft the next step while the large model verifies."""
         return self.kind in ("verify-ahead", "verify-fix")
 
-    def gate_specs(self, n_gates: int, *, signal: str | None = None, mode: str | None = None) -> list[GateSpec]:
+    def gate_specs(self, n_gates: int, *, signal: str | None = None,
+                   mode: str | None = None) -> list[GateSpec]:
         """One gate spec per position of a cascade with n_gates gates. signal / mode: the
         defaults of a confidence policy that names none."""
         if self.kind in BENCH_KINDS:
@@ -440,7 +440,8 @@ def parse_gate(text: str, *, threshold: float | None = None, what: str = "gate")
     if isinstance(text, str):
         kind = text.strip().partition("@")[0].partition(":")[0]
         if GATE_ALIASES.get(kind, kind) not in POLICY_KINDS:
-            raise ConfigError(f"unknown gate {kind!r} in {what} {text!r}; choose one of {', '.join(GATE_KINDS)}")
+            raise ConfigError(f"unknown gate {kind!r} in {what} {text!r}; choose one of "
+                              f"{', '.join(GATE_KINDS)}")
     policy = parse_policy(text, threshold=threshold, bench_kinds=False, what=what)
     if policy.draft_ahead:
         raise ConfigError(f"{policy.kind!r} is a policy (verify with draft-ahead), not a gate")
@@ -498,7 +499,8 @@ class ModelSpec:
         if self.is_embedded:
             embedded_path(self.embedded_tier)  # an unknown tier fails here, naming the shipped ones
             if self.backend == "llamacpp":
-                raise ConfigError("the embedded models are transformers checkpoints; llamacpp runs .gguf files")
+                raise ConfigError("the embedded models are transformers checkpoints; llamacpp runs "
+                                  ".gguf files")
         if self.template is not None and not isinstance(self.template, str):
             raise ConfigError(f"template must be a str.format string with {{problem}}, got {self.template!r}")
         if self.delimiter is not None and (not isinstance(self.delimiter, str) or not self.delimiter):
@@ -567,8 +569,8 @@ def load_model(spec: ModelSpec, *, api_key: str | None = None) -> Backend:
     common = {"step_delimiter": spec.step_delimiter, "prompt_template": spec.template}
     if spec.backend == "llamacpp":
         backend = _llamacpp_backend_class()
-        settings = {k: v for k, v in (("n_ctx", spec.n_ctx), ("n_threads", spec.n_threads), ("seed", spec.seed))
-                    if v is not None}
+        settings = {k: v for k, v in (("n_ctx", spec.n_ctx), ("n_threads", spec.n_threads),
+                                      ("seed", spec.seed)) if v is not None}
         return backend(spec.path, name=name, **common, **settings)
     if spec.backend == "openai":
         if api_key is None and spec.api_key_env:
@@ -578,8 +580,7 @@ def load_model(spec: ModelSpec, *, api_key: str | None = None) -> Backend:
         return OpenAIBackend.from_model_dir(spec.path, list(spec.endpoints), spec.served_name or name,
                                             name=name, api_key=api_key, **common)
     if spec.backend == "vllm":
-        import decoding  # VLLMBackend is an attribute loaded on first use (vllm is optional)
-
+        # decoding.VLLMBackend is loaded on first use (vllm is an optional extra)
         settings = {k: v for k, v in (("dtype", spec.dtype), ("gpu_memory_utilization", spec.gpu_memory),
                                       ("max_model_len", spec.max_model_len)) if v is not None}
         return decoding.VLLMBackend.from_pretrained(spec.path, name=name, **settings, **common)

@@ -100,7 +100,8 @@ def test_bench_applies_draft_ahead_on_every_backend(monkeypatch, tmp_path, backe
     from decoding import HFBackend
 
     def fake_vllm(path, **settings):
-        return HFBackend.from_pretrained(path, step_delimiter=settings["step_delimiter"], name=settings["name"])
+        return HFBackend.from_pretrained(path, step_delimiter=settings["step_delimiter"],
+                                         name=settings["name"])
 
     def fake_openai(path, urls, served, *, name, api_key, step_delimiter, prompt_template):
         return HFBackend.from_pretrained(path, step_delimiter=step_delimiter, name=name)
@@ -118,7 +119,8 @@ def test_bench_applies_draft_ahead_on_every_backend(monkeypatch, tmp_path, backe
         raise CascadeError("stopped after building the cascade")
 
     monkeypatch.setattr(harness, "run_benchmark", fake_run)
-    extra = ["--endpoints", "http://127.0.0.1:9", "--endpoints", "http://127.0.0.1:10"] if backend == "openai" else []
+    extra = ["--endpoints", "http://127.0.0.1:9", "--endpoints", "http://127.0.0.1:10"] \
+        if backend == "openai" else []
     code, _, _ = run(capsys, "bench", "--limit", "1", "--policies", "verify", "--backend", backend, *extra,
                      "--draft-ahead", "-o", str(tmp_path / "o"))
     assert code == 2 and len(seen) == 1 and seen[0].draft_ahead is True
@@ -127,8 +129,8 @@ def test_bench_applies_draft_ahead_on_every_backend(monkeypatch, tmp_path, backe
 def test_solve_takes_a_backend_endpoints_and_a_template_per_tier(monkeypatch, capsys, tiny_dirs):
     """solve --backend openai --endpoints ... --template plain,chat: each model gets its own
     servers and its own prompt (a base model and a chat model)."""
-    from decoding import HFBackend
     from cascade import specs
+    from decoding import HFBackend
 
     calls = []
 
@@ -156,7 +158,8 @@ def test_templates_with_different_delimiters_need_one_given(capsys, tiny_dirs):
 
 def test_serve_takes_a_template(tiny_dirs):
     served = build_served_cascade(build_parser().parse_args(
-        ["serve", "--small", tiny_dirs[0], "--large", tiny_dirs[2], "--template", "plain", "--delimiter", "\n"]))
+        ["serve", "--small", tiny_dirs[0], "--large", tiny_dirs[2], "--template", "plain",
+         "--delimiter", "\n"]))
     assert [m.prompt_template for m in served.models] == [get_template("plain").format] * 2
 
 
@@ -171,8 +174,8 @@ def test_degrade_says_why_and_does_not_retry_a_dead_tier_every_request(caplog):
     async def ask(app, n):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
-            return [(await client.post("/v1/completions", json={"model": "stepcascade", "prompt": "q"})).json()
-                    for _ in range(n)]
+            body = {"model": "stepcascade", "prompt": "q"}
+            return [(await client.post("/v1/completions", json=body)).json() for _ in range(n)]
 
     with caplog.at_level(logging.INFO, logger="cascade.server"):
         first, second, third = asyncio.run(ask(create_app(runner, ServerConfig(tier_retry_seconds=600)), 3))
