@@ -9,10 +9,13 @@ or from Python::
     summary = run_benchmark(cascade, "embedded", out_dir="runs/emb", limit=200,
                             policies=["small", "large", "confidence@0.5", "oracle"])
 
-Policies (`POLICY_NAMES`), each used at every gate position of an N-tier cascade:
+Policies (`POLICY_NAMES`), each used at every gate position of an N-tier cascade, are
+parsed by `cascade.specs.parse_policy` (the grammar the CLI's --gates and the server's
+gate fields share) and built by `cascade.specs.build_gates`:
 
 - ``small``: `AlwaysSmall`; ``large``: `AlwaysLarge`;
 - ``confidence`` / ``confidence@T``: `ConfidenceGate` at threshold T (default: `threshold`);
+  ``confidence:SIGNAL[:MODE]@T`` names its own signal and mode (default: `signal`, `mode`);
 - ``verify`` / ``verify@T``: `VerifyGate` at threshold T;
 - ``verify-ahead`` / ``verify-ahead@T``: the same gate with `SolveOptions.draft_ahead`: the
   small model drafts the next step while the large one verifies (run with ``--isolate`` so
