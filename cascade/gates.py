@@ -309,7 +309,6 @@ class AdvantageModel(Protocol):
     def check_models(self, models: Sequence) -> None:
         """Refuse (drafting, next tier) models it was not trained for. Default: any models
         (a router that does not subclass AdvantageModel declares it itself)."""
-        return None
 
 
 @dataclass(frozen=True)

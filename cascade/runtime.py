@@ -180,7 +180,7 @@ class Cascade:
             self.calibration = calibration
 
     def _check_gates(self, gates: Sequence[Gate]) -> list[Gate]:
-        if isinstance(gates, (str, bytes)) or isinstance(gates, Gate) or not isinstance(gates, Iterable):
+        if isinstance(gates, (str, bytes, Gate)) or not isinstance(gates, Iterable):
             raise ConfigError(f"gates must be a list of {len(self.models) - 1} gate(s), one per position, "
                               f"got {gates!r}; for one gate at every position give gate=")
         gates = list(gates)
@@ -487,37 +487,6 @@ class _Run:
         return self.took_score(tier, (yield (tier, ScoreRequest(self.request_id, self.problem,
                                                                self.here, text))))
 
-    def wants_ahead(self, tier: int, output: StepOutput) -> bool:
-        """Draft the next step while this draft is verified? (see SolveOptions.draft_ahead)"""
-        if not self.options.draft_ahead or tier != 0 or output.stop_reason != "delimiter" \
-                or extract_answer(output.text) is not None or len(self.steps) + 1 >= self.options.max_steps:
-            return False  # the draft ends the request, or no step follows it
-        if self.budget is None:
-            return True
-        ahead_context = self.here + output.text
-        verification = self.cascade.cost_model.charge(tier + 1, self.prefill_bound(tier + 1, ahead_context), 0)
-        return verification + self.worst(tier, ahead_context, self.options.max_step_tokens) \
-            + self.worst(tier + 1, self.here, self.step_tokens_left()) <= self.remaining()
-
-    def verify_and_draft_ahead(self, tier: int, output: StepOutput):
-        """Verification of tier's draft by tier + 1, and tier's draft of the step after it,
-        sent together; keeps the early draft in `self.ahead` (a failed early draft is
-        dropped: the next step asks again). Returns the verification."""
-        ahead_context = self.here + output.text
-        score = ScoreRequest(self.request_id, self.problem, self.here, output.text)
-        request = self.step_request(tier, ahead_context, self.options.max_step_tokens)
-        verification, ahead = yield [(tier + 1, score), (tier, request)]
-        try:
-            if isinstance(ahead, BackendError):
-                raise ahead
-            ahead = self.checked_step(tier, request, ahead)
-            self.ahead = (ahead_context, ahead, self.step_usage_of(tier, ahead))
-        except BackendError:
-            pass  # only a chance taken: the next step asks again, and fails there if it must
-        if isinstance(verification, BackendError):
-            raise verification
-        return self.took_score(tier + 1, verification)
-
     # -- mechanism: draft -----------------------------------------------------------------
 
     def attempt(self, tier: int):
@@ -646,6 +615,37 @@ class _Run:
         return tier, output
 
     # -- mechanism: draft-ahead -------------------------------------------------------------
+
+    def wants_ahead(self, tier: int, output: StepOutput) -> bool:
+        """Draft the next step while this draft is verified? (see SolveOptions.draft_ahead)"""
+        if not self.options.draft_ahead or tier != 0 or output.stop_reason != "delimiter" \
+                or extract_answer(output.text) is not None or len(self.steps) + 1 >= self.options.max_steps:
+            return False  # the draft ends the request, or no step follows it
+        if self.budget is None:
+            return True
+        ahead_context = self.here + output.text
+        verification = self.cascade.cost_model.charge(tier + 1, self.prefill_bound(tier + 1, ahead_context), 0)
+        return verification + self.worst(tier, ahead_context, self.options.max_step_tokens) \
+            + self.worst(tier + 1, self.here, self.step_tokens_left()) <= self.remaining()
+
+    def verify_and_draft_ahead(self, tier: int, output: StepOutput):
+        """Verification of tier's draft by tier + 1, and tier's draft of the step after it,
+        sent together; keeps the early draft in `self.ahead` (a failed early draft is
+        dropped: the next step asks again). Returns the verification."""
+        ahead_context = self.here + output.text
+        score = ScoreRequest(self.request_id, self.problem, self.here, output.text)
+        request = self.step_request(tier, ahead_context, self.options.max_step_tokens)
+        verification, ahead = yield [(tier + 1, score), (tier, request)]
+        try:
+            if isinstance(ahead, BackendError):
+                raise ahead
+            ahead = self.checked_step(tier, request, ahead)
+            self.ahead = (ahead_context, ahead, self.step_usage_of(tier, ahead))
+        except BackendError:
+            pass  # only a chance taken: the next step asks again, and fails there if it must
+        if isinstance(verification, BackendError):
+            raise verification
+        return self.took_score(tier + 1, verification)
 
     def take_ahead(self) -> StepOutput | None:
         """The early draft, when it continues exactly where the step starts (its cost joins

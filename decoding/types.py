@@ -212,4 +212,3 @@ class Backend(Protocol):
 
     def close(self) -> None:
         """Free the engine's resources (a process, a server session). Default: nothing to free."""
-        return None

@@ -26,9 +26,9 @@ from cascade import (
     calibrate,
     sweep,
 )
-from cascade.gates import AdvantageModel, Gate
 from cascade.checks import check_budget, check_probability, check_problem, check_problems, check_threshold
 from cascade.cost import Prices
+from cascade.gates import AdvantageModel, Gate
 from decoding import HFBackend, ModelInfo
 
 OPTIONS = SolveOptions(max_steps=6, max_step_tokens=12)

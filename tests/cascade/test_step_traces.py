@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -48,5 +49,5 @@ def test_the_record_takes_every_path():
     assert any(s["drafts"] for s in steps["verify-fix-ahead"])
     # a token fix: a step written by the large tier whose calls include a small draft after a score
     calls = [c for row in golden["verify-fix-ahead"] for c in row["calls"]]
-    assert any(a[1] == "score" and b[0] == "small" and b[2] != a[2] for a, b in zip(calls, calls[1:]))
+    assert any(a[1] == "score" and b[0] == "small" and b[2] != a[2] for a, b in itertools.pairwise(calls))
     assert any(0 < r["escalation_rate"] < 1 for r in results["advantage"])
