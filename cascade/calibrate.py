@@ -38,7 +38,7 @@ from cascade.gates import AlwaysLarge, Gate
 from cascade.records import Result
 from cascade.runtime import Cascade, SolveOptions
 from cascade.specs import gate_spec_of
-from decoding import ScoreRequest, StepRequest
+from decoding import Backend, ScoreRequest, StepRequest
 
 __all__ = ["SweepResult", "Calibration", "CalibrationFileError", "sweep", "sweep_file", "calibrate",
            "default_thresholds", "SCHEMA_VERSION"]
@@ -83,7 +83,7 @@ class SweepResult:
                          for row, ref in zip(self.answers, self.reference_answers)], dtype=bool)
 
 
-class _SharedView:
+class _SharedView(Backend):
     """A backend as the step machines of one sweep see it: machine request ids are mapped
     to the shared session of their branch (calls themselves go through the driver)."""
 
@@ -112,7 +112,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                    options: SolveOptions, tag: str) -> tuple[list[Result], int]:
     """Run every candidate on one problem as a shared tree; returns results and tokens run."""
     models = cascade.models
-    shareable = all(hasattr(m, "fork") for m in models)
+    shareable = all(m.supports_fork for m in models)
     route: dict[str, str] = {}
     views = [_SharedView(m, route) for m in models]
     runner = Cascade(models=views, gates=candidate_gates[0], cost_model=cascade.cost_model,

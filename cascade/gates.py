@@ -117,14 +117,39 @@ class Gate(Protocol):
     built-in scored gates (confidence, verify, advantage: their scores are probabilities
     or one minus a confidence), [0, inf] for AlwaysSmall (score 0), [0, 1] for AlwaysLarge
     (score 1). A score must be a real number (numpy's included), never NaN or a string.
+
+    Required: threshold, mode, probe_tokens, requires_verification, score(state). The
+    optional capabilities below are declared here with their defaults: a gate subclassing
+    `Gate` inherits them and overrides what it uses; one that does not subclass it
+    declares them itself. The runtime reads them, never probes for them.
+
+    requires_hidden: the judged tier returns its hidden state with the draft (a learned
+        router reads it). Default False.
+    rewrite, max_corrections: what a rejected draft becomes. "step" (default): the next
+        tier writes the step. "token": the verifying tier's greedy text up to its first
+        disagreement is kept and the drafting tier goes on, at most `max_corrections`
+        times per step (see `VerifyGate`). Default max_corrections 0.
+    needs_verification(state): with `requires_verification`, is this draft worth the next
+        tier's scoring pass? Default: every draft is.
+    check_models(models): refuse the (judged, next) models it was not made for (a gate
+        carrying a trained router). Default: any models.
     """
 
     threshold: float
     mode: Mode
     probe_tokens: int
     requires_verification: bool
+    requires_hidden: bool = False
+    rewrite: Literal["step", "token"] = "step"
+    max_corrections: int = 0
 
     def score(self, state: GateState) -> float: ...
+
+    def needs_verification(self, state: GateState) -> bool:
+        return True
+
+    def check_models(self, models: Sequence) -> None:
+        return None
 
 
 def _set_threshold(gate: object, name: str = "threshold", *, low: float = 0.0, high: float = 1.0) -> None:
@@ -141,7 +166,7 @@ def _check_mode(mode: str, probe_tokens: int) -> None:
 
 
 @dataclass(frozen=True)
-class ConfidenceGate:
+class ConfidenceGate(Gate):
     """Escalate when the lower tier is unsure of its own step (STEER-style, no extra model).
 
     score = 1 - confidence, confidence in [0, 1] from `signal`; so threshold t escalates
@@ -167,7 +192,7 @@ class ConfidenceGate:
 
 
 @dataclass(frozen=True)
-class AlwaysSmall:
+class AlwaysSmall(Gate):
     """Never escalate: the lower tier writes every step."""
 
     threshold: float = math.inf
@@ -183,7 +208,7 @@ class AlwaysSmall:
 
 
 @dataclass(frozen=True)
-class AlwaysLarge:
+class AlwaysLarge(Gate):
     """Always escalate, before the lower tier writes anything."""
 
     threshold: float = 0.0
@@ -199,7 +224,7 @@ class AlwaysLarge:
 
 
 @dataclass(frozen=True)
-class VerifyGate:
+class VerifyGate(Gate):
     """Draft-then-verify (SpecReason-style): the next tier scores the draft in one forward
     pass; reject (escalate) when its confidence in the draft is low.
 
@@ -244,7 +269,8 @@ class VerifyGate:
         if self.reduce not in ("mean", "min"):
             raise ConfigError(f"reduce must be 'mean' or 'min', got {self.reduce!r}")
         if self.screen is not None and not isinstance(self.screen, AdvantageModel):
-            raise ConfigError(f"screen must be a router with advantage_probability(state), got "
+            raise ConfigError(f"screen must be a router with advantage_probability(state) and "
+                              f"check_models(models) (subclass cascade.gates.AdvantageModel), got "
                               f"{type(self.screen).__name__} (load one with cascade.load_router)")
         _set_threshold(self, "screen_threshold")  # compared with P(large better)
 
@@ -255,7 +281,7 @@ class VerifyGate:
 
     def check_models(self, models: Sequence) -> None:
         """Refuse a screen trained for other models than (drafting, verifying) `models`."""
-        if self.screen is not None and hasattr(self.screen, "check_models"):
+        if self.screen is not None:
             self.screen.check_models(models)
 
     def needs_verification(self, state: GateState) -> bool:
@@ -280,9 +306,13 @@ class AdvantageModel(Protocol):
         """P(the next tier's step would be meaningfully better than this draft)."""
         ...
 
+    def check_models(self, models: Sequence) -> None:
+        """Refuse (drafting, next tier) models it was not trained for. Default: any models
+        (a router that does not subclass AdvantageModel declares it itself)."""
+
 
 @dataclass(frozen=True)
-class AdvantageGate:
+class AdvantageGate(Gate):
     """Escalate when a learned router says the next tier's step would be meaningfully
     better than the draft (Arbitrage-style): score = P(large better), in [0, 1].
 
@@ -302,7 +332,8 @@ class AdvantageGate:
     def __post_init__(self) -> None:
         _set_threshold(self)  # score = P(large better)
         if not isinstance(self.router, AdvantageModel):
-            raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state), got "
+            raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state) and "
+                              f"check_models(models) (subclass cascade.gates.AdvantageModel), got "
                               f"{type(self.router).__name__} (load one with cascade.router.load_router)")
         if self.mode != "speculate" or self.requires_verification or not self.requires_hidden:
             raise ConfigError("AdvantageGate judges whole drafts from their hidden state: mode must be "
@@ -310,8 +341,7 @@ class AdvantageGate:
 
     def check_models(self, models: Sequence) -> None:
         """Refuse a router trained for other models than (drafting, next tier) `models`."""
-        if hasattr(self.router, "check_models"):
-            self.router.check_models(models)
+        self.router.check_models(models)
 
     def score(self, state: GateState) -> float:
         if not state.output.token_ids:

@@ -33,6 +33,7 @@ import torch
 
 from decoding.prompting import crop_point, decode_after, delimiter_end, greedy_prefix, render_prompt
 from decoding.types import (
+    Backend,
     BackendError,
     ModelInfo,
     ModelLoadError,
@@ -284,13 +285,16 @@ def _context_length(model) -> int | None:
     return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
 
 
-class HFBackend:
-    """A causal LM and its tokenizer, behind the `decoding.Backend` protocol.
+class HFBackend(Backend):
+    """A causal LM and its tokenizer, behind the `decoding.Backend` protocol (it forks:
+    a request's KV cache is copied for a calibration sweep's branches).
 
     Prompt: `prompt_template` (a format string with `{problem}`) when given; else the
     tokenizer's chat template (one user message, generation prompt added) when it has
     one; else the problem followed by the step delimiter.
     """
+
+    supports_fork = True
 
     def __init__(self, model, tokenizer, *, name: str, step_delimiter: str = "\n\n",
                  prompt_template: str | None = None, fingerprint: str = "",

@@ -28,6 +28,7 @@ from cascade import (
 )
 from cascade.checks import check_budget, check_probability, check_problem, check_problems, check_threshold
 from cascade.cost import Prices
+from cascade.gates import AdvantageModel, Gate
 from decoding import HFBackend, ModelInfo
 
 OPTIONS = SolveOptions(max_steps=6, max_step_tokens=12)
@@ -194,7 +195,7 @@ def test_thresholds_outside_the_score_range_are_refused(make, value):
 
 
 def test_advantage_and_fixed_gates_check_their_thresholds():
-    class Router:
+    class Router(AdvantageModel):
         def advantage_probability(self, state):
             return 0.5
     with pytest.raises(ConfigError, match=r"\[0, 1\]"):
@@ -240,7 +241,7 @@ def test_one_gate_given_as_gates_is_refused_clearly():
 
 
 @dataclasses.dataclass(frozen=True)
-class _ScoreGate:
+class _ScoreGate(Gate):
     value: object
     threshold: float = 0.5
     mode: str = "speculate"

@@ -9,6 +9,7 @@ from fakes import FakeBackend
 
 from bench.oracle import OracleGate
 from cascade import Cascade, ConfigError, SolveOptions, VerifyGate, make_gate
+from cascade.gates import AdvantageModel
 from decoding import HFBackend, ScoreRequest
 
 
@@ -200,7 +201,7 @@ def test_draft_ahead_survives_a_failing_verifier_and_a_failing_early_draft(tiny_
     assert [s.text for s in early.steps] == reference
 
 
-class _MinProbScreen:
+class _MinProbScreen(AdvantageModel):
     """A stand-in router for VerifyGate.screen: P(large better) = 1 - the draft's min_prob."""
 
     def advantage_probability(self, state) -> float:

@@ -18,6 +18,7 @@ from cascade import (
     VerifyGate,
     make_gate,
 )
+from cascade.gates import AdvantageModel
 from cascade.specs import (
     GateSpec,
     ModelSpec,
@@ -30,7 +31,7 @@ from cascade.specs import (
 )
 
 
-class _Router:
+class _Router(AdvantageModel):
     source = "/tmp/r.pt"
 
     def advantage_probability(self, state):
