@@ -44,7 +44,7 @@ __all__ = ["bench_command", "build_parser", "main"]
 _COLOURS = {"small": "\033[32m", "medium": "\033[33m", "large": "\033[35m"}
 _RESET = "\033[0m"
 SOLVE_BACKENDS = ("hf", "vllm", "openai", "llamacpp")
-BENCH_BACKENDS = ("hf", "vllm", "openai")
+BENCH_BACKENDS = ("hf", "vllm", "openai", "llamacpp")
 
 
 def _print_result(result, colour: bool) -> None:
