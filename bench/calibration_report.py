@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.pair_report import _git_commit
+from bench.provenance import package_commit
 from bench.tasks import check_answer, generate_split
 from cascade import ConfidenceGate, calibrate, embedded_cascade, sweep
 from cascade.calibrate import default_thresholds
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
     report = {
         "command": "python -m bench.calibration_report " + " ".join(argv or []),
-        "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": package_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "alpha": args.alpha, "delta": args.delta, "n_cal": args.n_cal, "n_test": args.n_test,
         "grid": grid, "small_only_mean_cost": small_cost, "large_only_mean_cost": large_cost,
         "large_only_test_accuracy": float(test["reference_correct"].mean()),

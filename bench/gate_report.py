@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.harness import load_results, router_files, summarize_rows
+from bench.provenance import package_commit
+from cascade.router import load_router
 
 __all__ = ["family_of", "matched_point", "escalation_at_accuracy", "gate_report"]
 
@@ -91,8 +93,6 @@ def escalation_at_accuracy(points: Sequence[tuple[float, float]], target: float)
 def gate_report(run_dir: str | Path, out_dir: str | Path, *, router=None,
                 command: str | None = None, tolerance: float = TOLERANCE,
                 notes: Sequence[str] = ()) -> dict:
-    from bench.pair_report import _git_commit
-
     run_dir, out = Path(run_dir), Path(out_dir)
     rows, n_problems = _complete_rows(load_results(run_dir / "results.jsonl"))
     if not rows:
@@ -140,8 +140,6 @@ def gate_report(run_dir: str | Path, out_dir: str | Path, *, router=None,
     # Target 2: the best deployable gate (not the oracle) >= 2.5x faster than large at <= 1 pt loss.
     deployable = [e for f, e in matched.items() if f != "oracle" and e.get("policy")]
     best = max(deployable, key=lambda e: e["speedup_vs_large"]) if deployable else None
-    from cascade.router import load_router
-
     router_metrics = {}
     for name, path in router_files(router).items():
         loaded = load_router(path)
@@ -149,7 +147,7 @@ def gate_report(run_dir: str | Path, out_dir: str | Path, *, router=None,
                                 "metrics": loaded.metrics.to_json() if loaded.metrics else None}
     report = {
         "command": command or " ".join(["python -m bench.gate_report", *sys.argv[1:]]),
-        "commit": _git_commit(), "run_dir": str(run_dir), "run_commands": [s.get("command") for s in
+        "commit": package_commit(), "run_dir": str(run_dir), "run_commands": [s.get("command") for s in
                                                                             header.get("sessions", [])],
         "run_commits": sorted({s.get("commit") for s in header.get("sessions", [])}),
         "n_problems": n_problems, "tolerance": tolerance, "target_accuracy": target,

@@ -9,10 +9,13 @@ or from Python::
     summary = run_benchmark(cascade, "embedded", out_dir="runs/emb", limit=200,
                             policies=["small", "large", "confidence@0.5", "oracle"])
 
-Policies (`POLICY_NAMES`), each used at every gate position of an N-tier cascade:
+Policies (`POLICY_NAMES`), each used at every gate position of an N-tier cascade, are
+parsed by `cascade.specs.parse_policy` (the grammar the CLI's --gates and the server's
+gate fields share) and built by `cascade.specs.build_gates`:
 
 - ``small``: `AlwaysSmall`; ``large``: `AlwaysLarge`;
 - ``confidence`` / ``confidence@T``: `ConfidenceGate` at threshold T (default: `threshold`);
+  ``confidence:SIGNAL[:MODE]@T`` names its own signal and mode (default: `signal`, `mode`);
 - ``verify`` / ``verify@T``: `VerifyGate` at threshold T;
 - ``verify-ahead`` / ``verify-ahead@T``: the same gate with `SolveOptions.draft_ahead`: the
   small model drafts the next step while the large one verifies (run with ``--isolate`` so
@@ -60,8 +63,16 @@ from pathlib import Path
 from typing import Any
 
 from bench.datasets import Example, load_dataset
-from cascade.cli import progress_printer
+from bench.grading import Grader
+from bench.oracle import OracleGate
+from bench.pair_report import wilson_interval
+from bench.progress import progress_printer
+from bench.provenance import package_commit
+from cascade.checks import check_budget
 from cascade.errors import CascadeError, ConfigError
+from cascade.router import load_router
+from cascade.runtime import Cascade
+from cascade.specs import BENCH_KINDS, POLICY_KINDS, PolicySpec, build_gates, parse_policy
 
 __all__ = [
     "PLOT_FILES",
@@ -77,9 +88,7 @@ __all__ = [
     "unknown_characters",
 ]
 
-POLICY_NAMES: tuple[str, ...] = ("small", "large", "confidence", "verify", "verify-ahead", "verify-fix",
-                                  "advantage", "oracle", "calibrated")
-_THRESHOLD_POLICIES = ("confidence", "verify", "verify-ahead", "verify-fix", "advantage")
+POLICY_NAMES: tuple[str, ...] = POLICY_KINDS + BENCH_KINDS  # one vocabulary: cascade.specs
 PLOT_FILES: tuple[str, ...] = ("accuracy_vs_cost.png", "accuracy_vs_latency.png", "escalation_by_step.png")
 RESULTS_FILE = "results.jsonl"
 RUN_FILE = "run.json"
@@ -94,19 +103,6 @@ class BenchError(ConfigError):
 
 
 # ---- policies ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A parsed policy name. `label` names it in the results ("confidence@0.3");
-    `kind` is one of POLICY_NAMES; `threshold` is set for confidence / verify: one float
-    for every gate, or a tuple with one per gate ("confidence@0.3/0.5", N-tier cascades)."""
-
-    label: str
-    kind: str
-    threshold: float | tuple[float, ...] | None = None
-    router: str = ""  # advantage policies: the name of their router ("" = the unnamed one)
-    screen_threshold: float | None = None  # screened verify policies ("verify-fix:NAME=S"): S
-
 
 def router_files(router: str | Path | Sequence[str] | Mapping[str, str | Path] | None) -> dict[str, Path]:
     """The router files of a run by name: one FILE (name ""), a list of "NAME=FILE" / "FILE"
@@ -151,52 +147,16 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
     routers = router_files(router)
     specs: list[PolicySpec] = []
     for name in _policy_list(policies):
-        kind, at, value = name.partition("@")
-        router_name, screen = "", None
-        base, colon, suffix = kind.partition(":")
-        if colon and base == "advantage":  # advantage:NAME: the router given as --router NAME=FILE
-            kind, router_name = base, suffix
-            if not router_name:
-                raise BenchError(f"policy {name!r} names no router after 'advantage:'")
-        elif colon and base in ("verify", "verify-ahead", "verify-fix"):  # verify:NAME=S: screened
-            router_name, gt, value_s = suffix.partition("=")
-            try:
-                screen = float(value_s) if gt and router_name else math.nan
-            except ValueError:
-                screen = math.nan
-            if math.isnan(screen):
-                raise BenchError(f"policy {name!r}: a screened verify policy reads {base}:NAME=S@T (verify "
-                                 "only drafts router NAME gives P(large better) >= S)")
-            kind = base
-        if kind not in POLICY_NAMES:
-            raise BenchError(f"unknown policy {name!r}; valid policies: {', '.join(POLICY_NAMES)} "
-                             f"({' and '.join(_THRESHOLD_POLICIES)} also as NAME@THRESHOLD, "
-                             "e.g. confidence@0.3)")
-        t: float | tuple[float, ...] | None = None
-        if at:
-            if kind not in _THRESHOLD_POLICIES:
-                raise BenchError(f"policy {kind!r} takes no threshold (only {', '.join(_THRESHOLD_POLICIES)} "
-                                 f"do), got {name!r}")
-            try:
-                values = tuple(float(v) for v in value.split("/"))  # "/" separates per-gate values
-            except ValueError:
-                raise BenchError(f"bad threshold in policy {name!r}: {value!r} is not a number "
-                                 "(or T1/T2/... for one threshold per gate)") from None
-            if any(math.isnan(v) for v in values):
-                raise BenchError(f"bad threshold in policy {name!r}")
-            t = values[0] if len(values) == 1 else values
-            label = f"{kind}@" + "/".join(f"{v:g}" for v in values)
-        elif kind in _THRESHOLD_POLICIES:
-            t = float(threshold)
-            label = kind
-        else:
-            label = kind
-        if router_name:
-            label = label.replace(kind, f"{kind}:{router_name}" + ("" if screen is None else f"={screen:g}"), 1)
+        try:  # the grammar and its values: cascade.specs, shared with the CLI and the server
+            spec = parse_policy(name, threshold=float(threshold))
+        except ConfigError as error:
+            raise BenchError(str(error)) from None
+        kind = spec.kind
         if kind == "oracle" and dataset != "embedded":
             raise BenchError(f"policy 'oracle' reads the exact checker of the embedded task; it runs only "
                              f"with --dataset embedded, not {dataset!r}")
-        if (kind == "advantage" or screen is not None) and router_name not in routers:
+        if (kind == "advantage" or spec.screen_threshold is not None) and spec.router not in routers:
+            router_name = spec.router
             raise BenchError(f"policy {name!r} needs a router file (--router "
                              f"{router_name + '=' if router_name else ''}FILE, made by cascade train-router)"
                              + (f"; the routers given are {sorted(routers)}" if routers else ""))
@@ -206,9 +166,9 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
             if budget is None:
                 raise BenchError("policy 'calibrated' needs --budget: its threshold is the one certified "
                                  "for that budget")
-        if any(s.label == label for s in specs):
-            raise BenchError(f"policy {label!r} is named twice")
-        specs.append(PolicySpec(label, kind, t, router_name, screen))
+        if any(s.label == spec.label for s in specs):
+            raise BenchError(f"policy {spec.label!r} is named twice")
+        specs.append(spec)
     return specs
 
 
@@ -226,15 +186,10 @@ class _Policy:
 
 def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget, signal: str,
                     mode: str, router=None) -> list[_Policy]:
-    from cascade import AlwaysLarge, AlwaysSmall, ConfidenceGate, VerifyGate
-    from cascade.runtime import Cascade
-
     n_gates = len(cascade.models) - 1
     routers: dict[str, Any] = {}  # name -> loaded router, each file loaded once
 
     def load_routers(name: str):
-        from cascade.router import load_router
-
         routers[name] = load_router(router_files(router)[name], models=cascade.models)  # refuses other models
         return routers[name]
     built = []
@@ -244,37 +199,18 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
             gates = None
             described = [repr(g) for g in runner.calibration.gates_for(budget)]
         else:
-            thresholds = spec.threshold if isinstance(spec.threshold, tuple) else (spec.threshold,) * n_gates
-            if len(thresholds) != n_gates:
-                raise BenchError(f"policy {spec.label!r} gives {len(thresholds)} thresholds for "
-                                 f"{len(cascade.models)} models, which have {n_gates} gate(s)")
-            gates = []
-            for threshold in thresholds:
-                if spec.kind == "small":
-                    gate = AlwaysSmall()
-                elif spec.kind == "large":
-                    gate = AlwaysLarge()
-                elif spec.kind == "confidence":
-                    gate = ConfidenceGate(threshold=threshold, signal=signal, mode=mode)
-                elif spec.kind in ("verify", "verify-ahead", "verify-fix"):
-                    screen = {} if spec.screen_threshold is None else \
-                        {"screen": routers.get(spec.router) or load_routers(spec.router),
-                         "screen_threshold": spec.screen_threshold}
-                    gate = VerifyGate(threshold=threshold, rewrite="token" if spec.kind == "verify-fix" else "step",
-                                      **screen)
-                elif spec.kind == "advantage":
-                    from cascade import AdvantageGate
-
-                    gate = AdvantageGate(routers.get(spec.router) or load_routers(spec.router), threshold=threshold)
-                else:
-                    from bench.oracle import OracleGate
-
-                    gate = OracleGate()
-                gates.append(gate)
+            if spec.kind == "oracle":
+                gates = [OracleGate()] * n_gates
+            else:
+                try:
+                    gate_specs = spec.gate_specs(n_gates, signal=signal, mode=mode)
+                except ConfigError as error:
+                    raise BenchError(str(error)) from None
+                gates = build_gates(gate_specs, lambda name: routers.get(name) or load_routers(name))
             runner = cascade
             described = [repr(g) for g in gates]
         options = None
-        if spec.kind in ("verify-ahead", "verify-fix"):  # drafting the next step during verification
+        if spec.draft_ahead:  # verify-ahead, verify-fix: drafting the next step during verification
             options = dataclasses.replace(cascade.options, draft_ahead=True)
             described.append("draft_ahead=True")
         built.append(_Policy(spec, runner, gates, described, options))
@@ -430,12 +366,6 @@ def _write_json(path: Path, payload: dict) -> None:
     tmp.replace(path)
 
 
-def _git_commit() -> str:
-    from bench.pair_report import _git_commit as commit
-
-    return commit()
-
-
 # ---- the run --------------------------------------------------------------------------------
 
 def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
@@ -458,10 +388,7 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
     router: the router file of the advantage policies (`cascade train-router`), or several
         by name for ``advantage:NAME`` policies (what `router_files` reads).
     """
-    from bench.grading import Grader
-    from cascade.runtime import _check_budget
-
-    budget = _check_budget(budget)
+    budget = check_budget(budget)
     specs = parse_policies(policies, dataset=dataset, threshold=threshold, calibration=calibration,
                            budget=budget, router=router)
     if examples is None:
@@ -487,7 +414,7 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
     else:
         header = {"settings": settings, "sessions": []}
     command = command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    session = {"command": command, "commit": _git_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    session = {"command": command, "commit": package_commit(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                "machine": f"{platform.machine()}, python {platform.python_version()}",
                "warmup_seconds": {}, "skipped": 0, "solved": 0, "finished": False}
     header.setdefault("command", command)
@@ -569,8 +496,6 @@ def summarize_rows(rows: Sequence[dict]) -> dict:
     and cost ratio = mean cost of the policy / mean cost of `large` (when `large` ran);
     escalation_by_step[i] = fraction of the policy's steps at index i written by a tier > 0.
     """
-    from bench.pair_report import wilson_interval
-
     rows = _unique(rows)
     order: list[str] = []
     for row in rows:
@@ -661,7 +586,7 @@ def summarize(out_dir: str | Path, *, plots: bool = True) -> dict:
         "models": settings.get("models"), "command": header.get("command"),
         # the commit of the last session that wrote rows (a resume that found all done wrote none)
         "commit": next((s["commit"] for s in reversed(sessions) if _wrote_rows(s)),
-                       sessions[-1]["commit"] if sessions else _git_commit()),
+                       sessions[-1]["commit"] if sessions else package_commit()),
         "commits": sorted({s["commit"] for s in writing}),  # every commit that wrote rows
         # the last session that solved anything warmed up; a resume that found all done did not
         "warmup_seconds": next((s["warmup_seconds"] for s in reversed(sessions) if s["warmup_seconds"]), {}),

@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.tasks import check_step
-from cascade import GateState
+from cascade import Gate, GateState
 
 __all__ = ["OracleGate"]
 
 
 @dataclass(frozen=True)
-class OracleGate:
+class OracleGate(Gate):
     """score = 1 when the draft step is locally wrong (by the exact checker), else 0."""
 
     threshold: float = 0.5

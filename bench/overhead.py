@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.pair_report import _git_commit
+from bench.provenance import package_commit
 from bench.tasks import generate_split
 from cascade import AlwaysLarge, AlwaysSmall, embedded_cascade
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     problems = [p.problem for p in generate_split("test", args.n)]
-    report = {"command": "python -m bench.overhead " + " ".join(argv or []), "commit": _git_commit(),
+    report = {"command": "python -m bench.overhead " + " ".join(argv or []), "commit": package_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n": args.n, "threads": args.threads,
               "load_average_before": os.getloadavg()[0], "tiers": {}}
     for tier, gate in (("small", AlwaysSmall()), ("large", AlwaysLarge())):

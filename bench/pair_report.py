@@ -15,7 +15,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.oracle import OracleGate
+from bench.provenance import package_commit
 from bench.tasks import DEFAULT_CONFIG, check_answer, check_step, generate_split
 from calibration import auroc
 from cascade import AlwaysLarge, AlwaysSmall, Cascade, ConfidenceGate, SolveOptions
@@ -48,14 +48,6 @@ def step_labels(problem: str, result) -> list[bool]:
     """Local correctness of each step of a result, by the task's exact checker."""
     lines = [step.text for step in result.steps]
     return [check_step(problem, lines[:k], lines[k]) for k in range(len(lines))]
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -142,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
             if gap > 0 else math.nan
     report = {
         "command": "python -m bench.pair_report " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": package_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, torch threads {__import__('torch').get_num_threads()}",
         "n_problems": len(rows), "split": args.split, "task_config": DEFAULT_CONFIG.__dict__,
         "models": {"small": {"name": small.info.name, "parameters": small.info.num_parameters,

@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    server_cmd = [sys.executable, "-m", "cascade.cli", "serve", "--port", str(port)] + \
+    server_cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)] + \
         (["--isolate"] if args.isolate else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.server_threads))
     log_path = args.output / "server.log.tmp"

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from bench.datasets import load_dataset
-from bench.pair_report import _git_commit
+from bench.provenance import package_commit
 from cascade import Cascade, Result, embedded_cascade
+from decoding import Backend
 
 __all__ = ["RunStats", "TimedBackend", "main", "percentile"]
 
@@ -47,7 +48,7 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
-class TimedBackend:
+class TimedBackend(Backend):
     """A `decoding.Backend` that forwards to another and records, per request id, when
     its first call arrived and when its state was released, and each batch's size."""
 
@@ -74,18 +75,19 @@ class TimedBackend:
         self._seen(requests)
         return self.inner.score_steps(requests)
 
-    def __getattr__(self, name: str):
-        # The async methods exist exactly when the wrapped backend has them: the runtime
-        # picks how it drives a backend by that (a process or server keeps several
-        # batches in flight).
-        if name not in ("anext_steps", "ascore_steps") or not hasattr(self.inner, name):
-            raise AttributeError(name)
-        method = getattr(self.inner, name)
+    # The runtime drives this backend as it drives the wrapped one (a process or server
+    # keeps several batches in flight): native_async is the wrapped backend's.
+    @property
+    def native_async(self) -> bool:  # type: ignore[override]
+        return self.inner.native_async
 
-        async def timed(requests):
-            self._seen(requests)
-            return await method(requests)
-        return timed
+    async def anext_steps(self, requests):
+        self._seen(requests)
+        return await self.inner.anext_steps(requests)
+
+    async def ascore_steps(self, requests):
+        self._seen(requests)
+        return await self.inner.ascore_steps(requests)
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         with self._lock:
@@ -293,7 +295,7 @@ def main(argv: list[str] | None = None) -> dict:
     runner = embedded_cascade()
     isolated = None if args.no_isolated else embedded_cascade(isolate=True, threads=args.threads)
     meta = {"command": "python -m bench.throughput " + " ".join(sys.argv[1:] if argv is None else argv),
-            "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n": len(problems),
+            "commit": package_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), "n": len(problems),
             "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                        f"Python {platform.python_version()}, torch {torch.__version__}",

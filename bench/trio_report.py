@@ -33,19 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.pair_report import _git_commit, wilson_interval
+from bench.pair_report import wilson_interval
+from bench.provenance import package_commit
 from bench.tasks import DEFAULT_CONFIG, check_answer, generate_split
 from calibration import product_grid
-from cascade import (
-    DEFAULT_EMBEDDED_GATE,
-    AlwaysLarge,
-    AlwaysSmall,
-    Cascade,
-    SolveOptions,
-    calibrate,
-    sweep_file,
-)
-from cascade.cli import progress_printer
+from cascade import DEFAULT_EMBEDDED_GATE, AlwaysLarge, AlwaysSmall, Cascade, SolveOptions, calibrate, sweep_file
+from bench.progress import progress_printer
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from decoding import HFBackend
 
@@ -62,8 +55,7 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     (lower-or-equal x and higher-or-equal y, one strictly), sorted by x."""
     keep = []
     for i, (x, y) in enumerate(points):
-        if not any((xo <= x and yo >= y and (xo < x or yo > y))
-                   for j, (xo, yo) in enumerate(points) if j != i):
+        if not any((xo <= x and yo >= y and (xo < x or yo > y)) for j, (xo, yo) in enumerate(points) if j != i):
             keep.append(i)
     return sorted(keep, key=lambda i: points[i])
 
@@ -120,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"small": _load("small", None), "medium": _load("medium", args.medium),
               "large": _load("large", None)}
     options = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
-    cascades = {name: Cascade(models=[models[t] for t in tiers],
-                              gates=[DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1),
+    cascades = {name: Cascade(models=[models[t] for t in tiers], gates=[DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1),
                               tier_names=tiers, options=options) for name, tiers in CASCADES.items()}
     grid_1d = sorted({float(t) for t in args.thresholds.split(",")}, reverse=True)
     candidates = {name: ([(t,) for t in grid_1d] if len(tiers) == 2 else
@@ -223,8 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     # Seconds per step and per token of each model writing alone (batch 1).
     timing = {}
-    for tier, label, k in (("small", "small-only", 0), ("medium", "medium-only", 0),
-                           ("large", "large-only", 1)):
+    for tier, label, k in (("small", "small-only", 0), ("medium", "medium-only", 0), ("large", "large-only", 1)):
         cells = [r["policies"][label] for r in done]
         seconds = sum(c["tier_seconds"][k] for c in cells)
         timing[tier] = {"seconds_per_step": seconds / sum(c["steps"] for c in cells),
@@ -237,14 +227,14 @@ def main(argv: list[str] | None = None) -> dict:
     # reporting only), so the Pareto fronts have more than one point per budget.
     sweep_points = {name: [{"thresholds": list(c), "mean_cost": m, "accuracy": a}
                            for c, m, a in zip(candidates[name], cal_obj.curves["mean_cost"],
-                                              cal_obj.curves["accuracy"], strict=True)]
+                                              cal_obj.curves["accuracy"])]
                     for name, cal_obj in calibrations.items()}
     sweep_summary = {f"{name} {p['thresholds']}": p for name, pts in sweep_points.items() for p in pts}
     sweep_families = {name: [f"{name} {p['thresholds']}" for p in pts] for name, pts in sweep_points.items()}
     sweep_by_cost = matched_accuracy(sweep_summary, sweep_families, targets, "mean_cost")
     command = "python -m bench.trio_report " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {
-        "command": command, "commit": _git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": command, "commit": package_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads 1, "
                    f"load average {os.getloadavg()[0]:.1f} at start",
         "n_calibration": len(cal_problems), "n_test": len(done), "alpha": args.alpha, "delta": args.delta,
@@ -338,8 +328,7 @@ def _markdown(report: dict) -> str:
               "the sweep shares work between candidates).", "",
               "| target accuracy | " + " | ".join(CASCADES) + " |", "|---|" + "---|" * len(CASCADES)]
     for target, row in report["calibration_sweep_matched_by_cost"].items():
-        cells = " | ".join(_fmt_cell(row[f], "mean_cost", ".1f") for f in CASCADES)
-        lines.append(f"| {target} | {cells} |")
+        lines.append(f"| {target} | " + " | ".join(_fmt_cell(row[f], "mean_cost", ".1f") for f in CASCADES) + " |")
     lines.append("")
     decision = report["ship_medium"]
     verdict = "ship the medium model" if decision["ship"] else "do NOT ship the medium model"
@@ -348,8 +337,7 @@ def _markdown(report: dict) -> str:
               "Sweep cost (tokens run / tokens of independent runs): " + ", ".join(
                   f"{n} {s['executed_tokens'] / max(1, s['independent_tokens']):.3f} over {s['candidates']} "
                   f"candidates" for n, s in report["sweep_stats"].items()) + ".", "",
-              "Plots: [accuracy_vs_cost.png](accuracy_vs_cost.png), "
-              "[accuracy_vs_wall.png](accuracy_vs_wall.png) "
+              "Plots: [accuracy_vs_cost.png](accuracy_vs_cost.png), [accuracy_vs_wall.png](accuracy_vs_wall.png) "
               "(test run, calibrated points), [sweep_pareto_calibration.png](sweep_pareto_calibration.png) "
               "(every swept candidate, calibration split)"]
     return "\n".join(lines)
@@ -362,9 +350,8 @@ def _plot(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = report["summary"]
-    for file_name, key, xlabel in (
-            ("accuracy_vs_cost.png", "mean_cost", "mean cost per problem (large-token eq.)"),
-            ("accuracy_vs_wall.png", "mean_wall_seconds", "mean wall seconds per problem")):
+    for file_name, key, xlabel in (("accuracy_vs_cost.png", "mean_cost", "mean cost per problem (large-token eq.)"),
+                                   ("accuracy_vs_wall.png", "mean_wall_seconds", "mean wall seconds per problem")):
         fig, ax = plt.subplots(figsize=(6.5, 4.8))
         for single, marker in (("small-only", "v"), ("medium-only", "D"), ("large-only", "^")):
             s = summary[single]
@@ -380,8 +367,7 @@ def _plot(report: dict, out: Path) -> None:
                     label=f"{family} (calibrated; Pareto front)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"embedded task, {report['n_test']} test problems, budgets {report['budgets']}",
-                     fontsize=9)
+        ax.set_title(f"embedded task, {report['n_test']} test problems, budgets {report['budgets']}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

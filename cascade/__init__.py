@@ -28,12 +28,12 @@ from cascade.gates import (
     VerifyGate,
     decide,
     effective_threshold,
-    make_gate,
 )
 from cascade.records import Decision, Result, Step
 from cascade.router import Router, collect_router_data, load_router, train_router
 from cascade.sequence_router import SequenceRouter, train_sequence_router
 from cascade.runtime import Cascade, SolveOptions
+from cascade.specs import GateSpec, ModelSpec, PolicySpec, load_model, load_models, make_gate, parse_gate, parse_policy
 from cascade.scorers import LikelihoodScorer, PRMScorer, StepScorer
 
 __all__ = [
@@ -55,9 +55,12 @@ __all__ = [
     "Decision",
     "GATES",
     "Gate",
+    "GateSpec",
     "GateState",
     "LikelihoodScorer",
+    "ModelSpec",
     "PRMScorer",
+    "PolicySpec",
     "Prices",
     "RequestTimeoutError",
     "Result",
@@ -73,6 +76,8 @@ __all__ = [
     "calibrate",
     "calibrate_budget_curve",
     "collect_router_data",
+    "load_model",
+    "load_models",
     "load_router",
     "decide",
     "effective_threshold",
@@ -80,6 +85,8 @@ __all__ = [
     "extract_answer",
     "fit_budget_gate",
     "make_gate",
+    "parse_gate",
+    "parse_policy",
     "solve",
     "sweep",
     "sweep_file",
@@ -93,14 +100,9 @@ DEFAULT_EMBEDDED_GATE = ConfidenceGate(threshold=0.5, signal="min_prob", mode="s
 
 @lru_cache(maxsize=4)
 def _load_embedded(tiers: tuple[str, ...], isolate: bool = False, threads: int = 1):
-    from decoding import HFBackend, ProcessBackend
-
-    def load(tier: str, own_process: bool):
-        settings = {"step_delimiter": EMBEDDED_DELIMITER, "name": f"embedded:{tier}"}
-        if own_process:
-            return ProcessBackend.from_pretrained(embedded_path(tier), threads=threads, **settings)
-        return HFBackend.from_pretrained(embedded_path(tier), **settings)
-    return tuple(load(tier, isolate and k > 0) for k, tier in enumerate(tiers))
+    return tuple(load_models([ModelSpec(f"embedded:{tier}", backend="process" if isolate and k > 0 else "hf",
+                                        threads=threads if isolate and k > 0 else None)
+                              for k, tier in enumerate(tiers)]))
 
 
 def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small", "large"), *,
@@ -114,7 +116,8 @@ def embedded_cascade(gate: Gate | None = None, tiers: tuple[str, ...] = ("small"
     options = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
     if gates is not None and gate is not None:
         raise ConfigError("give either gate= or gates=, not both")
-    gates = list(gates) if gates is not None else [gate or DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1)
+    if gates is None:  # given gates are checked by Cascade (a single gate there is refused clearly)
+        gates = [gate or DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1)
     return Cascade(models=list(_load_embedded(tuple(tiers), isolate, threads)), gates=gates, options=options)
 
 

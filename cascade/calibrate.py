@@ -25,33 +25,30 @@ that model's state is copied to the other branch.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import numpy as np
 
 import calibration as cal
-from cascade.errors import CascadeError, ConfigError
-from cascade.gates import GATES, AlwaysLarge, Gate
+from cascade.calibration_file import SCHEMA_VERSION, Calibration, CalibrationFileError
+from cascade.checks import check_budget, check_number, check_probability, check_problems
+from cascade.errors import ConfigError, certification_error
+from cascade.gates import AlwaysLarge, Gate
 from cascade.records import Result
 from cascade.runtime import Cascade, SolveOptions
-from decoding import ScoreRequest, StepRequest
+from cascade.specs import gate_spec_of
+from decoding import Backend, ScoreRequest, StepRequest
 
 __all__ = ["SweepResult", "Calibration", "CalibrationFileError", "sweep", "sweep_file", "calibrate",
            "default_thresholds", "SCHEMA_VERSION"]
 
-SCHEMA_VERSION = 1
 Method = Literal["ltt", "conformal", "risk"]
 Objective = Literal["agreement", "max_escalation", "min_cost"]
-
-
-class CalibrationFileError(CascadeError, ValueError):
-    """A calibration file is corrupt, edited, of another schema, or for other models."""
 
 
 def default_thresholds(k: int = 21) -> tuple[float, ...]:
@@ -91,7 +88,7 @@ class SweepResult:
                          for row, ref in zip(self.answers, self.reference_answers)], dtype=bool)
 
 
-class _SharedView:
+class _SharedView(Backend):
     """A backend as the step machines of one sweep see it: machine request ids are mapped
     to the shared session of their branch (calls themselves go through the driver)."""
 
@@ -121,7 +118,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                    ) -> tuple[list[Result], int]:
     """Run every candidate on one problem as a shared tree; returns results and tokens run."""
     models = cascade.models
-    shareable = all(hasattr(m, "fork") for m in models)
+    shareable = all(m.supports_fork for m in models)
     route: dict[str, str] = {}
     views = [_SharedView(m, route) for m in models]
     runner = Cascade(models=views, gates=candidate_gates[0], cost_model=cascade.cost_model,
@@ -273,6 +270,7 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
     interrupted sweep of the same candidates (resumed, not recomputed); on_row is called
     with each new row so callers can persist it.
     """
+    problems = check_problems(problems)
     gates = list(gates or cascade.gates)
     options = options or cascade.options
     candidates = [tuple(float(t) for t in c) for c in candidates]
@@ -354,159 +352,6 @@ def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[S
     return sweep(cascade, problems, candidates, rows=rows, on_row=keep, progress=progress)
 
 
-# ---- the calibration record ---------------------------------------------------------------
-
-def _gate_spec(gate: Gate) -> dict:
-    names = {cls: name for name, cls in GATES.items()}
-    if type(gate) not in names or not dataclasses.is_dataclass(gate):
-        raise ConfigError(f"cannot record gate {type(gate).__name__}: register it in cascade.GATES")
-    fields = {f.name: getattr(gate, f.name) for f in dataclasses.fields(gate) if f.name != "threshold"}
-    for name, value in fields.items():
-        if hasattr(value, "advantage_probability"):  # a router (AdvantageGate.router, VerifyGate.screen)
-            fields[name] = _router_reference(value)
-    return {"type": names[type(gate)], **fields}
-
-
-def _router_reference(router) -> dict:
-    """A gate's router, as a calibration file records it: the file it was loaded from and
-    its weights' digest (its repr), checked when the file is used."""
-    source = getattr(router, "source", None)
-    if not source:
-        raise ConfigError(f"cannot record the gate's router {router!r} in a calibration file: it "
-                          "was not loaded from a file; save it and load it with cascade.load_router")
-    return {"router_file": str(source), "weights": repr(router)}
-
-
-def _gate_from_spec(spec: dict, threshold: float, routers: dict) -> Gate:
-    """A recorded gate at `threshold`; routers: file -> loaded router (each file read once)."""
-    spec = dict(spec)
-    kind = spec.pop("type")
-    if kind not in GATES:
-        raise CalibrationFileError(f"calibration names unknown gate {kind!r}; known: {sorted(GATES)}")
-    for name, reference in spec.items():
-        if not (isinstance(reference, dict) and "router_file" in reference):
-            continue
-        from cascade.router import RouterFileError, load_router
-
-        file = str(reference["router_file"])
-        if file not in routers:
-            try:
-                router = load_router(file)
-            except RouterFileError as error:
-                raise CalibrationFileError(f"the calibration's {kind} gate needs its router: {error}") from error
-            if repr(router) != reference.get("weights"):
-                raise CalibrationFileError(f"the router at {file} is not the one this calibration was made "
-                                           f"with ({reference.get('weights')}); calibrate again")
-            routers[file] = router
-        spec[name] = routers[file]
-    return GATES[kind](threshold=threshold, **spec)
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Certified thresholds for a grid of budgets, and the curves they were chosen from.
-
-    entries: one per budget, sorted by budget: {"budget", "index" (candidate index or None
-        when infeasible), "thresholds", "statement", "reason", and for a certified one
-        "agreement" (its answers' agreement with the top tier on the calibration problems:
-        the label-free accuracy proxy) and "mean_cost"}. For the accuracy-budget curve
-        across methods, with the budget-aware policy, see `cascade.budget.calibrate_budget_curve`.
-    curves: per candidate (length K) — cost quantile at 1 - alpha, mean cost, escalation
-        rate, agreement with the top tier, and accuracy when labels were given.
-    """
-
-    gate_specs: tuple[dict, ...]
-    models: tuple[dict, ...]
-    alpha: float
-    delta: float
-    n: int
-    method: str
-    objective: str
-    candidates: tuple[tuple[float, ...], ...]
-    entries: tuple[dict, ...]
-    curves: dict = field(default_factory=dict)
-    sweep_stats: dict = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
-    _routers: dict = field(default_factory=dict, repr=False, compare=False)  # advantage gates' routers
-
-    def entry_for(self, budget: float) -> dict | None:
-        """The entry of the largest grid budget <= budget that has a certified threshold."""
-        usable = [e for e in self.entries if e["budget"] <= budget and e["index"] is not None]
-        return usable[-1] if usable else None
-
-    def gates_for(self, budget: float) -> list[Gate]:
-        """Gates at the thresholds certified for `budget` (see entry_for); below every
-        certified grid budget, the cheapest candidate (the hard cap still holds)."""
-        entry = self.entry_for(budget)
-        thresholds = entry["thresholds"] if entry is not None else self.candidates[0]
-        return [_gate_from_spec(spec, t, self._routers) for spec, t in zip(self.gate_specs, thresholds)]
-
-    def check_models(self, cascade: Cascade) -> None:
-        """Refuse a cascade whose models are not the ones this calibration was made for."""
-        have = [{"name": m.info.name, "fingerprint": m.info.fingerprint} for m in cascade.models]
-        if have != list(self.models):
-            raise CalibrationFileError(f"calibration was made for models {list(self.models)}, "
-                                       f"not {have}")
-
-    def summary(self) -> str:
-        lines = [f"Calibration ({self.method}, alpha={self.alpha}, delta={self.delta}, n={self.n}, "
-                 f"objective={self.objective}) for " + " -> ".join(m["name"] for m in self.models)]
-        for entry in self.entries:
-            if entry["index"] is None:
-                lines.append(f"  budget {entry['budget']:g}: no certified threshold ({entry['reason']})")
-            else:
-                proxy = f" (agreement with the top tier {entry['agreement']:.3f}, mean cost " \
-                    f"{entry['mean_cost']:.1f})" if "agreement" in entry else ""
-                lines.append(f"  budget {entry['budget']:g}: thresholds {entry['thresholds']}{proxy} - "
-                             f"{entry['statement']}")
-        stats = self.sweep_stats
-        if stats.get("independent_tokens"):
-            lines.append(f"  sweep ran {stats['executed_tokens']} tokens for {len(self.candidates)} "
-                         f"candidates ({stats['executed_tokens'] / stats['independent_tokens']:.3f} of "
-                         f"independent runs)")
-        return "\n".join(lines)
-
-    def to_json(self) -> dict:
-        payload = dataclasses.asdict(dataclasses.replace(self, _routers={}))  # loaded routers are not recorded
-        del payload["_routers"]
-        payload["candidates"] = [list(c) for c in self.candidates]
-        return payload
-
-    def save(self, path: str | Path) -> Path:
-        payload = self.to_json()
-        body = json.dumps(payload, sort_keys=True)
-        document = {"checksum": hashlib.sha256(body.encode()).hexdigest(), "calibration": payload}
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(document, indent=1, sort_keys=True) + "\n")
-        tmp.replace(path)
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Calibration":
-        path = Path(path)
-        try:
-            document = json.loads(path.read_text())
-            payload = document["calibration"]
-            checksum = document["checksum"]
-        except FileNotFoundError:
-            raise CalibrationFileError(f"no calibration file at {str(path)!r}") from None
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as error:
-            raise CalibrationFileError(f"{path} is not a calibration file: {error}") from None
-        if hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest() != checksum:
-            raise CalibrationFileError(f"{path} was edited or corrupted: its checksum does not match")
-        if payload.get("schema_version") != SCHEMA_VERSION:
-            raise CalibrationFileError(f"{path} has schema version {payload.get('schema_version')!r}; "
-                                       f"this stepcascade reads version {SCHEMA_VERSION}")
-        try:
-            payload["candidates"] = tuple(tuple(c) for c in payload["candidates"])
-            for key in ("gate_specs", "models", "entries"):
-                payload[key] = tuple(payload[key])
-            return cls(**payload)
-        except TypeError as error:
-            raise CalibrationFileError(f"{path} does not match the calibration schema: {error}") from None
-
-
 # ---- calibrate ------------------------------------------------------------------------------
 
 def _default_paths(candidates: list[tuple[float, ...]]) -> list[np.ndarray]:
@@ -582,17 +427,30 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
     - "risk": E[cost] <= B (needs cost_max, an upper bound on any problem's cost).
     labels (optional) are used only to report accuracy, never to choose.
     """
-    problems = list(problems)
+    # Every argument is checked here, before the sweep: a mistake must not cost minutes of model calls.
+    problems = check_problems(problems)
     if not problems:
         raise ConfigError("calibrate needs at least one problem")
-    gate_specs = tuple(_gate_spec(g) for g in cascade.gates)  # a gate that cannot be recorded fails now
+    alpha = check_probability(alpha, "alpha")
+    delta = check_probability(delta, "delta")
+    if method not in ("ltt", "conformal", "risk"):
+        raise ConfigError(f"method must be 'ltt', 'conformal' or 'risk', got {method!r}")
+    if objective not in ("agreement", "max_escalation", "min_cost"):
+        raise ConfigError(f"objective must be 'agreement', 'max_escalation' or 'min_cost', got {objective!r}")
+    if method == "risk":
+        if cost_max is None:
+            raise ConfigError("method='risk' needs cost_max, an upper bound on one problem's cost")
+        cost_max = check_number(cost_max, "cost_max")
+    gate_specs = tuple(gate_spec_of(g).to_json() for g in cascade.gates)  # a gate that cannot be recorded fails now
     if budgets is None:
         if budget is None:
             raise ConfigError("give budget= or budgets=")
         budgets = [budget]
-    budgets = sorted(float(b) for b in budgets)
-    if any(not math.isfinite(b) or b < 0 for b in budgets):
-        raise ConfigError(f"budgets must be finite and >= 0, got {budgets}")
+    if isinstance(budgets, (str, bytes)):
+        raise ConfigError(f"budgets must be a list of numbers, got {budgets!r}")
+    if any(b is None for b in budgets):
+        raise ConfigError(f"budgets must be numbers (a calibrated budget cannot be None), got {list(budgets)}")
+    budgets = sorted(check_budget(b) for b in budgets)
     n_gates = len(cascade.gates)
     if candidates is None:
         grid = sorted(set(float(t) for t in (thresholds or default_thresholds())), reverse=True)
@@ -626,7 +484,7 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
                             "mean_cost": float(swept.costs[:, best].mean())})
         except cal.CalibrationError as error:
             if len(budgets) == 1:
-                raise
+                raise certification_error(error) from error
             entries.append({"budget": b, "index": None, "thresholds": None, "certified": [],
                             "statement": "", "reason": str(error)})
     q = min(len(problems), math.ceil((len(problems) + 1) * (1 - alpha)))

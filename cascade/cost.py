@@ -60,10 +60,11 @@ class CostModel:
         if left < 0:
             return 0
         output = self.prices[tier].output
-        if output == 0:
-            return 1 << 30
         # The small epsilon keeps float rounding from granting a token that would overshoot.
-        return max(0, math.floor(left / output * (1 - 1e-12)))
+        tokens = left / output * (1 - 1e-12) if output > 0 else math.inf
+        if tokens >= 1 << 30:  # free decoding, or a budget so large it overflows a float
+            return 1 << 30
+        return max(0, math.floor(tokens))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["CascadeError", "ConfigError", "StepFailedError", "RequestTimeoutError"]
+import calibration.errors as _calibration
+
+__all__ = ["CascadeError", "ConfigError", "StepFailedError", "RequestTimeoutError", "CertificationError",
+           "InfeasibleBudgetError", "InsufficientDataError", "certification_error"]
 
 
 class CascadeError(Exception):
@@ -36,3 +39,31 @@ class RequestTimeoutError(CascadeError):
     def __init__(self, message: str, *, partial=None) -> None:
         super().__init__(message)
         self.partial = partial
+
+
+# The calibration package is a leaf and knows nothing of this hierarchy, so its errors are
+# re-raised where cascade calls it (`certification_error`), as these classes: each is both
+# a CascadeError and the calibration package's own class, so `except CascadeError` and
+# `except calibration.InfeasibleBudgetError` both catch it.
+
+class CertificationError(CascadeError, _calibration.CalibrationError):
+    """Calibration could not certify a threshold (or refused its statistical inputs)."""
+
+
+class InfeasibleBudgetError(CertificationError, _calibration.InfeasibleBudgetError):
+    """No candidate threshold satisfies the budget on this calibration set."""
+
+
+class InsufficientDataError(CertificationError, _calibration.InsufficientDataError):
+    """Too few calibration problems for the requested alpha/delta."""
+
+
+def certification_error(error: _calibration.CalibrationError) -> CertificationError:
+    """The cascade-side error for a calibration package error (same message)."""
+    if isinstance(error, CertificationError):
+        return error
+    if isinstance(error, _calibration.InfeasibleBudgetError):
+        return InfeasibleBudgetError(str(error))
+    if isinstance(error, _calibration.InsufficientDataError):
+        return InsufficientDataError(str(error))
+    return CertificationError(str(error))

@@ -20,6 +20,7 @@ from typing import Literal, Protocol, Sequence, runtime_checkable
 
 from decoding import ScoreOutput, StepOutput
 
+from cascade.checks import check_number, check_threshold
 from cascade.errors import ConfigError
 
 __all__ = [
@@ -37,7 +38,7 @@ __all__ = [
     "decide",
     "effective_threshold",
     "GATES",
-    "make_gate",
+    "SIGNALS",
 ]
 
 Mode = Literal["route", "speculate"]
@@ -125,19 +126,51 @@ class GateState:
 
 @runtime_checkable
 class Gate(Protocol):
-    """One scalar threshold and a score; higher score = more reason to escalate."""
+    """One scalar threshold and a score; higher score = more reason to escalate.
+
+    Thresholds are checked against the range the gate's score can take: [0, 1] for the
+    built-in scored gates (confidence, verify, advantage: their scores are probabilities
+    or one minus a confidence), [0, inf] for AlwaysSmall (score 0), [0, 1] for AlwaysLarge
+    (score 1). A score must be a real number (numpy's included), never NaN or a string.
+
+    Required: threshold, mode, probe_tokens, requires_verification, score(state). The
+    optional capabilities below are declared here with their defaults: a gate subclassing
+    `Gate` inherits them and overrides what it uses; one that does not subclass it
+    declares them itself. The runtime reads them, never probes for them.
+
+    requires_hidden: the judged tier returns its hidden state with the draft (a learned
+        router reads it). Default False.
+    rewrite, max_corrections: what a rejected draft becomes. "step" (default): the next
+        tier writes the step. "token": the verifying tier's greedy text up to its first
+        disagreement is kept and the drafting tier goes on, at most `max_corrections`
+        times per step (see `VerifyGate`). Default max_corrections 0.
+    needs_verification(state): with `requires_verification`, is this draft worth the next
+        tier's scoring pass? Default: every draft is.
+    check_models(models): refuse the (judged, next) models it was not made for (a gate
+        carrying a trained router). Default: any models.
+    """
 
     threshold: float
     mode: Mode
     probe_tokens: int
     requires_verification: bool
+    requires_hidden: bool = False
+    rewrite: Literal["step", "token"] = "step"
+    max_corrections: int = 0
 
     def score(self, state: GateState) -> float: ...
 
+    def needs_verification(self, state: GateState) -> bool:
+        return True
 
-def _check_threshold(threshold: float) -> None:
-    if not isinstance(threshold, (int, float)) or math.isnan(threshold):
-        raise ConfigError(f"threshold must be a number, got {threshold!r}")
+    def check_models(self, models: Sequence) -> None:
+        return None
+
+
+def _set_threshold(gate: object, name: str = "threshold", *, low: float = 0.0, high: float = 1.0) -> None:
+    """Check a frozen gate's threshold field and store it as a plain float (a numpy number
+    given is accepted, and recorded the same way as a float)."""
+    object.__setattr__(gate, name, check_threshold(getattr(gate, name), name, low=low, high=high))
 
 
 def _check_mode(mode: str, probe_tokens: int) -> None:
@@ -148,7 +181,7 @@ def _check_mode(mode: str, probe_tokens: int) -> None:
 
 
 @dataclass(frozen=True)
-class ConfidenceGate:
+class ConfidenceGate(Gate):
     """Escalate when the lower tier is unsure of its own step (STEER-style, no extra model).
 
     score = 1 - confidence, confidence in [0, 1] from `signal`; so threshold t escalates
@@ -162,7 +195,7 @@ class ConfidenceGate:
     requires_verification: bool = False
 
     def __post_init__(self) -> None:
-        _check_threshold(self.threshold)
+        _set_threshold(self)  # score = 1 - a confidence in [0, 1]
         _check_mode(self.mode, self.probe_tokens)
         if self.signal not in SIGNALS:
             raise ConfigError(f"signal must be one of {SIGNALS}, got {self.signal!r}")
@@ -174,7 +207,7 @@ class ConfidenceGate:
 
 
 @dataclass(frozen=True)
-class AlwaysSmall:
+class AlwaysSmall(Gate):
     """Never escalate: the lower tier writes every step."""
 
     threshold: float = math.inf
@@ -182,12 +215,15 @@ class AlwaysSmall:
     probe_tokens: int = 0
     requires_verification: bool = False
 
+    def __post_init__(self) -> None:
+        _set_threshold(self, high=math.inf)  # its score is always 0
+
     def score(self, state: GateState) -> float:
         return 0.0
 
 
 @dataclass(frozen=True)
-class AlwaysLarge:
+class AlwaysLarge(Gate):
     """Always escalate, before the lower tier writes anything."""
 
     threshold: float = 0.0
@@ -195,12 +231,15 @@ class AlwaysLarge:
     probe_tokens: int = 0
     requires_verification: bool = False
 
+    def __post_init__(self) -> None:
+        _set_threshold(self)  # its score is always 1
+
     def score(self, state: GateState) -> float:
         return 1.0
 
 
 @dataclass(frozen=True)
-class VerifyGate:
+class VerifyGate(Gate):
     """Draft-then-verify (SpecReason-style): the next tier scores the draft in one forward
     pass; reject (escalate) when its confidence in the draft is low.
 
@@ -234,7 +273,7 @@ class VerifyGate:
     screen_threshold: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_threshold(self.threshold)
+        _set_threshold(self)  # score = 1 - a probability
         if self.rewrite not in ("step", "token"):
             raise ConfigError(f"rewrite must be 'step' or 'token', got {self.rewrite!r}")
         if isinstance(self.max_corrections, bool) or not isinstance(self.max_corrections, int) \
@@ -245,9 +284,10 @@ class VerifyGate:
         if self.reduce not in ("mean", "min"):
             raise ConfigError(f"reduce must be 'mean' or 'min', got {self.reduce!r}")
         if self.screen is not None and not isinstance(self.screen, AdvantageModel):
-            raise ConfigError(f"screen must be a router with advantage_probability(state), got "
+            raise ConfigError(f"screen must be a router with advantage_probability(state) and "
+                              f"check_models(models) (subclass cascade.gates.AdvantageModel), got "
                               f"{type(self.screen).__name__} (load one with cascade.load_router)")
-        _check_threshold(self.screen_threshold)
+        _set_threshold(self, "screen_threshold")  # compared with P(large better)
 
     @property
     def requires_hidden(self) -> bool:
@@ -256,7 +296,7 @@ class VerifyGate:
 
     def check_models(self, models: Sequence) -> None:
         """Refuse a screen trained for other models than (drafting, verifying) `models`."""
-        if self.screen is not None and hasattr(self.screen, "check_models"):
+        if self.screen is not None:
             self.screen.check_models(models)
 
     def needs_verification(self, state: GateState) -> bool:
@@ -281,9 +321,13 @@ class AdvantageModel(Protocol):
         """P(the next tier's step would be meaningfully better than this draft)."""
         ...
 
+    def check_models(self, models: Sequence) -> None:
+        """Refuse (drafting, next tier) models it was not trained for. Default: any models
+        (a router that does not subclass AdvantageModel declares it itself)."""
+
 
 @dataclass(frozen=True)
-class AdvantageGate:
+class AdvantageGate(Gate):
     """Escalate when a learned router says the next tier's step would be meaningfully
     better than the draft (Arbitrage-style): score = P(large better), in [0, 1].
 
@@ -301,9 +345,10 @@ class AdvantageGate:
     requires_hidden: bool = True
 
     def __post_init__(self) -> None:
-        _check_threshold(self.threshold)
+        _set_threshold(self)  # score = P(large better)
         if not isinstance(self.router, AdvantageModel):
-            raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state), got "
+            raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state) and "
+                              f"check_models(models) (subclass cascade.gates.AdvantageModel), got "
                               f"{type(self.router).__name__} (load one with cascade.router.load_router)")
         if self.mode != "speculate" or self.requires_verification or not self.requires_hidden:
             raise ConfigError("AdvantageGate judges whole drafts from their hidden state: mode must be "
@@ -311,8 +356,7 @@ class AdvantageGate:
 
     def check_models(self, models: Sequence) -> None:
         """Refuse a router trained for other models than (drafting, next tier) `models`."""
-        if hasattr(self.router, "check_models"):
-            self.router.check_models(models)
+        self.router.check_models(models)
 
     def score(self, state: GateState) -> float:
         if not state.output.token_ids:
@@ -335,26 +379,21 @@ def effective_threshold(gate: Gate, state: GateState) -> float:
 
 def decide(gate: Gate, state: GateState) -> tuple[float, bool]:
     """The one place a score meets a threshold: returns (score, escalate)."""
-    score = float(gate.score(state))
-    if math.isnan(score):
-        raise ConfigError(f"{type(gate).__name__} returned a NaN score at step {state.step_index}")
+    raw = gate.score(state)
+    try:
+        score = check_number(raw, "score")
+    except ConfigError:
+        raise ConfigError(f"{type(gate).__name__}.score returned {raw!r} ({type(raw).__name__}) at step "
+                          f"{state.step_index}; a gate's score must be a real number, not NaN") from None
     return score, score >= effective_threshold(gate, state)
 
 
+# Gate kinds by name, one vocabulary with bench's policies ("small", "large"); names from
+# outside are read, checked and built in `cascade.specs` (`make_gate`, `build_gate`).
 GATES: dict[str, type] = {
+    "small": AlwaysSmall,
+    "large": AlwaysLarge,
     "confidence": ConfidenceGate,
-    "always-small": AlwaysSmall,
-    "always-large": AlwaysLarge,
     "verify": VerifyGate,
     "advantage": AdvantageGate,
 }
-
-
-def make_gate(name: str, **options) -> Gate:
-    """Build a gate by registry name (CLI and HTTP edge); the error lists valid names."""
-    if name not in GATES:
-        raise ConfigError(f"unknown gate {name!r}; choose one of {sorted(GATES)}")
-    try:
-        return GATES[name](**options)
-    except TypeError as error:
-        raise ConfigError(f"bad options for gate {name!r}: {error}") from error

@@ -42,6 +42,7 @@ from cascade.answer import extract_answer
 from cascade.errors import ConfigError
 from cascade.gates import Confidence, GateState
 from cascade.scorers import StepScorer
+from cascade.specs import ModelSpec, load_model
 
 __all__ = [
     "FeatureSpec",
@@ -58,6 +59,8 @@ __all__ = [
     "heldout_metrics",
     "load_router",
     "load_router_data",
+    "register_router_format",
+    "ROUTER_LOADERS",
     "train_router",
     "fit_logistic",
 ]
@@ -753,13 +756,22 @@ def _reader_backend(record: dict, given: Backend | None) -> Backend:
     """The router's reader: `given`, or loaded by the name it was trained with; its weights
     must be the ones it was trained with."""
     if given is None:
-        from cascade.runtime import _load_named
-
-        given = _load_named(record["name"])
+        given = load_model(ModelSpec(record["name"]))
     if given.info.fingerprint != record["fingerprint"]:
         raise RouterFileError(f"the router's reader {record['name']} has other weights now "
                               f"({given.info.fingerprint}, trained with {record['fingerprint']})")
     return given
+
+
+# Router file formats -> the loader of their payload (payload, path) -> router. Each router
+# kind registers its own (cascade.sequence_router registers its format when imported, which
+# `import cascade` does), so this module needs no import of the kinds built on it.
+ROUTER_LOADERS: dict[str, Callable[[dict, Path], object]] = {ROUTER_FORMAT: Router.from_payload}
+
+
+def register_router_format(format_name: str, loader: Callable[[dict, Path], object]) -> None:
+    """Let `load_router` read files of `format_name` with `loader(payload, path)`."""
+    ROUTER_LOADERS[format_name] = loader
 
 
 def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None = None,
@@ -777,15 +789,9 @@ def load_router(path: str | Path, models: Sequence[Backend | ModelInfo] | None =
     except Exception as error:  # noqa: BLE001 - any unreadable file gets one clear error
         raise RouterFileError(f"{path} is not a router file: {error}".split("\n")[0]) from error
     kind = payload.get("format") if isinstance(payload, dict) else None
-    if kind == ROUTER_FORMAT:
-        router = Router.from_payload(payload, path)
-    else:
-        from cascade.sequence_router import SEQUENCE_ROUTER_FORMAT, SequenceRouter
-
-        if kind != SEQUENCE_ROUTER_FORMAT:
-            raise RouterFileError(f"{path} is not a router file (format {ROUTER_FORMAT} or "
-                                  f"{SEQUENCE_ROUTER_FORMAT})")
-        router = SequenceRouter.from_payload(payload, path)
+    if kind not in ROUTER_LOADERS:
+        raise RouterFileError(f"{path} is not a router file (format {' or '.join(ROUTER_LOADERS)})")
+    router = ROUTER_LOADERS[kind](payload, path)
     # Where it came from (so a calibration file can name it), and its reader if it has one.
     spec = router.spec if isinstance(router, Router) else router.features
     router = dataclasses.replace(router, source=str(path.resolve()), reader=None if spec.reader is None

@@ -23,15 +23,13 @@ import threading
 import uuid
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Generator, Iterable, Literal, Sequence
 
 from decoding import (
     Backend,
     BackendError,
-    HFBackend,
-    ProcessBackend,
     ScoreOutput,
     ScoreRequest,
     StepOutput,
@@ -39,10 +37,13 @@ from decoding import (
 )
 
 from cascade.answer import extract_answer
+from cascade.calibration_file import Calibration
+from cascade.checks import check_budget, check_problem, check_problems
 from cascade.cost import Cost, CostModel, Usage
 from cascade.errors import ConfigError, RequestTimeoutError, StepFailedError
 from cascade.gates import Confidence, ConfidenceGate, Gate, GateState, decide, effective_threshold
 from cascade.records import Decision, Result, Step
+from cascade.specs import ModelSpec, load_models, step_limits
 
 __all__ = ["SolveOptions", "Cascade", "tier_names_for"]
 
@@ -106,24 +107,6 @@ def tier_names_for(n: int) -> tuple[str, ...]:
     return tuple(f"tier{k}" for k in range(n))
 
 
-def _check_problem(problem: object) -> str:
-    if not isinstance(problem, str):
-        raise ConfigError(f"problem must be a string, got {type(problem).__name__}")
-    if not problem.strip():
-        raise ConfigError("problem is empty")
-    return problem
-
-
-def _check_budget(budget: object) -> float | None:
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-        raise ConfigError(f"budget must be a number or None, got {budget!r}")
-    if not math.isfinite(budget) or budget < 0:
-        raise ConfigError(f"budget must be finite and >= 0 (cost units), got {budget!r}")
-    return float(budget)
-
-
 class Cascade:
     """N models, cheapest first, and N - 1 gates between them.
 
@@ -157,6 +140,12 @@ class Cascade:
         models = list(models)
         if len(models) < 2:
             raise ConfigError(f"a cascade needs at least 2 models, got {len(models)}")
+        for model in models:
+            if isinstance(model, type) or not isinstance(model, Backend):
+                raise ConfigError(f"{model!r} is not a model backend: it needs info, next_steps, score_steps, "
+                                  "prefill_bound and release, and the optional capabilities native_async, "
+                                  "supports_fork, anext_steps, ascore_steps, fork and close (subclass "
+                                  "decoding.Backend to inherit their defaults)")
         if gates is None:
             gates = [gate if gate is not None else ConfidenceGate()] * (len(models) - 1)
         elif gate is not None:
@@ -172,6 +161,13 @@ class Cascade:
         if len(self.cost_model.prices) != len(models):
             raise ConfigError(f"cost_model has {len(self.cost_model.prices)} price entries "
                               f"for {len(models)} models")
+        for k in range(1, len(models)):
+            # Every step starts at tier 0 and escalates upwards: the order is the cascade's meaning.
+            below, above = self.cost_model.prices[k - 1].output, self.cost_model.prices[k].output
+            if above < below:
+                raise ConfigError(f"models must be ordered cheapest first: {models[k - 1].info.name!r} "
+                                  f"({below:g} per token) comes before the cheaper {models[k].info.name!r} "
+                                  f"({above:g} per token)")
         self.tier_names = tuple(tier_names) if tier_names else tier_names_for(len(models))
         if len(self.tier_names) != len(models):
             raise ConfigError(f"tier_names has {len(self.tier_names)} names for {len(models)} models")
@@ -184,18 +180,25 @@ class Cascade:
             self.calibration = calibration
 
     def _check_gates(self, gates: Sequence[Gate]) -> list[Gate]:
+        if isinstance(gates, (str, bytes, Gate)) or not isinstance(gates, Iterable):
+            raise ConfigError(f"gates must be a list of {len(self.models) - 1} gate(s), one per position, "
+                              f"got {gates!r}; for one gate at every position give gate=")
         gates = list(gates)
         if len(gates) != len(self.models) - 1:
             raise ConfigError(f"{len(self.models)} models need {len(self.models) - 1} gates, "
                               f"got {len(gates)}")
         for gate in gates:
+            if isinstance(gate, type):
+                raise ConfigError(f"{gate.__name__} is a gate class, not a gate: give an instance, "
+                                  f"e.g. {gate.__name__}()")
             if not isinstance(gate, Gate):
-                raise ConfigError(f"{gate!r} is not a gate (needs threshold, mode, probe_tokens, "
-                                  "requires_verification and score(state))")
+                raise ConfigError(f"{gate!r} is not a gate: it needs threshold, mode, probe_tokens, "
+                                  "requires_verification and score(state), and the optional capabilities "
+                                  "requires_hidden, rewrite, max_corrections, needs_verification(state) and "
+                                  "check_models(models) (subclass cascade.Gate to inherit their defaults)")
         for k, gate in enumerate(gates):
             # A gate that carries a router checks it was trained for the models it sits between.
-            if hasattr(gate, "check_models"):
-                gate.check_models(self.models[k:k + 2])
+            gate.check_models(self.models[k:k + 2])
         return gates
 
     @classmethod
@@ -205,7 +208,8 @@ class Cascade:
                         prompt_template: str | None = None, dtype: str = "float32",
                         device: str = "cpu", options: SolveOptions = SolveOptions(),
                         cost_model: CostModel | None = None, isolate: bool = False) -> "Cascade":
-        """Load each model with `HFBackend.from_pretrained` (local path or hub id).
+        """Load each model through `cascade.specs.load_models` (local path, hub id, embedded:<tier>
+        or a .gguf file).
 
         isolate: every model above the first runs in a process of its own
         (`decoding.ProcessBackend`): concurrent requests then use a core (or drive a GPU)
@@ -215,10 +219,9 @@ class Cascade:
             raise ConfigError("give either small=/large= or models=, not both")
         if len(paths) < 2:
             raise ConfigError("from_pretrained needs small= and large= (or models=[...])")
-        settings = {"step_delimiter": step_delimiter, "prompt_template": prompt_template, "dtype": dtype,
-                    "device": device}
-        backends = [(ProcessBackend if isolate and k > 0 else HFBackend).from_pretrained(p, **settings)
-                    for k, p in enumerate(paths)]
+        backends = load_models([ModelSpec(p, backend="process" if isolate and k > 0 else None,
+                                          template=prompt_template, delimiter=step_delimiter, dtype=dtype,
+                                          device=device) for k, p in enumerate(paths)])
         return cls(models=backends, gate=gate, gates=gates, options=options, cost_model=cost_model)
 
     @classmethod
@@ -229,11 +232,9 @@ class Cascade:
         Without `models`, the models are loaded by the names the calibration recorded
         ("embedded:<tier>" for the shipped ones); either way their fingerprints must match.
         """
-        from cascade.calibrate import Calibration
-
         calibration = Calibration.load(path)
         if models is None:
-            models = [_load_named(m["name"]) for m in calibration.models]
+            models = load_models([ModelSpec(m["name"]) for m in calibration.models])
         gates = calibration.gates_for(math.inf)
         return cls(models=models, gates=gates, options=options or _default_options(models),
                    calibration=calibration)
@@ -256,7 +257,7 @@ class Cascade:
         """
         budget, gates, options = self._prepare(budget, gates, options)
         return await self._driver().run(
-            self.step_machine(_check_problem(problem), budget, gates, options, on_step=on_step), options)
+            self.step_machine(check_problem(problem), budget, gates, options, on_step=on_step), options)
 
     def solve_many(self, problems: Iterable[str], budget: float | None = None, *,
                    gates: Sequence[Gate] | None = None, options: SolveOptions | None = None,
@@ -266,7 +267,7 @@ class Cascade:
         A request that fails does not disturb the others. With return_exceptions=True its
         error (a CascadeError carrying the partial result) takes its place in the list;
         otherwise the first error is raised once every request has ended."""
-        problems = [_check_problem(p) for p in problems]
+        problems = check_problems(problems)
         budget, gates, options = self._prepare(budget, gates, options)
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ConfigError(f"concurrency must be an integer >= 1, got {concurrency!r}")
@@ -289,7 +290,7 @@ class Cascade:
         return outcomes
 
     def _prepare(self, budget, gates, options) -> tuple[float | None, list[Gate], SolveOptions]:
-        budget = _check_budget(budget)
+        budget = check_budget(budget)
         if gates is None and self.calibration is not None and budget is not None:
             # The threshold certified for the largest calibrated budget <= this one; the
             # budget itself is still enforced as a hard cap.
@@ -345,8 +346,30 @@ def _check_output(output: object, expected: type, name: str) -> None:
                            f"{output.generated_tokens}", name)
 
 
+@dataclass
+class _StepLog:
+    """What the step being written has gathered: its gate decisions, the rejected drafts,
+    the failures of degraded tiers, each tier's output so far (a failed tier's step falls
+    back to the one below) and the token fixes made."""
+
+    decisions: list[Decision] = field(default_factory=list)
+    drafts: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    outputs: dict[int, StepOutput] = field(default_factory=dict)
+    degraded: bool = False
+    corrections: int = 0
+
+
 class _Run:
-    """State of one request while its step machine runs."""
+    """State of one request while its step machine runs.
+
+    A step is written by one small piece per mechanism, composed by `write_step`: the
+    draft (`attempt`, reusing a draft-ahead), the route probe (`finish`, `keep_lower`),
+    verification and screening (`verification_for`), the gate's decision (`judge`), the
+    token fix (`correction`, `take_fix`, `with_fixed_text`), draft-ahead (`wants_ahead`,
+    `verify_and_draft_ahead`, `take_ahead`, `drop_ahead`) and degrade-on-failure (`fail`,
+    `fall_back`); `climb` runs them tier by tier.
+    """
 
     def __init__(self, cascade: Cascade, problem: str, budget: float | None,
                  gates: list[Gate], options: SolveOptions, request_id: str,
@@ -394,12 +417,12 @@ class _Run:
         return math.inf if self.budget is None else self.budget - self.used()
 
     def gate_state(self, index: int, tier: int, output: StepOutput, gate: Gate) -> GateState:
-        """What gate `tier` sees of this step; a budget-aware gate also gets the price of
-        escalating now (cascade.budget.BudgetGate)."""
+        """What gate `tier` sees of this step; a budget-aware gate (`cascade.budget.BudgetGate`)
+        also gets the price of escalating now. `budget_aware` is read with a default because
+        it is an optional marker outside the Gate protocol's required members."""
         escalation = self.worst(tier + 1, self.here, self.step_tokens_left()) \
             if getattr(gate, "budget_aware", False) else None
-        return GateState(self.problem, index, tier, self.here, output,
-                         Confidence.of(output, getattr(gate, "probe_tokens", 4) or 4),
+        return GateState(self.problem, index, tier, self.here, output, Confidence.of(output, gate.probe_tokens or 4),
                          budget=self.budget, spent=self.used(), escalation_cost=escalation)
 
     def usage(self, tier: int, prefill: int, generated: int, seconds: float) -> Usage:
@@ -436,8 +459,7 @@ class _Run:
         return StepRequest(self.request_id, self.problem, context, max_tokens,
                            self.options.temperature, self.options.seed,
                            # A gate that reads hidden states (AdvantageGate) gets them.
-                           self.options.return_hidden or (tier < self.n - 1 and getattr(
-                               self.gates[tier], "requires_hidden", False)))
+                           self.options.return_hidden or (tier < self.n - 1 and self.gates[tier].requires_hidden))
 
     def checked_step(self, tier: int, request: StepRequest, output: object) -> StepOutput:
         """A generated step, checked (malformed output is the model's failure)."""
@@ -472,6 +494,136 @@ class _Run:
         return self.took_score(tier, (yield (tier, ScoreRequest(self.request_id, self.problem,
                                                                self.here, text))))
 
+    # -- mechanism: draft -----------------------------------------------------------------
+
+    def attempt(self, tier: int):
+        """Tier's output for the step: the early draft made while the last step was verified
+        (draft-ahead), a route probe, a speculative draft, or (top tier) the step itself."""
+        max_tokens = self.step_tokens_left()
+        if tier == self.n - 1:
+            return (yield from self.generate(tier, self.here, max_tokens))
+        if tier == 0:
+            early = self.take_ahead()
+            if early is not None:
+                return early
+        gate = self.gates[tier]
+        allowance = self.token_allowance(tier, self.here, max_tokens)
+        size = min(gate.probe_tokens, allowance) if gate.mode == "route" else allowance
+        if size < 1:
+            return _EMPTY
+        return (yield from self.generate(tier, self.here, size))
+
+    # -- mechanism: route probe -------------------------------------------------------------
+
+    def finish(self, tier: int, output: StepOutput):
+        """A lower tier keeps the step: a route probe that did not finish the step goes on."""
+        gate = self.gates[tier]
+        if gate.mode == "route" and output.stop_reason == "max_tokens":
+            rest = self.token_allowance(tier, self.here + output.text,
+                                        self.step_tokens_left() - output.generated_tokens)
+            if rest > 0:
+                continuation = yield from self.generate(tier, self.here + output.text, rest)
+                output = _join(output, continuation)
+        return output
+
+    def keep_lower(self, log: "_StepLog", tier: int, output: StepOutput):
+        """The step stays with `tier` (below the top): finish its route probe. A middle tier
+        failing there hands the step back to the tier below (degrade). Returns (tier, output)."""
+        while tier < self.n - 1:
+            try:
+                return tier, (yield from self.finish(tier, output))
+            except BackendError as error:
+                tier, output = self.fall_back(log, tier, error)
+        return tier, output
+
+    # -- mechanism: verify / screen ---------------------------------------------------------
+
+    def verification_for(self, log: "_StepLog", tier: int, gate: Gate, state: GateState):
+        """The next tier's scoring of tier's draft, when the gate asks for one: a draft with
+        text, a next tier still up, the gate's screen letting it through, and room in the
+        budget for the pass (else the draft stands unverified and the cap is noted). Sent
+        with an early draft of the next step when draft-ahead applies. None when not run."""
+        output = state.output
+        if not (gate.requires_verification and output.text and tier + 1 not in self.failed
+                and gate.needs_verification(state)):
+            return None
+        bound = self.prefill_bound(tier + 1, self.here + output.text)
+        if self.cascade.cost_model.charge(tier + 1, bound, 0) > self.remaining():
+            self.cap_intervened = True  # no room to verify: the draft stands
+            return None
+        try:
+            if self.wants_ahead(tier, output):
+                return (yield from self.verify_and_draft_ahead(tier, output))
+            return (yield from self.verify(tier + 1, output.text))
+        except BackendError as error:
+            self.fail(log, tier + 1, error)
+            return None
+
+    def judge(self, log: "_StepLog", index: int, tier: int, output: StepOutput):
+        """Gate `tier` judges its tier's output (verifying it first if the gate asks) and the
+        decision is recorded; returns (escalate to tier + 1, the verification or None). An
+        escalation is refused when the next tier has failed (degrade) or its whole step
+        does not fit in the budget (the cap)."""
+        gate = self.gates[tier]
+        state = self.gate_state(index, tier, output, gate)
+        verification = yield from self.verification_for(log, tier, gate, state)
+        if verification is not None:
+            state = dataclasses.replace(state, verification=verification, spent=self.used())
+        score, escalate = decide(gate, state)
+        unavailable = escalate and tier + 1 in self.failed
+        capped = escalate and not unavailable and not self.fits_step(tier + 1)
+        moves = escalate and not unavailable and not capped
+        log.decisions.append(Decision(tier, score, effective_threshold(gate, state), moves, capped,
+                                      unavailable))
+        self.cap_intervened |= capped
+        log.degraded |= unavailable
+        return moves, verification
+
+    # -- mechanism: token fix ---------------------------------------------------------------
+
+    def correction(self, tier: int, gate: Gate, verification: ScoreOutput | None, done: int) -> str | None:
+        """The text a rejected draft's verification fixes, when the gate asks for token-level
+        rewriting (VerifyGate(rewrite="token")) and it applies: greedy decoding, the top tier
+        verifying, a greedy prefix reported, fewer than `max_corrections` so far, and room
+        in the budget for another draft, its verification and the top tier finishing the
+        step (so a correction never takes the money the step needs)."""
+        if gate.rewrite != "token" or verification is None or tier + 2 != self.n \
+                or self.options.temperature > 0 or done >= gate.max_corrections:
+            return None
+        fix, tokens = verification.greedy_prefix, verification.greedy_prefix_tokens
+        if not fix or not isinstance(fix, str) or self.cascade.delimiter in fix[: -len(self.cascade.delimiter)] \
+                or not isinstance(tokens, int) or tokens < 1:
+            return None  # nothing reported, or a malformed report: the top tier writes the step
+        if self.fixed_tokens + tokens > self.options.max_step_tokens:
+            return None  # past the step's length limit: the top tier writes the rest, cut there
+        if self.budget is not None:
+            here = self.here + fix
+            left = max(1, self.step_tokens_left() - tokens)
+            verification = self.cascade.cost_model.charge(tier + 1, self.prefill_bound(tier + 1, here) + left, 0)
+            if self.worst(tier, here, left) + verification + self.worst(tier + 1, here, left) > self.remaining():
+                return None
+        return fix
+
+    def take_fix(self, log: "_StepLog", fix: str, verification: ScoreOutput) -> bool:
+        """Keep the verifying tier's fixed text (the drafting tier goes on from there,
+        verified again); True when it completes the step (a delimiter, or the step's length)."""
+        self.fixed += fix
+        self.fixed_tokens += verification.greedy_prefix_tokens
+        log.corrections += 1
+        return self.fixed.endswith(self.cascade.delimiter) or self.fixed_tokens >= self.options.max_step_tokens
+
+    def with_fixed_text(self, tier: int, output: StepOutput) -> tuple[int, StepOutput]:
+        """The step's fixed text joined to the output that completes it (the step counts as
+        escalated: the verifying tier wrote part of it)."""
+        tier = max(tier, 1)
+        ends = "delimiter" if self.fixed.endswith(self.cascade.delimiter) else "max_tokens"
+        output = dataclasses.replace(output, text=self.fixed + output.text,
+                                     stop_reason=output.stop_reason if output.text else ends)
+        self.fixed, self.fixed_tokens = "", 0
+        return tier, output
+
+    # -- mechanism: draft-ahead -------------------------------------------------------------
+
     def wants_ahead(self, tier: int, output: StepOutput) -> bool:
         """Draft the next step while this draft is verified? (see SolveOptions.draft_ahead)"""
         if not self.options.draft_ahead or tier != 0 or output.stop_reason != "delimiter" \
@@ -503,28 +655,18 @@ class _Run:
             raise verification
         return self.took_score(tier + 1, verification)
 
-    def correction(self, tier: int, gate: Gate, verification: ScoreOutput | None, done: int) -> str | None:
-        """The text a rejected draft's verification fixes, when the gate asks for token-level
-        rewriting (VerifyGate(rewrite="token")) and it applies: greedy decoding, the top tier
-        verifying, a greedy prefix reported, fewer than `max_corrections` so far, and room
-        in the budget for another draft, its verification and the top tier finishing the
-        step (so a correction never takes the money the step needs)."""
-        if getattr(gate, "rewrite", "step") != "token" or verification is None or tier + 2 != self.n \
-                or self.options.temperature > 0 or done >= getattr(gate, "max_corrections", 0):
+    def take_ahead(self) -> StepOutput | None:
+        """The early draft, when it continues exactly where the step starts (its cost joins
+        the step); an early draft from another context is dropped."""
+        if self.ahead is None:
             return None
-        fix, tokens = verification.greedy_prefix, verification.greedy_prefix_tokens
-        if not fix or not isinstance(fix, str) or self.cascade.delimiter in fix[: -len(self.cascade.delimiter)] \
-                or not isinstance(tokens, int) or tokens < 1:
-            return None  # nothing reported, or a malformed report: the top tier writes the step
-        if self.fixed_tokens + tokens > self.options.max_step_tokens:
-            return None  # past the step's length limit: the top tier writes the rest, cut there
-        if self.budget is not None:
-            here = self.here + fix
-            left = max(1, self.step_tokens_left() - tokens)
-            verification = self.cascade.cost_model.charge(tier + 1, self.prefill_bound(tier + 1, here) + left, 0)
-            if self.worst(tier, here, left) + verification + self.worst(tier + 1, here, left) > self.remaining():
-                return None
-        return fix
+        context, output, usage = self.ahead
+        if context != self.here:
+            self.drop_ahead()
+            return None
+        self.ahead = None
+        self.step_usage[0] = self.step_usage[0] + usage
+        return output
 
     def drop_ahead(self) -> None:
         """The early draft will not be used: its cost joins the current step's usage."""
@@ -532,37 +674,50 @@ class _Run:
             self.step_usage[0] = self.step_usage[0] + self.ahead[2]
             self.ahead = None
 
-    def attempt(self, tier: int):
-        """Tier's output for the step: a route probe, a speculative draft, or (top tier) the step."""
-        max_tokens = self.step_tokens_left()
-        if tier == self.n - 1:
-            return (yield from self.generate(tier, self.here, max_tokens))
-        if tier == 0 and self.ahead is not None:
-            context, output, usage = self.ahead
-            if context == self.here:  # drafted while the last step was verified
-                self.ahead = None
-                self.step_usage[0] = self.step_usage[0] + usage
-                return output
-            self.drop_ahead()
-        gate = self.gates[tier]
-        allowance = self.token_allowance(tier, self.here, max_tokens)
-        size = min(gate.probe_tokens, allowance) if gate.mode == "route" else allowance
-        if size < 1:
-            return _EMPTY
-        return (yield from self.generate(tier, self.here, size))
+    # -- mechanism: degrade on failure ------------------------------------------------------
 
-    def finish(self, tier: int, output: StepOutput):
-        """A lower tier keeps the step: a route probe that did not finish the step goes on."""
-        gate = self.gates[tier]
-        if gate.mode == "route" and output.stop_reason == "max_tokens":
-            rest = self.token_allowance(tier, self.here + output.text,
-                                        self.step_tokens_left() - output.generated_tokens)
-            if rest > 0:
-                continuation = yield from self.generate(tier, self.here + output.text, rest)
-                output = _join(output, continuation)
-        return output
+    def fail(self, log: "_StepLog", tier: int, error: BackendError) -> None:
+        """A tier failed: the request fails, unless it degrades (`on_large_failure`), in
+        which case the tier is dropped for the rest of the request and the step is flagged."""
+        if not self.degrades(tier):
+            raise error
+        log.degraded = True
+        self.failed.add(tier)
+        log.failures.append(f"{self.cascade.tier_names[tier]}: {error}")
+
+    def fall_back(self, log: "_StepLog", tier: int, error: BackendError) -> tuple[int, StepOutput]:
+        """Tier failed while writing: the tier below keeps the output it already has."""
+        self.fail(log, tier, error)
+        return tier - 1, log.outputs[tier - 1]
 
     # -- one step -------------------------------------------------------------------------
+
+    def climb(self, log: "_StepLog", index: int):
+        """Tiers take the step in turn while their gates escalate; returns (tier, output) of
+        the tier that keeps it. A token fix keeps the drafting tier on the step."""
+        tier = 0
+        while True:
+            try:
+                output = yield from self.attempt(tier)
+            except BackendError as error:
+                tier, output = self.fall_back(log, tier, error)
+                if log.drafts and log.drafts[-1] == output.text:
+                    log.drafts.pop()  # the draft stands after all
+                return tier, output
+            if tier == self.n - 1:
+                return tier, output
+            log.outputs[tier] = output
+            escalate, verification = yield from self.judge(log, index, tier, output)
+            if not escalate:
+                return tier, output
+            if output.text:
+                log.drafts.append(output.text)
+            self.drop_ahead()  # it continued the draft just rejected
+            fix = self.correction(tier, self.gates[tier], verification, log.corrections)
+            if fix is None:
+                tier += 1
+            elif self.take_fix(log, fix, verification):
+                return tier + 1, _EMPTY
 
     def write_step(self, index: int):
         """Write step `index`; returns (Step, StepOutput of the accepted text) or None at the cap.
@@ -571,97 +726,12 @@ class _Run:
         the step to tier k + 1. Under `on_large_failure="degrade"`, a failed tier k > 0 is
         dropped for the rest of the request and tier k - 1's output stands.
         """
-        decisions: list[Decision] = []
-        drafts: list[str] = []
-        failures: list[str] = []
-        outputs: dict[int, StepOutput] = {}
-        degraded = False
-        tier = 0
-        self.fixed = ""
-        self.fixed_tokens = 0
-        corrections = 0
-
-        def failed(at: int, error: BackendError) -> None:
-            nonlocal degraded
-            if not self.degrades(at):
-                raise error
-            degraded = True
-            self.failed.add(at)
-            failures.append(f"{self.cascade.tier_names[at]}: {error}")
-
-        while True:
-            try:
-                output = yield from self.attempt(tier)
-            except BackendError as error:
-                failed(tier, error)
-                tier -= 1  # the tier below keeps the output it already has
-                output = outputs[tier]
-                if drafts and drafts[-1] == output.text:
-                    drafts.pop()
-                break
-            if tier == self.n - 1:
-                break
-            outputs[tier] = output
-            gate = self.gates[tier]
-            verification = None
-            state = self.gate_state(index, tier, output, gate)
-            # A gate may screen drafts first (VerifyGate(screen=...)): only those it picks are verified.
-            screened_in = getattr(gate, "needs_verification", None)
-            if gate.requires_verification and output.text and tier + 1 not in self.failed \
-                    and (screened_in is None or screened_in(state)):
-                bound = self.prefill_bound(tier + 1, self.here + output.text)
-                if self.cascade.cost_model.charge(tier + 1, bound, 0) <= self.remaining():
-                    try:
-                        if self.wants_ahead(tier, output):
-                            verification = yield from self.verify_and_draft_ahead(tier, output)
-                        else:
-                            verification = yield from self.verify(tier + 1, output.text)
-                    except BackendError as error:
-                        failed(tier + 1, error)
-                else:
-                    self.cap_intervened = True  # no room to verify: the draft stands
-            if verification is not None:
-                state = dataclasses.replace(state, verification=verification, spent=self.used())
-            score, escalate = decide(gate, state)
-            unavailable = escalate and tier + 1 in self.failed
-            capped = escalate and not unavailable and not self.fits_step(tier + 1)
-            moves = escalate and not unavailable and not capped
-            decisions.append(Decision(tier, score, effective_threshold(gate, state), moves, capped, unavailable))
-            self.cap_intervened |= capped
-            degraded |= unavailable
-            if not moves:
-                break
-            if output.text:
-                drafts.append(output.text)
-            self.drop_ahead()  # it continued the draft just rejected
-            fix = self.correction(tier, gate, verification, corrections)
-            if fix is not None:
-                # The verifying tier's own greedy text up to and including its first
-                # disagreement stands; the drafting tier goes on from there, verified again.
-                self.fixed += fix
-                self.fixed_tokens += verification.greedy_prefix_tokens
-                corrections += 1
-                if self.fixed.endswith(self.cascade.delimiter) or \
-                        self.fixed_tokens >= self.options.max_step_tokens:
-                    tier += 1
-                    output = _EMPTY
-                    break
-                continue
-            tier += 1
-        while tier < self.n - 1:
-            try:
-                output = yield from self.finish(tier, output)
-                break
-            except BackendError as error:  # a middle tier failed finishing its route probe
-                failed(tier, error)
-                tier -= 1
-                output = outputs[tier]
+        log = _StepLog()
+        self.fixed, self.fixed_tokens = "", 0
+        tier, output = yield from self.climb(log, index)
+        tier, output = yield from self.keep_lower(log, tier, output)
         if self.fixed:
-            tier = max(tier, 1)  # the step was escalated: the verifying tier fixed part of it
-            ends = "delimiter" if self.fixed.endswith(self.cascade.delimiter) else "max_tokens"
-            output = dataclasses.replace(output, text=self.fixed + output.text,
-                                         stop_reason=output.stop_reason if output.text else ends)
-            self.fixed, self.fixed_tokens = "", 0
+            tier, output = self.with_fixed_text(tier, output)
         elif output.generated_tokens == 0:
             self.cap_intervened = True  # nothing fits in what is left of the budget
             return None
@@ -669,9 +739,9 @@ class _Run:
         if text.endswith(self.cascade.delimiter):
             text = text[: -len(self.cascade.delimiter)]
         step = Step(index=index, text=text, tier=tier, author=self.cascade.tier_names[tier],
-                    confidence=Confidence.of(output), decisions=tuple(decisions),
-                    usage=tuple(self.step_usage), drafts=tuple(drafts), degraded=degraded,
-                    failures=tuple(failures))
+                    confidence=Confidence.of(output), decisions=tuple(log.decisions),
+                    usage=tuple(self.step_usage), drafts=tuple(log.drafts), degraded=log.degraded,
+                    failures=tuple(log.failures))
         return step, output
 
     def settle(self) -> None:
@@ -679,8 +749,23 @@ class _Run:
         self.spent = [a + b for a, b in zip(self.spent, self.step_usage)]
         self.step_usage = [Usage()] * self.n
 
+    def check_fits(self) -> None:
+        """Refuse a problem whose prompt and one whole step do not fit in a model's context
+        (past it a model writes garbage, or fails, at full cost)."""
+        for tier, model in enumerate(self.cascade.models):
+            limit = model.info.context_length
+            if limit is None:
+                continue
+            prompt = self.prefill_bound(tier, "")
+            if prompt + self.options.max_step_tokens > limit:
+                raise ConfigError(f"problem too long for model {model.info.name!r}: its prompt is {prompt} "
+                                  f"tokens, and with max_step_tokens={self.options.max_step_tokens} a step "
+                                  f"needs {prompt + self.options.max_step_tokens} positions; the model's "
+                                  f"context holds {limit}")
+
     def machine(self):
         try:
+            self.check_fits()
             stop_reason = "max_steps"
             for index in range(self.options.max_steps):
                 self.step_usage = [Usage()] * self.n
@@ -727,21 +812,9 @@ class _Run:
                       cap_intervened=self.cap_intervened, budget=self.budget)
 
 
-def _load_named(name: str) -> Backend:
-    from cascade.embedded import EMBEDDED_DELIMITER, embedded_path
-
-    if name.startswith("embedded:"):
-        tier = name.split(":", 1)[1]
-        return HFBackend.from_pretrained(embedded_path(tier), step_delimiter=EMBEDDED_DELIMITER, name=name)
-    return HFBackend.from_pretrained(name)
-
-
 def _default_options(models: Sequence[Backend]) -> SolveOptions:
-    from cascade.embedded import EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS
-
-    if all(m.info.name.startswith("embedded:") for m in models):
-        return SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
-    return SolveOptions()
+    max_steps, max_step_tokens = step_limits(models)
+    return SolveOptions(max_steps=max_steps, max_step_tokens=max_step_tokens)
 
 
 def _join(first: StepOutput, second: StepOutput) -> StepOutput:
@@ -792,7 +865,7 @@ class _TierQueue:
         self.queues: dict[type, list[tuple[StepRequest | ScoreRequest, asyncio.Future]]] = {
             StepRequest: [], ScoreRequest: []}
         self.busy = False
-        self.native = hasattr(backend, "anext_steps")
+        self.native = backend.native_async
         self.in_flight: set[asyncio.Task] = set()
 
     def submit(self, request: StepRequest | ScoreRequest) -> asyncio.Future:
@@ -830,16 +903,16 @@ class _TierQueue:
     async def _run(self, kind: type, batch: list) -> None:
         requests = [request for request, _ in batch]
         name = self.backend.info.name
-        sync_name, async_name = (("next_steps", "anext_steps") if kind is StepRequest
-                                 else ("score_steps", "ascore_steps"))
+        steps = kind is StepRequest
+        sync_name = "next_steps" if steps else "score_steps"
         try:
-            native = getattr(self.backend, async_name, None)
-            if native is not None:
-                outputs = await native(requests)
+            if self.native:
+                outputs = await (self.backend.anext_steps if steps else self.backend.ascore_steps)(requests)
             else:
                 loop = asyncio.get_running_loop()
-                outputs = await loop.run_in_executor(_worker_for(self.backend),
-                                                     getattr(self.backend, sync_name), requests)
+                outputs = await loop.run_in_executor(
+                    _worker_for(self.backend), self.backend.next_steps if steps else self.backend.score_steps,
+                    requests)
             outputs = list(outputs)
             if len(outputs) != len(requests):
                 raise BackendError(f"returned {len(outputs)} outputs for {len(requests)} requests", name)

@@ -44,6 +44,7 @@ from cascade.router import (
     decision_features,
     heldout_metrics,
     heldout_split,
+    register_router_format,
     router_file_fields,
     save_router_file,
 )
@@ -299,3 +300,6 @@ def train_sequence_router(data: RouterDataset, *, tau: float = 0.0, holdout: flo
     metrics = heldout_metrics(data, labels, held, probability)
     return SequenceRouter(spec=spec, features=data.spec, mean=mean, std=std, state=state, models=data.models,
                           scorer=data.scorer, tau=float(tau), metrics=metrics)
+
+
+register_router_format(SEQUENCE_ROUTER_FORMAT, SequenceRouter.from_payload)

@@ -9,14 +9,16 @@ import asyncio
 import concurrent.futures
 from typing import Sequence
 
-from decoding.types import ScoreOutput, ScoreRequest, StepOutput, StepRequest
+from decoding.types import Backend, ScoreOutput, ScoreRequest, StepOutput, StepRequest
 
 __all__ = ["OwnLoopBatches"]
 
 
-class OwnLoopBatches:
-    """Mixin: a subclass provides `_submit(coroutine) -> concurrent.futures.Future` (run it
+class OwnLoopBatches(Backend):
+    """Base: a subclass provides `_submit(coroutine) -> concurrent.futures.Future` (run it
     on its own loop) and the per-request coroutines `_next_step` and `_score`."""
+
+    native_async = True  # its coroutines run on its own loop: several batches may be in flight
 
     def _submit(self, coroutine) -> concurrent.futures.Future:
         raise NotImplementedError

@@ -36,7 +36,7 @@ def at_calls(faults: Mapping[int, FaultKind]) -> FaultSchedule:
     return lambda number, request: table.get(number)
 
 
-class FaultyBackend:
+class FaultyBackend(Backend):
     """A backend that behaves like `backend` except where `schedule` injects a fault.
 
     error: the call raises BackendError. stall: the call sleeps `stall_seconds` first,
@@ -96,9 +96,11 @@ class FaultyBackend:
     def release(self, request_id: str) -> None:
         self.backend.release(request_id)
 
-    def __getattr__(self, name: str):
-        # `fork` (calibration sweeps) passes through when the wrapped backend has it. The
-        # async methods do not: the driver then calls the sync, fault-injecting ones.
-        if name == "fork" and "backend" in self.__dict__:
-            return getattr(self.backend, name)
-        raise AttributeError(name)
+    # The wrapped backend forks when it can (calibration sweeps). The async methods are not
+    # passed on (native_async stays False): the driver then calls the sync, fault-injecting ones.
+    @property
+    def supports_fork(self) -> bool:  # type: ignore[override]
+        return self.backend.supports_fork
+
+    def fork(self, source_id: str, target_id: str) -> None:
+        self.backend.fork(source_id, target_id)

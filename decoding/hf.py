@@ -34,6 +34,7 @@ import torch
 from decoding.prompting import (CatchUp, decode_after, delimiter_end, greedy_prefix, plan_catch_up,
                                 render_prompt)
 from decoding.types import (
+    Backend,
     BackendError,
     ModelInfo,
     ModelLoadError,
@@ -279,13 +280,22 @@ def _in_rounds(requests: Sequence, run_batch) -> list:
     return outputs
 
 
-class HFBackend:
-    """A causal LM and its tokenizer, behind the `decoding.Backend` protocol.
+def _context_length(model) -> int | None:
+    """The positions a model attends over, from its config (None when it does not say)."""
+    length = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return length if isinstance(length, int) and not isinstance(length, bool) and length > 0 else None
+
+
+class HFBackend(Backend):
+    """A causal LM and its tokenizer, behind the `decoding.Backend` protocol (it forks:
+    a request's KV cache is copied for a calibration sweep's branches).
 
     Prompt: `prompt_template` (a format string with `{problem}`) when given; else the
     tokenizer's chat template (one user message, generation prompt added) when it has
     one; else the problem followed by the step delimiter.
     """
+
+    supports_fork = True
 
     def __init__(self, model, tokenizer, *, name: str, step_delimiter: str = "\n\n",
                  prompt_template: str | None = None, fingerprint: str = "",
@@ -304,6 +314,7 @@ class HFBackend:
             fingerprint=fingerprint or "unknown",
             num_parameters=sum(p.numel() for p in model.parameters()),
             step_delimiter=step_delimiter,
+            context_length=_context_length(model),
         )
         self._sessions: dict[str, _Session] = {}
         self._ends_delimiter: dict[int, bool] = {}

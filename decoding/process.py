@@ -34,6 +34,7 @@ from typing import Sequence
 from decoding.hf import check_model_path
 from decoding.prompting import PrefixLedger, render_prompt, step_piece
 from decoding.types import (
+    Backend,
     BackendError,
     ModelInfo,
     ModelLoadError,
@@ -46,13 +47,16 @@ from decoding.types import (
 __all__ = ["ProcessBackend"]
 
 
-class ProcessBackend:
+class ProcessBackend(Backend):
     """`HFBackend.from_pretrained(model, **kwargs)` run in a child process.
 
     threads: torch intra-op threads in the child. start_timeout: seconds to wait for the
     model to load. Use as a context manager or call `close()`; the child also ends when
     this process does (its socket closes).
     """
+
+    native_async = True  # calls go over a pipe: several batches may be in flight
+    supports_fork = True
 
     def __init__(self, model: str | Path, *, threads: int = 1, start_timeout: float = 300.0,
                  **kwargs) -> None:

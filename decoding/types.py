@@ -53,6 +53,9 @@ class ModelInfo:
     entropy: how `StepOutput.entropies` are computed: "exact" (over the whole vocabulary)
         or "top-K" (estimated from the K most likely tokens an engine returns, a lower
         bound). Routers trained on one kind refuse drafts of the other.
+    context_length: positions the model attends over (prompt + everything generated), or
+        None when the backend does not know it; the runtime refuses a problem that leaves
+        no room for a step in it.
     """
 
     name: str
@@ -60,6 +63,7 @@ class ModelInfo:
     num_parameters: int
     step_delimiter: str
     entropy: str = "exact"
+    context_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -158,9 +162,25 @@ class ScoreOutput:
 
 @runtime_checkable
 class Backend(Protocol):
-    """A model engine. Calls take a batch; a backend may run it as one batch or one by one."""
+    """A model engine. Calls take a batch; a backend may run it as one batch or one by one.
+
+    The four batch methods and `info` are required. The optional capabilities below are
+    declared here with their defaults: a backend subclassing `Backend` inherits them and
+    overrides what it has; one that does not subclass it declares them itself. The runtime
+    reads them, never probes for methods.
+
+    native_async: `anext_steps`/`ascore_steps` are the backend's own coroutines (a server
+        or a process of its own): the runtime awaits them directly and may keep several
+        batches in flight. False (default): the runtime calls `next_steps`/`score_steps`
+        in a worker thread of the backend's own, one batch at a time.
+    supports_fork: `fork` copies a request's cached state to another request id
+        (calibration sweeps then share a prefix's work between branches). False (default):
+        a sweep runs each candidate in a session of its own.
+    """
 
     info: ModelInfo
+    native_async: bool = False
+    supports_fork: bool = False
 
     def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
         """Generate one step for each request (stop at the delimiter, EOS or max_tokens)."""
@@ -177,3 +197,18 @@ class Backend(Protocol):
     def release(self, request_id: str) -> None:
         """Free the request's cached state (idempotent)."""
         ...
+
+    async def anext_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
+        """`next_steps` as a coroutine of the backend's own (only when `native_async`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no native anext_steps (native_async is False)")
+
+    async def ascore_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
+        """`score_steps` as a coroutine of the backend's own (only when `native_async`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no native ascore_steps (native_async is False)")
+
+    def fork(self, source_id: str, target_id: str) -> None:
+        """Copy request `source_id`'s cached state to `target_id` (only when `supports_fork`)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot fork a request (supports_fork is False)")
+
+    def close(self) -> None:
+        """Free the engine's resources (a process, a server session). Default: nothing to free."""

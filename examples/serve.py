@@ -22,7 +22,7 @@ args = parser.parse_args()
 with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-server = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--port", str(port)],
+server = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 url = f"http://127.0.0.1:{port}"
 try:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import zlib
 from typing import Callable
 
-from decoding import BackendError, ModelInfo, ScoreOutput, StepOutput
+from decoding import Backend, BackendError, ModelInfo, ScoreOutput, StepOutput
 
 # script(problem, context) -> (step text including the delimiter, logprob of each char)
 Script = Callable[[str, str], tuple[str, list[float]]]
@@ -23,7 +23,9 @@ def counting_script(steps: int = 4, confident: bool = True, delimiter: str = "\n
     return script
 
 
-class FakeBackend:
+class FakeBackend(Backend):
+    supports_fork = True
+
     def __init__(self, name: str, params: int, script: Script, delimiter: str = "\n",
                  fail_at: set[int] | None = None) -> None:
         self.info = ModelInfo(name=name, fingerprint=name, num_parameters=params, step_delimiter=delimiter)

@@ -27,7 +27,7 @@ from bench.harness import (
     unknown_characters,
 )
 from cascade import Cascade, SolveOptions, calibrate
-from cascade.cli import main
+from app.cli import main
 from decoding import HFBackend
 
 REPO = Path(__file__).resolve().parents[2]
@@ -548,11 +548,11 @@ def test_cli_bench_vllm_backend_wiring(tmp_path, capsys, monkeypatch):
 
 def test_recorded_bench_command_keeps_switches():
     """run.json's command must rerun the benchmark as it ran: switch flags included."""
-    from cascade.cli import _bench_command, build_parser
+    from app.cli import bench_command, build_parser
 
     argv = ["bench", "--dataset", "embedded", "--policies", "small,verify-fix@0.3", "--isolate",
             "--draft-ahead", "--no-math-verify", "-o", "out"]
-    command = _bench_command(build_parser().parse_args(argv))
+    command = bench_command(build_parser().parse_args(argv))
     assert command.split()[1:] and all(flag in command.split() for flag in
                                        ("--isolate", "--draft-ahead", "--no-math-verify"))
-    assert "--isolate" not in _bench_command(build_parser().parse_args(argv[:5] + ["-o", "out"]))
+    assert "--isolate" not in bench_command(build_parser().parse_args(argv[:5] + ["-o", "out"]))

@@ -23,7 +23,7 @@ from cascade import (
     StepFailedError,
     VerifyGate,
 )
-from decoding import BackendError, FaultyBackend, at_calls
+from decoding import Backend, BackendError, FaultyBackend, at_calls
 
 OPTIONS = SolveOptions(max_steps=10, max_step_tokens=12)
 
@@ -183,7 +183,7 @@ def test_bad_fault_policy_and_timeouts_are_clear_errors():
 def test_backend_returning_the_wrong_type_fails_the_request_cleanly():
     small, large = pair()
 
-    class Broken:
+    class Broken(Backend):
         info = large.info
 
         def next_steps(self, requests):

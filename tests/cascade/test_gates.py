@@ -9,6 +9,7 @@ from fakes import FakeBackend
 
 from bench.oracle import OracleGate
 from cascade import Cascade, ConfigError, SolveOptions, VerifyGate, make_gate
+from cascade.gates import AdvantageModel
 from decoding import HFBackend, ScoreRequest
 
 
@@ -200,7 +201,7 @@ def test_draft_ahead_survives_a_failing_verifier_and_a_failing_early_draft(tiny_
     assert [s.text for s in early.steps] == reference
 
 
-class _MinProbScreen:
+class _MinProbScreen(AdvantageModel):
     """A stand-in router for VerifyGate.screen: P(large better) = 1 - the draft's min_prob."""
 
     def advantage_probability(self, state) -> float:
@@ -232,7 +233,7 @@ def test_a_screened_verify_gate_verifies_only_the_drafts_its_router_picks(tiny_d
         a, b = everything.solve(problem), plain.solve(problem)  # screen at 0: every draft is verified
         assert [(s.text, s.tier) for s in a.steps] == [(s.text, s.tier) for s in b.steps]
         assert a.cost.total == pytest.approx(b.cost.total)
-        nothing = Cascade(small, counted, VerifyGate(0.6, screen=screen, screen_threshold=1.5), options=options)
+        nothing = Cascade(small, counted, VerifyGate(0.6, screen=screen, screen_threshold=1.0), options=options)
         before = counted.scored
         alone = nothing.solve(problem)
         assert counted.scored == before and all(s.tier == 0 for s in alone.steps)  # never verified

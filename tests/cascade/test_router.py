@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cascade import AdvantageGate, Cascade, ConfigError, SolveOptions, make_gate
-from cascade.cli import main as cli_main
-from cascade.gates import Confidence, GateState
+from app.cli import main as cli_main
+from cascade.gates import AdvantageModel, Confidence, GateState
 from cascade.router import (
     FeatureSpec,
     Router,
@@ -196,7 +196,7 @@ def test_skip_perfect_skips_large_calls_only_where_the_draft_scores_one(tmp_path
         train_router(skipped, tau=-0.5)
 
 
-class _Threshold:
+class _Threshold(AdvantageModel):
     """A stand-in router: P(large better) = 1 - min_prob of the draft."""
 
     def advantage_probability(self, state: GateState) -> float:

@@ -194,7 +194,7 @@ def test_three_tiny_random_models_end_to_end(tiny_dirs):
     (["--models", "embedded:small,/some/dir"], "embedded:<tier> models cannot be mixed"),
 ])
 def test_cli_gates_errors_are_one_clear_line(argv, message, capsys):
-    from cascade.cli import main
+    from app.cli import main
 
     assert main(["solve", "a=1;?a", *argv]) == 2
     err = capsys.readouterr().err
@@ -202,7 +202,7 @@ def test_cli_gates_errors_are_one_clear_line(argv, message, capsys):
 
 
 def test_cli_gates_reach_every_position_of_an_embedded_cascade(capsys):
-    from cascade.cli import main
+    from app.cli import main
 
     assert main(["solve", "a=17;b=a+3;?b", "--models", "embedded:small,embedded:large",
                  "--gates", "always-large", "--json"]) == 0

@@ -237,7 +237,7 @@ def test_token_rewrite_over_vllm_matches_hf(small_engine, large_remote, hf):
 def test_cascade_serve_app_over_vllm_backends(small_engine, large_remote, hf):
     """The server's app over the vLLM-backed cascade (in process, ASGI transport): the
     async backends are awaited on the server's loop and the answer matches HFBackend's."""
-    from cascade.server import ServerConfig, create_app
+    from app.server import ServerConfig, create_app
 
     options = cascade.SolveOptions(max_steps=cascade.EMBEDDED_MAX_STEPS,
                                    max_step_tokens=cascade.EMBEDDED_MAX_STEP_TOKENS)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from cascade.cli import main
+from app.cli import main
 
 
 def run(capsys, *argv):

@@ -27,15 +27,27 @@ import hmac
 import json
 import logging
 import math
+import os
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from app.options import gate_specs_from_args, model_specs_from_args, routers_from_args, solve_options
+from cascade import DEFAULT_EMBEDDED_GATE
+from cascade.checks import check_threshold
 from cascade.errors import CascadeError, ConfigError, RequestTimeoutError, StepFailedError
-from cascade.gates import GATES, make_gate
+from cascade.gates import GATES, AlwaysSmall
 from cascade.records import Result, Step
-from cascade.runtime import Cascade, SolveOptions
+from cascade.runtime import Cascade, SolveOptions, tier_names_for
+from cascade.specs import (
+    GATE_ALIASES,
+    GateSpec,
+    build_gate,
+    build_gates,
+    canonical_gate_name,
+    load_models,
+)
 
 __all__ = ["ServerConfig", "ServerLimits", "create_app", "serve"]
 
@@ -87,14 +99,22 @@ class ServerLimits:
 class ServerConfig:
     """model_name: the id clients send as `model`. api_key: when set, every /v1 request
     needs `Authorization: Bearer <api_key>` (compared in constant time).
-    log_prompts: also log prompt text (off: logs carry sizes, never bodies)."""
+    log_prompts: also log prompt text (off: logs carry sizes, never bodies).
+    tier_retry_seconds: under `on_large_failure="degrade"`, a tier that failed is dropped
+    for this long (requests meanwhile do not call it, and say why in their response); the
+    first request after that tries it again."""
 
     model_name: str = "stepcascade"
     api_key: str | None = None
     log_prompts: bool = False
     limits: ServerLimits = ServerLimits()
+    tier_retry_seconds: float = 30.0
 
     def __post_init__(self) -> None:
+        value = self.tier_retry_seconds
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value < 0:
+            raise ConfigError(f"tier_retry_seconds must be a finite number >= 0, got {value!r}")
         if not isinstance(self.model_name, str) or not self.model_name:
             raise ConfigError(f"model_name must be a non-empty string, got {self.model_name!r}")
         if self.api_key is not None and (not isinstance(self.api_key, str) or len(self.api_key) < 8):
@@ -151,6 +171,67 @@ def _number(body: dict, name: str, *, integer: bool = False, low: float | None =
     return value
 
 
+@dataclass(frozen=True)
+class _DroppedTier:
+    tier: int
+    name: str
+    model: str
+    reason: str
+    since: float  # time.time() of the failure
+    until: float  # time.monotonic() when it is tried again
+
+    def to_json(self) -> dict:
+        return {"tier": self.name, "model": self.model, "reason": self.reason,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.since)),
+                "retry_in_seconds": round(max(0.0, self.until - time.monotonic()), 1)}
+
+
+class _TierHealth:
+    """Tiers above the cheapest that failed while the cascade degrades: each is dropped for
+    `retry_seconds` (requests cap the cascade below it instead of waiting on a dead model
+    every time), then the next request tries it again. A failure is logged once, with why."""
+
+    def __init__(self, runner: Cascade, retry_seconds: float) -> None:
+        self.runner = runner
+        self.retry_seconds = retry_seconds
+        self.down: dict[int, _DroppedTier] = {}
+
+    def dropped(self) -> list[_DroppedTier]:
+        now = time.monotonic()
+        for tier in [t for t, d in self.down.items() if d.until <= now]:
+            logger.info("tier %s (%s) is tried again after %.0f s dropped", self.down[tier].name,
+                        self.down[tier].model, self.retry_seconds)
+            del self.down[tier]
+        return sorted(self.down.values(), key=lambda d: d.tier)
+
+    def record(self, result: Result | None, request_id: str) -> None:
+        """Mark the tiers that failed in `result` (its steps' failures) as dropped."""
+        if result is None or self.runner.on_large_failure != "degrade":
+            return
+        names = list(self.runner.tier_names)
+        for step in result.steps:
+            for failure in step.failures:
+                name, _, reason = failure.partition(": ")
+                if name not in names or names.index(name) in self.down:
+                    continue
+                tier = names.index(name)
+                model = self.runner.models[tier].info.name
+                self.down[tier] = _DroppedTier(tier, name, model, reason, time.time(),
+                                               time.monotonic() + self.retry_seconds)
+                logger.warning("request %s: tier %s (%s) failed at step %d and is dropped for %g s "
+                               "(--on-large-failure degrade; lower tiers write its steps): %s", request_id,
+                               name, model, step.index, self.retry_seconds, reason[:500])
+
+    def gates_for(self, gates: list | None) -> list | None:
+        """The request's gates with the cascade capped below the lowest dropped tier."""
+        dropped = self.dropped()
+        if not dropped:
+            return gates
+        gates = list(gates if gates is not None else self.runner.gates)
+        gates[dropped[0].tier - 1] = AlwaysSmall()  # never hand a step up to the dropped tier
+        return gates
+
+
 class _App:
     """The request handlers, closed over one cascade and one config."""
 
@@ -161,6 +242,7 @@ class _App:
         self.drain = _Drain()
         self.inflight = 0
         self.created = int(time.time())
+        self.health = _TierHealth(runner, config.tier_retry_seconds)
 
     # ---- parsing --------------------------------------------------------------------------
 
@@ -249,39 +331,39 @@ class _App:
         return _Job(problem, None if budget is None else float(budget), gates, options, stream)
 
     def parse_gates(self, body: dict) -> list | None:
+        """The request's gate fields as gates (through `cascade.specs`, like every gate name);
+        None: the served gates."""
         name, threshold = body.get("gate"), _number(body, "threshold")
         signal, mode = body.get("signal"), body.get("mode")
         try:
             if name is not None:
                 if not isinstance(name, str):
                     raise _BadRequest(400, f"gate must be a string, got {name!r}", "gate")
-                if name not in GATES:
-                    raise _BadRequest(400, f"unknown gate {name[:50]!r}; choose one of {sorted(GATES)}",
-                                      "gate")
-                settings: dict[str, Any] = {}
-                if threshold is not None:
-                    settings["threshold"] = float(threshold)
-                if name == "confidence":
-                    settings.update({k: v for k, v in (("signal", signal), ("mode", mode)) if v is not None})
-                elif signal is not None or mode is not None:
+                if GATE_ALIASES.get(name, name) not in GATES:
+                    raise _BadRequest(400, f"unknown gate {name[:50]!r}; choose one of {list(GATES)}", "gate")
+                kind = canonical_gate_name(name)
+                if kind != "confidence" and (signal is not None or mode is not None):
                     raise _BadRequest(400, f"signal and mode apply to gate 'confidence', not {name!r}",
                                       "gate")
-                if name == "advantage":  # the served routers: a request cannot send one
+                spec = GateSpec(kind, threshold=threshold, signal=signal, mode=mode,
+                                router="" if kind == "advantage" else None)
+                if kind == "advantage":  # the served routers: a request cannot send one
                     routers = [getattr(g, "router", None) for g in self.runner.gates]
                     if any(r is None for r in routers):
                         raise _BadRequest(400, "gate 'advantage' needs the server's router: start it with "
                                                "--gate advantage --router FILE", "gate")
-                    return [make_gate(name, router=r, **settings) for r in routers]
-                return [make_gate(name, **settings)] * len(self.runner.gates)
+                    return [build_gate(spec, {"": r}) for r in routers]
+                return [build_gate(spec)] * len(self.runner.gates)
             if signal is not None or mode is not None:
                 raise _BadRequest(400, "signal and mode need gate='confidence'", "gate")
             if threshold is not None:
+                threshold = check_threshold(threshold)
                 gates = []
                 for gate in self.runner.gates:
                     if not dataclasses.is_dataclass(gate):
                         raise _BadRequest(400, f"the served gate {type(gate).__name__} takes no threshold "
                                                "override; send gate= too", "threshold")
-                    gates.append(dataclasses.replace(gate, threshold=float(threshold)))
+                    gates.append(dataclasses.replace(gate, threshold=threshold))
                 return gates
         except CascadeError as error:
             raise _BadRequest(400, str(error)) from None
@@ -289,9 +371,14 @@ class _App:
 
     # ---- running --------------------------------------------------------------------------
 
-    async def run(self, job: _Job, on_step=None) -> Result:
+    async def run(self, job: _Job, request_id: str, on_step=None) -> Result:
         """Solve, unless the shutdown grace expires first (then 503 with the partial)."""
-        task = asyncio.ensure_future(self.runner.asolve(job.problem, job.budget, gates=job.gates,
+        gates = self.health.gates_for(job.gates)
+        if gates is not job.gates:
+            logger.info("request %s: %s", request_id, "; ".join(
+                f"tier {d.name} ({d.model}) dropped since {d.to_json()['since']}: {d.reason[:200]}"
+                for d in self.health.dropped()))
+        task = asyncio.ensure_future(self.runner.asolve(job.problem, job.budget, gates=gates,
                                                         options=job.options, on_step=on_step))
         expiry = asyncio.ensure_future(self.drain.expired.wait())
         try:
@@ -302,7 +389,13 @@ class _App:
         finally:
             expiry.cancel()
         if task in done:
-            return task.result()
+            try:
+                result = task.result()
+            except CascadeError as error:
+                self.health.record(getattr(error, "partial", None), request_id)
+                raise
+            self.health.record(result, request_id)
+            return result
         task.cancel()
         raise _BadRequest(503, "the server is shutting down; this request was cancelled before it finished",
                           kind="server_shutting_down")
@@ -312,7 +405,7 @@ class _App:
         if isinstance(error, _BadRequest):
             return error
         partial = getattr(error, "partial", None)
-        extra = {"partial": _extension(partial, self.runner)} if isinstance(partial, Result) else None
+        extra = {"partial": _extension(partial, self)} if isinstance(partial, Result) else None
         if isinstance(error, StepFailedError):
             return _BadRequest(502, str(error), kind="upstream_error", extra=extra)
         if isinstance(error, RequestTimeoutError):
@@ -325,13 +418,18 @@ class _App:
         return _BadRequest(500, f"internal error ({type(error).__name__})", kind="internal_error")
 
 
-def _extension(result: Result, runner: Cascade) -> dict:
-    """The `cascade` field of a response: what the cascade did and spent."""
+def _extension(result: Result, state: "_App") -> dict:
+    """The `cascade` field of a response: what the cascade did and spent, and, when it
+    degraded, why: the failures of this request and the tiers dropped by earlier ones."""
+    runner = state.runner
+    dropped = [d.to_json() for d in state.health.dropped()]
     return {
         "answer": result.answer, "cost": result.cost.total, "budget": result.budget,
         "escalation_rate": result.escalation_rate, "stop_reason": result.stop_reason,
-        "cap_intervened": result.cap_intervened, "degraded": result.degraded,
-        "degraded_steps": list(result.degraded_steps), "authors": [s.author for s in result.steps],
+        "cap_intervened": result.cap_intervened, "degraded": result.degraded or bool(dropped),
+        "degraded_steps": list(result.degraded_steps),
+        "degraded_reasons": [f"step {s.index}: {f}" for s in result.steps for f in s.failures],
+        "dropped_tiers": dropped, "authors": [s.author for s in result.steps],
         "steps": [_step_json(s) for s in result.steps],
         "per_tier": [{"name": name, "prefill_tokens": u.prefill_tokens,
                       "generated_tokens": u.generated_tokens, "cost": u.cost}
@@ -364,6 +462,7 @@ def _error_body(error: _BadRequest) -> dict:
 
 def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
     """The ASGI app (FastAPI) serving `runner` as the model `config.model_name`."""
+    # fastapi and uvicorn are the optional [serve] extra: imported only when a server is made.
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -420,7 +519,7 @@ def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
                                      media_type="text/event-stream")
         state.inflight += 1
         try:
-            result = await state.run(job)
+            result = await state.run(job, request_id)
         except BaseException as error:  # noqa: BLE001 - every failure is answered
             if isinstance(error, asyncio.CancelledError):
                 raise
@@ -436,7 +535,7 @@ def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish_reason(result)}
         return {"id": request_id, "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()), "model": config.model_name, "choices": [choice],
-                "usage": _usage(result), "cascade": _extension(result, runner)}
+                "usage": _usage(result), "cascade": _extension(result, state)}
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -523,7 +622,7 @@ async def _stream(state: _App, job: _Job, chat: bool, request_id: str, started: 
         loop.call_soon_threadsafe(steps.put_nowait, step)
 
     state.inflight += 1
-    task = asyncio.ensure_future(state.run(job, on_step=on_step))
+    task = asyncio.ensure_future(state.run(job, request_id, on_step=on_step))
     try:
         first = True
         while True:
@@ -555,7 +654,7 @@ async def _stream(state: _App, job: _Job, chat: bool, request_id: str, started: 
             return
         _log_done(request_id, result, started)
         # usage always rides on the final chunk (stream_options.include_usage is implied)
-        extra = {"cascade": _extension(result, runner), "usage": _usage(result)}
+        extra = {"cascade": _extension(result, state), "usage": _usage(result)}
         yield _sse(chunk(None if chat else "", _finish_reason(result), extra, first=first))
         yield _sse("[DONE]")
     finally:
@@ -568,7 +667,7 @@ def serve(runner: Cascade, config: ServerConfig = ServerConfig(), *, host: str =
           port: int = 8000, log_level: str = "info") -> None:
     """Run the server until SIGINT/SIGTERM; in-flight requests then get
     `config.limits.shutdown_grace` seconds to finish, and a clean 503 after that."""
-    import uvicorn
+    import uvicorn  # the optional [serve] extra
 
     app = create_app(runner, config)
     state: _App = app.state.cascade_app
@@ -595,11 +694,11 @@ def serve(runner: Cascade, config: ServerConfig = ServerConfig(), *, host: str =
     server.run()
 
 
-# ---- the `cascade serve` command (the CLI registers these; strings become objects here) ----
+# ---- the `cascade serve` command (app.cli registers it) ----
 
 
 def add_serve_arguments(parser) -> None:
-    """The `serve`-specific flags (model and gate flags come from the CLI's shared set)."""
+    """The `serve`-specific flags (model, gate and step flags: `app.options`)."""
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000)
@@ -612,7 +711,12 @@ def add_serve_arguments(parser) -> None:
                         help="serve a tier from OpenAI-compatible server(s) (round robin); the tier's local "
                              "directory still gives its tokenizer and identity; NAME: served model name "
                              "(default: the tier name)")
-    parser.add_argument("--on-large-failure", default="fail", choices=["fail", "degrade"])
+    parser.add_argument("--on-large-failure", default="fail", choices=["fail", "degrade"],
+                        help="a failing tier above the cheapest ends the request (fail) or is dropped and "
+                             "the tier below writes its steps (degrade)")
+    parser.add_argument("--retry-dropped-tier", type=float, default=ServerConfig.tier_retry_seconds,
+                        metavar="SECONDS", help="--on-large-failure degrade: how long a failed tier stays "
+                                                "dropped before a request tries it again")
     parser.add_argument("--step-timeout", type=float, default=None, help="seconds per model call")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     parser.add_argument("--max-prompt-chars", type=int, default=ServerLimits.max_prompt_chars)
@@ -636,71 +740,24 @@ def _parse_remote(specs: list[str], tier_names: tuple[str, ...]) -> dict[int, tu
 
 def build_served_cascade(args) -> Cascade:
     """The cascade `cascade serve` serves, from the command line's fixed model paths."""
-    from decoding import HFBackend, OpenAIBackend, ProcessBackend
-
-    from cascade.embedded import (
-        EMBEDDED_DELIMITER,
-        EMBEDDED_MAX_STEP_TOKENS,
-        EMBEDDED_MAX_STEPS,
-        embedded_path,
-    )
-    from cascade.runtime import tier_names_for
-
-    listed = args.models.split(",") if args.models else None
-    if listed and (args.small or args.large):
-        raise ConfigError("give --models or --small/--large, not both")
-    if listed or args.small or args.large:
-        paths = listed or [args.small, args.large]
-        if any(p is None for p in paths):
-            raise ConfigError("--small and --large go together")
-        names = [str(p) for p in paths]
-        delimiter = args.delimiter or "\n\n"
-        defaults = SolveOptions()
-    else:
-        paths = [embedded_path("small"), embedded_path("large")]
-        names = ["embedded:small", "embedded:large"]
-        delimiter = EMBEDDED_DELIMITER
-        defaults = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
-    tiers = tier_names_for(len(paths))
-    remote = _parse_remote(args.remote, tiers)
-    if getattr(args, "isolate", False) and args.backend == "vllm":
-        raise ConfigError("--isolate runs HF models in processes of their own; vLLM engines run "
-                          "outside this process already")
-    template = getattr(args, "prompt_template", None)
-    models = []
-    for k, (path, name) in enumerate(zip(paths, names)):
-        if k in remote:
-            served, urls = remote[k]
-            models.append(OpenAIBackend.from_model_dir(path, urls, served, name=name,
-                                                       step_delimiter=delimiter, prompt_template=template))
-        elif args.backend == "vllm":
-            from decoding import VLLMBackend
-
-            models.append(VLLMBackend.from_pretrained(path, step_delimiter=delimiter,
-                                                      prompt_template=template, name=name))
-        else:
-            kind = ProcessBackend if getattr(args, "isolate", False) and k > 0 else HFBackend
-            models.append(kind.from_pretrained(path, step_delimiter=delimiter, prompt_template=template,
-                                               name=name))
-    options = dataclasses.replace(defaults, max_steps=args.max_steps or defaults.max_steps,
-                                  max_step_tokens=args.max_step_tokens or defaults.max_step_tokens,
-                                  step_timeout=args.step_timeout)
-    if getattr(args, "gates", None):
-        raise ConfigError("cascade serve takes one --gate for every position, not --gates")
-    from cascade.cli import gate_from_args
-
-    gate = gate_from_args(args)  # --gate with its settings (and --router for advantage)
-    if gate is None and not (listed or args.small or args.large):
-        from cascade import DEFAULT_EMBEDDED_GATE
-
-        gate = DEFAULT_EMBEDDED_GATE
-    return Cascade(models=models, gate=gate, options=options, on_large_failure=args.on_large_failure)
+    specs = model_specs_from_args(args, backend=args.backend)  # --template per tier, --delimiter, --isolate
+    remote = _parse_remote(args.remote, tier_names_for(len(specs)))
+    specs = [dataclasses.replace(spec, backend="openai", endpoints=tuple(remote[k][1]),
+                                 served_name=remote[k][0]) if k in remote else spec
+             for k, spec in enumerate(specs)]
+    gate_specs = gate_specs_from_args(args, len(specs))  # --gate with its settings (and --router)
+    routed = gate_specs is not None and any(g.router is not None for g in gate_specs)
+    routers = routers_from_args(args) if routed else None
+    gates = build_gates(gate_specs, routers) if gate_specs else None
+    if gates is None and all(spec.is_embedded for spec in specs):
+        gates = [DEFAULT_EMBEDDED_GATE] * (len(specs) - 1)
+    options = solve_options(args, specs, step_timeout=args.step_timeout)
+    return Cascade(models=load_models(specs), gates=gates, options=options,
+                   on_large_failure=args.on_large_failure)
 
 
 def run_from_args(args) -> int:
     """`cascade serve`: build the cascade, then serve it until stopped."""
-    import os
-
     api_key = None
     if args.api_key_env:
         api_key = os.environ.get(args.api_key_env)
@@ -710,7 +767,7 @@ def run_from_args(args) -> int:
                           require_budget=args.require_budget, request_timeout=args.request_timeout,
                           shutdown_grace=args.shutdown_grace)
     config = ServerConfig(model_name=args.model_name, api_key=api_key, log_prompts=args.log_prompts,
-                          limits=limits)
+                          limits=limits, tier_retry_seconds=args.retry_dropped_tier)
     runner = build_served_cascade(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1"):

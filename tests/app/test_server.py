@@ -30,7 +30,7 @@ def start_server(*flags: str, env_key: bool = False) -> tuple[subprocess.Popen, 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     if env_key:
         env["CASCADE_TEST_KEY"] = KEY
-    process = subprocess.Popen([sys.executable, "-m", "cascade.cli", "serve", "--port", str(port), *flags],
+    process = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port), *flags],
                                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     return process, f"http://127.0.0.1:{port}"
 
@@ -281,7 +281,7 @@ def test_graceful_shutdown_finishes_or_cleanly_fails_in_flight_requests():
 
 
 def test_server_settings_are_checked():
-    from cascade.server import ServerConfig, ServerLimits, _parse_remote
+    from app.server import ServerConfig, ServerLimits, _parse_remote
 
     with pytest.raises(cascade.ConfigError, match="max_prompt_chars"):
         ServerLimits(max_prompt_chars=0)
@@ -299,7 +299,7 @@ def test_server_settings_are_checked():
 
 
 def test_serve_cli_rejects_bad_flags_before_loading_models():
-    from cascade.cli import main
+    from app.cli import main
 
     assert main(["serve", "--remote", "huge=http://127.0.0.1:1"]) == 2
     assert "NO_SUCH_KEY_VAR" not in os.environ
@@ -307,9 +307,9 @@ def test_serve_cli_rejects_bad_flags_before_loading_models():
 
 
 def test_serve_isolate_puts_upper_tiers_in_processes(tiny_dirs):
-    from cascade.cli import build_parser
+    from app.cli import build_parser
     from cascade.errors import ConfigError
-    from cascade.server import build_served_cascade
+    from app.server import build_served_cascade
     from decoding import HFBackend, ProcessBackend
 
     args = build_parser().parse_args(["serve", "--small", tiny_dirs[0], "--large", tiny_dirs[2],

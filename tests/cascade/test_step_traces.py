@@ -1,0 +1,53 @@
+"""The step loop's behaviour is pinned: traces of the embedded models under every mechanism
+(tests/step_traces.py) match the committed record, call by call."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import step_traces
+
+GOLDEN = Path(__file__).parent / "data" / "step_traces.json"
+N = 3  # problems per policy checked here; `python -m tests.step_traces` records 30
+
+
+def _same(a, b, where: str) -> None:
+    if isinstance(a, float) or isinstance(b, float):
+        assert isinstance(a, (int, float)) and isinstance(b, (int, float)), where
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), f"{where}: {a} != {b}"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and sorted(a) == sorted(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
+        for key in a:
+            _same(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{where}: {len(a)} items != {len(b)}"
+        for k, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{k}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_every_policy_traces_as_recorded():
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(golden) == sorted(step_traces.policies())
+    now = step_traces.record(N)
+    for name, rows in now.items():
+        _same(rows, golden[name][:N], name)
+
+
+def test_the_record_takes_every_path():
+    golden = json.loads(GOLDEN.read_text())
+    results = {name: [r["result"] for r in rows if "result" in r] for name, rows in golden.items()}
+    steps = {name: [s for r in rs for s in r["steps"]] for name, rs in results.items()}
+    assert any(r["cap_intervened"] for r in results["confidence-capped"])
+    assert any(r["degraded"] for r in results["degrade-verify-fix-ahead"])
+    assert all("error" in r for r in golden["fail-verify"][:N])
+    assert any(s["tier"] == 2 for s in steps["three-tier-route"])
+    assert any(s["drafts"] for s in steps["verify-fix-ahead"])
+    # a token fix: a step written by the large tier whose calls include a small draft after a score
+    calls = [c for row in golden["verify-fix-ahead"] for c in row["calls"]]
+    assert any(a[1] == "score" and b[0] == "small" and b[2] != a[2] for a, b in itertools.pairwise(calls))
+    assert any(0 < r["escalation_rate"] < 1 for r in results["advantage"])
