@@ -234,7 +234,7 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
     assert cli_main(["solve", "a=5;?a", "--gate", "verify", "--router", router]) == 2
     assert "--screen-threshold" in capsys.readouterr().err
     code = cli_main(["solve", "a=5;b=a+3;c=b*2;?c", "--gate", "verify", "--router", router, "--screen-threshold",
-                     "2", "--json"])  # nothing passes the screen: the small model writes every step
+                     "1", "--json"])  # nothing passes the screen (P < 1): the small model writes every step
     trace = json.loads(capsys.readouterr().out)
     assert code == 0 and all(s["tier"] == 0 for s in trace["steps"])
     served = build_served_cascade(build_parser().parse_args(["serve", "--gate", "advantage", "--threshold", "0.4",
