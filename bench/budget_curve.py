@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import calibration as cal
-from bench.pair_report import _git_commit
+from bench.provenance import package_commit
 from bench.tasks import check_answer, generate_split
 from cascade import AlwaysLarge, AlwaysSmall, ConfidenceGate, embedded_cascade, sweep
 from cascade.budget import (CURVE_METHODS, BudgetGate, budget_grid, calibrate_budget_curve, curve_candidates,
@@ -126,7 +126,7 @@ def _prepare(args, runner, inner) -> dict:
     small = float(np.mean([r.cost.total for r in runner.solve_many(pilot, gates=[AlwaysSmall()])]))
     large = float(np.mean([r.cost.total for r in runner.solve_many(pilot, gates=[AlwaysLarge()])]))
     gate_fields = {k: v for k, v in dataclasses.asdict(gate).items() if k != "inner"}
-    return {"commit": _git_commit(), "gate": gate_fields, "small": small, "large": large,
+    return {"commit": package_commit(), "gate": gate_fields, "small": small, "large": large,
             "budgets": list(budget_grid(small, large, k=args.budgets)),
             "thresholds": sorted(default_thresholds(args.thresholds), reverse=True)}
 
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                   args.cap_factor, curve.cost_max_uncapped, args.n_cal, args.splits)
     report = {
         "command": "python -m bench.budget_curve " + " ".join(argv or []),
-        "commit": _git_commit(), "sweep_commit": plan.get("commit"), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": package_commit(), "sweep_commit": plan.get("commit"), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "n_cal": args.n_cal, "n_test": args.n_test, "n_fit": args.n_fit, "n_pilot": args.n_pilot,
         "alpha": args.alpha, "delta": args.delta, "cap_factor": args.cap_factor,
         "pilot_small_mean_cost": small, "pilot_large_mean_cost": large, "budgets": list(budgets),

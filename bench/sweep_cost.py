@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.pair_report import _git_commit
+from bench.provenance import package_commit
 from bench.tasks import generate_split
 from cascade import ConfidenceGate, embedded_cascade, sweep
 from cascade.calibrate import default_thresholds
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     swept = sweep(runner, problems, candidates)
     one_pass = swept.independent_tokens / len(candidates)
-    report = {"command": "python -m bench.sweep_cost " + " ".join(argv or []), "commit": _git_commit(),
+    report = {"command": "python -m bench.sweep_cost " + " ".join(argv or []), "commit": package_commit(),
               "n": args.n, "thresholds": len(candidates), "executed_tokens": swept.executed_tokens,
               "independent_tokens": swept.independent_tokens, "one_pass_tokens": one_pass,
               "sweep_vs_one_pass": swept.executed_tokens / one_pass,

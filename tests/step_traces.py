@@ -65,20 +65,22 @@ def every_seventh(number: int, request) -> str | None:
 
 
 class Recorder(Backend):
-    """A backend that passes calls through and logs them (the calls the runtime made)."""
+    """A backend that passes calls through and logs them (the calls the runtime made to
+    it, in order; one log per model: calls sent together with draft-ahead reach the two
+    models in either order)."""
 
-    def __init__(self, inner, log: list, tier: str) -> None:
-        self.inner, self.log, self.tier = inner, log, tier
+    def __init__(self, inner, log: list) -> None:
+        self.inner, self.log = inner, log
         self.info = inner.info
 
     def next_steps(self, requests):
         for r in requests:
-            self.log.append([self.tier, "step", r.context, r.max_tokens, r.temperature, r.seed, r.return_hidden])
+            self.log.append(["step", r.context, r.max_tokens, r.temperature, r.seed, r.return_hidden])
         return self.inner.next_steps(requests)
 
     def score_steps(self, requests):
         for r in requests:
-            self.log.append([self.tier, "score", r.context, r.text])
+            self.log.append(["score", r.context, r.text])
         return self.inner.score_steps(requests)
 
     def prefill_bound(self, request_id, problem, context):
@@ -140,7 +142,7 @@ def _without_seconds(value):
 
 
 def record(n: int = PROBLEMS, names: list[str] | None = None) -> dict:
-    """{policy: [{"result" | "error", "calls"} per problem]} for the first n problems."""
+    """{policy: [{"result" | "error", "calls": {tier: calls}} per problem]} for the first n problems."""
     models = _models()
     chosen = policies()
     out: dict[str, list] = {}
@@ -148,13 +150,13 @@ def record(n: int = PROBLEMS, names: list[str] | None = None) -> dict:
         policy = chosen[name]
         rows = []
         for problem in problems(n):
-            log: list = []
+            log: dict[str, list] = {tier: [] for tier in policy["tiers"]}
             backends = []
             for k, tier in enumerate(policy["tiers"]):
                 backend = models[tier]
                 if policy.get("faults") and k > 0:
                     backend = FaultyBackend(backend, every_seventh)
-                backends.append(Recorder(backend, log, tier))
+                backends.append(Recorder(backend, log[tier]))
             runner = Cascade(models=backends, gates=policy["gates"], options=policy.get("options", OPTIONS),
                              on_large_failure=policy.get("on_failure", "degrade"))
             row: dict = {}

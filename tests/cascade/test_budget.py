@@ -10,7 +10,7 @@ import pytest
 from fakes import FakeBackend, counting_script
 
 import calibration as cal
-from cascade import Cascade, ConfidenceGate, ConfigError, GateState, SolveOptions, decide, sweep
+from cascade import Cascade, ConfidenceGate, ConfigError, Gate, GateState, SolveOptions, decide, sweep
 from cascade.budget import (BudgetGate, budget_grid, calibrate_budget_curve, curve_candidates, fit_budget_gate,
                             select_on_curve)
 from cascade.calibrate import default_thresholds
@@ -88,7 +88,7 @@ def test_runtime_gives_the_gate_its_budget_and_the_cap_holds(cap):
     seen = []
 
     @dataclasses.dataclass(frozen=True)
-    class Recording:
+    class Recording(Gate):
         threshold: float = 0.5
         mode: str = "speculate"
         probe_tokens: int = 0
