@@ -224,9 +224,15 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
 # ---- agreement with transformers on the same file -------------------------------------------
 # transformers de-quantizes the Q4_1 weights to fp32 and multiplies in fp32; llama.cpp keeps
 # them quantized and quantizes activations to 8 bits for its dot products. Same model, not
-# the same arithmetic. MEASURED (see below) on these prompts: AGREEMENT_NOTE
-MAX_LOGPROB_DIFF = float("inf")  # MEASURING
-MIN_STEP_AGREEMENT = 0.0  # MEASURING
+# the same arithmetic. MEASURED on these 4 prompts x 2 steps of <= 24 tokens (2-core x86
+# machine, llama.cpp flash attention off): the prompts render and tokenize identically; 6 of
+# 8 greedy steps were token-for-token identical (the other two parted at a near-tie, as two
+# rounding schemes do); scoring llama.cpp's steps, the two engines' log-probabilities differed
+# by at most 0.18 nats. Tolerances: half the steps identical, 0.5 nats: room for other CPUs'
+# kernels (AVX2 vs AVX-512 paths), still far below what a wrong token or an off-by-one
+# position gives (whole nats, or a different tokenization, which fails the id check).
+MAX_LOGPROB_DIFF = 0.5
+MIN_STEP_AGREEMENT = 0.5
 
 
 @pytest.fixture(scope="module")
