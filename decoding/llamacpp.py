@@ -36,9 +36,9 @@ import os
 import threading
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ from decoding.types import (
     StopReason,
 )
 
-__all__ = ["LlamaCppBackend", "GGUFTokenizer"]
+__all__ = ["GGUFTokenizer", "LlamaCppBackend"]
 
 _INSTALL_HINT = "pip install 'llama-cpp-python==0.3.36' (the stepcascade[llamacpp] extra)"
 
@@ -99,7 +99,7 @@ class _LogCapture:
 
         self._callback = llama_cpp.llama_log_callback(collect)  # kept alive while installed
 
-    def __enter__(self) -> "_LogCapture":
+    def __enter__(self) -> _LogCapture:
         self._llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
         return self
 
@@ -162,7 +162,7 @@ class GGUFTokenizer:
             ids = [self.bos_token_id, *ids]
         return list(ids)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 - one tokenizer per loaded model, kept for its life
+    @functools.cache  # noqa: B019 - one tokenizer per loaded model, kept for its life
     def _piece(self, token: int, special: bool) -> bytes:
         self._check_open()
         buffer = ctypes.create_string_buffer(64)

@@ -13,10 +13,8 @@ a missing or broken llama-cpp-python into a failure instead of a skip.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
