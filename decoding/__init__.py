@@ -1,11 +1,13 @@
 """Model backends behind one small protocol: generate the next step, score a given step.
 
 `decoding` is a leaf: it imports none of the project's other packages. `VLLMBackend` is
-loaded on first use, so importing `decoding` never needs vllm (an optional extra).
+loaded on first use, so importing `decoding` never needs vllm (an optional extra);
+`LlamaCppBackend` imports llama-cpp-python (the `llamacpp` extra) only when constructed.
 """
 
 from decoding.faults import FaultKind, FaultSchedule, FaultyBackend, at_calls
 from decoding.hf import HFBackend, weights_fingerprint
+from decoding.llamacpp import GGUFTokenizer, LlamaCppBackend
 from decoding.openai_backend import OpenAIBackend
 from decoding.process import ProcessBackend
 from decoding.types import (
@@ -26,7 +28,9 @@ __all__ = [
     "FaultKind",
     "FaultSchedule",
     "FaultyBackend",
+    "GGUFTokenizer",
     "HFBackend",
+    "LlamaCppBackend",
     "ModelInfo",
     "ModelLoadError",
     "OpenAIBackend",

@@ -52,10 +52,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def weights_fingerprint(model_dir: str | Path) -> str:
     """A stable digest of a model directory: config, file sizes and the head and tail of
-    each weight file (hashing every byte of a 15 GB checkpoint at start-up is too slow)."""
+    each weight file (hashing every byte of a 15 GB checkpoint at start-up is too slow).
+    A single weight file (a .gguf) digests as a directory holding only that file."""
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
-    for path in sorted(model_dir.iterdir()):
+    for path in ([model_dir] if model_dir.is_file() else sorted(model_dir.iterdir())):
         if path.suffix not in {".safetensors", ".bin", ".json", ".gguf"} or not path.is_file():
             continue
         digest.update(path.name.encode())
