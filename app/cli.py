@@ -57,7 +57,7 @@ def _print_result(result, colour: bool) -> None:
         print(f"{tag}  conf={confidence:.2f}  {step.text}")
     cost = result.cost
     per_tier = ", ".join(f"{name}: {u.generated_tokens} tok out / {u.prefill_tokens} in"
-                         for name, u in zip(result.tier_names, cost.per_tier))
+                         for name, u in zip(result.tier_names, cost.per_tier, strict=False))
     print(f"answer: {result.answer}")
     print(f"cost: {cost.total:.2f}" + (f" of budget {result.budget:g}" if result.budget is not None else "")
           + f"  escalation rate: {result.escalation_rate:.0%}  ({per_tier})"

@@ -201,7 +201,7 @@ def model_specs_from_args(args: argparse.Namespace, *, backend: str | None = Non
         served = _listed(args.served_models) or [None] * len(names)
         if len(served) != len(names):
             raise ConfigError(f"--served-models names {len(served)} models for {len(names)}")
-        for s, urls, name in zip(settings, endpoints, served):
+        for s, urls, name in zip(settings, endpoints, served, strict=False):
             s.update(endpoints=tuple(_listed(urls)), served_name=name, api_key_env=args.api_key_env)
     elif getattr(args, "endpoints", None) or getattr(args, "served_models", None):
         raise ConfigError("--endpoints and --served-models are for --backend openai")
@@ -210,10 +210,10 @@ def model_specs_from_args(args: argparse.Namespace, *, backend: str | None = Non
                   else [0.9 / len(names)] * len(names))
         if len(shares) != len(names):
             raise ConfigError(f"--gpu-memory gives {len(shares)} fractions for {len(names)} models")
-        for s, share in zip(settings, shares):
+        for s, share in zip(settings, shares, strict=False):
             s.update(dtype=args.dtype, gpu_memory=share, max_model_len=args.max_model_len)
     specs = []
-    for k, (name, template, extra) in enumerate(zip(names, templates, settings)):
+    for k, (name, template, extra) in enumerate(zip(names, templates, settings, strict=False)):
         model_backend = "process" if isolate and k > 0 else (None if kind == "hf" else kind)
         specs.append(ModelSpec(name, backend=model_backend, template=template.format, delimiter=delimiter,
                                **extra))

@@ -433,7 +433,7 @@ def _extension(result: Result, state: "_App") -> dict:
         "steps": [_step_json(s) for s in result.steps],
         "per_tier": [{"name": name, "prefill_tokens": u.prefill_tokens,
                       "generated_tokens": u.generated_tokens, "cost": u.cost}
-                     for name, u in zip(result.tier_names, result.cost.per_tier)],
+                     for name, u in zip(result.tier_names, result.cost.per_tier, strict=False)],
         "models": [m.info.name for m in runner.models],
     }
 

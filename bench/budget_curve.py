@@ -37,10 +37,16 @@ import calibration as cal
 from bench.provenance import package_commit
 from bench.tasks import check_answer, generate_split
 from cascade import AlwaysLarge, AlwaysSmall, ConfidenceGate, embedded_cascade, sweep
-from cascade.budget import (CURVE_METHODS, BudgetGate, budget_grid, calibrate_budget_curve, curve_candidates,
-                            fit_budget_gate, select_on_curve)
-from cascade.calibrate import SweepResult
-from cascade.calibrate import default_thresholds
+from cascade.budget import (
+    CURVE_METHODS,
+    BudgetGate,
+    budget_grid,
+    calibrate_budget_curve,
+    curve_candidates,
+    fit_budget_gate,
+    select_on_curve,
+)
+from cascade.calibrate import SweepResult, default_thresholds
 
 __all__ = ["main", "check_guarantees"]
 
@@ -52,10 +58,10 @@ LABELS = {"budget": "budget-aware, cap = k x B (E[cost] <= B, risk control)",
 
 
 def _arrays(swept, problems) -> dict[str, np.ndarray]:
-    correct = np.array([[check_answer(p, a) for a in row] for p, row in zip(problems, swept.answers)])
+    correct = np.array([[check_answer(p, a) for a in row] for p, row in zip(problems, swept.answers, strict=False)])
     return {"costs": swept.costs, "agreement": swept.agreement, "correct": correct,
             "capped": swept.cap_intervened,
-            "reference_correct": np.array([check_answer(p, a) for p, a in zip(problems, swept.reference_answers)]),
+            "reference_correct": np.array([check_answer(p, a) for p, a in zip(problems, swept.reference_answers, strict=False)]),
             "reference_costs": np.array(swept.reference_costs)}
 
 
@@ -308,7 +314,7 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, style in zip(CURVE_METHODS, ("o-", "s-", "^--", "v:")):
+    for method, style in zip(CURVE_METHODS, ("o-", "s-", "^--", "v:"), strict=False):
         rows = [r for r in report["points"] if r["method"] == method]
         xs = [r["budget"] for r in rows]
         ys = [r.get("test_accuracy", report["test_small_accuracy"]) for r in rows]  # none certified: small alone

@@ -33,8 +33,8 @@ __all__ = ["main"]
 
 
 def _sweep_arrays(swept, problems) -> dict[str, np.ndarray]:
-    correct = np.array([[check_answer(p, a) for a in row] for p, row in zip(problems, swept.answers)])
-    reference_correct = np.array([check_answer(p, a) for p, a in zip(problems, swept.reference_answers)])
+    correct = np.array([[check_answer(p, a) for a in row] for p, row in zip(problems, swept.answers, strict=False)])
+    reference_correct = np.array([check_answer(p, a) for p, a in zip(problems, swept.reference_answers, strict=False)])
     return {"costs": swept.costs, "escalation": swept.escalation, "agreement": swept.agreement,
             "correct": correct, "reference_correct": reference_correct}
 

@@ -319,7 +319,7 @@ class Grader:
                     needs_verify.append((index, answer, reference))
         if needs_verify:
             for index, verdict in zip((i for i, _, _ in needs_verify),
-                                      self._verify_all([(a, r) for _, a, r in needs_verify])):
+                                      self._verify_all([(a, r) for _, a, r in needs_verify]), strict=False):
                 if verdict:
                     results[index] = True
         return results

@@ -274,7 +274,7 @@ def _row(example: Example, policy: str, result, wall: float, correct: bool | Non
          error: str | None, unknown_chars: int | None = None) -> dict:
     per_tier = [{"tier": name, "prefill_tokens": u.prefill_tokens, "generated_tokens": u.generated_tokens,
                  "seconds": u.seconds, "cost": u.cost}
-                for name, u in zip(result.tier_names, result.cost.per_tier)]
+                for name, u in zip(result.tier_names, result.cost.per_tier, strict=False)]
     return {
         "id": example.id, "policy": policy, "kind": example.kind, "problem": example.problem,
         "reference": example.answer, "predicted": result.answer, "correct": correct,

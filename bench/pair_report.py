@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         cells = [row["policies"][name] for row in rows]
         correct = sum(c["correct"] for c in cells)
         low, high = wilson_interval(correct, len(cells))
-        hardest = [c for row, c in zip(rows, cells) if row["steps_needed"] == DEFAULT_CONFIG.max_steps]
+        hardest = [c for row, c in zip(rows, cells, strict=False) if row["steps_needed"] == DEFAULT_CONFIG.max_steps]
         summary[name] = {
             "accuracy": correct / len(cells), "accuracy_ci95": [low, high],
             "accuracy_at_max_steps": sum(c["correct"] for c in hardest) / max(1, len(hardest)),

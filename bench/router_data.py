@@ -10,8 +10,8 @@ The scorer lives in bench because it needs the task; `cascade` stays task-agnost
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from bench.tasks import check_step, write_split
 

@@ -61,7 +61,7 @@ def _git_commit() -> str:
 def _problems(limit: int) -> list[str]:
     path = ROOT / "bench" / "data" / "embedded_test.jsonl"
     with path.open() as handle:
-        return [json.loads(line)["problem"] for line, _ in zip(handle, range(limit))]
+        return [json.loads(line)["problem"] for line, _ in zip(handle, range(limit), strict=False)]
 
 
 async def _run_level(url: str, clients: int, requests: int, time_limit: float, problems: list[str],

@@ -167,7 +167,7 @@ def _measure(setup: str, cascade: Cascade, problems: list[str],
         latencies = [max(t.released.get(i, 0.0) for t in timed) -
                      min(t.first_call.get(i, math.inf) for t in timed) for i in ids]
     batches = {name: (sum(t.batch_sizes) / len(t.batch_sizes) if t.batch_sizes else 0.0)
-               for name, t in zip(cascade.tier_names, timed)}
+               for name, t in zip(cascade.tier_names, timed, strict=False)}
     mode = "solve" if concurrency is None else "solve_many"
     stats = RunStats(mode, concurrency or 1, len(problems), wall, tuple(latencies), batches,
                      load_before, os.getloadavg(), True, setup)
@@ -224,7 +224,7 @@ def write_report(runs: list[RunStats], out: Path, meta: dict) -> dict:
              "| p95 latency (s) | "
              + " | ".join(f"mean {t} batch" for t in tiers) + " | same traces | load avg before / after |",
              "|---|---|---|---|---|---|---|" + "---|" * len(tiers) + "---|---|"]
-    for r, row in zip(runs, report["runs"]):
+    for r, row in zip(runs, report["runs"], strict=False):
         lines.append(
             f"| {r.setup} | {r.mode} | {r.concurrency} | {r.throughput:.2f} | {row['speedup']:.2f}x | "
             f"{row['latency_p50']:.3f} | {row['latency_p95']:.3f} | "

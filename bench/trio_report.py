@@ -34,11 +34,19 @@ from pathlib import Path
 import numpy as np
 
 from bench.pair_report import wilson_interval
+from bench.progress import progress_printer
 from bench.provenance import package_commit
 from bench.tasks import DEFAULT_CONFIG, check_answer, generate_split
 from calibration import product_grid
-from cascade import DEFAULT_EMBEDDED_GATE, AlwaysLarge, AlwaysSmall, Cascade, SolveOptions, calibrate, sweep_file
-from bench.progress import progress_printer
+from cascade import (
+    DEFAULT_EMBEDDED_GATE,
+    AlwaysLarge,
+    AlwaysSmall,
+    Cascade,
+    SolveOptions,
+    calibrate,
+    sweep_file,
+)
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from decoding import HFBackend
 
@@ -227,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
     # reporting only), so the Pareto fronts have more than one point per budget.
     sweep_points = {name: [{"thresholds": list(c), "mean_cost": m, "accuracy": a}
                            for c, m, a in zip(candidates[name], cal_obj.curves["mean_cost"],
-                                              cal_obj.curves["accuracy"])]
+                                              cal_obj.curves["accuracy"], strict=False)]
                     for name, cal_obj in calibrations.items()}
     sweep_summary = {f"{name} {p['thresholds']}": p for name, pts in sweep_points.items() for p in pts}
     sweep_families = {name: [f"{name} {p['thresholds']}" for p in pts] for name, pts in sweep_points.items()}

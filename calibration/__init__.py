@@ -24,9 +24,9 @@ Methods:
 """
 
 from .conformal import conformal_quantile, min_n_conformal, select_conformal
-from .metrics import auroc
 from .errors import CalibrationError, InfeasibleBudgetError, InsufficientDataError
 from .ltt import PValueMethod, bonferroni_ltt, ltt_pvalues, min_n_ltt, select_ltt, select_ltt_path
+from .metrics import auroc
 from .multi import grid_paths, product_grid, select_ltt_paths
 from .risk import risk_control_bound, select_risk_control
 from .selection import Selection, choose_by_objective, order_by_mean_cost

@@ -19,7 +19,7 @@ This module only sees arrays; it knows nothing about models or gates.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -217,7 +217,7 @@ def select_ltt_paths(
     p_all = ltt_pvalues(k, n, alpha, pvalue)
     tested = np.zeros(m_all, dtype=bool)
     certified_mask = np.zeros(m_all, dtype=bool)
-    for path, level in zip(idx, levels):
+    for path, level in zip(idx, levels, strict=False):
         n_rej = leading_true(p_all[path] <= level) if level > 0 else 0
         certified_mask[path[:n_rej]] = True
         tested[path[: min(n_rej + 1, path.size)]] = True

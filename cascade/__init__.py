@@ -11,8 +11,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from cascade.answer import extract_answer
-from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep, sweep_file
 from cascade.budget import BudgetCurve, BudgetGate, calibrate_budget_curve, fit_budget_gate
+from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep, sweep_file
 from cascade.cost import Cost, CostModel, Prices, Usage
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from cascade.errors import CascadeError, ConfigError, RequestTimeoutError, StepFailedError
@@ -31,10 +31,19 @@ from cascade.gates import (
 )
 from cascade.records import Decision, Result, Step
 from cascade.router import Router, collect_router_data, load_router, train_router
-from cascade.sequence_router import SequenceRouter, train_sequence_router
 from cascade.runtime import Cascade, SolveOptions
-from cascade.specs import GateSpec, ModelSpec, PolicySpec, load_model, load_models, make_gate, parse_gate, parse_policy
 from cascade.scorers import LikelihoodScorer, PRMScorer, StepScorer
+from cascade.sequence_router import SequenceRouter, train_sequence_router
+from cascade.specs import (
+    GateSpec,
+    ModelSpec,
+    PolicySpec,
+    load_model,
+    load_models,
+    make_gate,
+    parse_gate,
+    parse_policy,
+)
 
 __all__ = [
     "AdvantageGate",

@@ -36,8 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -82,7 +83,7 @@ class BudgetGate:
         if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
             raise ConfigError(f"threshold must be a number, got {self.threshold!r}")
         q = self.score_quantiles
-        if q and (len(q) < 2 or any(not math.isfinite(v) for v in q) or any(b < a for a, b in zip(q, q[1:]))):
+        if q and (len(q) < 2 or any(not math.isfinite(v) for v in q) or any(b < a for a, b in zip(q, q[1:], strict=False))):
             raise ConfigError("score_quantiles must be >= 2 finite nondecreasing scores, got "
                               f"{list(q)[:5]}...")
         for name in ("steps_intercept", "steps_slope", "step_cost"):

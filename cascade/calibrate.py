@@ -28,9 +28,10 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from cascade.gates import AlwaysLarge, Gate
 from cascade.records import Result
 from cascade.runtime import Cascade, SolveOptions
 from cascade.specs import gate_spec_of
-from decoding import Backend, ScoreRequest, StepRequest
+from decoding import Backend, StepRequest
 
 __all__ = ["SweepResult", "Calibration", "CalibrationFileError", "sweep", "sweep_file", "calibrate",
            "default_thresholds", "SCHEMA_VERSION"]
@@ -85,7 +86,7 @@ class SweepResult:
     def agreement(self) -> np.ndarray:
         """(n, K) bool: the candidate's answer equals the top tier's answer (both present)."""
         return np.array([[a is not None and a == ref for a in row]
-                         for row, ref in zip(self.answers, self.reference_answers)], dtype=bool)
+                         for row, ref in zip(self.answers, self.reference_answers, strict=False)], dtype=bool)
 
 
 class _SharedView(Backend):
@@ -128,7 +129,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
         route[mid] = f"{tag}:s0" if shareable else f"{tag}:s{k}"
     caps = list(caps) if caps is not None else [None] * len(candidate_gates)
     machines = [runner.step_machine(problem, cap, gates, options, request_id=mid)
-                for gates, mid, cap in zip(candidate_gates, machine_ids, caps)]
+                for gates, mid, cap in zip(candidate_gates, machine_ids, caps, strict=False)]
     results: list[Result | None] = [None] * len(machines)
     pending: dict[int, tuple] = {}
     executed = 0
@@ -144,7 +145,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
     def run_batch(tier: int, requests: list, sessions: list[str]) -> list:
         """Calls of one kind to one tier, each in its own session, as one batch."""
         nonlocal executed
-        requests = [dataclasses.replace(r, request_id=s) for r, s in zip(requests, sessions)]
+        requests = [dataclasses.replace(r, request_id=s) for r, s in zip(requests, sessions, strict=False)]
         if isinstance(requests[0], StepRequest):
             outputs = models[tier].next_steps(requests)
             executed += sum(o.prefill_tokens + o.decoded_tokens for o in outputs)
@@ -222,7 +223,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
             for (tier, _), keys in batches.items():
                 firsts = [route[machine_ids[buckets[key][0]]] for key in keys]
                 requests = [pending[buckets[key][0]][1] for key in keys]
-                for key, output in zip(keys, run_batch(tier, requests, firsts)):
+                for key, output in zip(keys, run_batch(tier, requests, firsts), strict=False):
                     outputs[key] = output
             for key, members in buckets.items():
                 calls = pending[members[0]]
@@ -276,7 +277,7 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
     candidates = [tuple(float(t) for t in c) for c in candidates]
     if not candidates or any(len(c) != len(gates) for c in candidates):
         raise ConfigError(f"candidates must be non-empty threshold vectors of length {len(gates)}")
-    candidate_gates = [[_with_threshold(g, t) for g, t in zip(gates, c)] for c in candidates]
+    candidate_gates = [[_with_threshold(g, t) for g, t in zip(gates, c, strict=False)] for c in candidates]
     candidate_gates.append([AlwaysLarge()] * len(gates))  # the label-free reference
     if caps is not None:
         caps = [None if c is None else float(c) for c in caps]
@@ -284,7 +285,7 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
             raise ConfigError(f"caps must be {len(candidates)} caps (finite numbers >= 0 or None), got {caps}")
         caps = [*caps, None]
     done = list(rows or [])
-    for row, problem in zip(done, problems):  # before any work: a mismatch must not cost a sweep
+    for row, problem in zip(done, problems, strict=False):  # before any work: a mismatch must not cost a sweep
         if row["problem"] != problem or len(row["costs"]) != len(candidates):
             raise ConfigError("resumed sweep rows do not match these problems and candidates")
     started = time.perf_counter()
@@ -334,7 +335,7 @@ def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[S
         # Rows are per problem, in order: a longer earlier run's first rows serve a shorter
         # one; from the first row of another problem on, the file is swept again.
         stored = [json.loads(line) for line in lines[1:] if line.strip()]
-        for row, problem in zip(stored, problems):
+        for row, problem in zip(stored, problems, strict=False):
             if row["problem"] != problem or len(row["costs"]) != len(candidates):
                 break
             rows.append(row)
@@ -497,8 +498,8 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
         "agreement": swept.agreement.mean(axis=0).tolist(),
     }
     if labels is not None:
-        curves["accuracy"] = [float(np.mean([a is not None and a == y for a, y in zip(col, labels)]))
-                              for col in zip(*swept.answers)]
+        curves["accuracy"] = [float(np.mean([a is not None and a == y for a, y in zip(col, labels, strict=False)]))
+                              for col in zip(*swept.answers, strict=False)]
     return Calibration(
         gate_specs=gate_specs,
         models=tuple({"name": m.info.name, "fingerprint": m.info.fingerprint} for m in cascade.models),

@@ -16,9 +16,9 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from cascade.errors import CascadeError, ConfigError
 from cascade.gates import Gate
@@ -75,7 +75,7 @@ class Calibration:
         entry = self.entry_for(budget)
         thresholds = entry["thresholds"] if entry is not None else self.candidates[0]
         return [build_gate(GateSpec.from_json(spec).with_threshold(t), self._router)
-                for spec, t in zip(self.gate_specs, thresholds)]
+                for spec, t in zip(self.gate_specs, thresholds, strict=False)]
 
     def _router(self, file: str):
         """A recorded router, loaded from its file once; refused if its weights changed."""
@@ -190,7 +190,7 @@ def _thresholds(value: object, name: str, gates: Sequence[GateSpec]) -> tuple[fl
     if len(values) != len(gates):
         raise ConfigError(f"{name} must hold {len(gates)} threshold(s), one per gate, got {values!r}")
     try:
-        return tuple(gate.with_threshold(v).threshold for gate, v in zip(gates, values))
+        return tuple(gate.with_threshold(v).threshold for gate, v in zip(gates, values, strict=False))
     except ConfigError as error:
         raise ConfigError(f"{name}: {error}") from None
 

@@ -9,8 +9,8 @@ most the price of N top-tier tokens". Users may set their own prices per model.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from cascade.errors import ConfigError
 
@@ -38,7 +38,7 @@ class CostModel:
     prices: tuple[Prices, ...]
 
     @classmethod
-    def flops(cls, num_parameters: Sequence[int]) -> "CostModel":
+    def flops(cls, num_parameters: Sequence[int]) -> CostModel:
         """FLOPs-ratio prices: a token of tier k costs params_k / params_top, read or written."""
         if not num_parameters or min(num_parameters) <= 0:
             raise ConfigError(f"num_parameters must be positive, got {list(num_parameters)}")
@@ -76,7 +76,7 @@ class Usage:
     seconds: float = 0.0
     cost: float = 0.0
 
-    def __add__(self, other: "Usage") -> "Usage":
+    def __add__(self, other: Usage) -> Usage:
         return Usage(self.prefill_tokens + other.prefill_tokens,
                      self.generated_tokens + other.generated_tokens,
                      self.seconds + other.seconds, self.cost + other.cost)

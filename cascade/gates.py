@@ -15,13 +15,13 @@ Modes:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol, Sequence, runtime_checkable
-
-from decoding import ScoreOutput, StepOutput
+from typing import Literal, Protocol, runtime_checkable
 
 from cascade.checks import check_number, check_threshold
 from cascade.errors import ConfigError
+from decoding import ScoreOutput, StepOutput
 
 __all__ = [
     "Mode",
@@ -64,7 +64,7 @@ class Confidence:
     tokens: int
 
     @classmethod
-    def of(cls, output: StepOutput, k: int = 4) -> "Confidence":
+    def of(cls, output: StepOutput, k: int = 4) -> Confidence:
         lps, ents = output.logprobs, output.entropies
         if not lps:
             return cls(0.0, 1.0, 0.0, 0.0, 0)
@@ -269,7 +269,7 @@ class VerifyGate(Gate):
     requires_verification: bool = True
     rewrite: Literal["step", "token"] = "step"
     max_corrections: int = 8
-    screen: "AdvantageModel | None" = None
+    screen: AdvantageModel | None = None
     screen_threshold: float = 0.0
 
     def __post_init__(self) -> None:

@@ -29,20 +29,19 @@ import hashlib
 import json
 import math
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
 from calibration import auroc
-from decoding import Backend, ModelInfo, ScoreRequest, StepOutput, StepRequest
-
 from cascade.answer import extract_answer
 from cascade.errors import ConfigError
 from cascade.gates import Confidence, GateState
 from cascade.scorers import StepScorer
 from cascade.specs import ModelSpec, load_model
+from decoding import Backend, ModelInfo, ScoreRequest, StepOutput, StepRequest
 
 __all__ = [
     "FeatureSpec",
@@ -130,7 +129,7 @@ class FeatureSpec:
         return data
 
     @classmethod
-    def from_json(cls, data: dict) -> "FeatureSpec":
+    def from_json(cls, data: dict) -> FeatureSpec:
         return cls(int(data["hidden_size"]), int(data["projection_dim"]), int(data["projection_seed"]),
                    tuple(data["scalars"]), dict(data["reader"]) if data.get("reader") else None)
 
@@ -260,7 +259,7 @@ def collect_router_data(small: Backend, large: Backend, problems: Sequence[str],
                         path: str | Path, *, projection_dim: int = 16, projection_seed: int = 0,
                         max_steps: int = 32, max_step_tokens: int = 256, skip_perfect: bool = False,
                         reader: Backend | None = None,
-                        progress: Callable[[int, int], None] | None = None) -> "RouterDataset":
+                        progress: Callable[[int, int], None] | None = None) -> RouterDataset:
     """Collect router training rows for `problems`, appending one JSON line per problem to
     `path` as each is finished; re-running with the same arguments resumes (problems
     already in the file are skipped). Returns the whole dataset.
@@ -388,7 +387,7 @@ def _collect_one(small: Backend, large: Backend, scorer: StepScorer, problem: st
     return {"index": index, "problem": problem, "steps": steps}, spec, projection
 
 
-def load_router_data(path: str | Path) -> "RouterDataset":
+def load_router_data(path: str | Path) -> RouterDataset:
     """A dataset collected by `collect_router_data` (JSONL), or saved by `RouterDataset.save` (.npz)."""
     path = Path(path)
     if not path.exists():
@@ -455,7 +454,7 @@ class RouterDataset:
 
     @classmethod
     def from_records(cls, records: Sequence[dict], spec: FeatureSpec | None, *, models, scorer: str
-                     ) -> "RouterDataset":
+                     ) -> RouterDataset:
         steps = [(r["index"], s) for r in records for s in r["steps"]]
         if spec is None or not steps:
             raise ConfigError("the router data holds no steps")
@@ -488,7 +487,7 @@ class RouterDataset:
         return path
 
     @classmethod
-    def load_npz(cls, path: str | Path) -> "RouterDataset":
+    def load_npz(cls, path: str | Path) -> RouterDataset:
         with np.load(path, allow_pickle=False) as data:
             header = json.loads(str(data["header"]))
             if header.get("format") != DATA_FORMAT:
@@ -622,7 +621,7 @@ def heldout_metrics(data: RouterDataset, labels: np.ndarray, held: np.ndarray,
 
 
 def train_router(data: RouterDataset, *, tau: float = 0.0, holdout: float = 0.2, seed: int = 0,
-                 l2: float = 1e-3) -> "Router":
+                 l2: float = 1e-3) -> Router:
     """Train the router: class-balanced logistic regression on standardised features, with
     `holdout` of the problems (by problem, drawn with `seed`) kept out for the metrics.
     Raises ConfigError when either split has only one class."""
@@ -695,7 +694,7 @@ class Router:
                                 coef=torch.from_numpy(self.coef), bias=self.bias)
 
     @classmethod
-    def from_payload(cls, payload: dict, path: Path) -> "Router":
+    def from_payload(cls, payload: dict, path: Path) -> Router:
         """Build from a loaded file's payload (`load_router` reads the file)."""
         try:
             router = cls(spec=FeatureSpec.from_json(json.loads(payload["spec"])),

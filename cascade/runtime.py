@@ -22,19 +22,11 @@ import math
 import threading
 import uuid
 import weakref
+from collections.abc import Callable, Generator, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Generator, Iterable, Literal, Sequence
-
-from decoding import (
-    Backend,
-    BackendError,
-    ScoreOutput,
-    ScoreRequest,
-    StepOutput,
-    StepRequest,
-)
+from typing import Literal
 
 from cascade.answer import extract_answer
 from cascade.calibration_file import Calibration
@@ -44,6 +36,14 @@ from cascade.errors import ConfigError, RequestTimeoutError, StepFailedError
 from cascade.gates import Confidence, ConfidenceGate, Gate, GateState, decide, effective_threshold
 from cascade.records import Decision, Result, Step
 from cascade.specs import ModelSpec, load_models, step_limits
+from decoding import (
+    Backend,
+    BackendError,
+    ScoreOutput,
+    ScoreRequest,
+    StepOutput,
+    StepRequest,
+)
 
 __all__ = ["SolveOptions", "Cascade", "tier_names_for"]
 
@@ -172,7 +172,7 @@ class Cascade:
         if len(self.tier_names) != len(models):
             raise ConfigError(f"tier_names has {len(self.tier_names)} names for {len(models)} models")
         self.options = options
-        self._drivers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Driver]" = \
+        self._drivers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Driver] = \
             weakref.WeakKeyDictionary()
         self.calibration = None
         if calibration is not None:
@@ -207,7 +207,7 @@ class Cascade:
                         gates: Sequence[Gate] | None = None, step_delimiter: str = "\n\n",
                         prompt_template: str | None = None, dtype: str = "float32",
                         device: str = "cpu", options: SolveOptions = SolveOptions(),
-                        cost_model: CostModel | None = None, isolate: bool = False) -> "Cascade":
+                        cost_model: CostModel | None = None, isolate: bool = False) -> Cascade:
         """Load each model through `cascade.specs.load_models` (local path, hub id, embedded:<tier>
         or a .gguf file).
 
@@ -226,7 +226,7 @@ class Cascade:
 
     @classmethod
     def from_calibration(cls, path: str | Path, models: Sequence[Backend] | None = None,
-                         options: SolveOptions | None = None) -> "Cascade":
+                         options: SolveOptions | None = None) -> Cascade:
         """A cascade that looks its thresholds up in a saved calibration.
 
         Without `models`, the models are loaded by the names the calibration recorded
@@ -301,7 +301,7 @@ class Cascade:
             raise ConfigError(f"options must be a SolveOptions, got {type(options).__name__}")
         return budget, gates, options
 
-    def _driver(self) -> "_Driver":
+    def _driver(self) -> _Driver:
         loop = asyncio.get_running_loop()
         driver = self._drivers.get(loop)
         if driver is None:
@@ -526,7 +526,7 @@ class _Run:
                 output = _join(output, continuation)
         return output
 
-    def keep_lower(self, log: "_StepLog", tier: int, output: StepOutput):
+    def keep_lower(self, log: _StepLog, tier: int, output: StepOutput):
         """The step stays with `tier` (below the top): finish its route probe. A middle tier
         failing there hands the step back to the tier below (degrade). Returns (tier, output)."""
         while tier < self.n - 1:
@@ -538,7 +538,7 @@ class _Run:
 
     # -- mechanism: verify / screen ---------------------------------------------------------
 
-    def verification_for(self, log: "_StepLog", tier: int, gate: Gate, state: GateState):
+    def verification_for(self, log: _StepLog, tier: int, gate: Gate, state: GateState):
         """The next tier's scoring of tier's draft, when the gate asks for one: a draft with
         text, a next tier still up, the gate's screen letting it through, and room in the
         budget for the pass (else the draft stands unverified and the cap is noted). Sent
@@ -559,7 +559,7 @@ class _Run:
             self.fail(log, tier + 1, error)
             return None
 
-    def judge(self, log: "_StepLog", index: int, tier: int, output: StepOutput):
+    def judge(self, log: _StepLog, index: int, tier: int, output: StepOutput):
         """Gate `tier` judges its tier's output (verifying it first if the gate asks) and the
         decision is recorded; returns (escalate to tier + 1, the verification or None). An
         escalation is refused when the next tier has failed (degrade) or its whole step
@@ -604,7 +604,7 @@ class _Run:
                 return None
         return fix
 
-    def take_fix(self, log: "_StepLog", fix: str, verification: ScoreOutput) -> bool:
+    def take_fix(self, log: _StepLog, fix: str, verification: ScoreOutput) -> bool:
         """Keep the verifying tier's fixed text (the drafting tier goes on from there,
         verified again); True when it completes the step (a delimiter, or the step's length)."""
         self.fixed += fix
@@ -676,7 +676,7 @@ class _Run:
 
     # -- mechanism: degrade on failure ------------------------------------------------------
 
-    def fail(self, log: "_StepLog", tier: int, error: BackendError) -> None:
+    def fail(self, log: _StepLog, tier: int, error: BackendError) -> None:
         """A tier failed: the request fails, unless it degrades (`on_large_failure`), in
         which case the tier is dropped for the rest of the request and the step is flagged."""
         if not self.degrades(tier):
@@ -685,14 +685,14 @@ class _Run:
         self.failed.add(tier)
         log.failures.append(f"{self.cascade.tier_names[tier]}: {error}")
 
-    def fall_back(self, log: "_StepLog", tier: int, error: BackendError) -> tuple[int, StepOutput]:
+    def fall_back(self, log: _StepLog, tier: int, error: BackendError) -> tuple[int, StepOutput]:
         """Tier failed while writing: the tier below keeps the output it already has."""
         self.fail(log, tier, error)
         return tier - 1, log.outputs[tier - 1]
 
     # -- one step -------------------------------------------------------------------------
 
-    def climb(self, log: "_StepLog", index: int):
+    def climb(self, log: _StepLog, index: int):
         """Tiers take the step in turn while their gates escalate; returns (tier, output) of
         the tier that keeps it. A token fix keeps the drafting tier on the step."""
         tier = 0
@@ -746,7 +746,7 @@ class _Run:
 
     def settle(self) -> None:
         """Move the step being written into the request's totals (spent work is never lost)."""
-        self.spent = [a + b for a, b in zip(self.spent, self.step_usage)]
+        self.spent = [a + b for a, b in zip(self.spent, self.step_usage, strict=False)]
         self.step_usage = [Usage()] * self.n
 
     def check_fits(self) -> None:
@@ -832,7 +832,7 @@ def _join(first: StepOutput, second: StepOutput) -> StepOutput:
 # it: a model's calls never overlap (HF sessions and torch modules are not thread-safe),
 # while different models may run at the same time. Keyed weakly, so a dropped backend
 # takes its idle thread with it.
-_WORKERS: "weakref.WeakKeyDictionary[object, ThreadPoolExecutor]" = weakref.WeakKeyDictionary()
+_WORKERS: weakref.WeakKeyDictionary[object, ThreadPoolExecutor] = weakref.WeakKeyDictionary()
 _WORKERS_LOCK = threading.Lock()
 
 
@@ -923,7 +923,7 @@ class _TierQueue:
                 if not future.done():
                     future.set_exception(error)
             return
-        for (_, future), output in zip(batch, outputs):
+        for (_, future), output in zip(batch, outputs, strict=False):
             if not future.done():
                 future.set_result(output)
 

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, Sequence, runtime_checkable
-
-from decoding import Backend, ModelLoadError, ScoreRequest
+from typing import Literal, Protocol, runtime_checkable
 
 from cascade.errors import ConfigError
+from decoding import Backend, ModelLoadError, ScoreRequest
 
 __all__ = ["StepScorer", "LikelihoodScorer", "PRMScorer", "PRMFormat"]
 
@@ -139,7 +139,7 @@ class PRMScorer:
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, *, format: PRMFormat = "auto",
                         step_tag: str | None = None, positive_label: int = 1,
-                        template: str = "{problem}\n{steps}", device: str = "cpu") -> "PRMScorer":
+                        template: str = "{problem}\n{steps}", device: str = "cpu") -> PRMScorer:
         """Load a PRM from a local directory or a hub id (see the class docstring)."""
         import transformers
         from transformers import AutoConfig, AutoTokenizer

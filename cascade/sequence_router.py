@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
-
-from decoding import Backend, ModelInfo
 
 from cascade.errors import ConfigError
 from cascade.gates import GateState
 from cascade.router import (
     FeatureSpec,
+    ReaderSessions,
     RouterDataset,
     RouterFileError,
-    ReaderSessions,
     RouterMetrics,
     check_router_models,
     decision_features,
@@ -48,6 +46,7 @@ from cascade.router import (
     router_file_fields,
     save_router_file,
 )
+from decoding import Backend, ModelInfo
 
 __all__ = ["SequenceSpec", "SequenceRouter", "train_sequence_router", "SEQUENCE_ROUTER_FORMAT"]
 
@@ -88,7 +87,7 @@ class SequenceSpec:
         return dict(self.__dict__)
 
     @classmethod
-    def from_json(cls, data: dict) -> "SequenceSpec":
+    def from_json(cls, data: dict) -> SequenceSpec:
         return cls(int(data["id_buckets"]), int(data["embedding_dim"]), int(data["width"]),
                    float(data["logprob_floor"]))
 
@@ -226,7 +225,7 @@ class SequenceRouter:
             state={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.state.items()})
 
     @classmethod
-    def from_payload(cls, payload: dict, path: Path) -> "SequenceRouter":
+    def from_payload(cls, payload: dict, path: Path) -> SequenceRouter:
         """Build from a loaded file's payload (`cascade.router.load_router` reads the file)."""
         try:
             router = cls(spec=SequenceSpec.from_json(json.loads(payload["spec"])),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Sequence
+from collections.abc import Sequence
 
 from decoding.types import Backend, ScoreOutput, ScoreRequest, StepOutput, StepRequest
 

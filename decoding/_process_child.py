@@ -70,7 +70,7 @@ def _child_main(conn) -> None:
                 for call, _ in calls:
                     conn.send(("error", call, text))
                 continue
-            for (call, _), output in zip(calls, outputs):
+            for (call, _), output in zip(calls, outputs, strict=False):
                 conn.send(("ok", call, output))
         for message in messages:
             if message[0] == "release":

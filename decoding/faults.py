@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
-from typing import Callable, Literal, Mapping, Sequence
+from typing import Literal
 
 from decoding.types import Backend, BackendError, ScoreOutput, ScoreRequest, StepOutput, StepRequest
 
@@ -80,7 +81,7 @@ class FaultyBackend(Backend):
         outputs = self.backend.next_steps(requests)
         return [replace(o, logprobs=tuple(math.nan for _ in o.logprobs) or (math.nan,),
                         token_ids=o.token_ids or (0,), entropies=o.entropies or (0.0,))
-                if kind == "malformed" else o for o, kind in zip(outputs, kinds)]
+                if kind == "malformed" else o for o, kind in zip(outputs, kinds, strict=False)]
 
     def score_steps(self, requests: Sequence[ScoreRequest]) -> list[ScoreOutput]:
         kinds = self._faults(requests)
@@ -88,7 +89,7 @@ class FaultyBackend(Backend):
         outputs = self.backend.score_steps(requests)
         return [replace(o, logprobs=tuple(math.nan for _ in o.logprobs) or (math.nan,),
                         token_ids=o.token_ids or (0,))
-                if kind == "malformed" else o for o, kind in zip(outputs, kinds)]
+                if kind == "malformed" else o for o, kind in zip(outputs, kinds, strict=False)]
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         return self.backend.prefill_bound(request_id, problem, context)

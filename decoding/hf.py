@@ -31,8 +31,14 @@ from pathlib import Path
 
 import torch
 
-from decoding.prompting import (CatchUp, decode_after, delimiter_end, greedy_prefix, plan_catch_up,
-                                render_prompt)
+from decoding.prompting import (
+    CatchUp,
+    decode_after,
+    delimiter_end,
+    greedy_prefix,
+    plan_catch_up,
+    render_prompt,
+)
 from decoding.types import (
     Backend,
     BackendError,
@@ -94,7 +100,7 @@ class _Session:
     cache: object | None = None
     next_logits: torch.Tensor | None = None  # (vocab,) float32, after the last id
     next_hidden: torch.Tensor | None = None  # (hidden,) after the last id
-    scored: "_Scored | None" = None  # left by the last score call, until the next call
+    scored: _Scored | None = None  # left by the last score call, until the next call
 
 
 @dataclass
@@ -121,7 +127,7 @@ def _agreement(log_probs: torch.Tensor, ids: list[int]) -> tuple[int, list[float
     """log_probs[i] is the distribution that predicts ids[i]: (agreed, entropies of the
     agreed positions, the distribution at the first mismatch or None)."""
     greedy = torch.argmax(log_probs, dim=-1).tolist()
-    agreed = next((i for i, (g, t) in enumerate(zip(greedy, ids)) if g != t), len(ids))
+    agreed = next((i for i, (g, t) in enumerate(zip(greedy, ids, strict=False)) if g != t), len(ids))
     head = log_probs[:agreed]
     entropies = (-(head.exp() * head).nan_to_num().sum(dim=-1)).tolist() if agreed else []
     return agreed, entropies, (log_probs[agreed].clone() if agreed < len(ids) else None)
@@ -205,7 +211,7 @@ class _Batch:
             for name in ("keys", "values"):
                 _, heads, _, width = getattr(layer, name).shape
                 batch = getattr(layer, name).new_zeros((len(sessions), heads, longest, width))
-                for row, (session, length) in enumerate(zip(sessions, lengths)):
+                for row, (session, length) in enumerate(zip(sessions, lengths, strict=False)):
                     if length:
                         tensor = getattr(session.cache.layers[index], name)
                         assert tensor.shape[-2] == length, "session cache and ids disagree"
@@ -275,7 +281,7 @@ def _in_rounds(requests: Sequence, run_batch) -> list:
             rid = requests[index].request_id
             (later if rid in seen else this_round).append(index)
             seen.add(rid)
-        for index, output in zip(this_round, run_batch([requests[i] for i in this_round])):
+        for index, output in zip(this_round, run_batch([requests[i] for i in this_round]), strict=False):
             outputs[index] = output
         remaining = later
     return outputs
@@ -525,7 +531,7 @@ class HFBackend(Backend):
                 decoding.append(rows[-1])
                 feeds.append(feed)
             if len(decoding) > 1 and not all(_is_plain_dynamic(row.session.cache) for row in decoding):
-                for row, feed in zip(decoding, feeds):  # a cache layout we cannot pad (sliding, recurrent)
+                for row, feed in zip(decoding, feeds, strict=False):  # a cache layout we cannot pad (sliding, recurrent)
                     self._decode([row], [feed], started)
             elif decoding:
                 self._decode(decoding, feeds, started)
@@ -557,15 +563,15 @@ class HFBackend(Backend):
         input_ids = torch.zeros((len(rows), width), dtype=torch.long)
         new_valid = torch.zeros((len(rows), width), dtype=torch.bool)
         positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for k, (row, feed) in enumerate(zip(rows, feeds)):
+        for k, (row, feed) in enumerate(zip(rows, feeds, strict=False)):
             input_ids[k, : len(feed)] = torch.tensor(feed, dtype=torch.long)
             new_valid[k, : len(feed)] = True
             positions[k] = torch.arange(len(row.session.ids), len(row.session.ids) + width)
         last = sorted({len(feed) - 1 for feed in feeds if feed})
-        want_hidden = any(row.request.return_hidden for row, feed in zip(rows, feeds) if feed)
+        want_hidden = any(row.request.return_hidden for row, feed in zip(rows, feeds, strict=False) if feed)
         out = self._forward(batch, input_ids.to(self.device), new_valid.to(self.device),
                             positions.to(self.device), torch.tensor(last, device=self.device), want_hidden)
-        for k, (row, feed) in enumerate(zip(rows, feeds)):
+        for k, (row, feed) in enumerate(zip(rows, feeds, strict=False)):
             if not feed:
                 continue
             column = last.index(len(feed) - 1)
@@ -624,7 +630,7 @@ class HFBackend(Backend):
                         tokens[k] = torch.multinomial(probs, 1, generator=row.generator)[0]
             chosen = log_probs.gather(1, tokens[:, None])[:, 0]
             token_list = tokens.tolist()
-            for row, token, logprob, entropy in zip(active, token_list, chosen.tolist(), entropies.tolist()):
+            for row, token, logprob, entropy in zip(active, token_list, chosen.tolist(), entropies.tolist(), strict=False):
                 row.token_ids.append(token)
                 row.logprobs.append(logprob)
                 row.entropies.append(entropy)
@@ -641,7 +647,7 @@ class HFBackend(Backend):
                                 None, positions, 1, want_hidden)
             logits = out.logits[:, -1].float()
             hidden = out.hidden_states[-1][:, -1].float() if want_hidden else None
-            for k, (row, token) in enumerate(zip(active, token_list)):
+            for k, (row, token) in enumerate(zip(active, token_list, strict=False)):
                 row.session.ids.append(token)
                 row.session.next_hidden = hidden[k] if hidden is not None and row.request.return_hidden else None
                 # Decoding the whole step each token is quadratic; only look when this token
@@ -766,7 +772,7 @@ class HFBackend(Backend):
                 together = []  # one at a time (or a cache layout a batch cannot pad)
             scored = self._score_together([requests[k] for k in together], [plans[k] for k in together])
             outputs = []
-            for k, (request, (session, feed, ids)) in enumerate(zip(requests, plans)):
+            for k, (request, (session, feed, ids)) in enumerate(zip(requests, plans, strict=False)):
                 if k in together:
                     outputs.append(scored[together.index(k)])
                     continue
@@ -777,7 +783,7 @@ class HFBackend(Backend):
             raise
         seconds = time.perf_counter() - started
         return [replace(o, prefill_tokens=len(plan[1]), seconds=seconds)
-                for o, plan in zip(outputs, plans)]
+                for o, plan in zip(outputs, plans, strict=False)]
 
     def _score_together(self, requests: Sequence[ScoreRequest], plans: list) -> list[ScoreOutput]:
         """Catch-up and scored text of every row in one forward pass, right-padded."""
@@ -788,7 +794,7 @@ class HFBackend(Backend):
         input_ids = torch.zeros((len(feeds), width), dtype=torch.long)
         new_valid = torch.zeros((len(feeds), width), dtype=torch.bool)
         positions = torch.zeros((len(feeds), width), dtype=torch.long)
-        for k, ((session, _, _), feed) in enumerate(zip(plans, feeds)):
+        for k, ((session, _, _), feed) in enumerate(zip(plans, feeds, strict=False)):
             input_ids[k, : len(feed)] = torch.tensor(feed, dtype=torch.long)
             new_valid[k, : len(feed)] = True
             positions[k] = torch.arange(len(session.ids), len(session.ids) + width)
@@ -798,7 +804,7 @@ class HFBackend(Backend):
         logits = out.logits.float()  # (rows, width, vocab)
         log_probs = torch.log_softmax(logits, dim=-1)
         outputs = []
-        for k, (request, (session, feed, ids)) in enumerate(zip(requests, plans)):
+        for k, (request, (session, feed, ids)) in enumerate(zip(requests, plans, strict=False)):
             fed = len(feed)
             before = log_probs[k, fed - 1] if fed else torch.log_softmax(session.next_logits, dim=-1)
             predicting = torch.cat([before[None], log_probs[k, fed: fed + len(ids) - 1]])  # row i -> ids[i]

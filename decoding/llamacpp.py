@@ -627,7 +627,7 @@ class LlamaCppBackend:
         session.text += request.text
         session.boundaries.append((len(session.ids), len(session.text)))
         greedy = np.argmax(predicting, axis=-1)
-        agreed = next((i for i, (g, t) in enumerate(zip(greedy.tolist(), ids)) if g != t), len(ids))
+        agreed = next((i for i, (g, t) in enumerate(zip(greedy.tolist(), ids, strict=False)) if g != t), len(ids))
         next_token = int(greedy[agreed]) if agreed < len(ids) else int(np.argmax(after))
         prefix, prefix_tokens = greedy_prefix(
             ids, agreed, next_token, text=request.text, delimiter=self.info.step_delimiter,

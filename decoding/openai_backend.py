@@ -59,8 +59,9 @@ import math
 import struct
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from decoding._own_loop import OwnLoopBatches
 from decoding.prompting import (
@@ -227,7 +228,7 @@ class OpenAIBackend(OwnLoopBatches):
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, base_urls: str | Sequence[str], model: str,
-                       *, name: str | None = None, **kwargs) -> "OpenAIBackend":
+                       *, name: str | None = None, **kwargs) -> OpenAIBackend:
         """A server of a checkpoint you also have locally: tokenizer, parameter count and
         weight fingerprint come from the directory, so costs and calibration files match
         `HFBackend.from_pretrained(model_dir)`."""
@@ -400,7 +401,7 @@ class OpenAIBackend(OwnLoopBatches):
         tokens = logprobs.get("tokens") or []
         tops = logprobs.get("top_logprobs") or [None] * len(token_lps)
         entropies = tuple(entropy_from_top((top or {}).values()) if top else
-                          entropy_from_top([lp]) for top, lp in zip(tops, token_lps))
+                          entropy_from_top([lp]) for top, lp in zip(tops, token_lps, strict=False))
         finish = choice.get("finish_reason")
         if finish == "length":
             stop_reason = "max_tokens"
@@ -564,7 +565,7 @@ class OpenAIBackend(OwnLoopBatches):
         scored positions (`top`, token-id keys) and the greedy token it generated after the
         text (`after`); (None, 0) when they are malformed."""
         agreed, next_token = 0, None
-        for token, alternatives in zip(text_ids, top):
+        for token, alternatives in zip(text_ids, top, strict=False):
             if not isinstance(alternatives, dict) or not alternatives:
                 return None, 0
             best = max(alternatives.items(), key=lambda item: item[1] if isinstance(item[1], (int, float))

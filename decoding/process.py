@@ -27,9 +27,9 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Sequence
 
 from decoding.hf import check_model_path
 from decoding.prompting import PrefixLedger, render_prompt, step_piece

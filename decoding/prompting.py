@@ -13,8 +13,8 @@ This module knows nothing about any engine, gates, costs or budgets.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Container, Iterable, Sequence
 
 __all__ = ["render_prompt", "check_prompt_settings", "PrefixLedger", "CatchUp", "plan_catch_up", "crop_point",
            "step_piece", "entropy_from_top", "decode_after", "delimiter_end", "greedy_prefix"]

@@ -95,7 +95,7 @@ class VLLMBackend(OwnLoopBatches):
                         prompt_template: str | None = None, dtype: str = "float32",
                         gpu_memory_utilization: float = 0.45, max_model_len: int | None = None,
                         seed: int = 0, top_logprobs: int = 1, name: str | None = None,
-                        enforce_eager: bool = False, **engine_kwargs) -> "VLLMBackend":
+                        enforce_eager: bool = False, **engine_kwargs) -> VLLMBackend:
         """Start an engine on a local model directory.
 
         gpu_memory_utilization: fraction of the GPU this engine may take (two engines on
@@ -182,7 +182,7 @@ class VLLMBackend(OwnLoopBatches):
             with self._lock:
                 self._ledger = PrefixLedger()
 
-    def __enter__(self) -> "VLLMBackend":
+    def __enter__(self) -> VLLMBackend:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -250,7 +250,7 @@ class VLLMBackend(OwnLoopBatches):
         if output.logprobs is None or len(output.logprobs) != len(token_ids):
             raise BackendError("vLLM returned no per-token logprobs", self.info.name)
         logprobs, entropies = [], []
-        for token, alternatives in zip(token_ids, output.logprobs):
+        for token, alternatives in zip(token_ids, output.logprobs, strict=False):
             logprobs.append(float(alternatives[token].logprob))
             top = sorted(alternatives.values(), key=lambda lp: lp.rank or 0)
             ranked = [lp.logprob for lp in top if lp.rank is not None and lp.rank <= self._top_logprobs]

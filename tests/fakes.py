@@ -4,7 +4,7 @@ character, steps and confidences chosen by a script, prefill counted like a real
 from __future__ import annotations
 
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 from decoding import Backend, BackendError, ModelInfo, ScoreOutput, StepOutput
 

@@ -82,7 +82,7 @@ class ModelServer:
 
     def _top(self, row: torch.Tensor, token: int, k: int, as_ids: bool) -> dict:
         values, indices = torch.topk(row, k)
-        top = {self._key(int(i), as_ids): float(v) for v, i in zip(values, indices)}
+        top = {self._key(int(i), as_ids): float(v) for v, i in zip(values, indices, strict=False)}
         top[self._key(token, as_ids)] = float(row[token])
         return top
 
@@ -118,7 +118,7 @@ class ModelServer:
                 has_bos = bool(ids) and ids[0] == bos
                 all_tokens = (ids[1:] if has_bos else ids) + generated
                 table = list(rows) + list(gen_rows[1:])
-                for token, row in zip(all_tokens, table):
+                for token, row in zip(all_tokens, table, strict=False):
                     tokens.append(self._key(token, False))
                     token_lps.append(float(row[token]))
                     tops.append(self._top(row, token, max(k, 1), False))
@@ -133,7 +133,7 @@ class ModelServer:
                         token_lps.append(float(rows[index - 1, token]))
                         tops.append(self._top(rows[index - 1], token, max(k, 1), as_ids))
         if not (echo and llamacpp):
-            for token, row in zip(generated, gen_rows):
+            for token, row in zip(generated, gen_rows, strict=False):
                 tokens.append(self._key(token, as_ids))
                 token_lps.append(float(row[token]))
                 tops.append(self._top(row, token, max(k, 1), as_ids))

@@ -308,8 +308,8 @@ def test_serve_cli_rejects_bad_flags_before_loading_models():
 
 def test_serve_isolate_puts_upper_tiers_in_processes(tiny_dirs):
     from app.cli import build_parser
-    from cascade.errors import ConfigError
     from app.server import build_served_cascade
+    from cascade.errors import ConfigError
     from decoding import HFBackend, ProcessBackend
 
     args = build_parser().parse_args(["serve", "--small", tiny_dirs[0], "--large", tiny_dirs[2],

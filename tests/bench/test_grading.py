@@ -146,7 +146,7 @@ def test_math_verify_table(verifying_grader: Grader) -> None:
     items = [(p, r, k) for p, r, k, _ in CASES] + MATH_VERIFY_ONLY
     expected = [e for *_, e in CASES] + [True] * len(MATH_VERIFY_ONLY)
     got = verifying_grader.grade_many(items)
-    wrong = [(item, want) for item, want, have in zip(items, expected, got) if want != have]
+    wrong = [(item, want) for item, want, have in zip(items, expected, got, strict=False) if want != have]
     assert not wrong
 
 

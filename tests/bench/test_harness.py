@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from app.cli import main
 from bench.harness import (
     PLOT_FILES,
     BenchError,
@@ -27,7 +28,6 @@ from bench.harness import (
     unknown_characters,
 )
 from cascade import Cascade, SolveOptions, calibrate
-from app.cli import main
 from decoding import HFBackend
 
 REPO = Path(__file__).resolve().parents[2]

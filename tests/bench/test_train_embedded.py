@@ -41,7 +41,7 @@ def _assert_same(a, b, where: str = "") -> None:
             _assert_same(a[key], b[key], f"{where}/{key}")
     elif isinstance(a, (list, tuple)):
         assert type(a) is type(b) and len(a) == len(b), where
-        for index, (x, y) in enumerate(zip(a, b)):
+        for index, (x, y) in enumerate(zip(a, b, strict=False)):
             _assert_same(x, y, f"{where}[{index}]")
     else:
         assert a == b, where

@@ -217,7 +217,7 @@ def test_budgets_hold_and_no_request_is_lost_under_faults_and_concurrency(
     problems = [f"q{k}" for k in range(n)]
     outcomes = c.solve_many(problems, budget, concurrency=concurrency, return_exceptions=True)
     assert len(outcomes) == n  # none dropped, none duplicated, in order
-    for problem, outcome in zip(problems, outcomes):
+    for problem, outcome in zip(problems, outcomes, strict=False):
         if isinstance(outcome, CascadeError):
             assert policy == "fail" and isinstance(outcome, StepFailedError)
             outcome = outcome.partial

@@ -11,8 +11,14 @@ from fakes import FakeBackend, counting_script
 
 import calibration as cal
 from cascade import Cascade, ConfidenceGate, ConfigError, Gate, GateState, SolveOptions, decide, sweep
-from cascade.budget import (BudgetGate, budget_grid, calibrate_budget_curve, curve_candidates, fit_budget_gate,
-                            select_on_curve)
+from cascade.budget import (
+    BudgetGate,
+    budget_grid,
+    calibrate_budget_curve,
+    curve_candidates,
+    fit_budget_gate,
+    select_on_curve,
+)
 from cascade.calibrate import default_thresholds
 from decoding import StepOutput
 
@@ -107,7 +113,7 @@ def test_runtime_gives_the_gate_its_budget_and_the_cap_holds(cap):
         assert seen and all(s.budget == cap and s.escalation_cost is not None and s.escalation_cost > 0
                             for s in seen)
         assert [s.step_index for s in seen] == sorted(s.step_index for s in seen)
-        assert all(b.spent >= a.spent for a, b in zip(seen, seen[1:]))
+        assert all(b.spent >= a.spent for a, b in zip(seen, seen[1:], strict=False))
         decisions = [d for step in result.steps for d in step.decisions]
         # The gate only asks for what fits: the cap never has to refuse an escalation.
         assert not any(d.capped for d in decisions)

@@ -14,8 +14,8 @@ from fakes import FakeBackend, counting_script, replayed_drafts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cascade import AdvantageGate, Cascade, ConfigError, SolveOptions, make_gate
 from app.cli import main as cli_main
+from cascade import AdvantageGate, Cascade, ConfigError, SolveOptions, make_gate
 from cascade.gates import AdvantageModel, Confidence, GateState
 from cascade.router import (
     FeatureSpec,
@@ -216,7 +216,7 @@ def test_advantage_gate_settings():
         make_gate("advantage")  # no router
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _trained_router(names: tuple[str, str] = ("s", "l")) -> Router:
     """A router trained on synthetic features, recorded for the (fake) models `names`."""
     data = _synthetic()

@@ -7,7 +7,12 @@ import math
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification, LlamaForTokenClassification
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+    LlamaForTokenClassification,
+)
 
 from bench.router_data import ExactStepScorer
 from cascade import Cascade, ConfigError, LikelihoodScorer, PRMScorer, SolveOptions, StepScorer, VerifyGate
@@ -44,7 +49,7 @@ def test_likelihood_scorer_is_exp_mean_logprob_by_hand(tiny_dirs):
     problem, context = "a=3;b=a+1;?b", "b=3+1=4\n"
     candidates = ["#### 4", "#### 5", "b=9"]
     scores = scorer.score(problem, context, candidates)
-    for candidate, score in zip(candidates, scores):
+    for candidate, score in zip(candidates, scores, strict=False):
         by_hand = _raw_logprobs(large, problem, context, candidate)
         assert score == pytest.approx(math.exp(sum(by_hand) / len(by_hand)), rel=1e-4)
         assert 0.0 < score <= 1.0
@@ -78,7 +83,7 @@ def test_step_tag_prm_reads_the_last_tag_position(tmp_path, tiny_dirs):
     text = scorer.render(problem, context, "#### 4")
     assert text == f"a=3;b=a+1;?b\nb=3+1=4{TAG}\n#### 4{TAG}"  # a tag after every step
     scores = scorer.score(problem, context, ["#### 4", "#### 5"])
-    for candidate, score in zip(["#### 4", "#### 5"], scores):
+    for candidate, score in zip(["#### 4", "#### 5"], scores, strict=False):
         ids = scorer.tokenizer.encode(scorer.render(problem, context, candidate), add_special_tokens=True)
         with torch.no_grad():
             logits = scorer.model(input_ids=torch.tensor([ids])).logits[0]
@@ -96,7 +101,7 @@ def test_reward_head_prm_is_sigmoid_of_the_pooled_logit(tmp_path, tiny_dirs):
     assert scorer.layout.format == "reward-head"
     problem, context = "a=3;b=a+1;?b", "b=3+1=4\n"
     scores = scorer.score(problem, context, ["#### 4", "#### 5"])
-    for candidate, score in zip(["#### 4", "#### 5"], scores):
+    for candidate, score in zip(["#### 4", "#### 5"], scores, strict=False):
         text = f"{problem}\n{context}{candidate}"
         assert scorer.render(problem, context, candidate) == text
         ids = scorer.tokenizer.encode(text, add_special_tokens=True)

@@ -23,7 +23,7 @@ def _same(a, b, where: str) -> None:
             _same(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, list):
         assert isinstance(b, list) and len(a) == len(b), f"{where}: {len(a)} items != {len(b)}"
-        for k, (x, y) in enumerate(zip(a, b)):
+        for k, (x, y) in enumerate(zip(a, b, strict=False)):
             _same(x, y, f"{where}[{k}]")
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"

@@ -57,7 +57,7 @@ def test_score_agrees_with_generation_logprobs(small):
         scored = small.score_steps([ScoreRequest(f"score{k}", PROBLEM, context, out.text)])[0]
         assert scored.token_ids == out.token_ids[: len(scored.token_ids)]
         assert len(scored.logprobs) == len(out.logprobs)
-        assert max(abs(a - b) for a, b in zip(scored.logprobs, out.logprobs)) < 1e-4
+        assert max(abs(a - b) for a, b in zip(scored.logprobs, out.logprobs, strict=False)) < 1e-4
         context += out.text
 
 
@@ -103,7 +103,7 @@ def test_divergence_crops_and_matches_fresh_request(small):
     rejected_then = step(small, "b=1\n", request_id="div")  # the draft was rejected
     fresh = step(small, "b=1\n", request_id="fresh")
     assert rejected_then.token_ids == fresh.token_ids
-    assert max(abs(a - b) for a, b in zip(rejected_then.logprobs, fresh.logprobs)) < 1e-4
+    assert max(abs(a - b) for a, b in zip(rejected_then.logprobs, fresh.logprobs, strict=False)) < 1e-4
     assert rejected_then.prefill_tokens == len("b=1\n") + 1  # one token re-fed at the crop
     assert draft.text
 
@@ -151,8 +151,8 @@ def test_bad_settings_are_rejected(tiny_dirs):
 
 def _same_step(a, b) -> bool:
     return (a.text == b.text and a.token_ids == b.token_ids and a.stop_reason == b.stop_reason
-            and max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs)), default=0) < 1e-4
-            and max((abs(x - y) for x, y in zip(a.entropies, b.entropies)), default=0) < 1e-4)
+            and max((abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=False)), default=0) < 1e-4
+            and max((abs(x - y) for x, y in zip(a.entropies, b.entropies, strict=False)), default=0) < 1e-4)
 
 
 @pytest.mark.parametrize("max_tokens", [12, 3])

@@ -50,7 +50,7 @@ def _requests(prefix: str, max_tokens=(20, 20, 3, 20, 7, 20, 1, 16, 2, 20, 5, 20
     """Rows over every (context, problem) pair, as many as max_tokens has entries."""
     pairs = [(p, c) for c in CONTEXTS for p in PROBLEMS]
     return [StepRequest(f"{prefix}{k}", p, c, m, **kw)
-            for k, ((p, c), m) in enumerate(zip(pairs, max_tokens))]
+            for k, ((p, c), m) in enumerate(zip(pairs, max_tokens, strict=False))]
 
 
 def _alone(backend: HFBackend, requests: list[StepRequest], prefix: str):
@@ -60,12 +60,12 @@ def _alone(backend: HFBackend, requests: list[StepRequest], prefix: str):
 
 
 def _assert_same(batched, alone) -> None:
-    for b, a in zip(batched, alone):
+    for b, a in zip(batched, alone, strict=False):
         assert b.token_ids == a.token_ids
         assert b.text == a.text and b.stop_reason == a.stop_reason
         assert b.prefill_tokens == a.prefill_tokens
-        assert max((abs(x - y) for x, y in zip(b.logprobs, a.logprobs)), default=0.0) < 1e-4
-        assert max((abs(x - y) for x, y in zip(b.entropies, a.entropies)), default=0.0) < 1e-4
+        assert max((abs(x - y) for x, y in zip(b.logprobs, a.logprobs, strict=False)), default=0.0) < 1e-4
+        assert max((abs(x - y) for x, y in zip(b.entropies, a.entropies, strict=False)), default=0.0) < 1e-4
 
 
 def _full_recompute_greedy(backend: HFBackend, problem: str, context: str, n: int) -> list[int]:
@@ -99,7 +99,7 @@ def test_batched_greedy_equals_one_at_a_time_with_sharp_attention(sharp):
     batched = sharp.next_steps(requests)
     _assert_same(batched, _alone(sharp, requests, "sh-alone-"))
     assert len({o.token_ids for o in batched}) >= 4  # the rows really differ
-    for request, out in zip(requests, batched):  # and each continues like a full recompute
+    for request, out in zip(requests, batched, strict=False):  # and each continues like a full recompute
         context = request.context + out.text
         follow = sharp.next_steps([StepRequest(request.request_id, request.problem, context, 6)])[0]
         assert list(follow.token_ids) == _full_recompute_greedy(sharp, request.problem, context, 6)[
@@ -111,7 +111,7 @@ def test_caches_stay_valid_after_a_batch(plus):
     prefill_bound still predicts the catch-up exactly."""
     requests = _requests("kv", max_tokens=(5, 9, 2, 12, 6, 4, 8, 3))
     first = plus.next_steps(requests)
-    for request, out in zip(requests, first):
+    for request, out in zip(requests, first, strict=False):
         context = request.context + out.text + "b=1+"
         bound = plus.prefill_bound(request.request_id, request.problem, context)
         follow = plus.next_steps([StepRequest(request.request_id, request.problem, context, 10)])[0]
@@ -131,7 +131,7 @@ def test_second_batched_step_continues_each_row(plus, large):
         first = backend.next_steps(requests)
         follow = [StepRequest(r.request_id, r.problem,
                               r.context + (o.text if k % 3 else "z=5\n"), 8)  # every third row diverges
-                  for k, (r, o) in enumerate(zip(requests, first))]
+                  for k, (r, o) in enumerate(zip(requests, first, strict=False))]
         second = backend.next_steps(follow)
         alone_first = _alone(backend, requests, "two-alone-")
         alone_second = _alone(backend, follow, "two-alone-")
@@ -153,18 +153,18 @@ def test_seeded_sampling_is_batch_independent(plus):
     # And sampling really differs from greedy somewhere (the test can fail).
     greedy = _alone(plus, [StepRequest(r.request_id, r.problem, r.context, r.max_tokens)
                            for r in requests], "s-greedy-ref-")
-    assert any(s.token_ids != g.token_ids for s, g in zip(batched, greedy))
+    assert any(s.token_ids != g.token_ids for s, g in zip(batched, greedy, strict=False))
 
 
 def test_hidden_states_per_row(large):
     requests = [StepRequest(f"h{k}", p, c, 5, return_hidden=(k % 2 == 0))
-                for k, (p, c) in enumerate(zip(PROBLEMS * 2, CONTEXTS + CONTEXTS[:2]))]
+                for k, (p, c) in enumerate(zip(PROBLEMS * 2, CONTEXTS + CONTEXTS[:2], strict=False))]
     batched = large.next_steps(requests)
     alone = _alone(large, requests, "h-alone-")
-    for request, b, a in zip(requests, batched, alone):
+    for request, b, a in zip(requests, batched, alone, strict=False):
         if request.return_hidden:
             assert b.hidden is not None and len(b.hidden) == large.model.config.hidden_size
-            assert max(abs(x - y) for x, y in zip(b.hidden, a.hidden)) < 1e-4
+            assert max(abs(x - y) for x, y in zip(b.hidden, a.hidden, strict=False)) < 1e-4
         else:
             assert b.hidden is None
 
@@ -233,14 +233,14 @@ def test_batched_scoring_equals_one_at_a_time(sharp):
     pairs = [(p, c) for c in CONTEXTS for p in PROBLEMS][: len(texts)]
     for prefix in ("sc", "sc-alone-"):  # half the requests already hold a cache
         sharp.next_steps([StepRequest(f"{prefix}{k}", p, c, 4) for k, (p, c) in enumerate(pairs) if k % 2])
-    requests = [ScoreRequest(f"sc{k}", p, c, t) for k, ((p, c), t) in enumerate(zip(pairs, texts))]
+    requests = [ScoreRequest(f"sc{k}", p, c, t) for k, ((p, c), t) in enumerate(zip(pairs, texts, strict=False))]
     batched = sharp.score_steps(requests)
     alone = [sharp.score_steps([ScoreRequest(f"sc-alone-{k}",
                                              r.problem, r.context, r.text)])[0]
              for k, r in enumerate(requests)]
-    for b, a in zip(batched, alone):
+    for b, a in zip(batched, alone, strict=False):
         assert b.token_ids == a.token_ids and b.prefill_tokens == a.prefill_tokens
-        assert max((abs(x - y) for x, y in zip(b.logprobs, a.logprobs)), default=0.0) < 1e-4
+        assert max((abs(x - y) for x, y in zip(b.logprobs, a.logprobs, strict=False)), default=0.0) < 1e-4
     assert {len(o.token_ids) for o in batched} >= {0, 1, 2, 10}
     assert len({o.prefill_tokens for o in batched}) >= 3
     for request in requests:
@@ -264,8 +264,8 @@ def _trace(result):
 
 def _assert_same_results(concurrent, sequential) -> None:
     assert [_trace(r) for r in concurrent] == [_trace(r) for r in sequential]
-    for a, b in zip(concurrent, sequential):
-        for sa, sb in zip(a.steps, b.steps):
+    for a, b in zip(concurrent, sequential, strict=False):
+        for sa, sb in zip(a.steps, b.steps, strict=False):
             assert abs(sa.confidence.min_prob - sb.confidence.min_prob) < 1e-4
 
 

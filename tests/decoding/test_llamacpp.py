@@ -112,7 +112,7 @@ def test_scores_match_generation_and_give_the_greedy_prefix(smol):
     ids = first.token_ids[:-1] if first.stop_reason == "eos" else first.token_ids
     scored = smol.score_steps([ScoreRequest("s", PROBLEM, "", first.text)])[0]
     assert scored.token_ids == ids  # this text re-encodes to the tokens that were generated
-    assert max(abs(a - b) for a, b in zip(scored.logprobs, first.logprobs)) < ATOL_SELF
+    assert max(abs(a - b) for a, b in zip(scored.logprobs, first.logprobs, strict=False)) < ATOL_SELF
     # The text is its own greedy continuation: the greedy prefix is the text (cut at the delimiter).
     if first.stop_reason == "delimiter":
         assert scored.greedy_prefix == first.text and scored.greedy_prefix_tokens == len(ids)
@@ -146,7 +146,7 @@ def test_kv_states_are_kept_per_request_and_the_prefill_bound_is_exact(smol):
     fresh = smol.next_steps([StepRequest("fresh", PROBLEM, context, 8)])[0]
     assert fresh.prefill_tokens == prompt_tokens + len(smol._encode(context)) > cached.prefill_tokens
     assert cached.token_ids == fresh.token_ids
-    assert max(abs(a - b) for a, b in zip(cached.logprobs, fresh.logprobs)) < ATOL_SELF
+    assert max(abs(a - b) for a, b in zip(cached.logprobs, fresh.logprobs, strict=False)) < ATOL_SELF
     # A diverged context crops back to the last shared boundary: one token re-fed, then the new text.
     branch = outs[0].text + "\n\nSo the answer is 8.\n\n"
     bound = smol.prefill_bound("kv", PROBLEM, branch)
@@ -260,7 +260,7 @@ def test_llamacpp_agrees_with_transformers_on_the_same_gguf(smol, hf_smol):
             score_ours = smol.score_steps([ScoreRequest(f"score{k}", problem, context, ours.text)])[0]
             score_theirs = hf_smol.score_steps([ScoreRequest(f"score{k}", problem, context, ours.text)])[0]
             assert score_ours.token_ids == score_theirs.token_ids
-            worst = max(worst, max(abs(a - b) for a, b in zip(score_ours.logprobs, score_theirs.logprobs)))
+            worst = max(worst, max(abs(a - b) for a, b in zip(score_ours.logprobs, score_theirs.logprobs, strict=False)))
             context += ours.text if ours.text.endswith("\n\n") else ours.text + "\n\n"
             if ours.stop_reason == "eos":
                 break

@@ -80,7 +80,7 @@ def test_retries_on_429_and_5xx_with_backoff():
         out = b.next_steps([step()])[0]
         assert out.text == "x=1\n"
         assert len(state.arrivals) == 4
-        gaps = [later - earlier for earlier, later in zip(state.arrivals, state.arrivals[1:])]
+        gaps = [later - earlier for earlier, later in zip(state.arrivals, state.arrivals[1:], strict=False)]
         assert gaps[0] >= 0.09 and gaps[1] >= 0.19 and gaps[2] >= 0.39  # 0.1 * 2**attempt
         assert time.monotonic() - started >= 0.7
         b.close()

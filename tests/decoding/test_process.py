@@ -11,7 +11,15 @@ import time
 import pytest
 
 from cascade import Cascade, ConfidenceGate, SolveOptions
-from decoding import Backend, BackendError, HFBackend, ModelLoadError, ProcessBackend, ScoreRequest, StepRequest
+from decoding import (
+    Backend,
+    BackendError,
+    HFBackend,
+    ModelLoadError,
+    ProcessBackend,
+    ScoreRequest,
+    StepRequest,
+)
 
 PROBLEM = "a=12;b=a+3;?b"
 
@@ -39,13 +47,13 @@ def test_same_outputs_and_prefill_as_in_process(pair):
         a, b = _steps(local, [context], "p")[0], _steps(remote, [context], "p")[0]
         assert (a.text, a.token_ids, a.stop_reason, a.prefill_tokens) == \
                (b.text, b.token_ids, b.stop_reason, b.prefill_tokens)
-        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs)) < 1e-5
+        assert max(abs(x - y) for x, y in zip(a.logprobs, b.logprobs, strict=False)) < 1e-5
         assert b.prefill_tokens == bound  # the parent's ledger saw what the child's cache did
         context += a.text if k % 2 == 0 else "9\n"
     score = ScoreRequest("p0", PROBLEM, context, "b=15\n")
     (sa,), (sb,) = local.score_steps([score]), remote.score_steps([score])
     assert sa.token_ids == sb.token_ids and sa.prefill_tokens == sb.prefill_tokens
-    assert max(abs(x - y) for x, y in zip(sa.logprobs, sb.logprobs)) < 1e-5
+    assert max(abs(x - y) for x, y in zip(sa.logprobs, sb.logprobs, strict=False)) < 1e-5
 
 
 def test_batches_fork_and_async(pair):
@@ -80,7 +88,7 @@ def test_cascade_on_a_process_backend_gives_the_same_traces(tiny_dirs, pair):
         for budget in (None, 40.0):
             expected = [Cascade(small=local_small, large=local_large, gate=gate, options=options).solve(p, budget) for p in problems]
             got = Cascade(small=local_small, large=remote_large, gate=gate, options=options).solve_many(problems, budget, concurrency=3)
-            for e, g in zip(expected, got):
+            for e, g in zip(expected, got, strict=False):
                 assert [(s.text, s.author) for s in e.steps] == [(s.text, s.author) for s in g.steps]
                 assert e.cost.total == pytest.approx(g.cost.total)
                 assert budget is None or g.cost.total <= budget + 1e-9

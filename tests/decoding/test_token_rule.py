@@ -92,13 +92,13 @@ def _hf_then(smol, run_other, server_prompts):
         outputs.append(smol.next_steps([request])[0] if kind == "step" else smol.score_steps([request])[0])
     hf_ids = list(smol._sessions["h"].ids)
     smol.release("h")
-    for (kind, request), expected in zip(calls, outputs):
+    for (kind, request), expected in zip(calls, outputs, strict=False):
         got = run_other(kind, request)
         sent = server_prompts()[-1]
         assert sent == hf_ids[: len(sent)], f"{kind}: sent other tokens than HF fed"
         assert got.token_ids == expected.token_ids, kind
         assert got.prefill_tokens == expected.prefill_tokens, kind
-        assert max((abs(a - b) for a, b in zip(got.logprobs, expected.logprobs)), default=0.0) < ATOL
+        assert max((abs(a - b) for a, b in zip(got.logprobs, expected.logprobs, strict=False)), default=0.0) < ATOL
         if kind == "step":
             assert (got.text, got.stop_reason) == (expected.text, expected.stop_reason)
     return outputs
@@ -248,7 +248,7 @@ def test_llamacpp_style_server_token_prompts_text_prompts_and_a_shifted_echo(smo
             hf = smol.next_steps([StepRequest("h", PENS, "", 6)])[0]
             got = text.next_steps([StepRequest("t", PENS, "", 6)])[0]
             assert (got.text, got.stop_reason) == (hf.text, hf.stop_reason)
-            assert max(abs(a - b) for a, b in zip(got.logprobs, hf.logprobs)) < ATOL
+            assert max(abs(a - b) for a, b in zip(got.logprobs, hf.logprobs, strict=False)) < ATOL
             # scoring: max_tokens=1, never 0 (to this server: generate to the end of the
             # context, whose tokens were then scored as the step's); the scored tokens are
             # the step's own and their logprobs HF's
@@ -256,7 +256,7 @@ def test_llamacpp_style_server_token_prompts_text_prompts_and_a_shifted_echo(smo
             want = smol.score_steps([ScoreRequest("h2", PENS, "", draft)])[0]
             scored = text.score_steps([ScoreRequest("t", PENS, "", draft)])[0]
             assert scored.token_ids == want.token_ids
-            assert max(abs(a - b) for a, b in zip(scored.logprobs, want.logprobs)) < ATOL
+            assert max(abs(a - b) for a, b in zip(scored.logprobs, want.logprobs, strict=False)) < ATOL
             echoes = [body for body in server.bodies if body.get("echo")]
             assert echoes and all(body["max_tokens"] == 1 for body in echoes)
             # without BOS first, its echo pairs each token with the next position's

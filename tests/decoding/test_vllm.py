@@ -118,7 +118,7 @@ def _chain(backend, tag: str, steps: int = 3):
     for _ in range(steps):
         outs = backend.next_steps([StepRequest(f"{tag}{i}", p, contexts[p], 24)
                                    for i, p in enumerate(PROBLEMS)])
-        for p, out in zip(PROBLEMS, outs):
+        for p, out in zip(PROBLEMS, outs, strict=False):
             contexts[p] += out.text
         rounds.append(outs)
     return rounds
@@ -137,8 +137,8 @@ def _agree(ours, theirs, check_ids: bool = True) -> None:
 
 def test_in_process_engine_agrees_with_hf(small_engine, hf):
     assert small_engine.info.entropy == "exact"  # top_logprobs covers the vocabulary
-    for ours, theirs in zip(_chain(small_engine, "v"), _chain(hf["small"], "h")):
-        for a, b in zip(ours, theirs):
+    for ours, theirs in zip(_chain(small_engine, "v"), _chain(hf["small"], "h"), strict=False):
+        for a, b in zip(ours, theirs, strict=False):
             _agree(a, b)
     cut = small_engine.next_steps([StepRequest("cut", PROBLEMS[0], "", 3)])[0]
     assert cut.stop_reason == "max_tokens" and cut.generated_tokens == 3
@@ -158,8 +158,8 @@ def test_in_process_engine_scores_like_hf(small_engine, hf):
 
 
 def test_openai_backend_on_a_real_vllm_server_agrees_with_hf(large_remote, hf):
-    for ours, theirs in zip(_chain(large_remote, "o"), _chain(hf["large"], "h")):
-        for a, b in zip(ours, theirs):
+    for ours, theirs in zip(_chain(large_remote, "o"), _chain(hf["large"], "h"), strict=False):
+        for a, b in zip(ours, theirs, strict=False):
             _agree(a, b)
     text = "c=55-25=30\n"
     ours = large_remote.score_steps([ScoreRequest("o0", PROBLEMS[0], "b=17+38=55\n", text)])[0]
@@ -179,7 +179,7 @@ def test_a_cascade_over_vllm_matches_the_cascade_over_hf(small_engine, large_rem
     ours = served.solve_many(PROBLEMS, budget=400, concurrency=4)
     theirs = local.solve_many(PROBLEMS, budget=400, concurrency=4)
     assert any(step.tier == 1 for result in ours for step in result.steps)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=False):
         assert [(s.text, s.author) for s in a.steps] == [(s.text, s.author) for s in b.steps]
         assert a.answer == b.answer and a.stop_reason == b.stop_reason
         assert a.cost.total == pytest.approx(b.cost.total, rel=1e-9)  # token counts agree exactly
@@ -226,7 +226,7 @@ def test_token_rewrite_over_vllm_matches_hf(small_engine, large_remote, hf):
     local = cascade.Cascade(models=[hf["small"], hf["large"]], gate=gate, options=options)
     ours = served.solve_many(PROBLEMS, budget=400, concurrency=2)
     theirs = local.solve_many(PROBLEMS, budget=400, concurrency=2)
-    for a, b in zip(ours, theirs):
+    for a, b in zip(ours, theirs, strict=False):
         assert [(s.text, s.author, len(s.decisions)) for s in a.steps] == \
             [(s.text, s.author, len(s.decisions)) for s in b.steps]
         assert a.answer == b.answer
