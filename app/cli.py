@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cascade", description="Step-level model cascades.")
     commands = parser.add_subparsers(dest="command", required=True)
     solve = commands.add_parser("solve", help="solve one problem and print its trace")
-    solve.add_argument("problem", help="problem text (embedded default: e.g. 'a=17;b=a*3;?b')")
+    solve.add_argument("problem", help="problem text (embedded default: e.g. 'a=17;b=a+38;?b')")
     solve.add_argument("--budget", type=float, default=None, help="hard cap in cost units")
     add_model_options(solve)
     add_backend_options(solve, SOLVE_BACKENDS)

@@ -13,7 +13,7 @@ import torch
 from fakes import FakeBackend, counting_script, replayed_drafts
 
 from cascade import AdvantageGate, Cascade, ConfigError, SolveOptions
-from cascade.cli import main as cli_main
+from app.cli import main as cli_main
 from cascade.gates import Confidence
 from cascade.router import (
     FeatureSpec,
@@ -216,8 +216,8 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
     assert code == 0 and "sequence router" in out
     assert isinstance(load_router(tmp_path / "seq.pt"), SequenceRouter)
     # ... and serves: cascade solve / serve --gate advantage --router FILE, for these models only.
-    from cascade.cli import build_parser
-    from cascade.server import build_served_cascade
+    from app.cli import build_parser
+    from app.server import build_served_cascade
 
     router = str(tmp_path / "seq.pt")
     code = cli_main(["solve", "a=5;b=a+3;c=b*2;?c", "--gate", "advantage", "--threshold", "0", "--router", router,
@@ -246,7 +246,7 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
 
     import httpx
 
-    from cascade.server import ServerConfig, create_app
+    from app.server import ServerConfig, create_app
 
     async def ask(threshold):
         transport = httpx.ASGITransport(app=create_app(served, ServerConfig()))
