@@ -58,10 +58,12 @@ LABELS = {"budget": "budget-aware, cap = k x B (E[cost] <= B, risk control)",
 
 
 def _arrays(swept, problems) -> dict[str, np.ndarray]:
-    correct = np.array([[check_answer(p, a) for a in row] for p, row in zip(problems, swept.answers, strict=False)])
+    correct = np.array([[check_answer(p, a) for a in row]
+                        for p, row in zip(problems, swept.answers, strict=False)])
     return {"costs": swept.costs, "agreement": swept.agreement, "correct": correct,
             "capped": swept.cap_intervened,
-            "reference_correct": np.array([check_answer(p, a) for p, a in zip(problems, swept.reference_answers, strict=False)]),
+            "reference_correct": np.array([check_answer(p, a)
+                                           for p, a in zip(problems, swept.reference_answers, strict=False)]),
             "reference_costs": np.array(swept.reference_costs)}
 
 
@@ -113,10 +115,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--alpha", type=float, default=0.1)
     parser.add_argument("--delta", type=float, default=0.05)
     parser.add_argument("--splits", type=int, default=300)
-    parser.add_argument("--thresholds", type=int, default=11, help="one-threshold family: this many in [0, 1]")
-    parser.add_argument("--budgets", type=int, default=7, help="grid points, small-only to large-only mean cost")
+    parser.add_argument("--thresholds", type=int, default=11,
+                        help="one-threshold family: this many in [0, 1]")
+    parser.add_argument("--budgets", type=int, default=7,
+                        help="grid points, small-only to large-only mean cost")
     parser.add_argument("--stage", choices=["all", "prepare", "sweep", "report"], default="all",
-                        help="run in parts (a busy machine): prepare (fit the gate, set the grid: plan.json), "
+                        help="run in parts (a busy machine): prepare (fit the gate, set the grid: "
+                             "plan.json), "
                              "sweep --split S --start a --stop b (in parallel processes), report")
     parser.add_argument("--split", choices=["calibration", "test"], default="calibration")
     parser.add_argument("--start", type=int, default=0)
@@ -152,7 +157,8 @@ def _concat(parts) -> tuple[list[str], SweepResult, float]:
     sweeps = [part[1] for part in parts]
     swept = dataclasses.replace(
         sweeps[0], problems=tuple(problems),
-        costs=np.concatenate([s.costs for s in sweeps]), escalation=np.concatenate([s.escalation for s in sweeps]),
+        costs=np.concatenate([s.costs for s in sweeps]),
+        escalation=np.concatenate([s.escalation for s in sweeps]),
         answers=tuple(a for s in sweeps for a in s.answers),
         reference_answers=tuple(a for s in sweeps for a in s.reference_answers),
         reference_costs=tuple(c for s in sweeps for c in s.reference_costs),
@@ -196,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             parts = [pickle.loads(f.read_bytes()) for f in files]
         problems, swept, seconds = _concat(parts)
         if len(problems) != n or problems != [p.problem for p in generate_split(split, n)]:
-            raise SystemExit(f"the {split} parts hold {len(problems)} problems, not the first {n} of the split")
+            raise SystemExit(f"the {split} parts hold {len(problems)} problems, "
+                             f"not the first {n} of the split")
         stats[split] = {"seconds": seconds, "executed_tokens": swept.executed_tokens,
                         "independent_tokens": swept.independent_tokens, "processes": len(parts)}
         data[split] = (problems, swept, _arrays(swept, problems))
@@ -215,8 +222,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     large_test = float(test["reference_correct"].mean())
     rows = []
     for p in curve.points:
-        row = {"method": p.method, "budget": p.budget, "index": p.index, "cap": p.cap, "threshold": p.threshold,
-               "expected_agreement": p.agreement, "calibration_mean_cost": p.mean_cost, "statement": p.statement,
+        row = {"method": p.method, "budget": p.budget, "index": p.index, "cap": p.cap,
+               "threshold": p.threshold,
+               "expected_agreement": p.agreement, "calibration_mean_cost": p.mean_cost,
+               "statement": p.statement,
                "reason": p.reason}
         if p.index is not None:
             j = p.index
@@ -246,7 +255,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                                   args.cap_factor, curve.cost_max_uncapped, args.n_cal, args.splits)
     report = {
         "command": "python -m bench.budget_curve " + " ".join(argv or []),
-        "commit": package_commit(), "sweep_commit": plan.get("commit"), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "commit": package_commit(), "sweep_commit": plan.get("commit"),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "n_cal": args.n_cal, "n_test": args.n_test, "n_fit": args.n_fit, "n_pilot": args.n_pilot,
         "alpha": args.alpha, "delta": args.delta, "cap_factor": args.cap_factor,
         "pilot_small_mean_cost": small, "pilot_large_mean_cost": large, "budgets": list(budgets),
@@ -268,13 +278,15 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Accuracy vs budget on the embedded pair ({report['n_cal']} unlabeled calibration problems, "
         f"{report['n_test']} test problems)", "",
-        f"Command: `{report['command']}`  ", f"Commit: `{report['commit']}` (gate fitted and problems swept at `{report['sweep_commit']}`), "
+        f"Command: `{report['command']}`  ",
+        f"Commit: `{report['commit']}` (gate fitted and problems swept at `{report['sweep_commit']}`), "
         f"{report['date']}", "",
         f"Budget B: what a request may cost on average (cost units). Test: small alone "
         f"{report['test_small_accuracy']:.3f}, large alone {report['test_large_accuracy']:.3f} at mean cost "
         f"{report['test_large_mean_cost']:.1f}. The budget-aware policy runs each request under the hard cap "
         f"{report['cap_factor']:g} x B. alpha={report['alpha']}, delta={report['delta']}.", "",
-        "| B | method | chosen (threshold, cap) | expected agreement (cal.) | test accuracy | gap recovered | "
+        "| B | method | chosen (threshold, cap) | expected agreement (cal.) | test accuracy | "
+        "gap recovered | "
         "test mean cost | test P(cost > B) | cap intervened | oracle accuracy (labels) |",
         "|---|---|---|---|---|---|---|---|---|---|"]
     oracle = {o["budget"]: o for o in report["oracle"]}
@@ -288,18 +300,21 @@ def markdown(report: dict) -> str:
             cap = "no cap" if row["cap"] is None else f"cap {row['cap']:.0f}"
             lines.append(f"| {row['budget']:g} | {method} | {row['threshold']:g}, {cap} | "
                          f"{row['expected_agreement']:.3f} | {row['test_accuracy']:.3f} | "
-                         f"{row['gap_recovered']:.2f} | {row['test_mean_cost']:.1f} | {row['test_tail']:.3f} | "
+                         f"{row['gap_recovered']:.2f} | {row['test_mean_cost']:.1f} | "
+                         f"{row['test_tail']:.3f} | "
                          f"{row['test_cap_intervened']:.3f} | {o_text} |")
     lines += ["", f"Guarantees over {report['guarantees'][next(iter(report['guarantees']))]['splits']} "
               f"calibration sets of {report['n_cal']} drawn i.i.d. from the pooled "
               f"{report['n_cal'] + report['n_test']} problems (true values = the pool's):", "",
-              "| method | B | mean true E[cost] (<= B?) | mean true P(cost > B) | splits with P(cost > B) > alpha "
+              "| method | B | mean true E[cost] (<= B?) | mean true P(cost > B) | "
+              "splits with P(cost > B) > alpha "
               "| abstained |", "|---|---|---|---|---|---|"]
     for g in report["guarantees"].values():
         if g["mean_true_cost"] is None:
             lines.append(f"| {g['method']} | {g['budget']:g} | none certified | | | {g['abstained']} |")
             continue
-        lines.append(f"| {g['method']} | {g['budget']:g} | {g['mean_true_cost']:.2f} | {g['mean_true_tail']:.3f} | "
+        lines.append(f"| {g['method']} | {g['budget']:g} | {g['mean_true_cost']:.2f} | "
+                     f"{g['mean_true_tail']:.3f} | "
                      f"{g['frac_tail_over_alpha']:.3f} | {g['abstained']} |")
     s = report["sweep"]["calibration"]
     lines += ["", f"Sweep of the calibration split: {s['executed_tokens']} tokens run for "
@@ -317,7 +332,8 @@ def plot(report: dict, path: Path) -> None:
     for method, style in zip(CURVE_METHODS, ("o-", "s-", "^--", "v:"), strict=False):
         rows = [r for r in report["points"] if r["method"] == method]
         xs = [r["budget"] for r in rows]
-        ys = [r.get("test_accuracy", report["test_small_accuracy"]) for r in rows]  # none certified: small alone
+        # none certified: small alone
+        ys = [r.get("test_accuracy", report["test_small_accuracy"]) for r in rows]
         ax.plot(xs, ys, style, label=LABELS[method])
     xs = [o["budget"] for o in report["oracle"] if "oracle" in o]
     ax.plot(xs, [o["oracle"]["test_accuracy"] for o in report["oracle"] if "oracle" in o], "k--", lw=1,

@@ -33,8 +33,10 @@ __all__ = ["main"]
 
 
 def _sweep_arrays(swept, problems) -> dict[str, np.ndarray]:
-    correct = np.array([[check_answer(p, a) for a in row] for p, row in zip(problems, swept.answers, strict=False)])
-    reference_correct = np.array([check_answer(p, a) for p, a in zip(problems, swept.reference_answers, strict=False)])
+    correct = np.array([[check_answer(p, a) for a in row]
+                        for p, row in zip(problems, swept.answers, strict=False)])
+    reference_correct = np.array([check_answer(p, a)
+                                  for p, a in zip(problems, swept.reference_answers, strict=False)])
     return {"costs": swept.costs, "escalation": swept.escalation, "agreement": swept.agreement,
             "correct": correct, "reference_correct": reference_correct}
 
@@ -138,10 +140,12 @@ def _markdown(report: dict) -> str:
         if row.get("threshold") is None:
             lines.append(f"| {row['budget']:g} | infeasible: {row.get('reason', '')[:80]} | | | | | | | |")
             continue
-        oracle = (f"{row['oracle_threshold']:g} | {row['oracle_accuracy']:.3f} | {row['oracle_mean_cost']:.1f}"
+        oracle = (f"{row['oracle_threshold']:g} | {row['oracle_accuracy']:.3f} | "
+                  f"{row['oracle_mean_cost']:.1f}"
                   if "oracle_threshold" in row else "none | | ")
         lines.append(f"| {row['budget']:g} | {row['threshold']:g} | {row['test_violation']:.3f} | "
-                     f"{row['test_accuracy']:.3f} | {row['test_mean_cost']:.1f} | {row['test_escalation']:.3f} | "
+                     f"{row['test_accuracy']:.3f} | {row['test_mean_cost']:.1f} | "
+                     f"{row['test_escalation']:.3f} | "
                      f"{oracle} |")
     lines += ["", f"Sweep of {len(report['grid'])} thresholds on the calibration split: "
               f"{s['executed_tokens']} tokens run vs {s['independent_tokens']} for independent runs "

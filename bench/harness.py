@@ -345,7 +345,8 @@ def _settings(cascade, dataset: str, path, limit, examples, policies: Sequence[_
         "options": {"max_steps": options.max_steps, "max_step_tokens": options.max_step_tokens,
                     "temperature": options.temperature, "seed": options.seed},
     }
-    files = {name: {"path": str(p.resolve()), "sha256": _sha256_file(p)} for name, p in router_files(router).items()}
+    files = {name: {"path": str(p.resolve()), "sha256": _sha256_file(p)}
+             for name, p in router_files(router).items()}
     # Only when there are routers, and one unnamed router as before: older directories still resume.
     if list(files) == [""]:
         settings["router"] = files[""]
@@ -646,7 +647,8 @@ def _markdown(summary: dict) -> str:
     if summary.get("tiny_model_note"):
         lines.append("**Note**: accuracy is near zero, as expected: the models are too small for "
                      f"{summary['dataset']!r} (the embedded pair was trained only on its synthetic task and "
-                     "cannot read natural language). This run proves the path end to end (loading, prompting, "
+                     "cannot read natural language). This run proves the path end to end "
+                     "(loading, prompting, "
                      "grading, timing); its cost, latency and escalation figures are measured, its accuracy "
                      "is not informative.  ")
     if summary.get("problems_with_unknown_chars"):

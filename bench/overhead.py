@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
     lines = [f"# Runtime overhead vs bare generate ({args.n} test problems, batch 1, greedy)", "",
              f"Command: `{report['command']}`  ", f"Commit: `{report['commit']}`, {report['date']}", "",
-             "| model | steps | tokens | cascade ms/token | generate ms/token | overhead ms/step | overhead |",
+             "| model | steps | tokens | cascade ms/token | generate ms/token | "
+             "overhead ms/step | overhead |",
              "|---|---|---|---|---|---|---|"]
     for tier, r in report["tiers"].items():
         lines.append(f"| {tier} | {r['steps']} | {r['tokens']} | {r['cascade_ms_per_token']:.2f} | "

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         if (i + 1) % 50 == 0:
             elapsed = time.time() - started
-            print(f"{i + 1}/{len(problems)} problems, {elapsed:.0f}s, eta {elapsed / (i + 1) * (len(problems) - i - 1):.0f}s",
+            print(f"{i + 1}/{len(problems)} problems, {elapsed:.0f}s, "
+                  f"eta {elapsed / (i + 1) * (len(problems) - i - 1):.0f}s",
                   flush=True)
 
     summary = {}
@@ -107,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         cells = [row["policies"][name] for row in rows]
         correct = sum(c["correct"] for c in cells)
         low, high = wilson_interval(correct, len(cells))
-        hardest = [c for row, c in zip(rows, cells, strict=False) if row["steps_needed"] == DEFAULT_CONFIG.max_steps]
+        hardest = [c for row, c in zip(rows, cells, strict=False)
+                   if row["steps_needed"] == DEFAULT_CONFIG.max_steps]
         summary[name] = {
             "accuracy": correct / len(cells), "accuracy_ci95": [low, high],
             "accuracy_at_max_steps": sum(c["correct"] for c in hardest) / max(1, len(hardest)),
@@ -126,8 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     small_step = sum(c["tier_seconds"][0] for c in small_cells) / sum(c["steps"] for c in small_cells)
     large_cells = [row["policies"]["large"] for row in rows]
     large_step = sum(c["tier_seconds"][1] for c in large_cells) / sum(c["steps"] for c in large_cells)
-    small_token = sum(c["tier_seconds"][0] for c in small_cells) / sum(c["tier_generated"][0] for c in small_cells)
-    large_token = sum(c["tier_seconds"][1] for c in large_cells) / sum(c["tier_generated"][1] for c in large_cells)
+    small_token = sum(c["tier_seconds"][0] for c in small_cells) / sum(c["tier_generated"][0]
+                                                                       for c in small_cells)
+    large_token = sum(c["tier_seconds"][1] for c in large_cells) / sum(c["tier_generated"][1]
+                                                                       for c in large_cells)
     gap = summary["large"]["accuracy"] - summary["small"]["accuracy"]
     for name in summary:
         summary[name]["gap_recovered"] = (summary[name]["accuracy"] - summary["small"]["accuracy"]) / gap \
@@ -164,7 +168,8 @@ def _markdown(report: dict) -> str:
         f"Command: `{report['command']}`  ",
         f"Commit: `{report['commit']}`, {report['date']}, {report['machine']}",
         "",
-        "| policy | accuracy (95% CI) | acc. at 8 steps | escalation rate | gap recovered | mean cost | mean s/problem | p95 s |",
+        "| policy | accuracy (95% CI) | acc. at 8 steps | escalation rate | gap recovered | mean cost | "
+        "mean s/problem | p95 s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, s in report["summary"].items():
@@ -180,11 +185,14 @@ def _markdown(report: dict) -> str:
         f"Small model's step accuracy on its own trajectories: {report['small_step_accuracy']:.3f} "
         f"over {report['n_small_steps']} steps.  ",
         f"Step confidence vs step correctness, AUROC: {auroc_text}.  ",
-        f"Seconds per step at batch 1: small {sps['small'] * 1000:.1f} ms, large {sps['large'] * 1000:.1f} ms, "
-        f"ratio {sps['ratio']:.2f}x (per token: {spt['small'] * 1000:.2f} ms vs {spt['large'] * 1000:.2f} ms, "
+        f"Seconds per step at batch 1: small {sps['small'] * 1000:.1f} ms, "
+        f"large {sps['large'] * 1000:.1f} ms, "
+        f"ratio {sps['ratio']:.2f}x (per token: {spt['small'] * 1000:.2f} ms vs "
+        f"{spt['large'] * 1000:.2f} ms, "
         f"{spt['ratio']:.2f}x).  ",
         f"Parameters: small {report['models']['small']['parameters']:,}, "
-        f"large {report['models']['large']['parameters']:,}. Warm-up (excluded): {report['warmup_seconds']:.1f} s.",
+        f"large {report['models']['large']['parameters']:,}. "
+        f"Warm-up (excluded): {report['warmup_seconds']:.1f} s.",
     ]
     return "\n".join(lines)
 

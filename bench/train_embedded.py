@@ -35,7 +35,8 @@ __all__ = ["ModelSize", "SIZES", "TrainConfig", "build_tokenizer", "build_model"
 CHARACTERS = "0123456789abcdefghijklmnopqrstuvwxyz=+-*;?# \n"
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 # The chat template turns a problem into the prompt "<s>{problem}\n"; the solution follows.
-CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] | trim }}{% endfor %}{{ '\\n' }}"
+CHAT_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{{ message['content'] | trim }}"
+                 "{% endfor %}{{ '\\n' }}")
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,8 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     (lower-or-equal x and higher-or-equal y, one strictly), sorted by x."""
     keep = []
     for i, (x, y) in enumerate(points):
-        if not any((xo <= x and yo >= y and (xo < x or yo > y)) for j, (xo, yo) in enumerate(points) if j != i):
+        if not any((xo <= x and yo >= y and (xo < x or yo > y))
+                   for j, (xo, yo) in enumerate(points) if j != i):
             keep.append(i)
     return sorted(keep, key=lambda i: points[i])
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"small": _load("small", None), "medium": _load("medium", args.medium),
               "large": _load("large", None)}
     options = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS)
-    cascades = {name: Cascade(models=[models[t] for t in tiers], gates=[DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1),
+    cascades = {name: Cascade(models=[models[t] for t in tiers],
+                              gates=[DEFAULT_EMBEDDED_GATE] * (len(tiers) - 1),
                               tier_names=tiers, options=options) for name, tiers in CASCADES.items()}
     grid_1d = sorted({float(t) for t in args.thresholds.split(",")}, reverse=True)
     candidates = {name: ([(t,) for t in grid_1d] if len(tiers) == 2 else
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
     # Seconds per step and per token of each model writing alone (batch 1).
     timing = {}
-    for tier, label, k in (("small", "small-only", 0), ("medium", "medium-only", 0), ("large", "large-only", 1)):
+    for tier, label, k in (("small", "small-only", 0), ("medium", "medium-only", 0),
+                           ("large", "large-only", 1)):
         cells = [r["policies"][label] for r in done]
         seconds = sum(c["tier_seconds"][k] for c in cells)
         timing[tier] = {"seconds_per_step": seconds / sum(c["steps"] for c in cells),
@@ -336,7 +339,8 @@ def _markdown(report: dict) -> str:
               "the sweep shares work between candidates).", "",
               "| target accuracy | " + " | ".join(CASCADES) + " |", "|---|" + "---|" * len(CASCADES)]
     for target, row in report["calibration_sweep_matched_by_cost"].items():
-        lines.append(f"| {target} | " + " | ".join(_fmt_cell(row[f], "mean_cost", ".1f") for f in CASCADES) + " |")
+        lines.append(f"| {target} | " + " | ".join(_fmt_cell(row[f], "mean_cost", ".1f") for f in CASCADES)
+                     + " |")
     lines.append("")
     decision = report["ship_medium"]
     verdict = "ship the medium model" if decision["ship"] else "do NOT ship the medium model"
@@ -345,7 +349,8 @@ def _markdown(report: dict) -> str:
               "Sweep cost (tokens run / tokens of independent runs): " + ", ".join(
                   f"{n} {s['executed_tokens'] / max(1, s['independent_tokens']):.3f} over {s['candidates']} "
                   f"candidates" for n, s in report["sweep_stats"].items()) + ".", "",
-              "Plots: [accuracy_vs_cost.png](accuracy_vs_cost.png), [accuracy_vs_wall.png](accuracy_vs_wall.png) "
+              "Plots: [accuracy_vs_cost.png](accuracy_vs_cost.png), "
+              "[accuracy_vs_wall.png](accuracy_vs_wall.png) "
               "(test run, calibrated points), [sweep_pareto_calibration.png](sweep_pareto_calibration.png) "
               "(every swept candidate, calibration split)"]
     return "\n".join(lines)
@@ -358,8 +363,10 @@ def _plot(report: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = report["summary"]
-    for file_name, key, xlabel in (("accuracy_vs_cost.png", "mean_cost", "mean cost per problem (large-token eq.)"),
-                                   ("accuracy_vs_wall.png", "mean_wall_seconds", "mean wall seconds per problem")):
+    for file_name, key, xlabel in (("accuracy_vs_cost.png", "mean_cost",
+                                    "mean cost per problem (large-token eq.)"),
+                                   ("accuracy_vs_wall.png", "mean_wall_seconds",
+                                    "mean wall seconds per problem")):
         fig, ax = plt.subplots(figsize=(6.5, 4.8))
         for single, marker in (("small-only", "v"), ("medium-only", "D"), ("large-only", "^")):
             s = summary[single]
@@ -375,7 +382,8 @@ def _plot(report: dict, out: Path) -> None:
                     label=f"{family} (calibrated; Pareto front)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"embedded task, {report['n_test']} test problems, budgets {report['budgets']}", fontsize=9)
+        ax.set_title(f"embedded task, {report['n_test']} test problems, budgets {report['budgets']}",
+                     fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()

@@ -9,7 +9,8 @@ __all__ = ["extract_answer", "strip_wrappers"]
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 # "the answer is", "final answer is", "Final Answer:", "**Final Answer:**", "answer is: ..."
-_ANSWER_IS_RE = re.compile(r"(?:final answer|the answer)(?:\s*\*\*)?\s*(?:is\b|:)(?:\s*\*\*)?\s*:?(?:\s*\*\*)?",
+_ANSWER_IS_RE = re.compile(r"(?:final answer|the answer)(?:\s*\*\*)?\s*(?:is\b|:)"
+                           r"(?:\s*\*\*)?\s*:?(?:\s*\*\*)?",
                            re.IGNORECASE)
 # Where a stated answer ends on its line: a period (not a decimal point) followed by more
 # text, as in "The final answer is 18. I hope it is correct."

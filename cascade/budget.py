@@ -83,7 +83,8 @@ class BudgetGate:
         if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
             raise ConfigError(f"threshold must be a number, got {self.threshold!r}")
         q = self.score_quantiles
-        if q and (len(q) < 2 or any(not math.isfinite(v) for v in q) or any(b < a for a, b in zip(q, q[1:], strict=False))):
+        if q and (len(q) < 2 or any(not math.isfinite(v) for v in q)
+                  or any(b < a for a, b in zip(q, q[1:], strict=False))):
             raise ConfigError("score_quantiles must be >= 2 finite nondecreasing scores, got "
                               f"{list(q)[:5]}...")
         for name in ("steps_intercept", "steps_slope", "step_cost"):
@@ -283,7 +284,8 @@ class BudgetCurve:
         return [gate], cap
 
     def summary(self) -> str:
-        lines = [f"Accuracy-budget curve (alpha={self.alpha}, delta={self.delta}, n={self.swept.costs.shape[0]}, "
+        lines = [f"Accuracy-budget curve (alpha={self.alpha}, delta={self.delta}, "
+                 f"n={self.swept.costs.shape[0]}, "
                  f"cap = {self.cap_factor:g} x budget for the budget-aware policy)"]
         for method in dict.fromkeys(p.method for p in self.points):
             lines.append(f"  {method}:")
@@ -292,12 +294,14 @@ class BudgetCurve:
                     lines.append(f"    budget {p.budget:g}: none certified ({p.reason[:100]})")
                 else:
                     cap = "no cap" if p.cap is None else f"cap {p.cap:g}"
-                    lines.append(f"    budget {p.budget:g}: threshold {p.threshold:g}, {cap}, expected agreement "
+                    lines.append(f"    budget {p.budget:g}: threshold {p.threshold:g}, {cap}, "
+                                 "expected agreement "
                                  f"{p.agreement:.3f}, mean cost {p.mean_cost:.1f}")
         return "\n".join(lines)
 
 
-def curve_candidates(budgets: Sequence[float], thresholds: Sequence[float], budget_thresholds: Sequence[float],
+def curve_candidates(budgets: Sequence[float], thresholds: Sequence[float],
+                     budget_thresholds: Sequence[float],
                      cap_factor: float) -> list[tuple[str, float, float | None]]:
     """The sweep columns: the threshold family (uncapped), then per budget the budget family."""
     columns: list[tuple[str, float, float | None]] = [("threshold", float(t), None) for t in thresholds]

@@ -206,7 +206,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
             # Calls to the highest tier asked for go first; the others wait a round. A branch
             # that escalated a step has one more call (the next tier's) than one that did not,
             # so this keeps both at the same step, where their next calls can be shared.
-            def tier_of(key: tuple) -> int:
+            def tier_of(key: tuple, buckets: dict[tuple, list[int]] = buckets) -> int:
                 calls = pending[buckets[key][0]]
                 return max(t for t, _ in calls) if isinstance(calls, list) else calls[0]
 
@@ -281,11 +281,14 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
     candidate_gates.append([AlwaysLarge()] * len(gates))  # the label-free reference
     if caps is not None:
         caps = [None if c is None else float(c) for c in caps]
-        if len(caps) != len(candidates) or any(c is not None and not (math.isfinite(c) and c >= 0) for c in caps):
-            raise ConfigError(f"caps must be {len(candidates)} caps (finite numbers >= 0 or None), got {caps}")
+        if len(caps) != len(candidates) or any(c is not None and not (math.isfinite(c) and c >= 0)
+                                               for c in caps):
+            raise ConfigError(f"caps must be {len(candidates)} caps (finite numbers >= 0 or None), "
+                              f"got {caps}")
         caps = [*caps, None]
     done = list(rows or [])
-    for row, problem in zip(done, problems, strict=False):  # before any work: a mismatch must not cost a sweep
+    # before any work: a mismatch must not cost a sweep
+    for row, problem in zip(done, problems, strict=False):
         if row["problem"] != problem or len(row["costs"]) != len(candidates):
             raise ConfigError("resumed sweep rows do not match these problems and candidates")
     started = time.perf_counter()
@@ -442,7 +445,8 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
         if cost_max is None:
             raise ConfigError("method='risk' needs cost_max, an upper bound on one problem's cost")
         cost_max = check_number(cost_max, "cost_max")
-    gate_specs = tuple(gate_spec_of(g).to_json() for g in cascade.gates)  # a gate that cannot be recorded fails now
+    # a gate that cannot be recorded fails now
+    gate_specs = tuple(gate_spec_of(g).to_json() for g in cascade.gates)
     if budgets is None:
         if budget is None:
             raise ConfigError("give budget= or budgets=")
@@ -450,7 +454,8 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
     if isinstance(budgets, (str, bytes)):
         raise ConfigError(f"budgets must be a list of numbers, got {budgets!r}")
     if any(b is None for b in budgets):
-        raise ConfigError(f"budgets must be numbers (a calibrated budget cannot be None), got {list(budgets)}")
+        raise ConfigError("budgets must be numbers (a calibrated budget cannot be None), "
+                          f"got {list(budgets)}")
     budgets = sorted(check_budget(b) for b in budgets)
     n_gates = len(cascade.gates)
     if candidates is None:
@@ -498,7 +503,8 @@ def calibrate(cascade: Cascade, problems: Sequence[str], budget: float | None = 
         "agreement": swept.agreement.mean(axis=0).tolist(),
     }
     if labels is not None:
-        curves["accuracy"] = [float(np.mean([a is not None and a == y for a, y in zip(col, labels, strict=False)]))
+        curves["accuracy"] = [float(np.mean([a is not None and a == y
+                                             for a, y in zip(col, labels, strict=False)]))
                               for col in zip(*swept.answers, strict=False)]
     return Calibration(
         gate_specs=gate_specs,

@@ -107,7 +107,8 @@ class FeatureSpec:
         unknown = set(self.scalars) - set(SCALAR_FEATURES)
         if unknown:
             raise ConfigError(f"unknown scalar features {sorted(unknown)}; known: {SCALAR_FEATURES}")
-        if self.reader is not None and (not isinstance(self.reader, dict) or set(self.reader) != {"name", "fingerprint"}):
+        if self.reader is not None and (not isinstance(self.reader, dict)
+                                        or set(self.reader) != {"name", "fingerprint"}):
             raise ConfigError(f"reader must be {{'name', 'fingerprint'}} or None, got {self.reader!r}")
 
     @property
@@ -208,7 +209,8 @@ def decision_features(spec: FeatureSpec, projection: np.ndarray, reader: ReaderS
     read = None
     if spec.reader is not None:
         if reader is None:
-            raise ConfigError(f"this router reads {spec.reader['name']}'s log-probabilities of the draft, but "
+            raise ConfigError(f"this router reads {spec.reader['name']}'s log-probabilities of the draft, "
+                              "but "
                               "has no reader attached: load it with load_router (which loads the reader)")
         read = reader.logprobs(state)
     return step_features(spec, projection, state.confidence, state.step_index, state.output, read)
@@ -323,7 +325,8 @@ def collect_router_data(small: Backend, large: Backend, problems: Sequence[str],
                                                         max_steps, max_step_tokens, delimiter, skip_perfect,
                                                         reader)
                 if sink.tell() == 0:
-                    header = _data_header(small, large, scorer, spec, max_steps, max_step_tokens, skip_perfect)
+                    header = _data_header(small, large, scorer, spec, max_steps, max_step_tokens,
+                                          skip_perfect)
                     sink.write(json.dumps(header) + "\n")
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
@@ -353,7 +356,8 @@ def _collect_one(small: Backend, large: Backend, scorer: StepScorer, problem: st
                 projection = spec.projection()
             read = None
             if reader is not None:
-                read = reader.score_steps([ScoreRequest(request_id, problem, context, draft.text)])[0].logprobs
+                read = reader.score_steps([ScoreRequest(request_id, problem, context,
+                                                        draft.text)])[0].logprobs
             small_text = _strip_delimiter(draft.text, delimiter)
             large_text, large_score = None, math.nan
             if skip_perfect:
@@ -463,11 +467,13 @@ class RouterDataset:
             lengths = [len(s["token_ids"]) for _, s in steps]
             tokens = {"token_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                       "token_ids": np.array([t for _, s in steps for t in s["token_ids"]], dtype=np.int64),
-                      "token_logprobs": np.array([t for _, s in steps for t in s["logprobs"]], dtype=np.float64),
+                      "token_logprobs": np.array([t for _, s in steps for t in s["logprobs"]],
+                                                 dtype=np.float64),
                       "token_entropies": np.array([t for _, s in steps for t in s["entropies"]],
                                                   dtype=np.float64)}
         return cls(
-            features=np.array([s["features"] for _, s in steps], dtype=np.float64).reshape(len(steps), spec.size),
+            features=np.array([s["features"] for _, s in steps],
+                              dtype=np.float64).reshape(len(steps), spec.size),
             small_score=np.array([s["small_score"] for _, s in steps], dtype=np.float64),
             large_score=np.array([math.nan if s["large_score"] is None else s["large_score"]
                                   for _, s in steps], dtype=np.float64),
@@ -559,7 +565,8 @@ class RouterMetrics:
         """One line for a router's summary."""
         return (f"held-out: {self.n_heldout} steps ({self.n_train} train), positive rate "
                 f"{self.positive_rate_heldout:.3f}, AUROC {self.auroc:.3f}, advantage captured at the "
-                f"oracle's escalation rate ({self.oracle_escalation_rate:.3f}): {self.captured_advantage:.3f}")
+                f"oracle's escalation rate ({self.oracle_escalation_rate:.3f}): "
+                f"{self.captured_advantage:.3f}")
 
 
 def _check_two_classes(labels: np.ndarray, where: str, tau: float) -> None:
@@ -699,7 +706,8 @@ class Router:
         try:
             router = cls(spec=FeatureSpec.from_json(json.loads(payload["spec"])),
                          projection=payload["projection"].numpy().astype(np.float64),
-                         mean=payload["mean"].numpy(), std=payload["std"].numpy(), coef=payload["coef"].numpy(),
+                         mean=payload["mean"].numpy(), std=payload["std"].numpy(),
+                         coef=payload["coef"].numpy(),
                          bias=float(payload["bias"]), **router_file_fields(payload))
         except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as error:
             raise RouterFileError(f"{path}: a damaged router file: {error}".split("\n")[0]) from error
@@ -739,7 +747,8 @@ def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | 
     """Refuse (RouterFileError) unless `models` are the models (names and fingerprints) a
     router was trained for, in order (small, large)."""
     given = [_model_record(m.info if hasattr(m, "info") else m) for m in models]
-    trained = [{"entropy": "exact", **dict(m)} for m in trained_for]  # files before entropies were recorded: HF's
+    # files before entropies were recorded: HF's
+    trained = [{"entropy": "exact", **dict(m)} for m in trained_for]
     identity = [[(m["name"], m["fingerprint"]) for m in x] for x in (given, trained)]
     if identity[0] != identity[1]:
         raise RouterFileError(f"this router was trained for {[m['name'] for m in trained]} "
@@ -747,7 +756,8 @@ def check_router_models(trained_for: Sequence[dict], models: Sequence[Backend | 
                               "train one for these models (cascade train-router)")
     if given and given[0]["entropy"] != trained[0]["entropy"]:  # the router reads the drafting model's
         raise RouterFileError(f"this router read draft entropies computed '{trained[0]['entropy']}', but "
-                              f"{given[0]['name']}'s backend gives '{given[0]['entropy']}': ask that backend for "
+                              f"{given[0]['name']}'s backend gives '{given[0]['entropy']}': "
+                              "ask that backend for "
                               "top_logprobs covering the vocabulary, or collect and train on it")
 
 

@@ -142,7 +142,8 @@ class Cascade:
             raise ConfigError(f"a cascade needs at least 2 models, got {len(models)}")
         for model in models:
             if isinstance(model, type) or not isinstance(model, Backend):
-                raise ConfigError(f"{model!r} is not a model backend: it needs info, next_steps, score_steps, "
+                raise ConfigError(f"{model!r} is not a model backend: it needs info, next_steps, "
+                                  "score_steps, "
                                   "prefill_bound and release, and the optional capabilities native_async, "
                                   "supports_fork, anext_steps, ascore_steps, fork and close (subclass "
                                   "decoding.Backend to inherit their defaults)")
@@ -422,7 +423,8 @@ class _Run:
         it is an optional marker outside the Gate protocol's required members."""
         escalation = self.worst(tier + 1, self.here, self.step_tokens_left()) \
             if getattr(gate, "budget_aware", False) else None
-        return GateState(self.problem, index, tier, self.here, output, Confidence.of(output, gate.probe_tokens or 4),
+        return GateState(self.problem, index, tier, self.here, output,
+                         Confidence.of(output, gate.probe_tokens or 4),
                          budget=self.budget, spent=self.used(), escalation_cost=escalation)
 
     def usage(self, tier: int, prefill: int, generated: int, seconds: float) -> Usage:
@@ -459,7 +461,8 @@ class _Run:
         return StepRequest(self.request_id, self.problem, context, max_tokens,
                            self.options.temperature, self.options.seed,
                            # A gate that reads hidden states (AdvantageGate) gets them.
-                           self.options.return_hidden or (tier < self.n - 1 and self.gates[tier].requires_hidden))
+                           self.options.return_hidden
+                           or (tier < self.n - 1 and self.gates[tier].requires_hidden))
 
     def checked_step(self, tier: int, request: StepRequest, output: object) -> StepOutput:
         """A generated step, checked (malformed output is the model's failure)."""
@@ -591,7 +594,8 @@ class _Run:
                 or self.options.temperature > 0 or done >= gate.max_corrections:
             return None
         fix, tokens = verification.greedy_prefix, verification.greedy_prefix_tokens
-        if not fix or not isinstance(fix, str) or self.cascade.delimiter in fix[: -len(self.cascade.delimiter)] \
+        if not fix or not isinstance(fix, str) \
+                or self.cascade.delimiter in fix[: -len(self.cascade.delimiter)] \
                 or not isinstance(tokens, int) or tokens < 1:
             return None  # nothing reported, or a malformed report: the top tier writes the step
         if self.fixed_tokens + tokens > self.options.max_step_tokens:
@@ -599,8 +603,10 @@ class _Run:
         if self.budget is not None:
             here = self.here + fix
             left = max(1, self.step_tokens_left() - tokens)
-            verification = self.cascade.cost_model.charge(tier + 1, self.prefill_bound(tier + 1, here) + left, 0)
-            if self.worst(tier, here, left) + verification + self.worst(tier + 1, here, left) > self.remaining():
+            verification = self.cascade.cost_model.charge(
+                tier + 1, self.prefill_bound(tier + 1, here) + left, 0)
+            if (self.worst(tier, here, left) + verification + self.worst(tier + 1, here, left)
+                    > self.remaining()):
                 return None
         return fix
 
@@ -610,7 +616,8 @@ class _Run:
         self.fixed += fix
         self.fixed_tokens += verification.greedy_prefix_tokens
         log.corrections += 1
-        return self.fixed.endswith(self.cascade.delimiter) or self.fixed_tokens >= self.options.max_step_tokens
+        return (self.fixed.endswith(self.cascade.delimiter)
+                or self.fixed_tokens >= self.options.max_step_tokens)
 
     def with_fixed_text(self, tier: int, output: StepOutput) -> tuple[int, StepOutput]:
         """The step's fixed text joined to the output that completes it (the step counts as
@@ -632,7 +639,8 @@ class _Run:
         if self.budget is None:
             return True
         ahead_context = self.here + output.text
-        verification = self.cascade.cost_model.charge(tier + 1, self.prefill_bound(tier + 1, ahead_context), 0)
+        verification = self.cascade.cost_model.charge(
+            tier + 1, self.prefill_bound(tier + 1, ahead_context), 0)
         return verification + self.worst(tier, ahead_context, self.options.max_step_tokens) \
             + self.worst(tier + 1, self.here, self.step_tokens_left()) <= self.remaining()
 
@@ -959,8 +967,9 @@ class _Driver:
                 if isinstance(calls, list):
                     # Calls sent together (SolveOptions.draft_ahead): each answer or failure
                     # goes back in its place; only the request's deadline is thrown.
-                    outcomes = await asyncio.gather(*(self.call(tier, request, timeout, deadline, options, loop)
-                                                      for tier, request in calls))
+                    outcomes = await asyncio.gather(
+                        *(self.call(tier, request, timeout, deadline, options, loop)
+                          for tier, request in calls))
                     if any(isinstance(o, _Deadline) for o in outcomes):
                         error = _Deadline()
                     else:

@@ -172,7 +172,8 @@ class PRMScorer:
         try:
             model = auto.from_pretrained(name)
         except (OSError, ValueError) as error:
-            raise ModelLoadError(f"could not load PRM {name!r} as {format}: {error}".split("\n")[0]) from error
+            raise ModelLoadError(
+                f"could not load PRM {name!r} as {format}: {error}".split("\n")[0]) from error
         model.to(device)
         return cls(model, tokenizer, format=format, step_tag=step_tag, positive_label=positive_label,
                    template=template, name=f"prm:{name}", device=device)

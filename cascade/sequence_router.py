@@ -107,9 +107,11 @@ def _network(spec: SequenceSpec, n_scalars: int, seed: int = 0):
                                             torch.nn.ReLU(), torch.nn.Linear(spec.width, 1))
 
         def forward(self, ids, numeric, lengths, scalars):
-            """ids (b, t) long, numeric (b, t, 3), lengths (b,) >= 1, scalars (b, n_scalars) -> logits (b,)."""
+            """ids (b, t) long, numeric (b, t, 3), lengths (b,) >= 1, scalars (b, n_scalars)
+            -> logits (b,)."""
             x = torch.relu(self.token_input(torch.cat([self.embedding(ids), numeric], dim=-1)))
-            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+            packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                             enforce_sorted=False)
             y, _ = self.gru(packed)
             y, _ = torch.nn.utils.rnn.pad_packed_sequence(y, batch_first=True, total_length=ids.shape[1])
             # Max-pool over real tokens only: padding is pushed far below any activation.
@@ -231,10 +233,12 @@ class SequenceRouter:
             router = cls(spec=SequenceSpec.from_json(json.loads(payload["spec"])),
                          features=FeatureSpec.from_json(json.loads(payload["features"])),
                          mean=payload["mean"].numpy(), std=payload["std"].numpy(),
-                         state={k: v.numpy() for k, v in payload["state"].items()}, **router_file_fields(payload))
+                         state={k: v.numpy() for k, v in payload["state"].items()},
+                         **router_file_fields(payload))
             router._net()  # weights of the wrong shape fail here, not at the first request
         except (KeyError, TypeError, ValueError, RuntimeError, ConfigError) as error:
-            raise RouterFileError(f"{path}: a damaged sequence-router file: {error}".split("\n")[0]) from error
+            raise RouterFileError(
+                f"{path}: a damaged sequence-router file: {error}".split("\n")[0]) from error
         return router
 
     def summary(self) -> str:
@@ -290,7 +294,8 @@ def train_sequence_router(data: RouterDataset, *, tau: float = 0.0, holdout: flo
             loss.backward()
             optimizer.step()
     state = {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}
-    router = SequenceRouter(spec=spec, features=data.spec, mean=mean, std=std, state=state, models=data.models,
+    router = SequenceRouter(spec=spec, features=data.spec, mean=mean, std=std, state=state,
+                            models=data.models,
                             scorer=data.scorer, tau=float(tau))
     held_rows = np.flatnonzero(held)
     probability = router.probability([sequences[i] for i in held_rows], data.features[held_rows])

@@ -48,7 +48,8 @@ class FaultyBackend(Backend):
     """
 
     def __init__(self, backend: Backend, schedule: FaultSchedule, *, stall_seconds: float = 1.0) -> None:
-        if not (isinstance(stall_seconds, (int, float)) and math.isfinite(stall_seconds) and stall_seconds >= 0):
+        if not (isinstance(stall_seconds, (int, float)) and math.isfinite(stall_seconds)
+                and stall_seconds >= 0):
             raise ValueError(f"stall_seconds must be a finite number >= 0, got {stall_seconds!r}")
         self.backend = backend
         self.info = backend.info

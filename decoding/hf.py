@@ -531,7 +531,8 @@ class HFBackend(Backend):
                 decoding.append(rows[-1])
                 feeds.append(feed)
             if len(decoding) > 1 and not all(_is_plain_dynamic(row.session.cache) for row in decoding):
-                for row, feed in zip(decoding, feeds, strict=False):  # a cache layout we cannot pad (sliding, recurrent)
+                # a cache layout we cannot pad (sliding, recurrent)
+                for row, feed in zip(decoding, feeds, strict=False):
                     self._decode([row], [feed], started)
             elif decoding:
                 self._decode(decoding, feeds, started)
@@ -630,7 +631,8 @@ class HFBackend(Backend):
                         tokens[k] = torch.multinomial(probs, 1, generator=row.generator)[0]
             chosen = log_probs.gather(1, tokens[:, None])[:, 0]
             token_list = tokens.tolist()
-            for row, token, logprob, entropy in zip(active, token_list, chosen.tolist(), entropies.tolist(), strict=False):
+            for row, token, logprob, entropy in zip(active, token_list, chosen.tolist(), entropies.tolist(),
+                                                    strict=False):
                 row.token_ids.append(token)
                 row.logprobs.append(logprob)
                 row.entropies.append(entropy)
@@ -649,7 +651,8 @@ class HFBackend(Backend):
             hidden = out.hidden_states[-1][:, -1].float() if want_hidden else None
             for k, (row, token) in enumerate(zip(active, token_list, strict=False)):
                 row.session.ids.append(token)
-                row.session.next_hidden = hidden[k] if hidden is not None and row.request.return_hidden else None
+                row.session.next_hidden = (hidden[k] if hidden is not None and row.request.return_hidden
+                                           else None)
                 # Decoding the whole step each token is quadratic; only look when this token
                 # could have completed the delimiter (decoded text is matched, not token ids).
                 if self._may_end_delimiter(token):

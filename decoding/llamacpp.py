@@ -51,6 +51,7 @@ from decoding.prompting import (
     render_prompt,
 )
 from decoding.types import (
+    Backend,
     BackendError,
     ModelInfo,
     ModelLoadError,
@@ -145,7 +146,8 @@ class GGUFTokenizer:
         self.chat_template = metadata.get("tokenizer.chat_template") or None
         self._formatter = None
         # Every token the vocabulary marks as ending generation (EOS, EOT, <|im_end|>, ...).
-        self.eog_ids = frozenset(t for t in range(self.vocab_size) if llama_cpp.llama_vocab_is_eog(self._vocab, t))
+        self.eog_ids = frozenset(t for t in range(self.vocab_size)
+                                 if llama_cpp.llama_vocab_is_eog(self._vocab, t))
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -173,7 +175,8 @@ class GGUFTokenizer:
         return buffer.raw[:n]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
-        return b"".join(self._piece(int(t), not skip_special_tokens) for t in ids).decode("utf-8", errors="replace")
+        return b"".join(self._piece(int(t), not skip_special_tokens)
+                        for t in ids).decode("utf-8", errors="replace")
 
     def apply_chat_template(self, messages: list[dict], tokenize: bool = False,
                             add_generation_prompt: bool = True) -> str:
@@ -222,7 +225,7 @@ def _default_threads() -> int:
         return os.cpu_count() or 1
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     """A GGUF model run in process by llama.cpp, behind the `decoding.Backend` protocol.
 
     model_path: the .gguf file. n_ctx: the most tokens one request's context (prompt,
@@ -350,7 +353,8 @@ class LlamaCppBackend:
         """Does this token's text contain the delimiter's last character? (memoized per id)"""
         known = self._ends_delimiter.get(token)
         if known is None:
-            known = self._ends_delimiter[token] = self.info.step_delimiter[-1] in self.tokenizer.decode([token])
+            known = self._ends_delimiter[token] = (self.info.step_delimiter[-1]
+                                                   in self.tokenizer.decode([token]))
         return known
 
     # ---- the engine: one sequence, request states swapped in and out ------------------------
@@ -430,7 +434,8 @@ class LlamaCppBackend:
     def _crop(self, session: _Session, keep: int) -> None:
         """Drop the session's tokens after the first `keep` (it is resident)."""
         if not self._llama_cpp.llama_memory_seq_rm(self._memory, 0, keep, -1):
-            raise BackendError(f"llama.cpp could not crop a request's KV cache to {keep} tokens", self.info.name)
+            raise BackendError(f"llama.cpp could not crop a request's KV cache to {keep} tokens",
+                               self.info.name)
         del session.ids[keep:]
 
     def _plan(self, session: _Session, target: str) -> tuple[int, int]:
@@ -627,7 +632,8 @@ class LlamaCppBackend:
         session.text += request.text
         session.boundaries.append((len(session.ids), len(session.text)))
         greedy = np.argmax(predicting, axis=-1)
-        agreed = next((i for i, (g, t) in enumerate(zip(greedy.tolist(), ids, strict=False)) if g != t), len(ids))
+        agreed = next((i for i, (g, t) in enumerate(zip(greedy.tolist(), ids, strict=False)) if g != t),
+                      len(ids))
         next_token = int(greedy[agreed]) if agreed < len(ids) else int(np.argmax(after))
         prefix, prefix_tokens = greedy_prefix(
             ids, agreed, next_token, text=request.text, delimiter=self.info.step_delimiter,
@@ -642,7 +648,8 @@ def _check_gguf_file(path: Path) -> None:
     if path.is_dir():
         found = sorted(p.name for p in path.glob("*.gguf"))
         hint = f"; it holds {', '.join(found)}" if found else ""
-        raise ModelLoadError(f"{str(path)!r} is a directory: LlamaCppBackend needs the .gguf file itself{hint}")
+        raise ModelLoadError(f"{str(path)!r} is a directory: LlamaCppBackend needs the .gguf file "
+                             f"itself{hint}")
     if not path.is_file():
         raise ModelLoadError(f"no GGUF file at {str(path)!r}")
     try:

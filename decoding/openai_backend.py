@@ -197,7 +197,8 @@ class OpenAIBackend(OwnLoopBatches):
         if prompt_format is None:
             prompt_format = "token_ids" if self.tokenizer is not None else "text"
         if prompt_format not in _PROMPT_FORMATS:
-            raise ValueError(f"prompt_format must be one of {', '.join(_PROMPT_FORMATS)}, got {prompt_format!r}")
+            raise ValueError(f"prompt_format must be one of {', '.join(_PROMPT_FORMATS)}, "
+                             f"got {prompt_format!r}")
         if prompt_format == "token_ids" and self.tokenizer is None:
             raise ValueError("prompt_format='token_ids' needs the model's tokenizer (tokenizer=...); "
                              "without one use prompt_format='text'")
@@ -426,7 +427,8 @@ class OpenAIBackend(OwnLoopBatches):
             piece = step_piece(text, token_ids, stop_reason)
         else:
             spelled = "".join(tokens) if tokens and all(isinstance(t, str) for t in tokens) else ""
-            if stop_reason == "delimiter" and spelled.startswith(text) and self.info.step_delimiter in spelled:
+            if (stop_reason == "delimiter" and spelled.startswith(text)
+                    and self.info.step_delimiter in spelled):
                 # The server cut its text at the stop string; its tokens' texts keep every
                 # character of the token that completed it, as HFBackend's step does.
                 text = spelled
@@ -479,7 +481,8 @@ class OpenAIBackend(OwnLoopBatches):
         tokens = logprobs.get("tokens") or []
         generated = _completion_tokens(data)
         if generated is None or generated > 1:
-            raise BackendError(f"{where} generated {generated if generated is not None else 'an unknown number of'} "
+            raise BackendError(f"{where} generated "
+                               f"{generated if generated is not None else 'an unknown number of'} "
                                "tokens for a score request with max_tokens=1 (usage.completion_tokens): its "
                                "echoed logprobs cannot be told apart from the prompt's; refusing to score",
                                self.info.name)
@@ -512,13 +515,15 @@ class OpenAIBackend(OwnLoopBatches):
                                    "refusing to score with unchecked logprobs", self.info.name)
         prefix_text, prefix_tokens = None, 0
         top = logprobs.get("top_logprobs")
-        if text_ids is not None and self._vllm_extensions and isinstance(top, list) and len(top) == len(token_lps):
+        if (text_ids is not None and self._vllm_extensions and isinstance(top, list)
+                and len(top) == len(token_lps)):
             after = _token_id(tokens[-1]) if generated and len(tokens) == len(token_lps) else None
             prefix_text, prefix_tokens = self._greedy_prefix(text_ids, top[first:prompt_entries], after,
                                                              body_prompt[first - 1], request.text)
         with self._lock:
             self._ledger.record(request.request_id, prompt, request.context,
-                                [(request.text, text_ids if text_ids is not None else [-1] * len(ids))], encode)
+                                [(request.text, text_ids if text_ids is not None else [-1] * len(ids))],
+                                encode)
         return ScoreOutput(ids, tuple(float(x) for x in scored), fed, time.perf_counter() - started,
                            prefix_text, prefix_tokens)
 
@@ -535,8 +540,10 @@ class OpenAIBackend(OwnLoopBatches):
             first -= 1
             spelled = tokens[first] + spelled
         if spelled != text:
-            raise BackendError(f"{where}: the echoed tokens ending the prompt read {spelled!r}, not the scored "
-                               f"text {text!r} (a token crosses from the context into it, or the echo does not "
+            raise BackendError(f"{where}: the echoed tokens ending the prompt read {spelled!r}, "
+                               "not the scored "
+                               f"text {text!r} (a token crosses from the context into it, "
+                               "or the echo does not "
                                "line up with the prompt); refusing to score", self.info.name)
         return first
 

@@ -137,7 +137,8 @@ class ProcessBackend(Backend):
         else:
             pieces = [(request.text, list(output.token_ids))] if output.token_ids else []
         with self._lock:
-            self._ledger.record(request.request_id, prompt, request.context, pieces, self._encoder(add_special))
+            self._ledger.record(request.request_id, prompt, request.context, pieces,
+                                self._encoder(add_special))
 
     # ---- the protocol -------------------------------------------------------------------------
 

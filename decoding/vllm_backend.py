@@ -313,7 +313,8 @@ class VLLMBackend(OwnLoopBatches):
             next_token = int(after.token_ids[0]) if after.token_ids and not ended else None
         prefix, prefix_tokens = greedy_prefix(
             text_ids, agreed, next_token, text=request.text,
-            delimiter=self.info.step_delimiter, decode=functools.partial(decode_after, self.tokenizer, ids[start - 1]),
+            delimiter=self.info.step_delimiter,
+            decode=functools.partial(decode_after, self.tokenizer, ids[start - 1]),
             eos_ids={self.tokenizer.eos_token_id})
         with self._lock:
             self._ledger.record(request.request_id, prompt, request.context,

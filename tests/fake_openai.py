@@ -7,7 +7,8 @@ of what the next requests do instead of answering: "429", "500", "503", "400",
 "sleep:<seconds>", "garbage" (a 200 whose body is not a completion), "noecho" (a
 completion without prompt logprobs), "runon" (an echo that ignores max_tokens and goes on
 for 28 generated tokens, as llama-cpp-python does with max_tokens=0), "shifted" (echoed
-logprobs one position off, as llama-cpp-python's for a prompt without BOS). Run in a thread (`running_fake`) or as a process:
+logprobs one position off, as llama-cpp-python's for a prompt without BOS). Run in a thread
+(`running_fake`) or as a process:
 `python tests/fake_openai.py --port P [--delay S]`.
 """
 
@@ -90,7 +91,8 @@ def make_app(state: FakeState):
             return {"id": "cmpl-fake", "object": "text_completion", "model": body.get("model"),
                     "choices": [{"index": 0, "text": text + run, "logprobs": logprobs,
                                  "finish_reason": "length"}],
-                    "usage": {"prompt_tokens": n, "completion_tokens": generated, "total_tokens": n + generated}}
+                    "usage": {"prompt_tokens": n, "completion_tokens": generated,
+                              "total_tokens": n + generated}}
         text = _prompt_text(prompt)
         delimiter = (body.get("stop") or ["\n"])[0]
         step = state.step

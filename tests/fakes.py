@@ -68,7 +68,8 @@ class FakeBackend(Backend):
                 text, logprobs = text[len(partial):], logprobs[len(partial):]
             stop = "delimiter"
             if len(text) > request.max_tokens:
-                text, logprobs, stop = text[: request.max_tokens], logprobs[: request.max_tokens], "max_tokens"
+                text, logprobs, stop = (text[: request.max_tokens], logprobs[: request.max_tokens],
+                                        "max_tokens")
             self.cached[request.request_id] += text
             outputs.append(StepOutput(text, tuple(ord(c) for c in text), tuple(logprobs),
                                       tuple(0.1 for _ in text), stop, fed, 0.001))

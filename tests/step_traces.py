@@ -100,7 +100,8 @@ def policies() -> dict[str, dict]:
     """name -> tiers, gates, budget, options, fault policy (the large tier's faults)."""
     router = HiddenRouter()
     fix = VerifyGate(0.3, rewrite="token")
-    ahead = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS, draft_ahead=True)
+    ahead = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS,
+                         draft_ahead=True)
     sampled = SolveOptions(max_steps=EMBEDDED_MAX_STEPS, max_step_tokens=EMBEDDED_MAX_STEP_TOKENS,
                            temperature=0.7, seed=3)
     two, three = ("small", "large"), ("small", "medium", "large")
@@ -118,16 +119,19 @@ def policies() -> dict[str, dict]:
         "advantage": {"tiers": two, "gates": [AdvantageGate(router, threshold=0.5)]},
         "verify-screened": {"tiers": two, "gates": [VerifyGate(0.3, screen=router, screen_threshold=0.5)]},
         "confidence-capped": {"tiers": two, "gates": [ConfidenceGate(0.2)], "budget": 45},
-        "route-capped": {"tiers": two, "gates": [ConfidenceGate(0.2, mode="route", probe_tokens=3)], "budget": 30},
+        "route-capped": {"tiers": two, "gates": [ConfidenceGate(0.2, mode="route", probe_tokens=3)],
+                         "budget": 30},
         "large-capped": {"tiers": two, "gates": [AlwaysLarge()], "budget": 25},
         "three-tier": {"tiers": three, "gates": [ConfidenceGate(0.5), ConfidenceGate(0.5)]},
         "three-tier-route": {"tiers": three, "gates": [ConfidenceGate(0.4),
                                                        ConfidenceGate(0.3, mode="route", probe_tokens=4)]},
-        "three-tier-verify-capped": {"tiers": three, "gates": [VerifyGate(0.3), VerifyGate(0.3)], "budget": 60},
+        "three-tier-verify-capped": {"tiers": three, "gates": [VerifyGate(0.3), VerifyGate(0.3)],
+                                     "budget": 60},
         "degrade-confidence": {"tiers": two, "gates": [ConfidenceGate(0.4)], "faults": True},
         "degrade-verify-fix-ahead": {"tiers": two, "gates": [fix], "options": ahead, "faults": True},
         "degrade-three-tier-route": {"tiers": three, "gates": [ConfidenceGate(0.4),
-                                                               ConfidenceGate(0.3, mode="route", probe_tokens=4)],
+                                                               ConfidenceGate(0.3, mode="route",
+                                                                              probe_tokens=4)],
                                      "faults": True},
         "fail-verify": {"tiers": two, "gates": [VerifyGate(0.3)], "faults": True, "on_failure": "fail"},
     }

@@ -103,7 +103,8 @@ CASES = [
     ("\\boxed{[-2, 5)}", "[-2,5)", "math", True),
     ("\\boxed{(-\\infty,3)}", "(-\\infty,3]", "math", False),
     ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{\\sqrt2}{2}", "math", True),
-    ("So \\boxed{2}, then \\boxed{\\frac{1}{\\sqrt{3}}} is wrong; \\boxed{\\frac13}", "\\frac{1}{3}", "math", True),
+    ("So \\boxed{2}, then \\boxed{\\frac{1}{\\sqrt{3}}} is wrong; \\boxed{\\frac13}", "\\frac{1}{3}", "math",
+     True),
     ("\\boxed{\\frac{1}{3}} and finally \\boxed{3}", "\\frac{1}{3}", "math", False),
     ("\\boxed{-\\frac{1}{2}}", "\\frac{1}{2}", "math", False),
     # user kind: generic math grading

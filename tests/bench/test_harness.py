@@ -459,7 +459,8 @@ def test_cli_bench_template_sets_prompt_and_delimiter(tiny_dirs, tmp_path, capsy
 
 @pytest.mark.parametrize("argv,message", [
     (["--template", "qwen25-math-cot"], "needs --small/--large"),
-    (["--template", "embedded", "--small", "/no/such/a", "--large", "/no/such/b"], "leave out --small/--large"),
+    (["--template", "embedded", "--small", "/no/such/a", "--large", "/no/such/b"],
+     "leave out --small/--large"),
     (["--template", "qwen", "--small", "/no/such/a", "--large", "/no/such/b"],
      "valid templates: qwen25-math-cot, plain, chat, embedded"),
 ])
@@ -492,7 +493,8 @@ def test_cli_bench_openai_backend_against_fake_servers(tmp_path, capsys):
     assert by["o1", "small"]["correct"] is False
     assert by["o1", "large"]["predicted"] == "8" and by["o1", "large"]["correct"] is True
     assert [(s["text"], s["tier"]) for s in by["o0", "large"]["steps"]] == [("#### 8", 1)]
-    assert {b["model"] for b in small_state.bodies} == {"s"} and {b["model"] for b in large_state.bodies} == {"l"}
+    assert {b["model"] for b in small_state.bodies} == {"s"}
+    assert {b["model"] for b in large_state.bodies} == {"l"}
     assert any(b.get("echo") for b in large_state.bodies)  # verify scored the drafts on the large server
     header = json.loads((out / "run.json").read_text())
     assert [m["name"] for m in header["settings"]["models"]] == ["embedded:small", "embedded:large"]

@@ -333,7 +333,7 @@ def test_solve_lines_rejects_undefined_variables(problem):
         solve_lines(problem)
 
 
-# ---- termination -----------------------------------------------------------------------------------------------
+# ---- termination ---------------------------------------------------------------------------------------
 
 def test_generation_terminates_for_every_accepted_config():
     """TaskConfig accepts ops without '-', so generation must not spin forever on them."""

@@ -249,7 +249,9 @@ def test_interrupted_run_resumes_to_the_same_checkpoint_as_a_straight_run(straig
     assert resumed["rng"] == straight["rng"]
     assert torch.equal(resumed["torch_rng"], straight["torch_rng"])
     # The loss logged for steps 4-6 is the straight run's too.
-    last = lambda log: [l.split(" ", 1)[1] for l in log.splitlines() if "step 6/6" in l][0]
+    def last(log):
+        return [line.split(" ", 1)[1] for line in log.splitlines() if "step 6/6" in line][0]
+
     assert last((out / "train.log").read_text()).split(" lr ")[0] == last(
         (straight_run / "train.log").read_text()).split(" lr ")[0]
 

@@ -210,7 +210,8 @@ FAULTS = st.dictionaries(st.integers(1, 30), st.sampled_from(["error", "malforme
        policy=st.sampled_from(["fail", "degrade"]), n=st.integers(1, 7), concurrency=st.integers(1, 8))
 def test_budgets_hold_and_no_request_is_lost_under_faults_and_concurrency(
         budget, threshold, kind, faults, policy, n, concurrency):
-    gate = {"confidence": ConfidenceGate(threshold), "route": ConfidenceGate(threshold, mode="route", probe_tokens=2),
+    gate = {"confidence": ConfidenceGate(threshold),
+            "route": ConfidenceGate(threshold, mode="route", probe_tokens=2),
             "verify": VerifyGate(threshold), "large": AlwaysLarge()}[kind]
     small, large = pair()
     c = Cascade(small, FaultyBackend(large, at_calls(faults)), gate, options=OPTIONS, on_large_failure=policy)

@@ -33,7 +33,8 @@ def fake_cascade(steps=5, gate=None):
 
 
 def state(budget, spent, cost, step_index=1, problem="p"):
-    return GateState(problem, step_index, 0, "", EMPTY, None, budget=budget, spent=spent, escalation_cost=cost)
+    return GateState(problem, step_index, 0, "", EMPTY, None, budget=budget, spent=spent,
+                     escalation_cost=cost)
 
 
 def test_threshold_follows_what_is_left_per_remaining_step():
@@ -125,7 +126,8 @@ def test_without_a_cap_it_is_the_inner_gate_at_its_floor():
     runner = fake_cascade()
     for floor in (0.2, 0.5, 0.8):
         plain = runner.solve_many(["p1", "p2", "p3"], gates=[ConfidenceGate(floor)])
-        wrapped = runner.solve_many(["p1", "p2", "p3"], gates=[BudgetGate(ConfidenceGate(0.9), threshold=floor)])
+        wrapped = runner.solve_many(["p1", "p2", "p3"],
+                                    gates=[BudgetGate(ConfidenceGate(0.9), threshold=floor)])
         assert [r.cost.total for r in plain] == [r.cost.total for r in wrapped]
         assert [r.answer for r in plain] == [r.answer for r in wrapped]
 

@@ -52,7 +52,8 @@ def _script(confident: bool):
 def curve():
     small = FakeBackend("small", 100, _script(False))
     large = FakeBackend("large", 1000, _script(True))
-    runner = Cascade(small, large, ConfidenceGate(0.5), options=SolveOptions(max_steps=10, max_step_tokens=12))
+    runner = Cascade(small, large, ConfidenceGate(0.5),
+                     options=SolveOptions(max_steps=10, max_step_tokens=12))
     gate = BudgetGate(ConfidenceGate(0.5), steps_intercept=5.5, step_cost=0.2)
     candidates = curve_candidates(BUDGETS, [1.0, 0.8, 0.6, 0.4, 0.2, 0.0], [1.0, 0.6, 0.3, 0.0], CAP_FACTOR)
     problems = [f"q{i}-" + "x" * (i % 13) for i in range(N_POOL)]

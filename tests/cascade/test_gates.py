@@ -180,7 +180,8 @@ def test_draft_ahead_survives_a_failing_verifier_and_a_failing_early_draft(tiny_
         for tier, request in batch:
             counts[tier] += 1
             model = (small, large)[tier]
-            outputs.append((model.next_steps if hasattr(request, "max_tokens") else model.score_steps)([request])[0])
+            outputs.append((model.next_steps if hasattr(request, "max_tokens")
+                            else model.score_steps)([request])[0])
         if isinstance(calls, list) and first_pair is None:
             first_pair = tuple(counts)  # (small call number, large call number) of the pair
         value = outputs if isinstance(calls, list) else outputs[0]
@@ -229,11 +230,13 @@ def test_a_screened_verify_gate_verifies_only_the_drafts_its_router_picks(tiny_d
     screen = _MinProbScreen()
     plain = Cascade(small, large, VerifyGate(0.6), options=options)
     for problem in PROBLEMS:
-        everything = Cascade(small, large, VerifyGate(0.6, screen=screen, screen_threshold=0.0), options=options)
+        everything = Cascade(small, large, VerifyGate(0.6, screen=screen, screen_threshold=0.0),
+                             options=options)
         a, b = everything.solve(problem), plain.solve(problem)  # screen at 0: every draft is verified
         assert [(s.text, s.tier) for s in a.steps] == [(s.text, s.tier) for s in b.steps]
         assert a.cost.total == pytest.approx(b.cost.total)
-        nothing = Cascade(small, counted, VerifyGate(0.6, screen=screen, screen_threshold=1.0), options=options)
+        nothing = Cascade(small, counted, VerifyGate(0.6, screen=screen, screen_threshold=1.0),
+                          options=options)
         before = counted.scored
         alone = nothing.solve(problem)
         assert counted.scored == before and all(s.tier == 0 for s in alone.steps)  # never verified
@@ -269,4 +272,5 @@ def test_a_screened_verify_gate_honours_the_hard_cap(tiny_dirs, budget):
     for rewrite in ("step", "token"):
         gate = VerifyGate(0.3, rewrite=rewrite, screen=_MinProbScreen(), screen_threshold=0.2)
         for problem in PROBLEMS:
-            assert Cascade(small, large, gate, options=options).solve(problem, budget).cost.total <= budget + 1e-9
+            result = Cascade(small, large, gate, options=options).solve(problem, budget)
+            assert result.cost.total <= budget + 1e-9

@@ -79,8 +79,10 @@ def _synthetic(n_problems=200, steps=5, separable=True, seed=0) -> RouterDataset
     small_score = np.where(better, 0.0, rng.uniform(0.5, 1.0, n))
     large_score = np.where(better, 1.0, small_score - rng.uniform(0, 0.5, n))
     return RouterDataset(features=x, small_score=small_score, large_score=large_score,
-                         group=np.repeat(np.arange(n_problems), steps), step_index=np.tile(np.arange(steps), n_problems),
-                         spec=SCALARS_ONLY, models=({"name": "s", "fingerprint": "s"}, {"name": "l", "fingerprint": "l"}),
+                         group=np.repeat(np.arange(n_problems), steps),
+                         step_index=np.tile(np.arange(steps), n_problems),
+                         spec=SCALARS_ONLY,
+                         models=({"name": "s", "fingerprint": "s"}, {"name": "l", "fingerprint": "l"}),
                          scorer="synthetic")
 
 
@@ -311,7 +313,7 @@ def test_harness_runs_the_advantage_policy_and_the_report_matches_accuracy(tmp_p
     assert json.loads((out / "run.json").read_text())["settings"]["router"]["sha256"]
     report = gate_report(out, tmp_path / "report")
     assert report["n_problems"] == 4 and (tmp_path / "report" / "pareto_cost.png").exists()
-    for family, entry in report["matched"].items():
+    for _family, entry in report["matched"].items():
         if entry.get("policy"):
             assert report["policies"][entry["policy"]]["accuracy"] >= report["target_accuracy"]
     # The pure helpers, on hand-made curves.
@@ -352,7 +354,8 @@ def test_reader_features_come_last_and_are_named_in_the_spec():
     with pytest.raises(ConfigError, match="log-probabilities"):
         step_features(spec, spec.projection(), Confidence.of(output, 4), 1, output)
     assert FeatureSpec.from_json(spec.to_json()) == spec
-    assert "reader" not in SCALARS_ONLY.to_json() and FeatureSpec.from_json(SCALARS_ONLY.to_json()).reader is None
+    assert "reader" not in SCALARS_ONLY.to_json()
+    assert FeatureSpec.from_json(SCALARS_ONLY.to_json()).reader is None
 
 
 def test_collection_with_a_reader_records_its_scores_and_its_name(tmp_path):
@@ -390,7 +393,8 @@ def test_a_router_with_a_reader_scores_drafts_with_it_end_to_end(tiny_dirs, tmp_
     options = SolveOptions(max_steps=3, max_step_tokens=6)
     result = Cascade(small, large, AdvantageGate(router, threshold=0.5), options=options).solve(problems[0])
     for step, out, context in replayed_drafts(small, problems[0], result.steps, 6):
-        read = reader.score_steps([ScoreRequest(f"read{step.index}", problems[0], context, out.text)])[0].logprobs
+        read = reader.score_steps([ScoreRequest(f"read{step.index}", problems[0], context,
+                                                out.text)])[0].logprobs
         reader.release(f"read{step.index}")
         features = step_features(router.spec, router.projection, Confidence.of(out, 4), step.index, out, read)
         expected = float(router.probability(features[None, :])[0])

@@ -202,7 +202,8 @@ def tiny_pair(tiny_dirs):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
-@given(budget=st.floats(0, 120), threshold=st.floats(0, 1), kind=st.sampled_from(["route", "speculate", "verify"]))
+@given(budget=st.floats(0, 120), threshold=st.floats(0, 1),
+       kind=st.sampled_from(["route", "speculate", "verify"]))
 def test_hard_cap_holds_on_real_models(tiny_pair, budget, threshold, kind):
     """The cap check relies on the backend's prefill bound being a true upper bound."""
     gate = VerifyGate(threshold) if kind == "verify" else ConfidenceGate(threshold, mode=kind, probe_tokens=2)

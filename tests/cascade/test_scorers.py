@@ -132,7 +132,8 @@ def test_verify_gate_decisions_match_raw_forward_pass(tiny_dirs):
     problem, threshold = "a=4;b=a+2;?b", 0.5
     for reduce in ("mean", "min"):
         gate = VerifyGate(threshold=threshold, reduce=reduce)
-        result = Cascade(small, large, gate, options=SolveOptions(max_steps=4, max_step_tokens=6)).solve(problem)
+        result = Cascade(small, large, gate,
+                         options=SolveOptions(max_steps=4, max_step_tokens=6)).solve(problem)
         context = ""
         for step in result.steps:
             decision = step.decisions[0]

@@ -12,8 +12,8 @@ import pytest
 import torch
 from fakes import FakeBackend, counting_script, replayed_drafts
 
-from cascade import AdvantageGate, Cascade, ConfigError, SolveOptions
 from app.cli import main as cli_main
+from cascade import AdvantageGate, Cascade, ConfigError, SolveOptions
 from cascade.gates import Confidence
 from cascade.router import (
     FeatureSpec,
@@ -134,7 +134,8 @@ def test_probability_does_not_depend_on_the_batch_a_draft_is_read_in():
     router = _trained()
     data = _token_data(n_problems=10, seed=3)
     together = _probabilities(router, data)
-    alone = [float(router.probability([data.step_tokens(i)], data.features[i:i + 1])[0]) for i in range(len(data))]
+    alone = [float(router.probability([data.step_tokens(i)], data.features[i:i + 1])[0])
+             for i in range(len(data))]
     np.testing.assert_allclose(together, alone, atol=1e-6)
     empty = router.probability([((), (), ())], data.features[:1])  # an empty draft still gets a score
     assert empty.shape == (1,) and 0.0 <= empty[0] <= 1.0
@@ -186,7 +187,8 @@ def test_gate_scores_are_the_routers_probabilities_on_tiny_models(tiny_dirs, tmp
     for step, out, _ in replayed_drafts(small, problems[0], result.steps, 6):
         features = step_features(router.features, router.features.projection(), Confidence.of(out, 4),
                                  step.index, out)
-        expected = float(router.probability([(out.token_ids, out.logprobs, out.entropies)], features[None, :])[0])
+        expected = float(router.probability([(out.token_ids, out.logprobs, out.entropies)],
+                                            features[None, :])[0])
         assert step.decisions[0].score == pytest.approx(expected, abs=1e-5)
         assert step.decisions[0].escalated == (expected >= 0.5)
     assert result.steps
@@ -199,7 +201,8 @@ def test_gate_with_a_sequence_router_honours_the_hard_cap():
     for budget in (0.0, 150.0, 900.0, 5000.0):
         for threshold in (0.0, 0.5, 1.0):
             result = Cascade(models=models, gates=[AdvantageGate(router, threshold=threshold)],
-                             options=SolveOptions(max_steps=8, max_step_tokens=12)).solve("cap", budget=budget)
+                             options=SolveOptions(max_steps=8, max_step_tokens=12)).solve(
+                "cap", budget=budget)
             assert result.cost.total <= budget + 1e-9
 
 
@@ -209,7 +212,8 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
     problems = tmp_path / "train.jsonl"
     from bench.tasks import generate_split
 
-    problems.write_text("".join(json.dumps({"problem": p.problem}) + "\n" for p in generate_split("train", 20)))
+    problems.write_text("".join(json.dumps({"problem": p.problem}) + "\n"
+                                for p in generate_split("train", 20)))
     code = cli_main(["train-router", "--problems", str(problems), "--scorer", "exact", "--router-model",
                      "sequence", "--epochs", "1", "-o", str(tmp_path / "seq.pt")])
     out = capsys.readouterr().out
@@ -220,8 +224,8 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
     from app.server import build_served_cascade
 
     router = str(tmp_path / "seq.pt")
-    code = cli_main(["solve", "a=5;b=a+3;c=b*2;?c", "--gate", "advantage", "--threshold", "0", "--router", router,
-                     "--json"])
+    code = cli_main(["solve", "a=5;b=a+3;c=b*2;?c", "--gate", "advantage", "--threshold", "0",
+                     "--router", router, "--json"])
     trace = json.loads(capsys.readouterr().out)
     assert code == 0 and trace["steps"] and all(s["tier"] == 1 for s in trace["steps"])  # threshold 0
     code = cli_main(["solve", "a=5;?a", "--models", "embedded:small,embedded:medium,embedded:large",
@@ -233,12 +237,13 @@ def test_cli_trains_a_sequence_router_on_the_embedded_pair(tmp_path, capsys):
     assert "--gate advantage" in capsys.readouterr().err
     assert cli_main(["solve", "a=5;?a", "--gate", "verify", "--router", router]) == 2
     assert "--screen-threshold" in capsys.readouterr().err
-    code = cli_main(["solve", "a=5;b=a+3;c=b*2;?c", "--gate", "verify", "--router", router, "--screen-threshold",
-                     "1", "--json"])  # nothing passes the screen (P < 1): the small model writes every step
+    # nothing passes the screen (P < 1): the small model writes every step
+    code = cli_main(["solve", "a=5;b=a+3;c=b*2;?c", "--gate", "verify", "--router", router,
+                     "--screen-threshold", "1", "--json"])
     trace = json.loads(capsys.readouterr().out)
     assert code == 0 and all(s["tier"] == 0 for s in trace["steps"])
-    served = build_served_cascade(build_parser().parse_args(["serve", "--gate", "advantage", "--threshold", "0.4",
-                                                             "--router", router]))
+    served = build_served_cascade(build_parser().parse_args(["serve", "--gate", "advantage",
+                                                             "--threshold", "0.4", "--router", router]))
     assert isinstance(served.gates[0], AdvantageGate) and served.gates[0].threshold == 0.4
     assert isinstance(served.gates[0].router, SequenceRouter)
     # A request may pick the advantage gate at its own threshold: the server's router is used.
@@ -297,7 +302,8 @@ def test_harness_and_report_run_two_routers_side_by_side(tmp_path):
     assert set(settings["router"]) == {"", "seq"} and settings["router"]["seq"]["sha256"]
     run = json.loads((out / "run.json").read_text())
     gates = {p["name"]: p["gates"] for p in run["settings"]["policies"]}
-    assert "SequenceRouter" in gates["advantage:seq@0.5"][0] and "SequenceRouter" not in gates["advantage@0.5"][0]
+    assert "SequenceRouter" in gates["advantage:seq@0.5"][0]
+    assert "SequenceRouter" not in gates["advantage@0.5"][0]
     report = gate_report(out, tmp_path / "report", router=routers)
     assert {"advantage", "advantage:seq", "verify-fix:seq=0.5"} <= set(report["matched"])
     assert "screen=SequenceRouter" in gates["verify-fix:seq=0.5@0.3"][0]
@@ -342,7 +348,8 @@ def test_a_calibration_of_an_advantage_gate_names_its_router_file(tmp_path):
     assert served.calibration.gates_for(5000.0)[0].router is gate.router  # the file is read once
     assert served.solve("q1", budget=5000.0).steps
     screened = Cascade(small, large, cascade_verify_gate(load_router(path)), options=options)
-    again = Cascade.from_calibration(calibrate(screened, problems, budget=5000.0).save(tmp_path / "cal2.json"),
+    again = Cascade.from_calibration(calibrate(screened, problems, budget=5000.0)
+                                     .save(tmp_path / "cal2.json"),
                                      models=[small, large], options=options)
     assert repr(again.gates[0].screen) == repr(trained) and again.gates[0].screen_threshold == 0.2
     train_sequence_router(data, spec=SMALL_NET, epochs=1, seed=7).save(path)  # another router, same file

@@ -186,7 +186,8 @@ def test_three_tiny_random_models_end_to_end(tiny_dirs):
 @pytest.mark.parametrize("argv, message", [
     (["--models", "embedded:small,embedded:large", "--gates", "confidence@0.3,confidence@0.5"],
      "--gates names 2 gate(s) for 2 models; 2 models need 1"),
-    (["--models", "a,b,c", "--gates", "confidence@0.3"], "--gates names 1 gate(s) for 3 models; 3 models need 2"),
+    (["--models", "a,b,c", "--gates", "confidence@0.3"],
+     "--gates names 1 gate(s) for 3 models; 3 models need 2"),
     (["--gates", "confidence@0.3,verify@x", "--models", "a,b,c"], "bad threshold in --gates item 'verify@x'"),
     (["--gates", "nope@0.3", "--models", "a,b"], "unknown gate 'nope'"),
     (["--gates", "confidence@0.3", "--gate", "verify"], "give --gate or --gates, not both"),
@@ -219,7 +220,8 @@ def test_bench_policy_with_one_threshold_per_gate():
     assert [s.label for s in specs] == ["confidence@0.3/0.6", "verify@0.5", "small"]
     assert specs[0].threshold == (0.3, 0.6)
     cascade = Cascade(models=trio(), gates=[ConfidenceGate(0.5), ConfidenceGate(0.5)], options=OPTIONS)
-    built = _build_policies(specs, cascade, calibration=None, budget=None, signal="min_prob", mode="speculate")
+    built = _build_policies(specs, cascade, calibration=None, budget=None, signal="min_prob",
+                            mode="speculate")
     assert [g.threshold for g in built[0].gates] == [0.3, 0.6]
     assert [g.threshold for g in built[1].gates] == [0.5, 0.5]
     two = Cascade(models=trio()[:2], gates=[ConfidenceGate(0.5)], options=OPTIONS)
@@ -240,7 +242,8 @@ def test_trio_report_pareto_front_matched_accuracy_and_ship_rule():
     families = {"small->large": ["a1", "a2"], "medium->large": ["b1"], "small->medium->large": ["c1"]}
     by_cost = matched_accuracy(summary, families, [0.9, 0.95, 0.97], "mean_cost")
     by_wall = matched_accuracy(summary, families, [0.9, 0.95, 0.97], "mean_wall_seconds")
-    assert by_cost["0.9"]["small->large"]["policy"] == "a1" and by_cost["0.95"]["medium->large"]["policy"] == "b1"
+    assert by_cost["0.9"]["small->large"]["policy"] == "a1"
+    assert by_cost["0.95"]["medium->large"]["policy"] == "b1"
     assert by_cost["0.97"]["small->medium->large"] is None
     decision = _ship_decision(by_cost, by_wall)
     # 0.9 and 0.95: c1 is cheaper; 0.97: only a two-tier cascade reaches it -> no ship.

@@ -110,7 +110,7 @@ def test_divergence_crops_and_matches_fresh_request(small):
 
 def test_prefill_bound_is_exact(small):
     context = ""
-    for k in range(3):
+    for _ in range(3):
         bound = small.prefill_bound("pb", PROBLEM, context)
         out = step(small, context, request_id="pb")
         assert out.prefill_tokens == bound

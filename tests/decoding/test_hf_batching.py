@@ -233,7 +233,8 @@ def test_batched_scoring_equals_one_at_a_time(sharp):
     pairs = [(p, c) for c in CONTEXTS for p in PROBLEMS][: len(texts)]
     for prefix in ("sc", "sc-alone-"):  # half the requests already hold a cache
         sharp.next_steps([StepRequest(f"{prefix}{k}", p, c, 4) for k, (p, c) in enumerate(pairs) if k % 2])
-    requests = [ScoreRequest(f"sc{k}", p, c, t) for k, ((p, c), t) in enumerate(zip(pairs, texts, strict=False))]
+    requests = [ScoreRequest(f"sc{k}", p, c, t)
+                for k, ((p, c), t) in enumerate(zip(pairs, texts, strict=False))]
     batched = sharp.score_steps(requests)
     alone = [sharp.score_steps([ScoreRequest(f"sc-alone-{k}",
                                              r.problem, r.context, r.text)])[0]

@@ -25,7 +25,8 @@ try:
     import llama_cpp  # noqa: F401
 except Exception as error:  # noqa: BLE001 - any import failure is reported the same way
     if os.environ.get("STEPCASCADE_REQUIRE_LLAMACPP") == "1":
-        raise RuntimeError(f"STEPCASCADE_REQUIRE_LLAMACPP=1 but llama_cpp does not import: {error}") from error
+        raise RuntimeError(f"STEPCASCADE_REQUIRE_LLAMACPP=1 but llama_cpp does not import: "
+                           f"{error}") from error
     pytest.skip(f"llama-cpp-python is not installed (pip install -e '.[llamacpp]'): {error}",
                 allow_module_level=True)
 
@@ -138,7 +139,8 @@ def test_kv_states_are_kept_per_request_and_the_prefill_bound_is_exact(smol):
         context += out.text if out.text.endswith("\n\n") else out.text + "\n\n"
     prompt_tokens = len(smol._encode_prompt(smol.render_prompt(PROBLEM)[0]))
     assert outs[0].prefill_tokens == prompt_tokens
-    # Later steps feed only what the cache lacks (a delimiter appended by the caller), never the whole context.
+    # Later steps feed only what the cache lacks (a delimiter appended by the caller), never the
+    # whole context.
     assert all(o.prefill_tokens <= 2 for o in outs[1:])
     assert smol.state_swaps > 0
     # The same context from scratch (a fresh request) gives the same step.
@@ -260,13 +262,15 @@ def test_llamacpp_agrees_with_transformers_on_the_same_gguf(smol, hf_smol):
             score_ours = smol.score_steps([ScoreRequest(f"score{k}", problem, context, ours.text)])[0]
             score_theirs = hf_smol.score_steps([ScoreRequest(f"score{k}", problem, context, ours.text)])[0]
             assert score_ours.token_ids == score_theirs.token_ids
-            worst = max(worst, max(abs(a - b) for a, b in zip(score_ours.logprobs, score_theirs.logprobs, strict=False)))
+            worst = max(worst, max(abs(a - b)
+                                   for a, b in zip(score_ours.logprobs, score_theirs.logprobs, strict=False)))
             context += ours.text if ours.text.endswith("\n\n") else ours.text + "\n\n"
             if ours.stop_reason == "eos":
                 break
         for backend in (smol, hf_smol):
             backend.release(f"agree{k}")
             backend.release(f"score{k}")
-    print(f"greedy steps identical: {same_steps}/{total_steps}; max |logprob diff| of scored steps: {worst:.4f}")
+    print(f"greedy steps identical: {same_steps}/{total_steps}; "
+          f"max |logprob diff| of scored steps: {worst:.4f}")
     assert same_steps / total_steps >= MIN_STEP_AGREEMENT
     assert worst <= MAX_LOGPROB_DIFF

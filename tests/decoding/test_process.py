@@ -86,8 +86,10 @@ def test_cascade_on_a_process_backend_gives_the_same_traces(tiny_dirs, pair):
     problems = [f"a={k};b=a+{k + 1};?b" for k in range(6)]
     with ProcessBackend(tiny_dirs[2], step_delimiter="\n") as remote_large:
         for budget in (None, 40.0):
-            expected = [Cascade(small=local_small, large=local_large, gate=gate, options=options).solve(p, budget) for p in problems]
-            got = Cascade(small=local_small, large=remote_large, gate=gate, options=options).solve_many(problems, budget, concurrency=3)
+            expected = [Cascade(small=local_small, large=local_large, gate=gate,
+                                options=options).solve(p, budget) for p in problems]
+            got = Cascade(small=local_small, large=remote_large, gate=gate,
+                          options=options).solve_many(problems, budget, concurrency=3)
             for e, g in zip(expected, got, strict=False):
                 assert [(s.text, s.author) for s in e.steps] == [(s.text, s.author) for s in g.steps]
                 assert e.cost.total == pytest.approx(g.cost.total)

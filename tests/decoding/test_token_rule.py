@@ -98,7 +98,8 @@ def _hf_then(smol, run_other, server_prompts):
         assert sent == hf_ids[: len(sent)], f"{kind}: sent other tokens than HF fed"
         assert got.token_ids == expected.token_ids, kind
         assert got.prefill_tokens == expected.prefill_tokens, kind
-        assert max((abs(a - b) for a, b in zip(got.logprobs, expected.logprobs, strict=False)), default=0.0) < ATOL
+        assert max((abs(a - b) for a, b in zip(got.logprobs, expected.logprobs, strict=False)),
+                   default=0.0) < ATOL
         if kind == "step":
             assert (got.text, got.stop_reason) == (expected.text, expected.stop_reason)
     return outputs
@@ -232,13 +233,14 @@ def test_vllm_backend_sends_hf_tokens_and_writes_hf_steps(smol, vllm_stand_in):
 def test_llamacpp_style_server_token_prompts_text_prompts_and_a_shifted_echo(smol):
     server = ModelServer(smol.model, smol.tokenizer, "llamacpp", n_ctx=200)
     with serving(server) as url:
-        common = dict(num_parameters=smol.info.num_parameters, tokenizer=smol.tokenizer, step_delimiter="\n\n",
-                      max_retries=0)
+        common = dict(num_parameters=smol.info.num_parameters, tokenizer=smol.tokenizer,
+                      step_delimiter="\n\n", max_retries=0)
         ids = OpenAIBackend(url, "smol", **common)
         text = OpenAIBackend(url, "smol", prompt_format="text", **common)
         # a prompt that does not start with the BOS token (the chat template's does: this
         # model's BOS is <|im_start|>)
-        plain = OpenAIBackend(url, "smol", prompt_format="text", prompt_template="Question: {problem}\nAnswer:",
+        plain = OpenAIBackend(url, "smol", prompt_format="text",
+                              prompt_template="Question: {problem}\nAnswer:",
                               **common)
         try:
             # token-id prompts: a score (echo) gets HTTP 500, with the way out named
