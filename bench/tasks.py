@@ -13,7 +13,7 @@ A problem and its solution look like this::
     #### 58                              <- final-answer line
 
 The default configuration (what the shipped embedded models were trained on, see
-cascade/embedded/MODEL_CARD.md) uses + and - only, with 2-6 derived variables; "*" by
+docs/embedded-model-card.md) uses + and - only, with 2-6 derived variables; "*" by
 one digit and longer chains are generator options the shipped models do not handle.
 
 Each step copies the operand values as they were stated on earlier lines (or in the
@@ -65,7 +65,7 @@ class TaskConfig:
     ops: operations drawn from; "*" always multiplies by a single digit. The default
         leaves "*" out: a one-digit multiplication table was the slowest thing for the
         embedded models to learn on 2 CPU cores, and the shipped models were trained
-        without it (see cascade/embedded/MODEL_CARD.md).
+        without it (see docs/embedded-model-card.md).
     p_previous: probability that a step's first operand is the variable defined just
         before it (an easy copy); otherwise an earlier variable (a long-range copy).
     p_variable_operand: probability that the second operand is a variable rather than

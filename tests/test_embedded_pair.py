@@ -105,7 +105,7 @@ _EXAMPLE = re.compile(r"[a-z]=\d+(?:;[a-z]=[a-z0-9]+[-+*][a-z0-9]+)+;\?[a-z]")
 
 
 def _documented_examples() -> dict[str, list[str]]:
-    files = [REPO / "README.md", REPO / "cascade" / "embedded" / "MODEL_CARD.md", REPO / "bench" / "tasks.py",
+    files = [REPO / "README.md", REPO / "docs" / "embedded-model-card.md", REPO / "bench" / "tasks.py",
              *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "cascade").glob("*.py")),
              *sorted((REPO / "app").glob("*.py")), *sorted((REPO / "examples").glob("*.py"))]
     found: dict[str, list[str]] = {}
