@@ -55,8 +55,48 @@ CurveMethod = Literal["budget", "risk", "conformal", "ltt"]
 CURVE_METHODS: tuple[str, ...] = ("budget", "risk", "conformal", "ltt")
 
 
+class _InnerGate:
+    """What a wrapping gate (`BudgetGate`, `_PassiveGate`) takes from the gate it wraps: every
+    member of the `Gate` protocol but the threshold, declared one by one."""
+
+    inner: Gate
+
+    @property
+    def mode(self):
+        return self.inner.mode
+
+    @property
+    def probe_tokens(self) -> int:
+        return self.inner.probe_tokens
+
+    @property
+    def requires_verification(self) -> bool:
+        return self.inner.requires_verification
+
+    @property
+    def requires_hidden(self) -> bool:
+        return self.inner.requires_hidden
+
+    @property
+    def rewrite(self):
+        return self.inner.rewrite
+
+    @property
+    def max_corrections(self) -> int:
+        return self.inner.max_corrections
+
+    def needs_verification(self, state: GateState) -> bool:
+        return self.inner.needs_verification(state)
+
+    def check_models(self, models) -> None:
+        self.inner.check_models(models)
+
+    def score(self, state: GateState) -> float:
+        return self.inner.score(state)
+
+
 @dataclass(frozen=True)
-class BudgetGate:
+class BudgetGate(_InnerGate):
     """A gate whose threshold rises as the request's cap runs short (see the module docstring).
 
     inner: the gate whose score is used (any gate; its own threshold is ignored).
@@ -93,29 +133,6 @@ class BudgetGate:
                 raise ConfigError(f"{name} must be a finite number, got {value!r}")
         if self.step_cost < 0:
             raise ConfigError(f"step_cost must be >= 0, got {self.step_cost!r}")
-
-    # The runtime reads these of any gate; they are the inner gate's.
-    @property
-    def mode(self):
-        return self.inner.mode
-
-    @property
-    def probe_tokens(self) -> int:
-        return self.inner.probe_tokens
-
-    @property
-    def requires_verification(self) -> bool:
-        return self.inner.requires_verification
-
-    def __getattr__(self, name: str):
-        # Optional gate hooks the runtime asks for with getattr (requires_hidden,
-        # needs_verification, rewrite, check_models, ...) are the inner gate's.
-        if name.startswith("__") or name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def score(self, state: GateState) -> float:
-        return self.inner.score(state)
 
     def expected_steps(self, problem: str) -> float:
         return max(1.0, self.steps_intercept + self.steps_slope * len(problem))
@@ -182,31 +199,12 @@ def fit_budget_gate(cascade: Cascade, problems: Sequence[str], gate: Gate | None
 
 
 @dataclass(frozen=True)
-class _PassiveGate:
+class _PassiveGate(_InnerGate):
     """The inner gate's score, never escalating: records what it would say on every draft."""
 
     inner: Gate
     threshold: float = math.inf
 
-    @property
-    def mode(self):
-        return self.inner.mode
-
-    @property
-    def probe_tokens(self) -> int:
-        return self.inner.probe_tokens
-
-    @property
-    def requires_verification(self) -> bool:
-        return self.inner.requires_verification
-
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    def score(self, state: GateState) -> float:
-        return self.inner.score(state)
 
 
 # ---- the accuracy-budget curve -----------------------------------------------------------
