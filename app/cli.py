@@ -186,7 +186,9 @@ def bench_command(args: argparse.Namespace) -> str:
                         ("--calibration", args.calibration),
                         *(("--router", router) for router in args.router or ()),
                         ("--threshold", args.threshold),
-                        ("--budget", args.budget), ("--limit", args.limit), ("--backend", args.backend),
+                        ("--budget", args.budget), ("--limit", args.limit),
+                        # the default, hf, is left out: .gguf files run on llamacpp under it, so "--backend hf" would mislead
+                        ("--backend", None if args.backend == "hf" else args.backend),
                         ("--template", args.template),
                         *(("--endpoints", urls) for urls in args.endpoints or ()),
                         ("--served-models", args.served_models), ("--api-key-env", args.api_key_env),
@@ -301,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated: small, large, confidence[:SIGNAL][:MODE][@T], verify[@T], "
                             "verify-ahead, verify-fix, advantage[@T] (with --router), advantage:NAME[@T] "
                             "(with --router NAME=FILE), verify:NAME=S[@T] (screened), oracle (embedded "
-                            "only), calibrated (with --calibration and --budget); T1/T2 for one "
+                            "only), calibrated (with --calibration and --budget) or calibrated@B (its own "
+                            "budget B, cost units; several side by side); T1/T2 for one "
                             "threshold per gate")
     bench.add_argument("--calibration", default=None, help="calibration file of the 'calibrated' policy")
     bench.add_argument("--router", action="append", default=None, metavar="[NAME=]FILE",

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 import calibration as cal
+from bench.independent_task import generate_independent
 from bench.provenance import package_commit
 from bench.tasks import check_answer, generate_split
 from cascade import AlwaysLarge, AlwaysSmall, ConfidenceGate, embedded_cascade, sweep
@@ -123,7 +124,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="run in parts (a busy machine): prepare (fit the gate, set the grid: "
                              "plan.json), "
                              "sweep --split S --start a --stop b (in parallel processes), report")
-    parser.add_argument("--split", choices=["calibration", "test"], default="calibration")
+    parser.add_argument("--split", choices=["calibration", "test", "independent"], default="calibration",
+                        help="--stage sweep: the problems to sweep (independent: bench.independent_task)")
+    parser.add_argument("--test-split", choices=["test", "independent"], default="test",
+                        help="the test problems of the report: the task's test split, or those of the "
+                             "independently written generator (report_independent.*)")
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--stop", type=int, default=None)
     parser.add_argument("--out", default="bench/results/budget_curve")
@@ -142,8 +147,14 @@ def _prepare(args, runner, inner) -> dict:
             "thresholds": sorted(default_thresholds(args.thresholds), reverse=True)}
 
 
+def _split_problems(split: str, n: int) -> list[str]:
+    """The first n problems of a fixed split, or of the independent generator."""
+    chosen = generate_independent(n) if split == "independent" else generate_split(split, n)
+    return [p.problem for p in chosen]
+
+
 def _sweep_part(runner, gate, candidates, split: str, start: int, stop: int):
-    problems = [p.problem for p in generate_split(split, stop)][start:]
+    problems = _split_problems(split, stop)[start:]
     t0 = time.perf_counter()
     swept = sweep(runner, problems, [(t,) for _, t, _ in candidates], gates=[gate],
                   caps=[c for _, _, c in candidates],
@@ -185,8 +196,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     budgets, grid, small, large = tuple(plan["budgets"]), plan["thresholds"], plan["small"], plan["large"]
     candidates = curve_candidates(budgets, grid, FLOORS, args.cap_factor)
     print(f"budgets {budgets}; {len(candidates)} columns", flush=True)
-    sizes = {"calibration": args.n_cal, "test": args.n_test}
+    sizes = {"calibration": args.n_cal, args.test_split: args.n_test}
+    suffix = "" if args.test_split == "test" else f"_{args.test_split}"
     if args.stage == "sweep":
+        sizes.setdefault(args.split, args.n_test)
         stop = sizes[args.split] if args.stop is None else args.stop
         part = _sweep_part(runner, gate, candidates, args.split, args.start, stop)
         with open(out / f"part_{args.split}_{args.start}_{stop}.pkl", "wb") as handle:
@@ -201,15 +214,15 @@ def main(argv: list[str] | None = None) -> dict | None:
             files = sorted(out.glob(f"part_{split}_*.pkl"), key=lambda f: int(f.stem.split("_")[2]))
             parts = [pickle.loads(f.read_bytes()) for f in files]
         problems, swept, seconds = _concat(parts)
-        if len(problems) != n or problems != [p.problem for p in generate_split(split, n)]:
+        if len(problems) != n or problems != _split_problems(split, n):
             raise SystemExit(f"the {split} parts hold {len(problems)} problems, "
                              f"not the first {n} of the split")
         stats[split] = {"seconds": seconds, "executed_tokens": swept.executed_tokens,
                         "independent_tokens": swept.independent_tokens, "processes": len(parts)}
         data[split] = (problems, swept, _arrays(swept, problems))
     cal_problems, cal_swept, _ = data["calibration"]
-    _, _, test = data["test"]
-    np.savez_compressed(out / "sweeps.npz", budgets=np.array(budgets), cap_factor=args.cap_factor,
+    _, _, test = data[args.test_split]
+    np.savez_compressed(out / f"sweeps{suffix}.npz", budgets=np.array(budgets), cap_factor=args.cap_factor,
                         families=np.array([f for f, _, _ in candidates]),
                         thresholds=np.array([t for _, t, _ in candidates]),
                         caps=np.array([math.nan if c is None else c for _, _, c in candidates]),
@@ -257,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "command": "python -m bench.budget_curve " + " ".join(argv or []),
         "commit": package_commit(), "sweep_commit": plan.get("commit"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "n_cal": args.n_cal, "n_test": args.n_test, "n_fit": args.n_fit, "n_pilot": args.n_pilot,
+        "n_cal": args.n_cal, "n_test": args.n_test, "test_split": args.test_split, "n_fit": args.n_fit, "n_pilot": args.n_pilot,
         "alpha": args.alpha, "delta": args.delta, "cap_factor": args.cap_factor,
         "pilot_small_mean_cost": small, "pilot_large_mean_cost": large, "budgets": list(budgets),
         "test_small_accuracy": small_test, "test_large_accuracy": large_test,
@@ -267,9 +280,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         "sweep": stats, "points": rows, "oracle": oracle, "guarantees": guarantees,
         "seconds": time.perf_counter() - started,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    (out / "report.md").write_text(markdown(report) + "\n")
-    plot(report, out / "budget_curve.png")
+    (out / f"report{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"report{suffix}.md").write_text(markdown(report) + "\n")
+    plot(report, out / f"budget_curve{suffix}.png")
     print(markdown(report))
     return report
 

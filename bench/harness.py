@@ -28,7 +28,8 @@ gate fields share) and built by `cascade.specs.build_gates`:
   router NAME at S: only drafts it gives P(large better) >= S are verified (`VerifyGate.screen`);
 - ``oracle``: `bench.oracle.OracleGate` (the embedded dataset only: it reads the exact checker);
 - ``calibrated``: `Cascade.from_calibration(calibration, models=cascade.models)`, solved
-  with `budget` so that the threshold certified for it is looked up.
+  with `budget` so that the threshold certified for it is looked up; ``calibrated@B``
+  with its own budget B instead (several budgets side by side in one run).
 
 All policies run on the same loaded models, interleaved per problem (each problem is
 solved by every policy in turn, so a change of machine load hits all alike), after one
@@ -163,9 +164,9 @@ def parse_policies(policies: str | Sequence[str], *, dataset: str, threshold: fl
         if kind == "calibrated":
             if calibration is None:
                 raise BenchError("policy 'calibrated' needs a calibration file (--calibration FILE)")
-            if budget is None:
-                raise BenchError("policy 'calibrated' needs --budget: its threshold is the one certified "
-                                 "for that budget")
+            if budget is None and spec.budget is None:
+                raise BenchError(f"policy {name!r} needs a budget (calibrated@B, or --budget): its threshold "
+                                 "is the one certified for that budget")
         if any(s.label == spec.label for s in specs):
             raise BenchError(f"policy {spec.label!r} is named twice")
         specs.append(spec)
@@ -181,6 +182,9 @@ class _Policy:
     options: Any = None  # SolveOptions; None = the runner's own
 
     def solve(self, problem: str, budget: float | None):
+        """budget: the run's hard cap; a calibrated@B policy runs under its own B instead."""
+        if self.spec.budget is not None:
+            budget = self.spec.budget
         return self.runner.solve(problem, budget, gates=self.gates, options=self.options)
 
 
@@ -197,7 +201,9 @@ def _build_policies(specs: Sequence[PolicySpec], cascade, *, calibration, budget
         if spec.kind == "calibrated":
             runner = Cascade.from_calibration(calibration, models=cascade.models, options=cascade.options)
             gates = None
-            described = [repr(g) for g in runner.calibration.gates_for(budget)]
+            own_budget = budget if spec.budget is None else spec.budget
+            described = [repr(g) for g in runner.calibration.gates_for(own_budget)]
+            described.append(f"budget={own_budget:g}")
         else:
             if spec.kind == "oracle":
                 gates = [OracleGate()] * n_gates

@@ -18,7 +18,10 @@ One grammar for gates and policies (the bench policy grammar)::
   of ``advantage``: NAME, the router given as NAME (``advantage:seq@0.5``); of the verify
   kinds: NAME=S, verify only the drafts router NAME gives P(large better) >= S
   (``verify-fix:seq=0.02@0.3``).
-- T: the threshold, in [0, 1]; T1/T2/... gives one per gate of an N-tier cascade.
+- T: the threshold, in [0, 1]; T1/T2/... gives one per gate of an N-tier cascade. For
+  ``calibrated`` it is a budget instead (``calibrated@60``, cost units): the policy runs
+  the threshold its calibration file certified for that budget, capped at it, so that one
+  benchmark runs a calibration at several budgets side by side.
 
 One vocabulary: ``small`` and ``large``. The registry's older names ``always-small`` and
 ``always-large`` are read as those (`GATE_ALIASES`, the one place that maps them).
@@ -39,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import decoding
-from cascade.checks import check_threshold
+from cascade.checks import check_budget, check_threshold
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
 from cascade.errors import ConfigError
 from cascade.gates import (
@@ -335,7 +338,7 @@ class PolicySpec:
     `BENCH_KINDS`. threshold: one float for every gate, or one per gate (a tuple).
     router: the router name of advantage / screened verify policies ("" = the unnamed one).
     screen_threshold: screened verify policies' S. signal / mode: a confidence policy's own
-    (None: the caller's default)."""
+    (None: the caller's default). budget: a ``calibrated@B`` policy's B."""
 
     label: str
     kind: str
@@ -344,6 +347,7 @@ class PolicySpec:
     screen_threshold: float | None = None
     signal: str | None = None
     mode: str | None = None
+    budget: float | None = None  # calibrated@B: its own budget (None: the run's --budget)
 
     @property
     def draft_ahead(self) -> bool:
@@ -416,6 +420,13 @@ def parse_policy(text: str, *, threshold: float | None = 0.5, bench_kinds: bool 
     elif qualifiers:
         raise ConfigError(f"policy {kind!r} takes no qualifier, got {name!r}")
     t: float | tuple[float, ...] | None = None
+    if kind == "calibrated" and at:  # the budget the calibration's threshold is looked up for
+        try:
+            budget = check_budget(float(value))
+        except (ValueError, ConfigError):
+            raise ConfigError(f"policy {name!r}: calibrated@B takes a budget B, a finite number >= 0 "
+                              "in cost units") from None
+        return PolicySpec(f"calibrated@{budget:g}", kind, budget=budget)
     if at:
         if kind not in THRESHOLD_KINDS:
             raise ConfigError(f"policy {kind!r} takes no threshold (only {', '.join(THRESHOLD_KINDS)} "

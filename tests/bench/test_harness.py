@@ -351,6 +351,30 @@ def test_refuses_to_resume_with_other_settings(pair, tiny_dirs, tmp_path):
         run_benchmark(pair, "jsonl", policies="small", limit=1, **common)
 
 
+def test_calibrated_at_several_budgets_in_one_run(pair, bench_run, tmp_path):
+    """calibrated@B: each policy looks its threshold up for its own B and is capped at it,
+    so one run holds a calibration at several budgets (no --budget for the others)."""
+    _, _, calib = bench_run
+    calib_path = calib.save(tmp_path / "calib.json")
+    data = write_dataset(tmp_path / "data.jsonl", PROBLEMS[:2])
+    policies = ["small", "calibrated@10", "calibrated@300"]
+    run_benchmark(pair, "jsonl", path=data, out_dir=tmp_path / "out", policies=policies,
+                  calibration=calib_path, command="test-run", progress=False, use_math_verify=False)
+    rows = read_lines(tmp_path / "out" / "results.jsonl")
+    assert {r["policy"] for r in rows} == set(policies)
+    for row in rows:
+        own = {"small": None, "calibrated@10": 10.0, "calibrated@300": 300.0}[row["policy"]]
+        assert row["budget"] == own
+        if own is not None:
+            assert row["cost"] <= own + 1e-9
+    gates = {p["name"]: p["gates"] for p in json.loads((tmp_path / "out" / "run.json").read_text())
+             ["settings"]["policies"]}
+    for budget in (10.0, 300.0):
+        described = gates[f"calibrated@{budget:g}"]
+        assert f"threshold={calib.gates_for(budget)[0].threshold}" in described[0]
+        assert described[-1] == f"budget={budget:g}"
+
+
 def test_policy_errors(pair, tmp_path):
     from bench.harness import POLICY_NAMES
 
@@ -364,6 +388,10 @@ def test_policy_errors(pair, tmp_path):
         parse_policies("calibrated", dataset="gsm8k", budget=10)
     with pytest.raises(BenchError, match="--budget"):
         parse_policies("calibrated", dataset="gsm8k", calibration="c.json")
+    assert parse_policies("calibrated@60", dataset="gsm8k", calibration="c.json")[0].budget == 60.0
+    for bad in ("calibrated@-1", "calibrated@x", "calibrated@inf"):
+        with pytest.raises(BenchError, match="takes a budget"):
+            parse_policies(bad, dataset="gsm8k", calibration="c.json")
     with pytest.raises(BenchError, match="takes no threshold"):
         parse_policies("small@0.3", dataset="gsm8k")
     with pytest.raises(BenchError, match="not a number"):
@@ -558,3 +586,13 @@ def test_recorded_bench_command_keeps_switches():
     assert command.split()[1:] and all(flag in command.split() for flag in
                                        ("--isolate", "--draft-ahead", "--no-math-verify"))
     assert "--isolate" not in bench_command(build_parser().parse_args(argv[:5] + ["-o", "out"]))
+
+
+def test_recorded_bench_command_does_not_name_a_backend_that_did_not_run():
+    """A .gguf run under the default backend runs on llama.cpp: the recorded command must
+    not say "--backend hf" (it once did), and an explicit other backend is kept."""
+    from app.cli import bench_command, build_parser
+
+    argv = ["bench", "--dataset", "gsm8k", "--small", "s.gguf", "--large", "l.gguf", "-o", "out"]
+    assert "--backend" not in bench_command(build_parser().parse_args(argv))
+    assert "--backend llamacpp" in bench_command(build_parser().parse_args([*argv, "--backend", "llamacpp"]))
