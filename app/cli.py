@@ -187,7 +187,7 @@ def bench_command(args: argparse.Namespace) -> str:
                         *(("--router", router) for router in args.router or ()),
                         ("--threshold", args.threshold),
                         ("--budget", args.budget), ("--limit", args.limit),
-                        # the default, hf, is left out: .gguf files run on llamacpp under it, so "--backend hf" would mislead
+                        # the default, hf, is left out: .gguf files run on llamacpp under it
                         ("--backend", None if args.backend == "hf" else args.backend),
                         ("--template", args.template),
                         *(("--endpoints", urls) for urls in args.endpoints or ()),
