@@ -1,7 +1,9 @@
 #!/bin/bash
 # Issue 18, the train side of the real pair (GSM8K *train* problems only, disjoint slices in
 # runs/real_pair/splits/): 1. the template's accuracy for both models, 2. an advantage router,
-# 3. label-free calibration of the confidence gate at a grid of budgets. Pinned to one core.
+# 3. label-free calibration of the confidence gate at a grid of budgets (METHOD ltt: P(cost > B)
+# <= alpha; risk: E[cost] <= B), on the thresholds of the test run's confidence policies, so
+# that the certified policy's test rows are that run's rows. Pinned to one core.
 set -e
 cd "$(dirname "$0")/../.."
 M=${MODELS:-$HOME/.cache/stepcascade/models}
@@ -21,5 +23,6 @@ fi
 if [[ $step == all || $step == calibrate ]]; then
   eval $T python -m app.cli calibrate --problems runs/real_pair/splits/calibration.jsonl \
       --limit ${CAL_N:-40} --gate confidence --signal mean_prob --budgets ${BUDGETS:?set BUDGETS} \
-      --alpha 0.1 --delta 0.1 --method ltt $PAIR -o $OUT/calibration.json
+      --thresholds ${THRESHOLDS:-1.0,0.25,0.2,0.15} --alpha 0.1 --delta 0.1 --method ${METHOD:-ltt} \
+      ${COST_MAX:+--cost-max $COST_MAX} $PAIR -o $OUT/calibration_${METHOD:-ltt}.json
 fi

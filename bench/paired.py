@@ -1,0 +1,207 @@
+"""Paired figures of a benchmark run: each policy against small-only and large-only on the
+same problems, with paired bootstrap intervals.
+
+    python -m bench.paired runs/real_pair/gsm8k_test -o runs/real_pair/gsm8k_test/paired
+    python -m bench.paired RUN_A RUN_B --alias "calibrated@400=confidence:mean_prob@0.2" -o OUT
+
+A run may be partial (stopped, to be resumed) or spread over several directories (policies
+added in a second run over the same problems): rows are merged by (problem id, policy), and
+every figure is over the problems on which *every* listed policy has a graded row, so the
+policies are compared on the same problems. Per policy:
+
+- gap recovered = (acc(policy) - acc(small)) / (acc(large) - acc(small)),
+- wall ratio = total wall seconds of the policy / those of large (same problems, same run),
+- cost ratio = the same for cost,
+
+each with a 95 % percentile interval from resampling the problems (pairs kept together:
+one draw picks a problem for every policy at once). Bootstrap draws in which large and
+small score the same have no gap to recover and are left out (their number is reported).
+`--alias NAME=POLICY` lists POLICY's rows again under NAME: a calibrated policy whose
+certified threshold is one of the run's policies runs exactly those steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bench.harness import RESULTS_FILE, load_results
+
+__all__ = ["paired_figures", "main"]
+
+
+class PairedError(ValueError):
+    """The rows cannot be compared as asked (a policy missing, no common problems)."""
+
+
+def _table(rows: Sequence[dict], policies: Sequence[str]) -> tuple[list[str], dict[str, dict[str, dict]]]:
+    by_policy: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if row.get("correct") is None:
+            continue
+        by_policy.setdefault(row["policy"], {}).setdefault(row["id"], row)  # first row counts
+    missing = [p for p in policies if p not in by_policy]
+    if missing:
+        raise PairedError(f"no graded rows for {', '.join(missing)}; "
+                          f"the rows hold {', '.join(sorted(by_policy))}")
+    common = set.intersection(*(set(by_policy[p]) for p in policies))
+    if not common:
+        raise PairedError(f"no problem has a graded row for every one of {', '.join(policies)}")
+    order = [row["id"] for row in rows]
+    ids = sorted(common, key=order.index)  # the run's own order
+    return ids, by_policy
+
+
+def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = None, small: str = "small",
+                   large: str = "large", aliases: dict[str, str] | None = None, n_bootstrap: int = 10_000,
+                   seed: int = 0) -> dict:
+    """Per-policy paired figures over the problems every policy finished (see the module doc)."""
+    aliases = dict(aliases or {})
+    names = list(dict.fromkeys(policies or [r["policy"] for r in rows if r.get("correct") is not None]))
+    for target in aliases.values():
+        if target not in names:
+            names.append(target)
+    for anchor in (small, large):
+        if anchor not in names:
+            names.insert(0, anchor)
+    ids, by_policy = _table(rows, names)
+    shown = names + [a for a in aliases if a not in names]
+
+    def column(policy: str, field: str) -> np.ndarray:
+        cells = by_policy[aliases.get(policy, policy)]
+        return np.array([float(cells[i][field]) for i in ids])
+
+    correct = {p: column(p, "correct") for p in shown}
+    wall = {p: column(p, "wall_seconds") for p in shown}
+    cost = {p: column(p, "cost") for p in shown}
+    rng = np.random.default_rng(seed)
+    n = len(ids)
+    draws = rng.integers(0, n, size=(n_bootstrap, n))
+    acc_small, acc_large = correct[small][draws].mean(axis=1), correct[large][draws].mean(axis=1)
+    gap = acc_large - acc_small
+    has_gap = gap != 0
+    out: dict = {"n_problems": n, "problems": ids, "small": small, "large": large, "aliases": aliases,
+                 "n_bootstrap": n_bootstrap, "seed": seed, "draws_without_gap": int((~has_gap).sum()),
+                 "policies": {}}
+
+    def interval(values: np.ndarray) -> list[float] | None:
+        values = values[np.isfinite(values)]
+        if not len(values):
+            return None
+        return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+    point_gap = correct[large].mean() - correct[small].mean()
+    for p in shown:
+        acc = correct[p][draws].mean(axis=1)
+        recovered = np.where(has_gap, (acc - acc_small) / np.where(has_gap, gap, 1.0), np.nan)
+        wall_ratio = wall[p][draws].sum(axis=1) / wall[large][draws].sum(axis=1)
+        cost_ratio = cost[p][draws].sum(axis=1) / cost[large][draws].sum(axis=1)
+        out["policies"][p] = {
+            "rows_of": aliases.get(p, p),
+            "accuracy": float(correct[p].mean()), "n_correct": int(correct[p].sum()),
+            "gap_recovered": (float((correct[p].mean() - correct[small].mean()) / point_gap)
+                              if point_gap else None),
+            "gap_recovered_ci95": interval(recovered),
+            "wall_ratio": float(wall[p].sum() / wall[large].sum()), "wall_ratio_ci95": interval(wall_ratio),
+            "cost_ratio": float(cost[p].sum() / cost[large].sum()), "cost_ratio_ci95": interval(cost_ratio),
+            "mean_wall_seconds": float(wall[p].mean()), "mean_cost": float(cost[p].mean()),
+        }
+    return out
+
+
+def _fmt_ci(value: float | None, ci: list[float] | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" + (f" ({ci[0]:.2f} to {ci[1]:.2f})" if ci else "")
+
+
+def markdown(figures: dict, *, title: str, command: str, target_gap: float | None = None,
+             target_wall: float | None = None) -> str:
+    lines = [f"# {title}", "", f"Command: `{command}`  ",
+             f"{figures['n_problems']} problems on which every policy below has a graded row; 95 % intervals "
+             f"from {figures['n_bootstrap']} paired bootstrap draws of the problems "
+             f"({figures['draws_without_gap']} draws with no small-to-large gap left out of the gap column).",
+             "", "| policy | correct | accuracy | gap recovered (95 % CI) | wall vs large (95 % CI) | "
+             "cost vs large (95 % CI) | mean wall s | mean cost |" + (" target met |" if target_gap else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|" if target_gap else "")]
+    for name, p in figures["policies"].items():
+        label = name if p["rows_of"] == name else f"{name} (= {p['rows_of']})"
+        row = (f"| {label} | {p['n_correct']}/{figures['n_problems']} | {p['accuracy']:.3f} | "
+               f"{_fmt_ci(p['gap_recovered'], p['gap_recovered_ci95'])} | "
+               f"{_fmt_ci(p['wall_ratio'], p['wall_ratio_ci95'])} | "
+               f"{_fmt_ci(p['cost_ratio'], p['cost_ratio_ci95'])} | "
+               f"{p['mean_wall_seconds']:.1f} | {p['mean_cost']:.1f} |")
+        if target_gap:
+            met = _target_met(p, target_gap, target_wall)
+            row += f" {'yes' if met else 'no'} |"
+        lines.append(row)
+    if target_gap:
+        lines += ["", f"Target: gap recovered >= {target_gap:g} and wall <= {target_wall:g}x large, "
+                      "both held by the 95 % interval (its lower end for the gap, its upper end for the "
+                      "wall ratio)."]
+    return "\n".join(lines)
+
+
+def _target_met(p: dict, target_gap: float, target_wall: float | None) -> bool:
+    gap_ci, wall_ci = p["gap_recovered_ci95"], p["wall_ratio_ci95"]
+    wall_ok = target_wall is None or (wall_ci is not None and wall_ci[1] <= target_wall)
+    return bool(gap_ci and gap_ci[0] >= target_gap and wall_ok)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", help="run directories (each with results.jsonl), merged")
+    parser.add_argument("--policies", default=None, help="comma-separated policies to compare (default: all)")
+    parser.add_argument("--small", default="small")
+    parser.add_argument("--large", default="large")
+    parser.add_argument("--alias", action="append", default=[], metavar="NAME=POLICY",
+                        help="list POLICY's rows again under NAME (repeatable)")
+    parser.add_argument("--bootstrap", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target-gap", type=float, default=None, help="e.g. 0.7")
+    parser.add_argument("--target-wall", type=float, default=None, help="e.g. 0.6")
+    parser.add_argument("--title", default="Paired figures")
+    parser.add_argument("-o", "--out", required=True, help="writes OUT.json and OUT.md")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    rows: list[dict] = []
+    for run in args.runs:
+        path = Path(run) / RESULTS_FILE
+        if not path.exists():
+            raise SystemExit(f"bench.paired: {path} does not exist")
+        rows += load_results(path)
+    aliases = {}
+    for item in args.alias:
+        name, sep, target = item.partition("=")
+        if not sep or not name or not target:
+            raise SystemExit(f"bench.paired: --alias takes NAME=POLICY, got {item!r}")
+        aliases[name] = target
+    policies = args.policies.split(",") if args.policies else None
+    try:
+        figures = paired_figures(rows, policies=policies, small=args.small, large=args.large, aliases=aliases,
+                                 n_bootstrap=args.bootstrap, seed=args.seed)
+    except PairedError as error:
+        raise SystemExit(f"bench.paired: {error}") from None
+    command = "python -m bench.paired " + shlex.join(argv if argv is not None else sys.argv[1:])
+    figures["command"] = command
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
+    text = markdown(figures, title=args.title, command=command, target_gap=args.target_gap,
+                    target_wall=args.target_wall)
+    out.with_suffix(".md").write_text(text + "\n")
+    print(text)
+    return figures
+
+
+if __name__ == "__main__":
+    main()

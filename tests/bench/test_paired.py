@@ -1,0 +1,83 @@
+"""bench.paired: paired figures over the problems every policy finished."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.paired import PairedError, main, paired_figures
+
+
+def _row(pid: str, policy: str, correct: bool, wall: float, cost: float) -> dict:
+    return {"id": pid, "policy": policy, "correct": correct, "wall_seconds": wall, "cost": cost}
+
+
+def _rows(n: int = 40, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        small_ok, large_ok = bool(rng.random() < 0.2), bool(rng.random() < 0.7)
+        rows += [_row(f"p{i}", "small", small_ok, 1.0, 10.0),
+                 _row(f"p{i}", "large", large_ok, 2.0, 30.0),
+                 # a cascade that is right exactly where large is, at 3/4 of its wall and cost
+                 _row(f"p{i}", "cascade", large_ok, 1.5, 22.5)]
+    return rows
+
+
+def test_a_policy_equal_to_large_recovers_the_whole_gap_and_small_none():
+    figures = paired_figures(_rows(), n_bootstrap=500)
+    policies = figures["policies"]
+    assert policies["cascade"]["gap_recovered"] == pytest.approx(1.0)
+    assert policies["cascade"]["gap_recovered_ci95"] == pytest.approx([1.0, 1.0])
+    assert policies["small"]["gap_recovered"] == pytest.approx(0.0)
+    assert policies["cascade"]["wall_ratio"] == pytest.approx(0.75)
+    assert policies["cascade"]["cost_ratio"] == pytest.approx(0.75)
+    assert policies["small"]["wall_ratio_ci95"] == pytest.approx([0.5, 0.5])
+
+
+def test_gap_interval_covers_the_point_and_is_paired():
+    rows = _rows(60, seed=3)
+    # half of large's wins kept: a point estimate near 0.5 whose interval must contain it
+    wins = [r["id"] for r in rows if r["policy"] == "large" and r["correct"]]
+    keep = set(wins[::2])
+    rows += [_row(r["id"], "half", r["id"] in keep or (r["correct"] and r["id"] not in wins), 1.0, 15.0)
+             for r in rows if r["policy"] == "small"]
+    half = paired_figures(rows, n_bootstrap=2000)["policies"]["half"]
+    low, high = half["gap_recovered_ci95"]
+    assert low < half["gap_recovered"] < high
+    assert 0.2 < half["gap_recovered"] < 0.8
+
+
+def test_only_problems_every_policy_finished_count():
+    rows = _rows(10)
+    rows = [r for r in rows if not (r["policy"] == "cascade" and r["id"] in ("p0", "p1", "p2"))]
+    figures = paired_figures(rows, n_bootstrap=100)
+    assert figures["n_problems"] == 7
+    assert figures["problems"] == [f"p{i}" for i in range(3, 10)]
+
+
+def test_alias_lists_a_policys_rows_under_a_new_name():
+    figures = paired_figures(_rows(), aliases={"calibrated@25": "cascade"}, n_bootstrap=100)
+    alias = figures["policies"]["calibrated@25"]
+    assert alias["rows_of"] == "cascade"
+    assert alias["accuracy"] == figures["policies"]["cascade"]["accuracy"]
+
+
+def test_missing_policy_is_named():
+    with pytest.raises(PairedError, match="no graded rows for verify"):
+        paired_figures(_rows(), policies=["verify"])
+
+
+def test_cli_writes_json_and_markdown(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows()))
+    out = tmp_path / "paired"
+    main([str(run), "--bootstrap", "200", "--target-gap", "0.7", "--target-wall", "0.6", "-o", str(out)])
+    text = (tmp_path / "paired.md").read_text()
+    saved = json.loads((tmp_path / "paired.json").read_text())
+    assert saved["n_problems"] == 40
+    # cascade recovers the whole gap but at 0.75x the wall: the target is not met
+    assert "| cascade | " in text and text.split("| cascade | ")[1].split("\n")[0].rstrip().endswith("no |")
