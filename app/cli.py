@@ -32,6 +32,7 @@ from bench.progress import progress_printer
 from bench.router_data import ExactStepScorer
 from calibration import product_grid
 from cascade import Cascade, CascadeError, ConfigError
+from cascade.budget import calibrate_budget_curve
 from cascade.calibrate import calibrate, default_thresholds, sweep_file
 from cascade.checks import check_budget, check_problem
 from cascade.router import collect_router_data, train_router
@@ -107,6 +108,8 @@ def _solve(args) -> int:
 def _calibrate(args) -> int:
     _check_output(args.output, "-o")
     problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
+    if args.curve:
+        return _calibrate_curve(args, problems)
     budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [args.budget]
     if budgets == [None]:
         raise CascadeError("give --budget or --budgets")
@@ -125,6 +128,42 @@ def _calibrate(args) -> int:
                        swept=swept, cost_max=args.cost_max)
     result.save(args.output)
     print(result.summary())
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _calibrate_curve(args, problems: list[str]) -> int:
+    """calibrate --curve: the accuracy-budget curve, every method side by side (cascade.budget).
+
+    The first --fit-problems problems fit the budget-aware gate (label-free: the small model
+    alone); the rest are the calibration problems, so nothing certified was fitted on its own
+    problems. Without --budgets the grid runs from the small-only to the large-only mean cost
+    of a pilot (the first 20 calibration problems run each way)."""
+    if args.method != "ltt" or args.objective != "agreement" or args.cost_max is not None or args.grid:
+        raise ConfigError("--curve calibrates every method at once (budget-aware, risk, conformal, ltt) and "
+                          "chooses by agreement; drop --method, --objective, --cost-max and --grid")
+    n_fit = args.fit_problems
+    if len(problems) < n_fit + 2:
+        raise ConfigError(f"--curve needs more than --fit-problems {n_fit} problems (those fit the "
+                          f"budget-aware gate, at least 2 more are calibrated on); got {len(problems)}")
+    budgets = None
+    if args.budgets or args.budget is not None:
+        budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [args.budget]
+        for b in budgets:
+            check_budget(b)
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else default_thresholds()
+    runner = build_runner(args)
+    if len(runner.models) != 2:
+        raise ConfigError(f"--curve calibrates two-tier cascades, got {len(runner.models)} tiers")
+    curve = calibrate_budget_curve(runner, problems[n_fit:], budgets=budgets, cap_factor=args.cap_factor,
+                                   alpha=args.alpha, delta=args.delta, thresholds=thresholds,
+                                   budget_thresholds=thresholds, fit_problems=problems[:n_fit],
+                                   progress=progress_printer("calibrate --curve"))
+    payload = curve.to_json() | {
+        "models": [{"name": m.info.name, "fingerprint": m.info.fingerprint} for m in runner.models],
+        "problems": str(args.problems), "fit_problems": n_fit}
+    Path(args.output).write_text(json.dumps(payload, indent=1) + "\n")
+    print(curve.summary())
     print(f"wrote {args.output}")
     return 0
 
@@ -259,6 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="N-model cascades: candidates are every combination of --thresholds, one "
                             "per gate (default: the same threshold at every gate)")
     calib.add_argument("--cost-max", type=float, default=None, help="method risk: cost upper bound")
+    calib.add_argument("--curve", action="store_true",
+                       help="the accuracy-budget curve: at each budget (--budgets, default a grid from "
+                            "small-only to large-only cost), the policy each method certifies (budget-aware "
+                            "under a hard cap, one threshold by risk control, conformal, LTT) and its "
+                            "agreement with the large model")
+    calib.add_argument("--fit-problems", type=positive_int, default=20,
+                       help="--curve: the first N problems fit the budget-aware gate (the rest calibrate)")
+    calib.add_argument("--cap-factor", type=float, default=3.0,
+                       help="--curve: the budget-aware policy runs each request under the hard cap "
+                            "cap-factor x budget")
     calib.add_argument("-o", "--output", required=True, type=Path, help="calibration JSON to write")
     add_model_options(calib)
     add_gate_options(calib, threshold=False)  # the thresholds are what calibration chooses

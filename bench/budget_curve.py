@@ -28,6 +28,8 @@ import dataclasses
 import json
 import math
 import pickle
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -286,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     guarantees = check_guarantees(pool, candidates, budgets, CURVE_METHODS, args.alpha, args.delta,
                                   args.cap_factor, curve.cost_max_uncapped, args.n_cal, args.splits)
     report = {
-        "command": "python -m bench.budget_curve " + " ".join(argv or []),
+        "command": "python -m bench.budget_curve " + shlex.join(sys.argv[1:] if argv is None else argv),
         "commit": package_commit(), "sweep_commit": plan.get("commit"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "n_cal": args.n_cal, "n_test": args.n_test, "test_split": args.test_split,

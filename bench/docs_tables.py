@@ -334,11 +334,83 @@ def pair_accuracy(results: Path) -> list[str]:
             f"`embedded:large` {large:.3f} (`{r['command']}` at {_commits([r['commit']])})."]
 
 
+def _budget_curve(results: Path, suffix: str) -> list[str]:
+    r = _load(f"budget_curve/report{suffix}.json", results)
+    large = r["test_large_mean_cost"]
+    points = {(p["method"], p["budget"]): p for p in r["points"]}
+    bars = {o["budget"]: o for o in r["oracle"]}
+
+    def cell(method: str, budget: float) -> str:
+        p = points.get((method, budget))
+        if p is None or p["index"] is None:
+            return "none certified"
+        return f"{p['test_accuracy']:.3f} ({p['gap_recovered']:.2f}; cost {p['test_mean_cost']:.0f})"
+
+    def bar(budget: float, key: str) -> str:
+        entry = bars[budget].get(key)
+        return f"{entry['test_accuracy']:.3f}" if entry else "-"
+
+    rows = [(f"{b:.1f} ({b / large:.2f}x)", *(cell(m, b) for m in ("budget", "risk", "conformal", "ltt")),
+             bar(b, "labelled_calibration"), bar(b, "oracle")) for b in r["budgets"]]
+    header = ("budget B (x large-only)", "budget-aware, E[cost] <= B", "one threshold, E[cost] <= B",
+              "C3PO: P(cost > B) <= alpha, conformal", "P(cost > B) <= alpha, LTT",
+              "labelled choice on the calibration problems", "oracle (test labels)")
+    test = "the test split" if r["test_split"] == "test" else "problems of the independent generator"
+    return _table(header, rows) + [
+        "",
+        f"Test accuracy (gap recovered; test mean cost) of the label-free choice, {r['n_cal']} unlabeled "
+        f"calibration problems, {r['n_test']} test problems from {test}: small alone "
+        f"{r['test_small_accuracy']:.3f}, large alone {r['test_large_accuracy']:.3f} at mean cost "
+        f"{large:.1f}. "
+        f"alpha {r['alpha']:g}, delta {r['delta']:g}, cap {r['cap_factor']:g} x B for the budget-aware "
+        f"gate. Pair `embedded:small` -> `embedded:large`. Run: `{r['command'].strip()}` at "
+        f"{_commits([r['commit']])} (swept at {_commits([r['sweep_commit']])}). "
+        f"Source: {_source(f'budget_curve/report{suffix}.json')}."]
+
+
+def budget_curve(results: Path) -> list[str]:
+    """Accuracy against budget for every calibration method, the task's test split."""
+    return _budget_curve(results, "")
+
+
+def budget_curve_independent(results: Path) -> list[str]:
+    """The same curve on problems of the independently written generator."""
+    return _budget_curve(results, "_independent")
+
+
+def real_pair_gsm8k(results: Path) -> list[str]:
+    """The real pair on GSM8K test problems: paired figures of every policy."""
+    r = _load("real_pair_gsm8k/paired.json", results)
+    rows = []
+    for name, p in r["policies"].items():
+        label = name if p["rows_of"] == name else f"{name} (= {p['rows_of']})"
+
+        def ci(value, interval):
+            return "-" if value is None else f"{value:.2f} ({interval[0]:.2f} to {interval[1]:.2f})"
+        rows.append((f"`{label}`", f"{p['n_correct']}/{r['n_problems']}", f"{p['accuracy']:.3f}",
+                     ci(p["gap_recovered"], p["gap_recovered_ci95"]),
+                     ci(p["wall_ratio"], p["wall_ratio_ci95"]),
+                     ci(p["cost_ratio"], p["cost_ratio_ci95"]), f"{p['mean_wall_seconds']:.1f}"))
+    header = ("policy", "correct", "accuracy", "gap recovered (95% CI)", "wall vs large (95% CI)",
+              "cost vs large (95% CI)", "mean wall s")
+    runs = "; ".join(f"`{run['command']}` at {_commits(run['commits'])}"
+                     for run in r["runs"] if run.get("command"))
+    models = next((run["models"] for run in r["runs"] if run.get("models")), [])
+    return _table(header, rows) + [
+        "",
+        f"{r['n_problems']} GSM8K test problems (the first ones; every policy on each, interleaved), paired "
+        f"bootstrap intervals ({r['n_bootstrap']} draws). Pair "
+        f"{' -> '.join(f'`{Path(m).name}`' for m in models)} through llama.cpp, one core. Runs: {runs}. "
+        f"Figures: `{r['command']}`. Source: {_source('real_pair_gsm8k/paired.json')}."]
+
+
 TABLES: dict[str, Callable[[Path], list[str]]] = {
     "gates": gates, "gate-targets": gate_targets, "reader": reader, "screened": screened,
     "embedded-bench": embedded_bench, "nl-datasets": nl_datasets, "calibration": calibration,
     "trio": trio, "throughput": throughput, "serve-load": serve_load, "overhead": overhead,
     "embedded-pair": embedded_pair, "model-accuracy": model_accuracy, "pair-accuracy": pair_accuracy,
+    "budget-curve": budget_curve, "budget-curve-independent": budget_curve_independent,
+    "real-pair-gsm8k": real_pair_gsm8k,
 }
 
 

@@ -154,6 +154,19 @@ def _target_met(p: dict, target_gap: float, target_wall: float | None) -> bool:
     return bool(gap_ci and gap_ci[0] >= target_gap and wall_ok)
 
 
+def _provenance(run: Path) -> dict:
+    """The run's own record (run.json): its command, the commits that wrote rows, its models."""
+    entry: dict = {"dir": str(run)}
+    header = run / "run.json"
+    if header.exists():
+        record = json.loads(header.read_text())
+        entry["command"] = record.get("command")
+        sessions = record.get("sessions", [])
+        entry["commits"] = list(dict.fromkeys(s["commit"] for s in sessions if s.get("commit")))
+        entry["models"] = [m.get("name") for m in record.get("settings", {}).get("models", [])]
+    return entry
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories (each with results.jsonl), merged")
@@ -193,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"bench.paired: {error}") from None
     command = "python -m bench.paired " + shlex.join(argv if argv is not None else sys.argv[1:])
     figures["command"] = command
+    figures["runs"] = [_provenance(Path(run)) for run in args.runs]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")

@@ -281,6 +281,17 @@ class BudgetCurve:
             else dataclasses.replace(self.gate.inner, threshold=threshold)
         return [gate], cap
 
+    def to_json(self) -> dict:
+        """The curve as plain JSON: the fitted gate, the grid, each method's point per budget."""
+        gate = {f.name: getattr(self.gate, f.name) for f in dataclasses.fields(self.gate)
+                if f.name != "inner"}
+        return {"format": "stepcascade-budget-curve-v1",
+                "gate": gate | {"inner": repr(self.gate.inner)}, "budgets": list(self.budgets),
+                "cap_factor": self.cap_factor, "alpha": self.alpha, "delta": self.delta,
+                "n_problems": int(self.swept.costs.shape[0]), "cost_max_uncapped": self.cost_max_uncapped,
+                "candidates": [list(c) for c in self.candidates],
+                "points": [dataclasses.asdict(p) for p in self.points]}
+
     def summary(self) -> str:
         lines = [f"Accuracy-budget curve (alpha={self.alpha}, delta={self.delta}, "
                  f"n={self.swept.costs.shape[0]}, "

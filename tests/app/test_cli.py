@@ -99,3 +99,40 @@ def test_verify_with_token_rewrite_and_draft_ahead_from_the_command_line(capsys,
     fixed, large = json.loads(fixed), json.loads(large)
     assert [s["text"] for s in fixed["steps"]] == [s["text"] for s in large["steps"]]
     assert any(len(s["decisions"]) > 1 for s in fixed["steps"])  # corrected, then drafted on
+
+
+def test_calibrate_curve_reports_every_method_at_every_budget(capsys, tiny_dirs, tmp_path):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"a={i};b=a+{i % 3};?b"}) + "\n" for i in range(14)))
+    argv = ["calibrate", "--curve", "--problems", str(problems), "--fit-problems", "4", "--budgets", "5,60",
+            "--alpha", "0.3", "--delta", "0.3", "--small", tiny_dirs[0], "--large", tiny_dirs[2],
+            "--delimiter", "\n", "--max-steps", "3", "--max-step-tokens", "4", "--thresholds", "1,0.5,0",
+            "-o", str(tmp_path / "curve.json")]
+    code, out, _ = run(capsys, *argv)
+    assert code == 0 and "Accuracy-budget curve" in out
+    curve = json.loads((tmp_path / "curve.json").read_text())
+    assert curve["n_problems"] == 10 and curve["fit_problems"] == 4 and curve["budgets"] == [5.0, 60.0]
+    points = {(p["method"], p["budget"]) for p in curve["points"]}
+    assert points == {(m, b) for m in ("budget", "risk", "conformal", "ltt") for b in (5.0, 60.0)}
+    for p in curve["points"]:
+        if p["index"] is not None:  # a certified point names its policy and what it promises
+            family, threshold, cap = curve["candidates"][p["index"]]
+            assert p["threshold"] == threshold and p["cap"] == cap and p["statement"]
+            assert 0.0 <= p["agreement"] <= 1.0
+            if p["method"] == "budget":
+                assert family == "budget" and cap == pytest.approx(3.0 * p["budget"])
+        else:
+            assert p["reason"]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--method", "conformal"], "--curve calibrates every method"),
+    (["--fit-problems", "13"], "needs more than --fit-problems 13"),
+    (["--budgets", "5,-1"], "budget"),
+])
+def test_calibrate_curve_errors_are_one_clear_line(capsys, tiny_dirs, tmp_path, extra, message):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"a={i};?a"}) + "\n" for i in range(14)))
+    code, _, err = run(capsys, "calibrate", "--curve", "--problems", str(problems), "--small", tiny_dirs[0],
+                       "--large", tiny_dirs[2], "--delimiter", "\n", *extra, "-o", str(tmp_path / "c.json"))
+    assert code == 2 and message in err and "Traceback" not in err
