@@ -16,7 +16,12 @@ N = 3  # problems per policy checked here; `python -m tests.step_traces` records
 def _same(a, b, where: str) -> None:
     if isinstance(a, float) or isinstance(b, float):
         assert isinstance(a, (int, float)) and isinstance(b, (int, float)), where
-        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9), f"{where}: {a} != {b}"
+        # The floats (probabilities, entropies, scores and costs derived from them) come out of
+        # float32 kernels whose summation order differs with the CPU's vector unit and library
+        # build: a re-install on another machine moved an entropy by 4e-6 and a verify score of
+        # 1.08e-4 by 1.1e-3 relative (1e-3 nats). 2e-3 relative stays far below the spacing of
+        # any gate threshold; texts, token ids, authors and decisions are compared exactly.
+        assert math.isclose(a, b, rel_tol=2e-3, abs_tol=1e-6), f"{where}: {a} != {b}"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and sorted(a) == sorted(b), f"{where}: keys {sorted(a)} != {sorted(b)}"
         for key in a:
