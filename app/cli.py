@@ -105,15 +105,23 @@ def _solve(args) -> int:
     return 0
 
 
+def _budgets_and_thresholds(args) -> tuple[list[float] | None, list[float]]:
+    """calibrate's --budgets (or --budget; None when neither is given) and --thresholds grid."""
+    budgets = None
+    if args.budgets or args.budget is not None:
+        budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [args.budget]
+    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else default_thresholds()
+    return budgets, list(thresholds)
+
+
 def _calibrate(args) -> int:
     _check_output(args.output, "-o")
     problems = [example.problem for example in load_dataset("jsonl", path=args.problems, limit=args.limit)]
     if args.curve:
         return _calibrate_curve(args, problems)
-    budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [args.budget]
-    if budgets == [None]:
+    budgets, thresholds = _budgets_and_thresholds(args)
+    if budgets is None:
         raise CascadeError("give --budget or --budgets")
-    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else default_thresholds()
     runner = build_runner(args)
     if args.grid:  # every combination: one threshold per gate, tested along grid paths
         candidates = [tuple(c) for c in product_grid([thresholds] * len(runner.gates)).tolist()]
@@ -146,12 +154,9 @@ def _calibrate_curve(args, problems: list[str]) -> int:
     if len(problems) < n_fit + 2:
         raise ConfigError(f"--curve needs more than --fit-problems {n_fit} problems (those fit the "
                           f"budget-aware gate, at least 2 more are calibrated on); got {len(problems)}")
-    budgets = None
-    if args.budgets or args.budget is not None:
-        budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else [args.budget]
-        for b in budgets:
-            check_budget(b)
-    thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else default_thresholds()
+    budgets, thresholds = _budgets_and_thresholds(args)
+    for b in budgets or []:
+        check_budget(b)
     runner = build_runner(args)
     if len(runner.models) != 2:
         raise ConfigError(f"--curve calibrates two-tier cascades, got {len(runner.models)} tiers")

@@ -358,9 +358,9 @@ def markdown(report: dict) -> str:
     columns = len(report["thresholds"]) + len(report["floors"]) * len(report["budgets"])
     one_pass = s["independent_tokens"] / columns  # the mean tokens of one column run alone
     lines += ["", f"Sweep of the calibration split ({columns} columns): {s['executed_tokens']} tokens run "
-              f"for "
-              f"{s['independent_tokens']} in independent runs, i.e. {s['executed_tokens'] / one_pass:.2f}x "
-              f"the tokens of one pass (one column), {s['seconds']:.0f} s."]
+              f"for {s['independent_tokens']} in independent runs, i.e. "
+              f"{s['executed_tokens'] / one_pass:.2f}x the tokens of one pass (one column), "
+              f"{s['seconds']:.0f} s."]
     return "\n".join(lines)
 
 

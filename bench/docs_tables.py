@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from bench.paired import format_interval
+
 __all__ = ["TABLES", "DOC_FILES", "render", "rewrite", "stale_regions"]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -384,13 +386,10 @@ def real_pair_gsm8k(results: Path) -> list[str]:
     rows = []
     for name, p in r["policies"].items():
         label = name if p["rows_of"] == name else f"{name} (= {p['rows_of']})"
-
-        def ci(value, interval):
-            return "-" if value is None else f"{value:.2f} ({interval[0]:.2f} to {interval[1]:.2f})"
         rows.append((f"`{label}`", f"{p['n_correct']}/{r['n_problems']}", f"{p['accuracy']:.3f}",
-                     ci(p["gap_recovered"], p["gap_recovered_ci95"]),
-                     ci(p["wall_ratio"], p["wall_ratio_ci95"]),
-                     ci(p["cost_ratio"], p["cost_ratio_ci95"]), f"{p['mean_wall_seconds']:.1f}"))
+                     format_interval(p["gap_recovered"], p["gap_recovered_ci95"]),
+                     format_interval(p["wall_ratio"], p["wall_ratio_ci95"]),
+                     format_interval(p["cost_ratio"], p["cost_ratio_ci95"]), f"{p['mean_wall_seconds']:.1f}"))
     header = ("policy", "correct", "accuracy", "gap recovered (95% CI)", "wall vs large (95% CI)",
               "cost vs large (95% CI)", "mean wall s")
     runs = "; ".join(f"`{run['command']}` at {_commits(run['commits'])}"

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.harness import RESULTS_FILE, load_results
-
-__all__ = ["paired_figures", "main"]
+__all__ = ["paired_figures", "format_interval", "main"]
 
 
 class PairedError(ValueError):
@@ -53,8 +51,7 @@ def _table(rows: Sequence[dict], policies: Sequence[str]) -> tuple[list[str], di
     common = set.intersection(*(set(by_policy[p]) for p in policies))
     if not common:
         raise PairedError(f"no problem has a graded row for every one of {', '.join(policies)}")
-    order = [row["id"] for row in rows]
-    ids = sorted(common, key=order.index)  # the run's own order
+    ids = [i for i in dict.fromkeys(row["id"] for row in rows) if i in common]  # the run's own order
     return ids, by_policy
 
 
@@ -115,7 +112,8 @@ def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = Non
     return out
 
 
-def _fmt_ci(value: float | None, ci: list[float] | None) -> str:
+def format_interval(value: float | None, ci: list[float] | None) -> str:
+    """`0.17 (-0.04 to 0.38)`: a figure and its interval, "-" when there is no figure."""
     if value is None:
         return "-"
     return f"{value:.2f}" + (f" ({ci[0]:.2f} to {ci[1]:.2f})" if ci else "")
@@ -133,9 +131,9 @@ def markdown(figures: dict, *, title: str, command: str, target_gap: float | Non
     for name, p in figures["policies"].items():
         label = name if p["rows_of"] == name else f"{name} (= {p['rows_of']})"
         row = (f"| {label} | {p['n_correct']}/{figures['n_problems']} | {p['accuracy']:.3f} | "
-               f"{_fmt_ci(p['gap_recovered'], p['gap_recovered_ci95'])} | "
-               f"{_fmt_ci(p['wall_ratio'], p['wall_ratio_ci95'])} | "
-               f"{_fmt_ci(p['cost_ratio'], p['cost_ratio_ci95'])} | "
+               f"{format_interval(p['gap_recovered'], p['gap_recovered_ci95'])} | "
+               f"{format_interval(p['wall_ratio'], p['wall_ratio_ci95'])} | "
+               f"{format_interval(p['cost_ratio'], p['cost_ratio_ci95'])} | "
                f"{p['mean_wall_seconds']:.1f} | {p['mean_cost']:.1f} |")
         if target_gap:
             met = _target_met(p, target_gap, target_wall)
@@ -186,6 +184,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
+    # Only the command line reads run directories: importing the harness (and through it the
+    # runtime) here keeps `format_interval` and `paired_figures` cheap for bench.docs_tables.
+    from bench.harness import RESULTS_FILE, load_results
+
     rows: list[dict] = []
     for run in args.runs:
         path = Path(run) / RESULTS_FILE

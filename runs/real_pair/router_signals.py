@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     steps = [s for line in lines[1:] if line.strip() for s in json.loads(line)["steps"]
              if s.get("logprobs") and s.get("large_score") is not None]
     problems = len([line for line in lines[1:] if line.strip()])
-    table = {name: np.array([signals(s["logprobs"], s["entropies"])[name] for s in steps])
-             for name in signals([0.0], [0.0])}
+    per_step = [signals(s["logprobs"], s["entropies"]) for s in steps]
+    table = {name: np.array([row[name] for row in per_step]) for name in signals([0.0], [0.0])}
     small = np.array([s["small_score"] for s in steps])
     advantage = np.array([s["large_score"] for s in steps]) - small
     labels = {f"advantage > {args.tau:g}": advantage > args.tau,
