@@ -121,6 +121,7 @@ def format_interval(value: float | None, ci: list[float] | None) -> str:
 
 def markdown(figures: dict, *, title: str, command: str, target_gap: float | None = None,
              target_wall: float | None = None) -> str:
+    """The figures as a Markdown table, with a target column when target_gap is given."""
     lines = [f"# {title}", "", f"Command: `{command}`  ",
              f"{figures['n_problems']} problems on which every policy below has a graded row; 95 % intervals "
              f"from {figures['n_bootstrap']} paired bootstrap draws of the problems "

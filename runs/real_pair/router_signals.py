@@ -28,6 +28,7 @@ FIRST_K = 4
 
 
 def signals(logprobs: list[float], entropies: list[float]) -> dict[str, float]:
+    """Every signal of one drafted step, oriented so that higher means escalate."""
     probs = np.exp(np.array(logprobs, dtype=float))
     return {  # each: higher = less confident = escalate
         "1 - mean_prob": 1.0 - float(probs.mean()),
