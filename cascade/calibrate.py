@@ -110,6 +110,9 @@ class _SharedView(Backend):
     score_steps = next_steps
 
 
+_MEMO_SIZE = 64  # calls a sweep of one problem keeps for branches that reach them later
+
+
 def _call_key(tier: int, request) -> tuple:
     return (tier, type(request).__name__, dataclasses.replace(request, request_id=""))
 
@@ -134,6 +137,11 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
     pending: dict[int, tuple] = {}
     executed = 0
     fresh = iter(range(1, 1 << 30))
+    # Calls run in earlier rounds, for branches that reach the same call a round or two
+    # later (a column that drafts before escalating lags one that does not): key ->
+    # (snapshot session of the tier's state right after the call, output, history before,
+    # history after). Bounded: each snapshot holds a copy of the tier's cache.
+    memo: dict[tuple, tuple[str, object, int, int]] = {}
 
     def advance(k: int, value=None) -> None:
         try:
@@ -157,13 +165,15 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
     def run(tier: int, request, session: str):
         return run_batch(tier, [request], [session])[0]
 
-    # A model call's output and cost depend only on the call and on what that model's
-    # session has seen so far: `seen[session][tier]` names that history (an interned
-    # chain of calls). Machines whose next calls are the same call to a tier whose
-    # history is the same share one execution, even when they sit in different sessions
-    # (branches that parted over a decision and then wrote the same text, e.g. an
-    # escalated step the large model wrote as the small one had drafted it): it runs in
-    # one of them and that tier's state is copied to the others.
+    # A model call's output depends only on the call and on what that model's session
+    # holds: `seen[session][tier]` names that history (an interned chain of calls), and a
+    # backend with `state_key` names the tokens it will hold once caught up. Machines
+    # whose next calls are the same call to a tier holding the same (same history, or
+    # the same tokens by another history: branches that parted over a decision and then
+    # wrote the same text, e.g. an escalated step the large model wrote as the small one
+    # had drafted it) share one execution: it runs in one session and that tier's state
+    # is copied to the others (`fork` for the same history, `adopt` for the same tokens,
+    # each charged the prefill it would have made itself).
     histories: dict[tuple, int] = {}
     seen: dict[str, list[int]] = {}
 
@@ -185,8 +195,13 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                     key = ("together", session, tuple(_call_key(*c) for c in calls))
                 else:
                     tier, request = calls
-                    # Without fork, a session's state cannot be copied: share within a session only.
-                    where = history(session)[tier] if shareable else session
+                    # Without fork, a session's state cannot be copied: share within a session
+                    # only. With it, by the tokens the tier will hold when the backend says
+                    # (state_key), else by the history of calls.
+                    where: object = session
+                    if shareable:
+                        tokens = models[tier].state_key(dataclasses.replace(request, request_id=session))
+                        where = ("history", history(session)[tier]) if tokens is None else ("tokens", tokens)
                     key = ("one", tier, where, _call_key(tier, request))
                 buckets.setdefault(key, []).append(k)
             # Machines of one session that part this round: each further bucket gets its own copy.
@@ -217,7 +232,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
             # session, so the batch's request ids are distinct).
             batches: dict[tuple, list[tuple]] = {}
             for key, members in buckets.items():
-                if key[0] == "one":
+                if key[0] == "one" and key not in memo:
                     tier, request = pending[members[0]]
                     batches.setdefault((tier, type(request)), []).append(key)
             for (tier, _), keys in batches.items():
@@ -232,19 +247,46 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                     output = [run(tier, request, sessions[0]) for tier, request in calls]
                     for tier, request in calls:
                         extend(sessions[0], tier, request)
+                    session_output = dict.fromkeys(sessions, output)
                 else:
                     tier, request = calls
-                    output = outputs[key]
-                    extend(sessions[0], tier, request)
-                    for other in sessions[1:]:  # same history before, same state after
-                        models[tier].fork(sessions[0], other)
-                        history(other)[tier] = history(sessions[0])[tier]
+                    if key in outputs:  # ran this round, in the first session
+                        source = sessions[0]
+                        output, before = outputs[key], history(source)[tier]
+                        extend(source, tier, request)
+                        after = history(source)[tier]
+                        if shareable:
+                            if len(memo) >= _MEMO_SIZE:  # the oldest goes (key[1] is its tier)
+                                oldest = next(iter(memo))
+                                models[oldest[1]].release(memo.pop(oldest)[0])
+                            snapshot = f"{tag}:memo{next(fresh)}"
+                            models[tier].fork(source, snapshot)
+                            memo[key] = (snapshot, output, before, after)
+                        others = sessions[1:]
+                    else:  # ran in an earlier round: its snapshot is the source
+                        source, output, before, after = memo[key]
+                        others = sessions
+                    session_output = {source: output}
+                    for other in others:
+                        session_output[other] = output
+                        if history(other)[tier] == before:  # same history before, same state after
+                            models[tier].fork(source, other)
+                            history(other)[tier] = after
+                            continue
+                        # The same tokens by another history: the state is taken over, and the
+                        # call costs this session what it would have had to prefill itself.
+                        session_output[other] = dataclasses.replace(output, prefill_tokens=models[tier].prefill_bound(
+                            other, request.problem, request.context))
+                        models[tier].adopt(source, dataclasses.replace(request, request_id=other))
+                        extend(other, tier, request)
                 for k in members:
-                    advance(k, output)
+                    advance(k, session_output[route[machine_ids[k]]])
     finally:
         for session in set(route.values()):
             for model in models:
                 model.release(session)
+        for key, (snapshot, *_) in memo.items():
+            models[key[1]].release(snapshot)
     return results, executed  # type: ignore[return-value]
 
 

@@ -106,3 +106,9 @@ class FaultyBackend(Backend):
 
     def fork(self, source_id: str, target_id: str) -> None:
         self.backend.fork(source_id, target_id)
+
+    def state_key(self, request):
+        return self.backend.state_key(request)
+
+    def adopt(self, source_id: str, request) -> None:
+        self.backend.adopt(source_id, request)

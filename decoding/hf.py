@@ -417,6 +417,20 @@ class HFBackend(Backend):
         prompt_tokens = len(encode(prompt, True)) if plan.keep_tokens == 0 else 0
         return prompt, prompt_tokens, plan
 
+    @staticmethod
+    def _caught_up_boundaries(session: _Session, plan: CatchUp, prompt: str, prompt_tokens: int,
+                              target: str) -> list[tuple[int, int]]:
+        """The piece boundaries a session holds after catching up by `plan` (see `_plan_feed`)."""
+        if plan.keep_tokens == 0:
+            boundaries = [(0, 0), (prompt_tokens, len(prompt))]
+            tokens, chars, new = prompt_tokens, len(prompt), len(plan.new_ids) - prompt_tokens
+        else:
+            boundaries = [b for b in session.boundaries if b[0] <= plan.keep_tokens]
+            tokens, chars, new = plan.keep_tokens, plan.keep_chars, len(plan.new_ids)
+        if len(target) > chars:
+            boundaries.append((tokens + new, len(target)))
+        return boundaries
+
     def _plan_feed(self, request_id: str, problem: str, context: str) -> tuple[_Session, list[int]]:
         """Bring the session's text and boundaries to prompt + context by the shared rule
         (`decoding.prompting.plan_catch_up`), cropping its cache back to the last shared
@@ -426,30 +440,28 @@ class HFBackend(Backend):
         session.scored = None  # this call changes what the session holds
         prompt, prompt_tokens, plan = self._plan(session, problem, context)
         target = prompt + context
+        boundaries = self._caught_up_boundaries(session, plan, prompt, prompt_tokens, target)
         feed: list[int] = []
         if plan.keep_tokens == 0:
             # Fresh (or fully diverged) request: start over from the prompt.
             self._sessions[request_id] = session = _Session()
             if not prompt_tokens:
                 raise BackendError("the prompt encoded to no tokens", self.info.name)
-            session.text = prompt
-            session.boundaries.append((prompt_tokens, len(prompt)))
             feed = plan.new_ids[:prompt_tokens]
-            tokens, chars, new_ids = prompt_tokens, len(prompt), plan.new_ids[prompt_tokens:]
+            chars, new_ids = len(prompt), plan.new_ids[prompt_tokens:]
         else:
-            tokens, chars, new_ids = plan.keep_tokens, plan.keep_chars, plan.new_ids
+            chars, new_ids = plan.keep_chars, plan.new_ids
             if plan.refeed:
                 # Diverged after a shared boundary: crop to one token before it and re-feed
                 # that token, so the distribution at the boundary is known again.
+                tokens = plan.keep_tokens
                 feed = [session.ids[tokens - 1]]
                 session.cache.crop(-(len(session.ids) - (tokens - 1)))  # negative: tokens to drop
                 del session.ids[tokens - 1:]
-                session.text = target[:chars]
-                session.boundaries = [b for b in session.boundaries if b[0] <= tokens]
+        session.text = target if len(target) > chars else target[:chars]
+        session.boundaries = boundaries
         if len(target) > chars:
             feed = feed + new_ids
-            session.text = target
-            session.boundaries.append((tokens + len(new_ids), len(target)))
         return session, feed
 
     def _catch_up(self, request_id: str, problem: str, context: str,
@@ -498,6 +510,31 @@ class HFBackend(Backend):
         branches of a calibration sweep each continue exactly as an independent run would."""
         source = self._sessions.get(source_id)
         self._sessions[target_id] = copy.deepcopy(source) if source is not None else _Session()
+
+    def state_key(self, request: StepRequest | ScoreRequest) -> tuple[int, ...] | None:
+        """The token ids `request.request_id` would hold once caught up on the request's
+        context: two requests with equal keys make the same call from the same tokens.
+        None where more than the tokens decides the output (a scored draft a greedy step
+        may reuse, a hidden state asked for)."""
+        session = self._sessions.get(request.request_id) or _Session()
+        if session.scored is not None or getattr(request, "return_hidden", False):
+            return None
+        plan = self._plan(session, request.problem, request.context)[2]
+        return tuple(session.ids[: plan.keep_tokens]) + tuple(plan.new_ids)
+
+    def adopt(self, source_id: str, request: StepRequest | ScoreRequest) -> None:
+        """Give `request.request_id` the state running `request` would have left in it,
+        copied from `source_id`, which just ran the same call from an equal `state_key`.
+        The target keeps its own piece boundaries (where its later catch-ups cut back to),
+        so it goes on as if it had made the call itself."""
+        target = self._sessions.get(request.request_id) or _Session()
+        prompt, prompt_tokens, plan = self._plan(target, request.problem, request.context)
+        target_text = prompt + request.context
+        boundaries = self._caught_up_boundaries(target, plan, prompt, prompt_tokens, target_text)
+        end = (len(target.ids[: plan.keep_tokens]) + len(plan.new_ids), len(target_text))
+        adopted = copy.deepcopy(self._sessions[source_id])
+        adopted.boundaries = boundaries + [b for b in adopted.boundaries if b > end]  # the call's own
+        self._sessions[request.request_id] = adopted
 
     # ---- batched decoding ----------------------------------------------------------------
 

@@ -526,6 +526,43 @@ class LlamaCppBackend(Backend):
             target.boundaries = list(source.boundaries)
             self._sessions[target_id] = target
 
+    def _caught_up(self, session: _Session, problem: str, context: str
+                   ) -> tuple[list[int], list[tuple[int, int]], tuple[int, int]]:
+        """What `_catch_up` would leave in the session, without running anything: its ids,
+        its piece boundaries and where the context ends (tokens, characters)."""
+        prompt, _ = self.render_prompt(problem)
+        target = prompt + context
+        tokens, chars = self._plan(session, target)
+        if tokens == 0:
+            ids = self._encode_prompt(prompt)
+            boundaries, chars = [(0, 0), (len(ids), len(prompt))], len(prompt)
+        else:
+            ids, boundaries = session.ids[:tokens], [b for b in session.boundaries if b[0] <= tokens]
+        if target[chars:]:
+            ids = ids + self._encode(target[chars:])
+            boundaries.append((len(ids), len(target)))
+        return ids, boundaries, (len(ids), len(target))
+
+    def state_key(self, request: StepRequest | ScoreRequest) -> tuple[int, ...]:
+        """The token ids the request will hold once caught up on its context (they alone
+        decide a call's output here)."""
+        with self._lock:
+            self._check_open()
+            session = self._sessions.get(request.request_id, _Session())
+            return tuple(self._caught_up(session, request.problem, request.context)[0])
+
+    def adopt(self, source_id: str, request: StepRequest | ScoreRequest) -> None:
+        """Give `request.request_id` the state `request` would have left in it, copied from
+        `source_id`, which just ran the same call from an equal `state_key`; the target keeps
+        its own piece boundaries (where its later catch-ups cut back to)."""
+        with self._lock:
+            self._check_open()
+            target = self._sessions.get(request.request_id, _Session())
+            _, boundaries, end = self._caught_up(target, request.problem, request.context)
+            self.fork(source_id, request.request_id)
+            adopted = self._sessions[request.request_id]
+            adopted.boundaries = boundaries + [b for b in adopted.boundaries if b > end]  # the call's own
+
     def next_steps(self, requests: Sequence[StepRequest]) -> list[StepOutput]:
         """Generate one step per request, one request after another on this engine."""
         for request in requests:

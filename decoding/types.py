@@ -12,7 +12,7 @@ catches up by itself.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -177,6 +177,10 @@ class Backend(Protocol):
     supports_fork: `fork` copies a request's cached state to another request id
         (calibration sweeps then share a prefix's work between branches). False (default):
         a sweep runs each candidate in a session of its own.
+    state_key / adopt (with supports_fork): what a request's state will be in tokens, and
+        taking a call's result over from a request that made the same call from the same
+        tokens (a sweep's branches that reached one context by different histories then
+        share the call). Default: None, nothing shared that way.
     """
 
     info: ModelInfo
@@ -210,6 +214,16 @@ class Backend(Protocol):
     def fork(self, source_id: str, target_id: str) -> None:
         """Copy request `source_id`'s cached state to `target_id` (only when `supports_fork`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot fork a request (supports_fork is False)")
+
+    def state_key(self, request: StepRequest | ScoreRequest) -> Hashable | None:
+        """What `request.request_id` will hold once caught up on the request's context (its
+        token ids), when that alone decides the call's output; None when unknown."""
+        return None
+
+    def adopt(self, source_id: str, request: StepRequest | ScoreRequest) -> None:
+        """Give `request.request_id` the state `request` would leave in it, from `source_id`,
+        which just ran the same call from an equal `state_key` (only when state_key says so)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot adopt a request's state")
 
     def close(self) -> None:
         """Free the engine's resources (a process, a server session). Default: nothing to free."""

@@ -188,3 +188,36 @@ def test_sweep_of_a_verify_gate_drafting_ahead_and_fixing_tokens_equals_independ
         assert np.allclose(swept.costs[:, j], [r.cost.total for r in runs])
         assert [row[j] for row in swept.answers] == [r.answer for r in runs]
         assert np.array_equal(swept.escalation[:, j], [r.escalation_rate for r in runs])
+
+
+class _CountingCalls:
+    """A backend that records each generation call it runs (problem, context, max_tokens)."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.calls = backend, []
+
+    def __getattr__(self, name):
+        return getattr(self.backend, name)
+
+    def next_steps(self, requests):
+        self.calls += [(r.problem, r.context, r.max_tokens) for r in requests]
+        return self.backend.next_steps(requests)
+
+
+def test_sweep_runs_a_call_once_for_branches_reaching_it_by_other_histories_or_later(tiny_dirs):
+    """Columns that escalated different steps but wrote the same text hold the same tokens,
+    and a column that drafts before escalating reaches the large model's call a round after
+    one that does not: each such call runs once (state_key/adopt and the sweep's memo),
+    and every column still costs and answers what its independent run does."""
+    small = _CountingCalls(HFBackend.from_pretrained(tiny_dirs[0], step_delimiter="\n"))
+    large = _CountingCalls(HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n"))
+    options = SolveOptions(max_steps=4, max_step_tokens=6)
+    cascade = Cascade(small, large, ConfidenceGate(0.5), options=options)
+    problems = ["a=1;?a", "a=7;b=a+2;?b", "a=3;b=a+4;c=b+1;?c"]
+    swept = sweep(cascade, problems, GRID)
+    assert len(large.calls) == len(set(large.calls)) and len(small.calls) == len(set(small.calls))
+    assert swept.escalation.min() < swept.escalation.max()  # the columns did part
+    for j, (threshold,) in enumerate(GRID):
+        runs = [cascade.solve(p, gates=[ConfidenceGate(threshold)]) for p in problems]
+        assert np.allclose(swept.costs[:, j], [r.cost.total for r in runs])
+        assert [row[j] for row in swept.answers] == [r.answer for r in runs]

@@ -274,3 +274,9 @@ def test_llamacpp_agrees_with_transformers_on_the_same_gguf(smol, hf_smol):
           f"max |logprob diff| of scored steps: {worst:.4f}")
     assert same_steps / total_steps >= MIN_STEP_AGREEMENT
     assert worst <= MAX_LOGPROB_DIFF
+
+
+def test_state_key_and_adopt_take_a_call_over_only_from_the_same_tokens(smol):
+    from tests.decoding.test_token_rule import check_state_key_and_adopt
+
+    check_state_key_and_adopt(smol)

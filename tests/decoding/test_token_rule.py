@@ -271,3 +271,48 @@ def test_llamacpp_style_server_token_prompts_text_prompts_and_a_shifted_echo(smo
             ids.close()
             text.close()
             plain.close()
+
+
+def test_state_key_and_adopt_take_a_call_over_only_from_the_same_tokens(smol):
+    check_state_key_and_adopt(smol)
+    # HF keeps what scoring a draft computed for a greedy step to reuse: more than tokens
+    smol.score_steps([ScoreRequest("scored", PENS, "", "We add.\n\n")])
+    assert smol.state_key(StepRequest("scored", PENS, "We add.\n\n", 4)) is None
+    smol.release("scored")
+
+
+def check_state_key_and_adopt(backend) -> None:
+    """A calibration sweep shares a call between branches that hold the same tokens by
+    different histories (`state_key`), and `adopt` leaves the taker as if it had made the
+    call: same tokens, its own piece boundaries, so its later catch-ups cut where its own
+    would (the same prefill), not where the giver's would. (Also run on LlamaCppBackend.)"""
+    first, second = "We add the prices", " of the pens.\n\n"  # joins where BPE does not merge
+    encode = lambda text: list(backend.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    assert encode(first + second) == encode(first) + encode(second)
+    ask = lambda rid, context: StepRequest(rid, PENS, context, max_tokens=6)  # noqa: E731
+    try:
+        # "giver" holds the context as two pieces, "taker" (and its twin) as one
+        backend.next_steps([StepRequest("giver", PENS, first, max_tokens=1)])
+        backend.next_steps([StepRequest("taker", PENS, "Something else.\n\n", max_tokens=1)])
+        backend.fork("taker", "twin")
+        call = ask("giver", first + second)
+        assert backend.state_key(call) == backend.state_key(ask("taker", first + second)) is not None
+        prefill = backend.prefill_bound("taker", PENS, first + second)
+        given = backend.next_steps([call])[0]
+        backend.adopt("giver", ask("taker", first + second))
+        own = backend.next_steps([ask("twin", first + second)])[0]
+        assert own.text == given.text and own.prefill_tokens == prefill != given.prefill_tokens
+        taker, twin, giver = (backend._sessions[r] for r in ("taker", "twin", "giver"))
+        assert taker.ids == twin.ids == giver.ids and taker.text == twin.text
+        assert taker.boundaries == twin.boundaries != giver.boundaries
+        later = first + " of the notebooks.\n\n"  # diverges after `first`: the giver cuts there
+        assert backend.prefill_bound("taker", PENS, later) == backend.prefill_bound("twin", PENS, later) \
+            > backend.prefill_bound("giver", PENS, later)
+        # PENS's greedy first step ends '.', '\n', '\n', its text re-encoded '.', '\n\n':
+        # other tokens, so no shared key
+        generated = backend.next_steps([StepRequest("gen", PENS, "", max_tokens=24)])[0]
+        assert generated.token_ids != tuple(encode(generated.text))
+        assert backend.state_key(ask("gen", generated.text)) != backend.state_key(ask("fresh", generated.text))
+    finally:
+        for rid in ("giver", "taker", "twin", "gen"):
+            backend.release(rid)
