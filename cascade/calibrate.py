@@ -275,8 +275,8 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                             continue
                         # The same tokens by another history: the state is taken over, and the
                         # call costs this session what it would have had to prefill itself.
-                        session_output[other] = dataclasses.replace(output, prefill_tokens=models[tier].prefill_bound(
-                            other, request.problem, request.context))
+                        own_prefill = models[tier].prefill_bound(other, request.problem, request.context)
+                        session_output[other] = dataclasses.replace(output, prefill_tokens=own_prefill)
                         models[tier].adopt(source, dataclasses.replace(request, request_id=other))
                         extend(other, tier, request)
                 for k in members:

@@ -312,7 +312,8 @@ def check_state_key_and_adopt(backend) -> None:
         # other tokens, so no shared key
         generated = backend.next_steps([StepRequest("gen", PENS, "", max_tokens=24)])[0]
         assert generated.token_ids != tuple(encode(generated.text))
-        assert backend.state_key(ask("gen", generated.text)) != backend.state_key(ask("fresh", generated.text))
+        fresh = ask("fresh", generated.text)
+        assert backend.state_key(ask("gen", generated.text)) != backend.state_key(fresh)
     finally:
         for rid in ("giver", "taker", "twin", "gen"):
             backend.release(rid)
