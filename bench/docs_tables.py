@@ -353,10 +353,12 @@ def _budget_curve(results: Path, suffix: str) -> list[str]:
         return f"{entry['test_accuracy']:.3f}" if entry else "-"
 
     rows = [(f"{b:.1f} ({b / large:.2f}x)", *(cell(m, b) for m in ("budget", "risk", "conformal", "ltt")),
-             bar(b, "labelled_calibration"), bar(b, "oracle")) for b in r["budgets"]]
+             bar(b, "labelled_certified"), bar(b, "labelled_calibration"), bar(b, "oracle"))
+            for b in r["budgets"]]
     header = ("budget B (x large-only)", "budget-aware, E[cost] <= B", "one threshold, E[cost] <= B",
               "C3PO: P(cost > B) <= alpha, conformal", "P(cost > B) <= alpha, LTT",
-              "labelled choice on the calibration problems", "oracle (test labels)")
+              "labelled choice, budget-aware guarantee", "labelled choice, no margin",
+              "oracle (test labels)")
     test = "the test split" if r["test_split"] == "test" else "problems of the independent generator"
     return _table(header, rows) + [
         "",
@@ -382,7 +384,16 @@ def budget_curve_independent(results: Path) -> list[str]:
 
 def real_pair_gsm8k(results: Path) -> list[str]:
     """The real pair on GSM8K test problems: paired figures of every policy."""
-    r = _load("real_pair_gsm8k/paired.json", results)
+    return _real_pair(results, "real_pair_gsm8k/paired.json")
+
+
+def real_pair_gsm8k_advantage(results: Path) -> list[str]:
+    """The same with the advantage router's policies, run beside it, over the problems both runs hold."""
+    return _real_pair(results, "real_pair_gsm8k/paired_advantage.json")
+
+
+def _real_pair(results: Path, relative: str) -> list[str]:
+    r = _load(relative, results)
     rows = []
     for name, p in r["policies"].items():
         label = name if p["rows_of"] == name else f"{name} (= {p['rows_of']})"
@@ -400,7 +411,7 @@ def real_pair_gsm8k(results: Path) -> list[str]:
         f"{r['n_problems']} GSM8K test problems (the first ones; every policy on each, interleaved), paired "
         f"bootstrap intervals ({r['n_bootstrap']} draws). Pair "
         f"{' -> '.join(f'`{Path(m).name}`' for m in models)} through llama.cpp, one core. Runs: {runs}. "
-        f"Figures: `{r['command']}`. Source: {_source('real_pair_gsm8k/paired.json')}."]
+        f"Figures: `{r['command']}`. Source: {_source(relative)}."]
 
 
 TABLES: dict[str, Callable[[Path], list[str]]] = {
@@ -409,7 +420,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "trio": trio, "throughput": throughput, "serve-load": serve_load, "overhead": overhead,
     "embedded-pair": embedded_pair, "model-accuracy": model_accuracy, "pair-accuracy": pair_accuracy,
     "budget-curve": budget_curve, "budget-curve-independent": budget_curve_independent,
-    "real-pair-gsm8k": real_pair_gsm8k,
+    "real-pair-gsm8k": real_pair_gsm8k, "real-pair-gsm8k-advantage": real_pair_gsm8k_advantage,
 }
 
 

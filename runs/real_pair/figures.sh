@@ -12,4 +12,13 @@ python -m bench.paired runs/real_pair/gsm8k_test \
     --target-gap 0.7 --target-wall 0.6 \
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core)" \
     -o bench/results/real_pair_gsm8k/paired
+# The advantage router's policies (runs/real_pair/train/router.pt, 12 GSM8K train problems),
+# run beside the main run on the other core (bash runs/real_pair/gsm8k_advantage.sh), merged
+# with it over the problems both hold.
+python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_advantage \
+    runs/real_pair/gsm8k_test_advantage_0.9 \
+    --policies small,large,confidence:mean_prob@0.15,verify@0.3,advantage@0.9,advantage@0.75 \
+    --target-gap 0.7 --target-wall 0.6 \
+    --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), advantage router" \
+    -o bench/results/real_pair_gsm8k/paired_advantage
 python -c "from bench.harness import summarize; summarize('runs/real_pair/gsm8k_test')"
