@@ -217,7 +217,26 @@ def test_sweep_runs_a_call_once_for_branches_reaching_it_by_other_histories_or_l
     swept = sweep(cascade, problems, GRID)
     assert len(large.calls) == len(set(large.calls)) and len(small.calls) == len(set(small.calls))
     assert swept.escalation.min() < swept.escalation.max()  # the columns did part
+    assert not small._sessions and not large._sessions  # branches and memo snapshots released
     for j, (threshold,) in enumerate(GRID):
         runs = [cascade.solve(p, gates=[ConfidenceGate(threshold)]) for p in problems]
         assert np.allclose(swept.costs[:, j], [r.cost.total for r in runs])
         assert [row[j] for row in swept.answers] == [r.answer for r in runs]
+
+
+def test_a_sweep_whose_memo_overflows_still_equals_its_first_run(tiny_dirs, monkeypatch):
+    """The memo of earlier rounds' calls is bounded: with room for one call the sweep runs
+    more calls, releases what it evicts, and gives the same columns."""
+    import importlib
+
+    calibrate_module = importlib.import_module("cascade.calibrate")  # the package's `calibrate` is a function
+    small = HFBackend.from_pretrained(tiny_dirs[0], step_delimiter="\n")
+    large = HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n")
+    cascade = Cascade(small, large, ConfidenceGate(0.5), options=SolveOptions(max_steps=4, max_step_tokens=6))
+    problems = ["a=7;b=a+2;?b", "a=3;b=a+4;c=b+1;?c"]
+    roomy = sweep(cascade, problems, GRID)
+    monkeypatch.setattr(calibrate_module, "_MEMO_SIZE", 1)
+    tight = sweep(cascade, problems, GRID)
+    assert tight.executed_tokens > roomy.executed_tokens
+    assert np.allclose(tight.costs, roomy.costs) and tight.answers == roomy.answers
+    assert not small._sessions and not large._sessions
