@@ -20,7 +20,7 @@ from cascade import (
     sweep,
 )
 from cascade.calibrate import default_thresholds
-from decoding import HFBackend
+from decoding import BackendError, HFBackend
 
 OPTIONS = SolveOptions(max_steps=10, max_step_tokens=12)
 GRID = [(t,) for t in sorted(default_thresholds(11), reverse=True)]
@@ -201,6 +201,9 @@ class _CountingCalls:
 
     def next_steps(self, requests):
         self.calls += [(r.problem, r.context, r.max_tokens) for r in requests]
+        self.batches = getattr(self, "batches", 0) + 1
+        if len(self.calls) > getattr(self, "fail_after", 1 << 30):
+            raise BackendError("injected failure", self.info.name)
         return self.backend.next_steps(requests)
 
 
@@ -240,3 +243,28 @@ def test_a_sweep_whose_memo_overflows_still_equals_its_first_run(tiny_dirs, monk
     assert tight.executed_tokens > roomy.executed_tokens
     assert np.allclose(tight.costs, roomy.costs) and tight.answers == roomy.answers
     assert not small._sessions and not large._sessions
+
+
+def test_problems_swept_together_batch_their_calls_and_give_the_same_rows(tiny_dirs):
+    """concurrency > 1 runs several problems' trees together, their calls to a tier as one
+    batch: fewer backend calls, the same rows in the same order; a failing call ends the
+    sweep with the backend's error and every problem's sessions released."""
+    small = _CountingCalls(HFBackend.from_pretrained(tiny_dirs[0], step_delimiter="\n"))
+    large = _CountingCalls(HFBackend.from_pretrained(tiny_dirs[2], step_delimiter="\n"))
+    cascade = Cascade(small, large, ConfidenceGate(0.5), options=SolveOptions(max_steps=4, max_step_tokens=6))
+    problems = ["a=1;?a", "a=7;b=a+2;?b", "a=3;b=a+4;c=b+1;?c", "a=5;b=a-1;?b", "a=2;b=a+a;?b"]
+    rows_one, rows_many = [], []
+    one = sweep(cascade, problems, GRID, concurrency=1, on_row=rows_one.append)
+    batches_one = small.batches + large.batches
+    small.batches = large.batches = 0
+    many = sweep(cascade, problems, GRID, concurrency=4, on_row=rows_many.append)
+    assert small.batches + large.batches < batches_one
+    assert [r["problem"] for r in rows_many] == problems
+    assert np.allclose(one.costs, many.costs) and one.answers == many.answers
+    assert one.executed_tokens == many.executed_tokens
+    large.fail_after = len(large.calls) + 5
+    with pytest.raises(BackendError, match="injected failure"):
+        sweep(cascade, problems, GRID, concurrency=4)
+    assert not small._sessions and not large._sessions
+    with pytest.raises(ConfigError, match="concurrency"):
+        sweep(cascade, problems, GRID, concurrency=0)
