@@ -148,6 +148,7 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
     # (snapshot session of the tier's state right after the call, output, history before,
     # history after). Bounded: each snapshot holds a copy of the tier's cache.
     memo: dict[tuple, tuple[str, object, int, int]] = {}
+    evicted: list[tuple[int, str]] = []  # (tier, snapshot) dropped from the memo, released after the round
 
     def advance(k: int, value=None) -> None:
         try:
@@ -230,11 +231,12 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
             top = max(tier_of(key) for key in buckets)
             buckets = {key: members for key, members in buckets.items() if tier_of(key) == top}
             outputs: dict[tuple, object] = {}
+            hits = {key: memo[key] for key in buckets if key in memo}  # kept even if evicted this round
             # Single calls of one kind to one tier run as one batch (each bucket in its own
             # session, so the batch's request ids are distinct).
             batches: dict[tuple, list[tuple]] = {}
             for key, members in buckets.items():
-                if key[0] == "one" and key not in memo:
+                if key[0] == "one" and key not in hits:
                     tier, request = pending[members[0]]
                     batches.setdefault((tier, type(request)), []).append(key)
             for (tier, _), keys in batches.items():
@@ -260,15 +262,15 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                         extend(source, tier, request)
                         after = history(source)[tier]
                         if shareable:
-                            if len(memo) >= _MEMO_SIZE:  # the oldest goes (key[1] is its tier)
+                            if len(memo) >= _MEMO_SIZE:  # the oldest goes at the end of the round
                                 oldest = next(iter(memo))
-                                models[oldest[1]].release(memo.pop(oldest)[0])
+                                evicted.append((oldest[1], memo.pop(oldest)[0]))
                             snapshot = f"{tag}:memo{next(fresh)}"
                             models[tier].fork(source, snapshot)
                             memo[key] = (snapshot, output, before, after)
                         others = sessions[1:]
                     else:  # ran in an earlier round: its snapshot is the source
-                        source, output, before, after = memo[key]
+                        source, output, before, after = hits[key]
                         others = sessions
                     session_output = {source: output}
                     for other in others:
@@ -285,12 +287,17 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                         extend(other, tier, request)
                 for k in members:
                     advance(k, session_output[route[machine_ids[k]]])
+            while evicted:
+                tier, snapshot = evicted.pop()
+                models[tier].release(snapshot)
     finally:
         for session in set(route.values()):
             for model in models:
                 model.release(session)
         for key, (snapshot, *_) in memo.items():
             models[key[1]].release(snapshot)
+        for tier, snapshot in evicted:
+            models[tier].release(snapshot)
     return results, executed  # type: ignore[return-value]
 
 

@@ -268,3 +268,24 @@ def test_problems_swept_together_batch_their_calls_and_give_the_same_rows(tiny_d
     assert not small._sessions and not large._sessions
     with pytest.raises(ConfigError, match="concurrency"):
         sweep(cascade, problems, GRID, concurrency=0)
+
+
+def test_a_memo_hit_survives_an_eviction_in_the_same_round(monkeypatch):
+    """Embedded pair, a problem where one round both takes a call from the memo and runs a
+    new call that pushes the oldest entry out (the one taken, at 16 entries): the taken
+    snapshot is released only after the round, and the columns are those of a roomy memo."""
+    import importlib
+
+    from bench.tasks import generate_split
+    from cascade import embedded_cascade
+
+    calibrate_module = importlib.import_module("cascade.calibrate")
+    runner = embedded_cascade(ConfidenceGate(threshold=0.5, signal="min_prob"))
+    problem = generate_split("calibration", 17)[16].problem
+    grid = [(t,) for t in sorted(default_thresholds(21), reverse=True)]
+    assert calibrate_module._MEMO_SIZE == 16
+    tight = sweep(runner, [problem], grid)
+    monkeypatch.setattr(calibrate_module, "_MEMO_SIZE", 1 << 10)
+    roomy = sweep(runner, [problem], grid)
+    assert np.array_equal(tight.costs, roomy.costs) and tight.answers == roomy.answers
+    assert not any(m._sessions for m in runner.models)
