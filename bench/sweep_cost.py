@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     swept = sweep(runner, problems, candidates)
     one_pass = swept.independent_tokens / len(candidates)
-    report = {"command": "python -m bench.sweep_cost " + " ".join(argv or []), "commit": package_commit(),
+    report = {"command": "python -m bench.sweep_cost " + " ".join(sys.argv[1:] if argv is None else argv),
+              "commit": package_commit(),
               "n": args.n, "thresholds": len(candidates), "executed_tokens": swept.executed_tokens,
               "independent_tokens": swept.independent_tokens, "one_pass_tokens": one_pass,
               "sweep_vs_one_pass": swept.executed_tokens / one_pass,
