@@ -272,9 +272,8 @@ def _sweep_problem(cascade: Cascade, problem: str, candidate_gates: list[list[Ga
                     else:  # ran in an earlier round: its snapshot is the source
                         source, output, before, after = hits[key]
                         others = sessions
-                    session_output = {source: output}
+                    session_output = dict.fromkeys(sessions, output)
                     for other in others:
-                        session_output[other] = output
                         if history(other)[tier] == before:  # same history before, same state after
                             models[tier].fork(source, other)
                             history(other)[tier] = after

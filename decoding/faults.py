@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import replace
 from typing import Literal
 
@@ -107,8 +107,8 @@ class FaultyBackend(Backend):
     def fork(self, source_id: str, target_id: str) -> None:
         self.backend.fork(source_id, target_id)
 
-    def state_key(self, request):
+    def state_key(self, request: StepRequest | ScoreRequest) -> Hashable | None:
         return self.backend.state_key(request)
 
-    def adopt(self, source_id: str, request) -> None:
+    def adopt(self, source_id: str, request: StepRequest | ScoreRequest) -> None:
         self.backend.adopt(source_id, request)
