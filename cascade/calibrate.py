@@ -67,7 +67,9 @@ class SweepResult:
     answers: n lists of K answers. reference_answers, reference_costs: the top tier's own
     answer and cost per problem (the label-free reference).
     executed_tokens / independent_tokens: tokens the sweep ran vs. what K independent
-    runs of the same candidates would have run (prefill + generated, all tiers).
+    runs of the same candidates would have run (prefill + generated, all tiers). The
+    sweep's count includes the top tier's reference run, which the K runs do not need: a
+    sweep that shares nothing runs more tokens than they do.
     """
 
     candidates: tuple[tuple[float, ...], ...]

@@ -238,6 +238,9 @@ class LlamaCppBackend(Backend):
     name: what `info.name` reports (default: the path as given).
     """
 
+    # fork copies a request's KV state; a calibration sweep shares its branches' calls with it
+    supports_fork = True
+
     def __init__(self, model_path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
                  seed: int = 0, step_delimiter: str = "\n\n", prompt_template: str | None = None,
                  name: str | None = None, n_batch: int = 512) -> None:
@@ -445,42 +448,45 @@ class LlamaCppBackend(Backend):
             return 0, 0
         return tokens, chars
 
+    def _plan_catch_up(self, session: _Session | None, problem: str, context: str
+                       ) -> tuple[bool, int, list[int], list[tuple[int, int]], str]:
+        """How the request's session gets to prompt + context, without running anything:
+        (start over?, tokens of its KV kept, ids to feed after them, its piece boundaries
+        and text once fed). The one rule behind `_catch_up`, `prefill_bound` and `state_key`."""
+        prompt, _ = self.render_prompt(problem)
+        target = prompt + context
+        tokens, chars = self._plan(session, target) if session is not None else (0, 0)
+        if tokens == 0:  # fresh (or fully diverged) request: start over from the prompt
+            feed = self._encode_prompt(prompt)
+            if not feed:
+                raise BackendError("the prompt encoded to no tokens", self.info.name)
+            fresh, keep, tokens, chars = True, 0, len(feed), len(prompt)
+            boundaries = [(0, 0), (tokens, chars)]
+        else:
+            # Diverged after a shared boundary: crop to one token before it and re-feed that
+            # token, so the distribution at the boundary is known again.
+            fresh, keep = False, tokens - 1 if tokens < len(session.ids) else tokens
+            feed = session.ids[keep:tokens]
+            boundaries = [b for b in session.boundaries if b[0] <= tokens]
+        if target[chars:]:
+            ids = self._encode(target[chars:])
+            feed = feed + ids
+            boundaries.append((tokens + len(ids), len(target)))
+        return fresh, keep, feed, boundaries, target
+
     def _catch_up(self, request_id: str, problem: str, context: str) -> tuple[_Session, list[int]]:
         """Bring the request's session to prompt + context (resident, cropped back to the last
         shared boundary when the context diverged); returns it and the ids still to feed."""
         session = self._sessions.get(request_id)
-        prompt, _ = self.render_prompt(problem)
-        target = prompt + context
-        tokens, chars = self._plan(session, target) if session is not None else (0, 0)
-        feed: list[int] = []
-        if tokens > 0:
-            self._activate(request_id, session)
-            if tokens < len(session.ids):
-                # Diverged after a shared boundary: crop to one token before it and re-feed
-                # that token, so the distribution at the boundary is known again.
-                refeed = session.ids[tokens - 1]
-                self._crop(session, tokens - 1)
-                feed = [refeed]
-                session.text = target[:chars]
-                session.boundaries = [b for b in session.boundaries if b[0] <= tokens]
-        if tokens == 0:
-            # Fresh (or fully diverged) request: start over from the prompt.
+        fresh, keep, feed, boundaries, text = self._plan_catch_up(session, problem, context)
+        if fresh:
             session = self._sessions[request_id] = _Session()
             if self._resident == request_id:
                 self._llama_cpp.llama_memory_clear(self._memory, True)
-            self._activate(request_id, session)
-            feed = self._encode_prompt(prompt)
-            if not feed:
-                raise BackendError("the prompt encoded to no tokens", self.info.name)
-            tokens, chars = len(feed), len(prompt)
-            session.text = prompt
-            session.boundaries.append((tokens, chars))
-        rest = target[chars:]
-        if rest:
-            ids = self._encode(rest)
-            feed = feed + ids
-            session.text = target
-            session.boundaries.append((tokens + len(ids), len(target)))
+        self._activate(request_id, session)
+        if keep < len(session.ids):
+            self._crop(session, keep)
+        session.text, session.boundaries = text, boundaries
         return session, feed
 
     # ---- the protocol ------------------------------------------------------------------------
@@ -489,14 +495,7 @@ class LlamaCppBackend(Backend):
         """Exactly the tokens the next call on this context will feed before its own text."""
         with self._lock:
             self._check_open()
-            session = self._sessions.get(request_id, _Session())
-            prompt, _ = self.render_prompt(problem)
-            target = prompt + context
-            tokens, chars = self._plan(session, target)
-            if tokens == 0:
-                return len(self._encode_prompt(prompt)) + (len(self._encode(context)) if context else 0)
-            rest = target[chars:]
-            return int(tokens < len(session.ids)) + (len(self._encode(rest)) if rest else 0)
+            return len(self._plan_catch_up(self._sessions.get(request_id), problem, context)[2])
 
     def release(self, request_id: str) -> None:
         with self._lock:
@@ -526,29 +525,20 @@ class LlamaCppBackend(Backend):
             target.boundaries = list(source.boundaries)
             self._sessions[target_id] = target
 
-    def _caught_up(self, session: _Session, problem: str, context: str
+    def _caught_up(self, session: _Session | None, problem: str, context: str
                    ) -> tuple[list[int], list[tuple[int, int]], tuple[int, int]]:
-        """What `_catch_up` would leave in the session, without running anything: its ids,
-        its piece boundaries and where the context ends (tokens, characters)."""
-        prompt, _ = self.render_prompt(problem)
-        target = prompt + context
-        tokens, chars = self._plan(session, target)
-        if tokens == 0:
-            ids = self._encode_prompt(prompt)
-            boundaries, chars = [(0, 0), (len(ids), len(prompt))], len(prompt)
-        else:
-            ids, boundaries = session.ids[:tokens], [b for b in session.boundaries if b[0] <= tokens]
-        if target[chars:]:
-            ids = ids + self._encode(target[chars:])
-            boundaries.append((len(ids), len(target)))
-        return ids, boundaries, (len(ids), len(target))
+        """What `_catch_up` would leave in the session: its ids, its piece boundaries and
+        where the context ends (tokens, characters)."""
+        _, keep, feed, boundaries, text = self._plan_catch_up(session, problem, context)
+        ids = (session.ids[:keep] if session is not None else []) + feed
+        return ids, boundaries, (len(ids), len(text))
 
     def state_key(self, request: StepRequest | ScoreRequest) -> tuple[int, ...]:
         """The token ids the request will hold once caught up on its context (they alone
         decide a call's output here)."""
         with self._lock:
             self._check_open()
-            session = self._sessions.get(request.request_id, _Session())
+            session = self._sessions.get(request.request_id)
             return tuple(self._caught_up(session, request.problem, request.context)[0])
 
     def adopt(self, source_id: str, request: StepRequest | ScoreRequest) -> None:
@@ -557,7 +547,7 @@ class LlamaCppBackend(Backend):
         its own piece boundaries (where its later catch-ups cut back to)."""
         with self._lock:
             self._check_open()
-            target = self._sessions.get(request.request_id, _Session())
+            target = self._sessions.get(request.request_id)
             _, boundaries, end = self._caught_up(target, request.problem, request.context)
             self.fork(source_id, request.request_id)
             adopted = self._sessions[request.request_id]

@@ -14,12 +14,15 @@ ARGS="--problems runs/real_pair/splits/calibration.jsonl --limit $N --gate confi
   --small $M/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --large $M/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf
   --template qwen25-math-cot --max-steps 24 --max-step-tokens 160"
 mkdir -p $OUT
+rm -f $OUT/after.json.sweep.jsonl  # measured afresh (a sweep file resumes its rows)
 taskset -c ${CORE:-1} python -m app.cli calibrate $ARGS --delimiter $'\n\n' -o $OUT/after.json || true  # n = N certifies nothing; the sweep file is what is measured
 BEFORE=${BEFORE:-54a77b4}
-rm -rf /tmp/stepcascade_before && git worktree add -f -q --detach /tmp/stepcascade_before $BEFORE
-PYTHONPATH=/tmp/stepcascade_before taskset -c ${CORE:-1} python -m app.cli calibrate $ARGS \
-    --delimiter $'\n\n' -o $OUT/before.json || true
-git worktree remove --force /tmp/stepcascade_before
+if [ "${KEEP_BEFORE:-0}" != 1 ]; then  # KEEP_BEFORE=1: the before side's rows are already there
+  rm -rf /tmp/stepcascade_before && git worktree add -f -q --detach /tmp/stepcascade_before $BEFORE
+  PYTHONPATH=/tmp/stepcascade_before taskset -c ${CORE:-1} python -m app.cli calibrate $ARGS \
+      --delimiter $'\n\n' -o $OUT/before.json || true
+  git worktree remove --force /tmp/stepcascade_before
+fi
 python - <<PY
 import json
 out = {"command": "N=$N bash runs/real_pair/sweep_cost.sh", "before_commit": "$BEFORE",
