@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from bench.paired import format_interval
+from bench.paired import clairvoyant_summary, format_interval
 
 __all__ = ["TABLES", "DOC_FILES", "render", "rewrite", "stale_regions"]
 
@@ -406,12 +406,14 @@ def _real_pair(results: Path, relative: str) -> list[str]:
     runs = "; ".join(f"`{run['command']}` at {_commits(run['commits'])}"
                      for run in r["runs"] if run.get("command"))
     models = next((run["models"] for run in r["runs"] if run.get("models")), [])
+    targets = r.get("targets") or {}
+    summary = clairvoyant_summary(r, targets["gap"], targets.get("wall")) if targets.get("gap") else ""
     return _table(header, rows) + [
         "",
         f"{r['n_problems']} GSM8K test problems (the first ones; every policy on each, interleaved), paired "
         f"bootstrap intervals ({r['n_bootstrap']} draws). Pair "
         f"{' -> '.join(f'`{Path(m).name}`' for m in models)} through llama.cpp, one core. Runs: {runs}. "
-        f"Figures: `{r['command']}`. Source: {_source(relative)}."]
+        f"Figures: `{r['command']}`. Source: {_source(relative)}."] + (["", summary] if summary else [])
 
 
 TABLES: dict[str, Callable[[Path], list[str]]] = {

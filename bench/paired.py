@@ -18,6 +18,13 @@ one draw picks a problem for every policy at once). Bootstrap draws in which lar
 small score the same have no gap to recover and are left out (their number is reported).
 `--alias NAME=POLICY` lists POLICY's rows again under NAME: a calibrated policy whose
 certified threshold is one of the run's policies runs exactly those steps.
+
+What a target asks of the pair itself: `clairvoyant_frontier` is the gap a router that
+knows each problem's outcome in advance recovers at each wall ratio, sending to large
+exactly the problems large solves and small does not (fewest extra seconds first) and
+everything else to small. When it needs more than the wall target to reach the gap
+target, no gate of this pair can meet both on these problems with problem-level routing,
+and a step-level cascade, which also pays for the small model's drafts, hardly can either.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["paired_figures", "format_interval", "main"]
+__all__ = ["clairvoyant_frontier", "clairvoyant_summary", "paired_figures", "format_interval", "main"]
 
 
 class PairedError(ValueError):
@@ -53,6 +60,21 @@ def _table(rows: Sequence[dict], policies: Sequence[str]) -> tuple[list[str], di
         raise PairedError(f"no problem has a graded row for every one of {', '.join(policies)}")
     ids = [i for i in dict.fromkeys(row["id"] for row in rows) if i in common]  # the run's own order
     return ids, by_policy
+
+
+def clairvoyant_frontier(small_correct: np.ndarray, large_correct: np.ndarray, small_wall: np.ndarray,
+                         large_wall: np.ndarray) -> list[tuple[float, float]]:
+    """(wall ratio vs large, gap recovered) after routing 0, 1, 2, ... problems to large:
+    only those large solves and small does not, the fewest extra seconds first."""
+    small_correct, large_correct = np.asarray(small_correct, bool), np.asarray(large_correct, bool)
+    small_wall, large_wall = np.asarray(small_wall, float), np.asarray(large_wall, float)
+    gap = int(large_correct.sum()) - int(small_correct.sum())
+    if gap <= 0:
+        return []
+    only_large = np.flatnonzero(large_correct & ~small_correct)
+    extra = np.sort(large_wall[only_large] - small_wall[only_large])
+    walls = (small_wall.sum() + np.concatenate([[0.0], np.cumsum(extra)])) / large_wall.sum()
+    return [(float(w), k / gap) for k, w in enumerate(walls)]
 
 
 def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = None, small: str = "small",
@@ -94,6 +116,8 @@ def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = Non
         return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
 
     point_gap = correct[large].mean() - correct[small].mean()
+    out["clairvoyant_frontier"] = clairvoyant_frontier(correct[small], correct[large],
+                                                       wall[small], wall[large])
     for p in shown:
         acc = correct[p][draws].mean(axis=1)
         recovered = np.where(has_gap, (acc - acc_small) / np.where(has_gap, gap, 1.0), np.nan)
@@ -144,7 +168,26 @@ def markdown(figures: dict, *, title: str, command: str, target_gap: float | Non
         lines += ["", f"Target: gap recovered >= {target_gap:g} and wall <= {target_wall:g}x large, "
                       "both held by the 95 % interval (its lower end for the gap, its upper end for the "
                       "wall ratio)."]
+        line = clairvoyant_summary(figures, target_gap, target_wall)
+        if line:
+            lines += ["", line]
     return "\n".join(lines)
+
+
+def clairvoyant_summary(figures: dict, target_gap: float, target_wall: float | None) -> str:
+    """One sentence: the wall ratio at which the clairvoyant router reaches the gap target,
+    and the gap it recovers within the wall target ("" when there is no gap)."""
+    frontier = figures.get("clairvoyant_frontier") or []
+    reach = next((w for w, g in frontier if g >= target_gap - 1e-12), None)
+    if reach is None:
+        return ""
+    line = ("A clairvoyant router (large only on the problems large solves and small does not, "
+            f"fewest extra seconds first) recovers {target_gap:g} of the gap at {reach:.3f}x large's wall")
+    if target_wall is not None:
+        within = max((g for w, g in frontier if w <= target_wall), default=None)
+        line += (f"; within {target_wall:g}x it recovers "
+                 + (f"{within:.2f}" if within is not None else "nothing (small alone is slower)"))
+    return line + "."
 
 
 def _target_met(p: dict, target_gap: float, target_wall: float | None) -> bool:
@@ -209,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"bench.paired: {error}") from None
     command = "python -m bench.paired " + shlex.join(argv if argv is not None else sys.argv[1:])
     figures["command"] = command
+    figures["targets"] = {"gap": args.target_gap, "wall": args.target_wall}
     figures["runs"] = [_provenance(Path(run)) for run in args.runs]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -81,3 +81,30 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert saved["n_problems"] == 40
     # cascade recovers the whole gap but at 0.75x the wall: the target is not met
     assert "| cascade | " in text and text.split("| cascade | ")[1].split("\n")[0].rstrip().endswith("no |")
+
+
+def test_the_clairvoyant_frontier_routes_only_what_large_alone_solves_cheapest_first():
+    from bench.paired import clairvoyant_frontier
+
+    small_ok = np.array([1, 0, 0, 0, 1], bool)
+    large_ok = np.array([1, 1, 1, 1, 0], bool)  # large alone solves 1, 2, 3; small alone 4: gap 4 - 2 = 2
+    small_wall = np.array([1.0, 1.0, 1.0, 1.0, 1.0])
+    large_wall = np.array([2.0, 4.0, 2.0, 3.0, 2.0])  # extra seconds of 1, 2, 3: 3, 1, 2
+    frontier = clairvoyant_frontier(small_ok, large_ok, small_wall, large_wall)
+    total = large_wall.sum()
+    expected = [(5 / total, 0.0), (6 / total, 0.5), (8 / total, 1.0), (11 / total, 1.5)]
+    assert frontier == pytest.approx(expected)
+    assert clairvoyant_frontier(large_ok, small_ok, small_wall, large_wall) == []  # no gap to recover
+
+
+def test_the_markdown_says_where_the_clairvoyant_router_meets_the_gap_target():
+    from bench.paired import markdown
+
+    figures = paired_figures(_rows(), n_bootstrap=200)
+    text = markdown(figures, title="t", command="c", target_gap=0.7, target_wall=0.6)
+    by = {(r["id"], r["policy"]): r["correct"] for r in _rows()}
+    n = figures["n_problems"]
+    gap = sum(by[(f"p{i}", "large")] for i in range(n)) - sum(by[(f"p{i}", "small")] for i in range(n))
+    # small takes 1 s and large 2 s on every problem: routing k problems takes (n + k) / 2n of large's wall
+    reach = (n + np.ceil(0.7 * gap)) / (2 * n)
+    assert f"at {reach:.3f}x large's wall" in text and "within 0.6x it recovers" in text
