@@ -230,7 +230,7 @@ def bench_command(args: argparse.Namespace) -> str:
                         ("--calibration", args.calibration),
                         *(("--router", router) for router in args.router or ()),
                         ("--threshold", args.threshold),
-                        ("--budget", args.budget), ("--limit", args.limit),
+                        ("--budget", args.budget), ("--limit", args.limit), ("--start", args.start),
                         # the default, hf, is left out: .gguf files run on llamacpp under it
                         ("--backend", None if args.backend == "hf" else args.backend),
                         ("--template", args.template),
@@ -264,7 +264,8 @@ def _bench(args) -> int:
     runner = build_runner(args, gates=False)  # every backend: one place sets models, limits, draft-ahead
     summary = harness.run_benchmark(
         runner, args.dataset, out_dir=args.output, policies=args.policies, limit=args.limit,
-        path=args.path, budget=args.budget, calibration=args.calibration, threshold=threshold,
+        start=args.start or 0, path=args.path, budget=args.budget, calibration=args.calibration,
+        threshold=threshold,
         signal=args.signal or "min_prob", mode=args.mode or "speculate", examples=examples, command=command,
         use_math_verify=not args.no_math_verify, router=args.router)
     print((Path(args.output) / harness.SUMMARY_MD).read_text())
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mode of the confidence policies (default speculate)")
     bench.add_argument("--budget", type=float, default=None, help="hard cap per problem, in cost units")
     bench.add_argument("--limit", type=positive_int, default=None, help="the first N problems")
+    bench.add_argument("--start", type=positive_int, default=None,
+                       help="skip the first K of them (a second process runs problems K.. of the same "
+                            "dataset into its own directory; bench.paired merges the directories)")
     add_model_options(bench)
     add_backend_options(bench, BENCH_BACKENDS)
     add_step_options(bench)

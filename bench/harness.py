@@ -329,7 +329,7 @@ def _examples_hash(examples: Sequence[Example]) -> str:
 
 
 def _settings(cascade, dataset: str, path, limit, examples, policies: Sequence[_Policy], budget,
-              calibration, router=None) -> dict:
+              calibration, router=None, start: int = 0) -> dict:
     options = cascade.options
     settings = {
         "dataset": dataset,
@@ -351,6 +351,8 @@ def _settings(cascade, dataset: str, path, limit, examples, policies: Sequence[_
         "options": {"max_steps": options.max_steps, "max_step_tokens": options.max_step_tokens,
                     "temperature": options.temperature, "seed": options.seed},
     }
+    if start:  # only when set: directories written before --start existed still resume
+        settings["start"] = start
     files = {name: {"path": str(p.resolve()), "sha256": _sha256_file(p)}
              for name, p in router_files(router).items()}
     # Only when there are routers, and one unnamed router as before: older directories still resume.
@@ -377,7 +379,7 @@ def _write_json(path: Path, payload: dict) -> None:
 
 def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
                   policies: str | Sequence[str] = ("small", "large", "confidence"),
-                  limit: int | None = None, path: str | Path | None = None,
+                  limit: int | None = None, start: int = 0, path: str | Path | None = None,
                   budget: float | None = None, calibration: str | Path | None = None,
                   threshold: float = 0.5, signal: str = "min_prob", mode: str = "speculate",
                   examples: Sequence[Example] | None = None, command: str | None = None,
@@ -390,6 +392,8 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
     budget: hard cap per problem (cost units), for every policy. threshold: of the
     confidence / verify policies named without "@T"; signal and mode: of the confidence
     gate. examples: already loaded `load_dataset(dataset, limit, path)` (else loaded here).
+    start: skip the first `start` of those problems (a second process runs the rest of a
+    range into its own directory).
     command: recorded in run.json and the summaries (default: this process's argv).
     progress: True = progress with ETA on stderr, or a callable(done, total).
     router: the router file of the advantage policies (`cascade train-router`), or several
@@ -403,11 +407,15 @@ def run_benchmark(cascade, dataset: str, *, out_dir: str | Path,
     examples = list(examples)
     if not examples:
         raise BenchError(f"dataset {dataset!r} has no problems")
+    if not (isinstance(start, int) and 0 <= start < len(examples)):
+        raise BenchError(f"start must be an integer in [0, {len(examples)}) (the problems loaded), "
+                         f"got {start!r}")
+    examples = examples[start:]
     built = _build_policies(specs, cascade, calibration=calibration, budget=budget, signal=signal, mode=mode,
                             router=router)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    settings = _settings(cascade, dataset, path, limit, examples, built, budget, calibration, router)
+    settings = _settings(cascade, dataset, path, limit, examples, built, budget, calibration, router, start)
     run_path, results_path = out / RUN_FILE, out / RESULTS_FILE
     if run_path.exists():
         header = json.loads(run_path.read_text())

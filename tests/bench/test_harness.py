@@ -450,6 +450,26 @@ def test_cli_bench_end_to_end_and_resume(tiny_dirs, tmp_path, capsys):
     assert len(read_lines(out / "results.jsonl")) == 8
 
 
+def test_cli_bench_start_runs_the_rest_of_a_range_into_its_own_directory(tiny_dirs, tmp_path, capsys):
+    """--start K: a second process takes problems K.. of the first --limit; the two
+    directories hold disjoint problems that together are the range, and resume on their own."""
+    common = ["bench", "--dataset", "embedded", "--limit", "3", "--policies", "small,large",
+              "--small", tiny_dirs[0], "--large", tiny_dirs[2], "--delimiter", "\n", "--max-steps", "2",
+              "--max-step-tokens", "4", "--backend", "hf"]
+    assert main([*common, "-o", str(tmp_path / "all")]) == 0
+    assert main([*common, "--start", "2", "-o", str(tmp_path / "rest")]) == 0
+    whole = {(r["id"], r["policy"]): r["predicted"] for r in read_lines(tmp_path / "all" / "results.jsonl")}
+    rest = {(r["id"], r["policy"]): r["predicted"] for r in read_lines(tmp_path / "rest" / "results.jsonl")}
+    third = sorted({pid for pid, _ in whole})[2:]
+    assert sorted({pid for pid, _ in rest}) == third and all(whole[key] == rest[key] for key in rest)
+    assert "--start 2" in json.loads((tmp_path / "rest" / "summary.json").read_text())["command"]
+    capsys.readouterr()
+    assert main([*common, "-o", str(tmp_path / "rest")]) == 2  # the directory remembers its start
+    assert "start" in capsys.readouterr().err
+    assert main([*common, "--start", "3", "-o", str(tmp_path / "none")]) == 2
+    assert "start must be an integer in [0, 3)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--backend", "openai"], "needs --endpoints"),
     (["--policies", "small,turbo"], "valid policies: small, large"),
