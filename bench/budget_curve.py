@@ -39,7 +39,7 @@ import calibration as cal
 from bench.independent_task import generate_independent
 from bench.provenance import package_commit
 from bench.tasks import check_answer, generate_split
-from cascade import AlwaysLarge, AlwaysSmall, ConfidenceGate, embedded_cascade, sweep
+from cascade import AdvantageGate, AlwaysLarge, AlwaysSmall, ConfidenceGate, Gate, embedded_cascade, sweep
 from cascade.budget import (
     CURVE_METHODS,
     BudgetGate,
@@ -50,6 +50,7 @@ from cascade.budget import (
     select_on_curve,
 )
 from cascade.calibrate import SweepResult, default_thresholds
+from cascade.router import load_router
 
 __all__ = ["main", "check_guarantees"]
 
@@ -138,6 +139,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--stop", type=int, default=None)
     parser.add_argument("--out", default="bench/results/budget_curve")
+    parser.add_argument("--router", default=None,
+                        help="the gate whose score the policies use: the advantage router in this file "
+                             "(cascade train-router; AdvantageGate) instead of ConfidenceGate(min_prob)")
     return parser
 
 
@@ -147,8 +151,9 @@ def _prepare(args, runner, inner) -> dict:
     pilot = train[args.n_fit:]
     small = float(np.mean([r.cost.total for r in runner.solve_many(pilot, gates=[AlwaysSmall()])]))
     large = float(np.mean([r.cost.total for r in runner.solve_many(pilot, gates=[AlwaysLarge()])]))
-    gate_fields = {k: v for k, v in dataclasses.asdict(gate).items() if k != "inner"}
-    return {"commit": package_commit(), "gate": gate_fields, "small": small, "large": large,
+    gate_fields = {f.name: getattr(gate, f.name) for f in dataclasses.fields(gate) if f.name != "inner"}
+    return {"commit": package_commit(), "inner": repr(inner), "gate": gate_fields, "small": small,
+            "large": large,
             "budgets": list(budget_grid(small, large, k=args.budgets)),
             "thresholds": sorted(default_thresholds(args.thresholds), reverse=True),
             "floors": sorted({float(f) for f in args.floors.split(",")}, reverse=True)}
@@ -191,14 +196,20 @@ def main(argv: list[str] | None = None) -> dict | None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    inner = ConfidenceGate(threshold=0.5, signal="min_prob")
+    inner: Gate = ConfidenceGate(threshold=0.5, signal="min_prob")
     runner = embedded_cascade(inner)
+    if args.router is not None:
+        inner = AdvantageGate(router=load_router(args.router, models=runner.models), threshold=0.5)
+        runner = embedded_cascade(inner)
     plan_path = out / "plan.json"
     if args.stage in ("all", "prepare"):
         plan_path.write_text(json.dumps(_prepare(args, runner, inner), indent=1) + "\n")
         if args.stage == "prepare":
             return None
     plan = json.loads(plan_path.read_text())
+    planned = plan.get("inner", repr(ConfidenceGate(threshold=0.5, signal="min_prob")))  # older plans
+    if planned != repr(inner):
+        raise SystemExit(f"{plan_path} was prepared for the gate {planned}, not {inner!r} (--router)")
     gate = BudgetGate(inner, **{k: tuple(v) if isinstance(v, list) else v for k, v in plan["gate"].items()})
     budgets, grid, small, large = tuple(plan["budgets"]), plan["thresholds"], plan["small"], plan["large"]
     floors = tuple(plan.get("floors", FLOORS))
@@ -329,6 +340,8 @@ def markdown(report: dict) -> str:
         f"Command: `{report['command']}`  ",
         f"Commit: `{report['commit']}` (gate fitted and problems swept at `{report['sweep_commit']}`), "
         f"{report['date']}", "",
+        f"Gate score: `{report['gate']['inner']}` (the budget-aware policy's, under its floor and the "
+        "request's remaining budget, and the one-threshold methods').", "",
         f"Budget B: what a request may cost on average (cost units). Test: small alone "
         f"{report['test_small_accuracy']:.3f}, large alone {report['test_large_accuracy']:.3f} at mean cost "
         f"{report['test_large_mean_cost']:.1f}. The budget-aware policy runs each request under the hard cap "
@@ -400,7 +413,8 @@ def plot(report: dict, path: Path) -> None:
     ax.axhline(report["test_large_accuracy"], color="gray", ls=":", label="large alone")
     ax.axhline(report["test_small_accuracy"], color="gray", ls="-.", label="small alone")
     ax.set(xlabel="budget B: mean cost per request (large-token equivalents)", ylabel="test accuracy",
-           title="Embedded pair: accuracy vs budget, label-free calibration")
+           title="Embedded pair: accuracy vs budget, label-free calibration\n"
+                 + report["gate"]["inner"].split("(")[0] + " score")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
