@@ -22,3 +22,5 @@ python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_advan
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), advantage router" \
     -o bench/results/real_pair_gsm8k/paired_advantage
 python -c "from bench.harness import summarize; summarize('runs/real_pair/gsm8k_test')"
+# Each label-free calibration's promise checked on the test run's rows of its certified threshold.
+python runs/real_pair/calibration_test.py runs/real_pair/gsm8k_test
