@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "pilot_small_mean_cost": small, "pilot_large_mean_cost": large, "budgets": list(budgets),
         "test_small_accuracy": small_test, "test_large_accuracy": large_test,
         "test_large_mean_cost": float(test["reference_costs"].mean()),
-        "gate": plan["gate"] | {"inner": repr(inner)},
+        "gate": plan["gate"] | {"inner": repr(inner)}, "router": args.router,
         "cost_max_uncapped": curve.cost_max_uncapped, "floors": list(floors), "thresholds": grid,
         "sweep": stats, "points": rows, "oracle": oracle, "guarantees": guarantees,
         "seconds": time.perf_counter() - started,

@@ -336,8 +336,8 @@ def pair_accuracy(results: Path) -> list[str]:
             f"`embedded:large` {large:.3f} (`{r['command']}` at {_commits([r['commit']])})."]
 
 
-def _budget_curve(results: Path, suffix: str) -> list[str]:
-    r = _load(f"budget_curve/report{suffix}.json", results)
+def _budget_curve(results: Path, suffix: str, folder: str = "budget_curve") -> list[str]:
+    r = _load(f"{folder}/report{suffix}.json", results)
     large = r["test_large_mean_cost"]
     points = {(p["method"], p["budget"]): p for p in r["points"]}
     bars = {o["budget"]: o for o in r["oracle"]}
@@ -367,9 +367,11 @@ def _budget_curve(results: Path, suffix: str) -> list[str]:
         f"{r['test_small_accuracy']:.3f}, large alone {r['test_large_accuracy']:.3f} at mean cost "
         f"{large:.1f}. "
         f"alpha {r['alpha']:g}, delta {r['delta']:g}, cap {r['cap_factor']:g} x B for the budget-aware "
-        f"gate. Pair `embedded:small` -> `embedded:large`. Run: `{r['command'].strip()}` at "
+        f"gate. Gate score: `{r['gate']['inner'].split('(')[0]}`"
+        + (f" (router `{r['router']}`)" if r.get("router") else "")
+        + f". Pair `embedded:small` -> `embedded:large`. Run: `{r['command'].strip()}` at "
         f"{_commits([r['commit']])} (swept at {_commits([r['sweep_commit']])}). "
-        f"Source: {_source(f'budget_curve/report{suffix}.json')}."]
+        f"Source: {_source(f'{folder}/report{suffix}.json')}."]
 
 
 def budget_curve(results: Path) -> list[str]:
@@ -380,6 +382,16 @@ def budget_curve(results: Path) -> list[str]:
 def budget_curve_independent(results: Path) -> list[str]:
     """The same curve on problems of the independently written generator."""
     return _budget_curve(results, "_independent")
+
+
+def budget_curve_seq(results: Path) -> list[str]:
+    """The curve with the sequence router's score in place of the confidence gate's."""
+    return _budget_curve(results, "", "budget_curve_seq")
+
+
+def budget_curve_seq_independent(results: Path) -> list[str]:
+    """The same on problems of the independently written generator."""
+    return _budget_curve(results, "_independent", "budget_curve_seq")
 
 
 def real_pair_gsm8k(results: Path) -> list[str]:
@@ -422,6 +434,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "trio": trio, "throughput": throughput, "serve-load": serve_load, "overhead": overhead,
     "embedded-pair": embedded_pair, "model-accuracy": model_accuracy, "pair-accuracy": pair_accuracy,
     "budget-curve": budget_curve, "budget-curve-independent": budget_curve_independent,
+    "budget-curve-seq": budget_curve_seq, "budget-curve-seq-independent": budget_curve_seq_independent,
     "real-pair-gsm8k": real_pair_gsm8k, "real-pair-gsm8k-advantage": real_pair_gsm8k_advantage,
 }
 
