@@ -39,6 +39,7 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -204,6 +205,16 @@ class _Session:
     boundaries: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     next_logits: np.ndarray | None = None  # (vocab,) float32 after the last id
     saved: bytes | None = None  # KV state while not resident (None when resident or empty)
+
+
+class _CatchUp(NamedTuple):
+    """How a request's session gets to prompt + context (see `LlamaCppBackend._plan_catch_up`)."""
+
+    fresh: bool  # start over from the prompt
+    keep: int  # tokens of the session's KV kept
+    feed: list[int]  # ids to run after them
+    boundaries: list[tuple[int, int]]  # the session's piece boundaries once fed
+    text: str  # the session's text once fed
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -448,11 +459,9 @@ class LlamaCppBackend(Backend):
             return 0, 0
         return tokens, chars
 
-    def _plan_catch_up(self, session: _Session | None, problem: str, context: str
-                       ) -> tuple[bool, int, list[int], list[tuple[int, int]], str]:
-        """How the request's session gets to prompt + context, without running anything:
-        (start over?, tokens of its KV kept, ids to feed after them, its piece boundaries
-        and text once fed). The one rule behind `_catch_up`, `prefill_bound` and `state_key`."""
+    def _plan_catch_up(self, session: _Session | None, problem: str, context: str) -> _CatchUp:
+        """How the request's session gets to prompt + context, without running anything: the
+        one rule behind `_catch_up`, `prefill_bound` and `state_key`."""
         prompt, _ = self.render_prompt(problem)
         target = prompt + context
         tokens, chars = self._plan(session, target) if session is not None else (0, 0)
@@ -472,7 +481,7 @@ class LlamaCppBackend(Backend):
             ids = self._encode(target[chars:])
             feed = feed + ids
             boundaries.append((tokens + len(ids), len(target)))
-        return fresh, keep, feed, boundaries, target
+        return _CatchUp(fresh, keep, feed, boundaries, target)
 
     def _catch_up(self, request_id: str, problem: str, context: str) -> tuple[_Session, list[int]]:
         """Bring the request's session to prompt + context (resident, cropped back to the last
@@ -495,7 +504,7 @@ class LlamaCppBackend(Backend):
         """Exactly the tokens the next call on this context will feed before its own text."""
         with self._lock:
             self._check_open()
-            return len(self._plan_catch_up(self._sessions.get(request_id), problem, context)[2])
+            return len(self._plan_catch_up(self._sessions.get(request_id), problem, context).feed)
 
     def release(self, request_id: str) -> None:
         with self._lock:
