@@ -1,14 +1,15 @@
 #!/bin/bash
 # The real pair's GSM8K figures from the (partial, resumable) test run: paired bootstrap
 # figures over the problems every policy finished, the calibrated policies listed as the run's
-# rows of the threshold each certified (runs/real_pair/train/calibration_{ltt,risk}.json:
-# LTT certified threshold 1.0 = the small model's own steps at every budget 250-700; risk
-# control certified 1.0 at E[cost] <= 500 and 0.15 at E[cost] <= 700), and the run's summary
-# and plots.
+# rows of the threshold each certified on 60 unlabeled train problems
+# (runs/real_pair/train/calibration_{ltt,risk}.json: LTT certified 1.0 = the small model's own
+# steps at budgets 250 and 400, 0.25 at 550, 0.15 at 700; risk control 0.15 at E[cost] <= 500
+# and 700), and the run's summary and plots.
 cd "$(dirname "$0")/../.."
 python -m bench.paired runs/real_pair/gsm8k_test \
-    --alias "calibrated:ltt@250-700=small" --alias "calibrated:risk@500=small" \
-    --alias "calibrated:risk@700=confidence:mean_prob@0.15" \
+    --alias "calibrated:ltt@250-400=small" --alias "calibrated:ltt@550=confidence:mean_prob@0.25" \
+    --alias "calibrated:ltt@700=confidence:mean_prob@0.15" \
+    --alias "calibrated:risk@500-700=confidence:mean_prob@0.15" \
     --target-gap 0.7 --target-wall 0.6 \
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core)" \
     -o bench/results/real_pair_gsm8k/paired
