@@ -25,3 +25,8 @@ python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_advan
 python -c "from bench.harness import summarize; summarize('runs/real_pair/gsm8k_test')"
 # Each label-free calibration's promise checked on the test run's rows of its certified threshold.
 python runs/real_pair/calibration_test.py runs/real_pair/gsm8k_test
+# MATH-500 (partial, resumable: bash runs/real_pair/math500.sh), its paired figures and summary.
+python -m bench.paired runs/real_pair/math500 \
+    --title "MATH-500 pilot, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core)" \
+    -o bench/results/real_pair_math500/paired
+python -c "from bench.harness import summarize; summarize('runs/real_pair/math500')"
