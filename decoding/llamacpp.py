@@ -205,6 +205,14 @@ class _Session:
     boundaries: list[tuple[int, int]] = field(default_factory=lambda: [(0, 0)])
     next_logits: np.ndarray | None = None  # (vocab,) float32 after the last id
     saved: bytes | None = None  # KV state while not resident (None when resident or empty)
+    # Each run through the engine as (ids fed together, how many of them are kept after
+    # crops): replaying the same pieces in the same shapes rebuilds a dropped KV state bit for
+    # bit (one batched prefill of all ids would round differently and can flip a greedy token).
+    pieces: list[tuple[tuple[int, ...], int]] = field(default_factory=list)
+    # The saved KV state was dropped to keep host memory under the backend's bound: it is
+    # rebuilt from `pieces` when the request next runs (the engine's cost, not the request's).
+    evicted: bool = False
+    last_active: int = 0  # the backend's activation count when this session last ran
 
 
 class _CatchUp(NamedTuple):
@@ -246,7 +254,14 @@ class LlamaCppBackend(Backend):
     same seed, request seed and context give the same step). n_batch: tokens per forward
     pass when prefilling. Prompt: `prompt_template` (a format string with `{problem}`)
     when given; else the file's chat template; else the problem followed by the delimiter.
-    name: what `info.name` reports (default: the path as given).
+    name: what `info.name` reports (default: the path as given). max_saved_bytes: host memory
+    the KV states of waiting requests may take together (None: no bound); past it the states
+    of the requests that ran longest ago are dropped and their tokens run again when they
+    next run. Requests are charged (and `prefill_bound` counts) only the tokens new to them, so
+    budgets do not depend on memory pressure; `tokens_recomputed` counts the engine's extra
+    work. A dropped state is rebuilt by running the request's tokens again in the pieces and
+    the same shapes as when they first ran, so what a request writes does not depend on
+    memory pressure; rebuilding costs about what computing the state first cost.
     """
 
     # fork copies a request's KV state; a calibration sweep shares its branches' calls with it
@@ -254,8 +269,12 @@ class LlamaCppBackend(Backend):
 
     def __init__(self, model_path: str | Path, *, n_ctx: int = 4096, n_threads: int | None = None,
                  seed: int = 0, step_delimiter: str = "\n\n", prompt_template: str | None = None,
-                 name: str | None = None, n_batch: int = 512) -> None:
+                 name: str | None = None, n_batch: int = 512,
+                 max_saved_bytes: int | None = 2 * 1024 ** 3) -> None:
         check_prompt_settings(step_delimiter, prompt_template)
+        if max_saved_bytes is not None and (not isinstance(max_saved_bytes, int)
+                                            or isinstance(max_saved_bytes, bool) or max_saved_bytes < 0):
+            raise ValueError(f"max_saved_bytes must be None or an integer >= 0, got {max_saved_bytes!r}")
         for label, value, low in (("n_ctx", n_ctx, 16), ("n_batch", n_batch, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{label} must be an integer >= {low}, got {value!r}")
@@ -315,8 +334,12 @@ class LlamaCppBackend(Backend):
         self._resident: str | None = None  # the request whose tokens the engine holds
         self._lock = threading.RLock()
         self._ends_delimiter: dict[int, bool] = {}
+        self.max_saved_bytes = max_saved_bytes
+        self._activations = 0
         self.tokens_fed = 0  # every token run through the engine (prefill, scoring, decoding)
         self.state_swaps = 0  # KV states copied out to host memory
+        self.states_evicted = 0  # saved KV states dropped to stay under max_saved_bytes
+        self.tokens_recomputed = 0  # tokens run again because their request's state was dropped
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -404,6 +427,47 @@ class LlamaCppBackend(Backend):
                 raise BackendError("llama.cpp could not restore a request's KV state", self.info.name)
             session.saved = None
         self._resident = request_id
+        self._activations += 1
+        session.last_active = self._activations
+        self._bound_saved_states()
+
+    @property
+    def saved_bytes(self) -> int:
+        """Host memory held by the KV states of requests not resident in the engine."""
+        # Forked sessions may share one bytes object: count it once.
+        return sum(len(b) for b in {id(s.saved): s.saved for s in self._sessions.values()
+                                    if s.saved is not None}.values())
+
+    def _bound_saved_states(self) -> None:
+        """Drop the saved states of the requests that ran longest ago until the rest fit."""
+        if self.max_saved_bytes is None:
+            return
+        total = self.saved_bytes
+        for session in sorted((s for s in self._sessions.values() if s.saved is not None),
+                              key=lambda s: s.last_active):
+            if total <= self.max_saved_bytes:
+                break
+            if not any(other is not session and other.saved is session.saved
+                       for other in self._sessions.values()):
+                total -= len(session.saved)
+            session.saved, session.evicted = None, True
+            self.states_evicted += 1
+
+    def _recompute(self, session: _Session, keep: int) -> None:
+        """Rebuild a resident session's KV for its first `keep` ids after its saved state was
+        dropped: its pieces run again as they first ran, each cropped as it was."""
+        pieces, logits, length = session.pieces, session.next_logits, len(session.ids)
+        session.ids, session.pieces, session.evicted = [], [], False
+        for ids, kept in pieces:
+            if len(session.ids) >= keep:
+                break
+            start = len(session.ids)
+            self._feed(session, list(ids))
+            self.tokens_recomputed += len(ids)
+            if kept < len(ids):
+                self._crop(session, start + kept)
+        if len(session.ids) == length:
+            session.next_logits = logits  # as without the drop (the replay's last row, or stale after a crop)
 
     def _feed(self, session: _Session, ids: list[int], outputs: int = 1) -> np.ndarray:
         """Run `ids` through the engine after the session's tokens (the session must be
@@ -441,6 +505,7 @@ class LlamaCppBackend(Backend):
                 rows.append(np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy())
         self.tokens_fed += len(ids)
         session.ids.extend(ids)
+        session.pieces.append((tuple(ids), len(ids)))
         logits = np.stack(rows)
         session.next_logits = logits[-1]
         return logits
@@ -451,6 +516,13 @@ class LlamaCppBackend(Backend):
             raise BackendError(f"llama.cpp could not crop a request's KV cache to {keep} tokens",
                                self.info.name)
         del session.ids[keep:]
+        pieces, start = [], 0
+        for ids, kept in session.pieces:
+            if start >= keep:
+                break
+            pieces.append((ids, min(kept, keep - start)))
+            start += pieces[-1][1]
+        session.pieces = pieces
 
     def _plan(self, session: _Session, target: str) -> tuple[int, int]:
         """The (tokens, characters) boundary the session keeps for `target` ((0, 0): start over)."""
@@ -493,6 +565,8 @@ class LlamaCppBackend(Backend):
             if self._resident == request_id:
                 self._llama_cpp.llama_memory_clear(self._memory, True)
         self._activate(request_id, session)
+        if session.evicted:
+            self._recompute(session, keep)  # only what the plan keeps
         if keep < len(session.ids):
             self._crop(session, keep)
         session.text, session.boundaries = text, boundaries
@@ -532,7 +606,9 @@ class LlamaCppBackend(Backend):
                 target.saved = self._copy_out()  # the source stays resident
             target.ids = list(source.ids)
             target.boundaries = list(source.boundaries)
+            target.pieces = list(source.pieces)
             self._sessions[target_id] = target
+            self._bound_saved_states()
 
     def _caught_up(self, session: _Session | None, problem: str, context: str
                    ) -> tuple[list[int], list[tuple[int, int]], tuple[int, int]]:

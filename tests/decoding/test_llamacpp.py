@@ -158,6 +158,49 @@ def test_kv_states_are_kept_per_request_and_the_prefill_bound_is_exact(smol):
         smol.release(rid)
 
 
+def _interleaved_steps(backend: LlamaCppBackend, n_requests: int, n_steps: int, check) -> list[list]:
+    """Greedy steps of n_requests requests, each step of each request in turn (every call
+    swaps the engine to another request); `check(backend)` runs after each call."""
+    contexts = [""] * n_requests
+    steps: list[list] = [[] for _ in range(n_requests)]
+    for _ in range(n_steps):
+        for k in range(n_requests):
+            bound = backend.prefill_bound(f"m{k}", PROBLEMS[k], contexts[k])
+            out = backend.next_steps([StepRequest(f"m{k}", PROBLEMS[k], contexts[k], 6)])[0]
+            # What the request is charged is what the bound promised, whatever was dropped.
+            assert out.prefill_tokens == bound
+            steps[k].append(out)
+            contexts[k] += out.text if out.text.endswith("\n\n") else out.text + "\n\n"
+            check(backend)
+    for k in range(n_requests):
+        backend.release(f"m{k}")
+    return steps
+
+
+def test_saved_kv_states_stay_under_the_host_memory_bound(smol):
+    assert smol.max_saved_bytes == 2 * 1024 ** 3  # bounded by default
+    totals: list[int] = []
+    unbounded = _interleaved_steps(smol, 3, 3, lambda b: totals.append(b.saved_bytes))
+    # Two requests wait while the third runs; 0.6 of their largest total fits one state, not two.
+    for bound in (0, int(0.6 * max(totals))):
+        with LlamaCppBackend(smollm2_path(), n_ctx=2048, n_threads=2, max_saved_bytes=bound) as tight:
+            seen = []
+
+            def under(backend, bound=bound, seen=seen):
+                seen.append(backend.saved_bytes)
+                assert backend.saved_bytes <= bound
+
+            steps = _interleaved_steps(tight, 3, 3, under)
+            assert tight.states_evicted > 0 and tight.tokens_recomputed > 0
+            # The dropped states were rebuilt in the shapes they first ran in: the same steps,
+            # log-probabilities equal to the bit, as with every state kept.
+            assert [[(o.token_ids, o.logprobs) for o in r] for r in steps] == \
+                [[(o.token_ids, o.logprobs) for o in r] for r in unbounded]
+            assert max(seen) <= bound and (bound == 0 or max(seen) > 0)
+    with pytest.raises(ValueError, match="max_saved_bytes"):
+        LlamaCppBackend(smollm2_path(), max_saved_bytes=-1)
+
+
 def test_seeded_sampling_repeats_and_fork_continues_like_the_source(smol):
     request = StepRequest("t", PROBLEM, "", 12, temperature=0.9, seed=7)
     a = smol.next_steps([request])[0]
