@@ -72,6 +72,10 @@ class ServerLimits:
     request_timeout: seconds one request may run (None = no limit).
     shutdown_grace: seconds in-flight requests get to finish after SIGTERM/SIGINT;
         those still running then end with a 503 carrying their partial result.
+    max_running: requests solved at once (each holds its KV state in every tier it has
+        used, so this bounds the memory the model engines need). max_waiting: requests
+        accepted beyond those, waiting in arrival order for a slot; past running + waiting,
+        a request gets 429 with Retry-After at once instead of queueing without end.
     """
 
     max_body_bytes: int = 1 << 20
@@ -82,9 +86,14 @@ class ServerLimits:
     require_budget: bool = False
     request_timeout: float | None = 600.0
     shutdown_grace: float = 30.0
+    max_running: int = 64
+    max_waiting: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens", "max_steps"):
+        waiting = self.max_waiting
+        if isinstance(waiting, bool) or not isinstance(waiting, int) or waiting < 0:
+            raise ConfigError(f"max_waiting must be an integer >= 0, got {self.max_waiting!r}")
+        for name in ("max_body_bytes", "max_prompt_chars", "max_tokens", "max_steps", "max_running"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
@@ -123,9 +132,11 @@ class ServerConfig:
 
 class _BadRequest(Exception):
     def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error", extra: dict | None = None) -> None:
+                 kind: str = "invalid_request_error", extra: dict | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.kind, self.extra = status, message, param, kind, extra
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -240,7 +251,10 @@ class _App:
         self.config = config
         self.limits = config.limits
         self.drain = _Drain()
-        self.inflight = 0
+        self.inflight = 0  # accepted and not yet answered: running + waiting
+        self.running = 0
+        self.waiting = 0
+        self._slots: asyncio.Semaphore | None = None  # made on the serving loop, at first use
         self.created = int(time.time())
         self.health = _TierHealth(runner, config.tier_retry_seconds)
 
@@ -371,7 +385,50 @@ class _App:
 
     # ---- running --------------------------------------------------------------------------
 
+    def check_capacity(self) -> None:
+        """429 when max_running requests run and max_waiting more wait already."""
+        limits = self.limits
+        if self.running + self.waiting >= limits.max_running + limits.max_waiting:
+            raise _BadRequest(429, f"the server is at capacity: {self.running} requests running and "
+                                   f"{self.waiting} waiting (max_running {limits.max_running}, max_waiting "
+                                   f"{limits.max_waiting}); retry later", kind="server_overloaded",
+                              headers={"Retry-After": "1"})
+
     async def run(self, job: _Job, request_id: str, on_step=None) -> Result:
+        """Wait for one of the max_running slots (in arrival order), then solve. A request
+        still waiting when the shutdown grace expires gets a 503 without having started."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_running)
+        self.waiting += 1
+        slot = asyncio.ensure_future(self._slots.acquire())
+        expiry = asyncio.ensure_future(self.drain.expired.wait())
+        try:
+            done, _ = await asyncio.wait({slot, expiry}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the client went away while waiting
+            self._abandon(slot)
+            raise
+        finally:
+            self.waiting -= 1
+            expiry.cancel()
+        if slot not in done:
+            self._abandon(slot)
+            raise _BadRequest(503, "the server is shutting down; this request was still waiting for a slot",
+                              kind="server_shutting_down")
+        self.running += 1
+        try:
+            return await self._solve(job, request_id, on_step)
+        finally:
+            self.running -= 1
+            self._slots.release()
+
+    def _abandon(self, slot: asyncio.Future) -> None:
+        """Stop waiting for a slot; one acquired at that very moment goes back."""
+        if not slot.done():
+            slot.cancel()
+        elif not slot.cancelled():
+            self._slots.release()
+
+    async def _solve(self, job: _Job, request_id: str, on_step=None) -> Result:
         """Solve, unless the shutdown grace expires first (then 503 with the partial)."""
         gates = self.health.gates_for(job.gates)
         if gates is not job.gates:
@@ -481,13 +538,14 @@ def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
     def reject(error: _BadRequest, request_id: str, started: float):
         logger.info("request %s rejected: %d %s (%.1f ms)", request_id, error.status, error.message[:200],
                     1000 * (time.perf_counter() - started))
-        return JSONResponse(_error_body(error), status_code=error.status)
+        return JSONResponse(_error_body(error), status_code=error.status, headers=error.headers)
 
     @app.get("/health")
     async def health():
+        counts = {"inflight": state.inflight, "running": state.running, "waiting": state.waiting}
         if state.drain.draining:
-            return JSONResponse({"status": "shutting_down", "inflight": state.inflight}, status_code=503)
-        return {"status": "ok", "inflight": state.inflight}
+            return JSONResponse({"status": "shutting_down", **counts}, status_code=503)
+        return {"status": "ok", **counts}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -509,6 +567,7 @@ def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
             body = await state.read_body(request)
             problem = _chat_problem(body) if chat else _completion_problem(body)
             job = state.parse(body, _CHAT_FIELDS if chat else _COMPLETION_FIELDS, problem)
+            state.check_capacity()
         except _BadRequest as error:
             return reject(error, request_id, started)
         logger.info("request %s: %s, prompt %d chars, budget %s, stream %s%s", request_id,
@@ -723,6 +782,10 @@ def add_serve_arguments(parser) -> None:
     parser.add_argument("--max-budget", type=float, default=ServerLimits.max_budget)
     parser.add_argument("--require-budget", action="store_true", help="reject requests without a budget")
     parser.add_argument("--shutdown-grace", type=float, default=ServerLimits.shutdown_grace)
+    parser.add_argument("--max-running", type=int, default=ServerLimits.max_running,
+                        help="requests solved at once (bounds the engines' KV memory)")
+    parser.add_argument("--max-waiting", type=int, default=ServerLimits.max_waiting,
+                        help="requests waiting for a slot beyond --max-running; past both: 429")
 
 
 def _parse_remote(specs: list[str], tier_names: tuple[str, ...]) -> dict[int, tuple[str, list[str]]]:
@@ -765,7 +828,8 @@ def run_from_args(args) -> int:
             raise ConfigError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
     limits = ServerLimits(max_prompt_chars=args.max_prompt_chars, max_budget=args.max_budget,
                           require_budget=args.require_budget, request_timeout=args.request_timeout,
-                          shutdown_grace=args.shutdown_grace)
+                          shutdown_grace=args.shutdown_grace, max_running=args.max_running,
+                          max_waiting=args.max_waiting)
     config = ServerConfig(model_name=args.model_name, api_key=api_key, log_prompts=args.log_prompts,
                           limits=limits, tier_retry_seconds=args.retry_dropped_tier)
     runner = build_served_cascade(args)

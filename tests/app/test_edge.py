@@ -7,17 +7,18 @@ import asyncio
 import json
 import logging
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from app.cli import build_parser, main
-from app.server import ServerConfig, build_served_cascade, create_app
+from app.server import ServerConfig, ServerLimits, build_served_cascade, create_app
 from bench import harness
 from bench.prompts import get_template
 from bench.provenance import PACKAGE_ROOT, package_commit
-from cascade import AlwaysLarge, Cascade, CascadeError, SolveOptions
+from cascade import AlwaysLarge, AlwaysSmall, Cascade, CascadeError, SolveOptions
 from tests.fakes import FakeBackend, counting_script
 
 PROBLEM = "a=17;b=a*3;c=b-25;?c"
@@ -215,3 +216,54 @@ def test_provenance_is_the_package_commit_not_the_current_directory(tmp_path, mo
     inside.mkdir()
     assert package_commit(inside).startswith("unknown (") and "inside" in package_commit(inside)
     assert "not a git checkout" in package_commit(Path("/"))
+
+
+class _SlowBackend(FakeBackend):
+    """A tier whose every call takes a while (in the driver's worker thread), so that
+    concurrent requests overlap for sure."""
+
+    def next_steps(self, requests):
+        time.sleep(0.2)
+        return super().next_steps(requests)
+
+
+def _slow_runner() -> Cascade:
+    small = _SlowBackend("small", 100, counting_script(2))
+    large = FakeBackend("large", 1000, counting_script(2))
+    return Cascade(small, large, AlwaysSmall(), options=SolveOptions(max_steps=4, max_step_tokens=12))
+
+
+async def _post_together(app, n: int) -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://serve", timeout=60) as client:
+        body = {"model": "stepcascade", "prompt": "q"}
+        return list(await asyncio.gather(*(client.post("/v1/completions", json=body) for _ in range(n))))
+
+
+def test_serve_runs_at_most_max_running_and_turns_away_past_max_waiting():
+    app = create_app(_slow_runner(), ServerConfig(limits=ServerLimits(max_running=1, max_waiting=1)))
+    responses = asyncio.run(_post_together(app, 4))
+    assert sorted(r.status_code for r in responses) == [200, 200, 429, 429]
+    for refused in (r for r in responses if r.status_code == 429):
+        assert refused.headers["Retry-After"] == "1"
+        error = refused.json()["error"]
+        assert error["type"] == "server_overloaded" and "max_running 1, max_waiting 1" in error["message"]
+    state = app.state.cascade_app
+    assert (state.running, state.waiting, state.inflight) == (0, 0, 0)  # every slot given back
+    # Within running + waiting, every request is answered, never more than max_running at once.
+    app = create_app(_slow_runner(), ServerConfig(limits=ServerLimits(max_running=2, max_waiting=8)))
+    state, peak = app.state.cascade_app, []
+    solve = state._solve
+
+    async def counted(*args, **kwargs):
+        peak.append(state.running)
+        return await solve(*args, **kwargs)
+
+    state._solve = counted
+    responses = asyncio.run(_post_together(app, 6))
+    assert [r.status_code for r in responses] == [200] * 6
+    assert len(peak) == 6 and max(peak) == 2
+    with pytest.raises(CascadeError, match="max_running"):
+        ServerLimits(max_running=0)
+    with pytest.raises(CascadeError, match="max_waiting"):
+        ServerLimits(max_waiting=-1)
