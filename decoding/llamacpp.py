@@ -49,6 +49,7 @@ from decoding.prompting import (
     crop_point,
     decode_after,
     greedy_prefix,
+    piece_encoder,
     render_prompt,
 )
 from decoding.types import (
@@ -321,6 +322,10 @@ class LlamaCppBackend(Backend):
         self.metadata: dict[str, str] = self._model.metadata()
         self.tokenizer = GGUFTokenizer(self._model, self.metadata)
         self.eos_ids = self.tokenizer.eog_ids
+        # Context text after the prompt: the shared rule (a piece ending in whitespace is
+        # encoded as it reads with a step after it).
+        self._encode_piece = piece_encoder(lambda text, special: self.tokenizer.encode(text, special),
+                                           self.tokenizer.decode, False)
         self.info = ModelInfo(name=name or str(model_path), fingerprint=weights_fingerprint(path),
                               num_parameters=int(self._model.n_params()), step_delimiter=step_delimiter,
                               entropy="exact")
@@ -550,7 +555,7 @@ class LlamaCppBackend(Backend):
             feed = session.ids[keep:tokens]
             boundaries = [b for b in session.boundaries if b[0] <= tokens]
         if target[chars:]:
-            ids = self._encode(target[chars:])
+            ids = self._encode_piece(target[chars:], False)
             feed = feed + ids
             boundaries.append((tokens + len(ids), len(target)))
         return _CatchUp(fresh, keep, feed, boundaries, target)

@@ -70,6 +70,7 @@ from decoding.prompting import (
     decode_after,
     entropy_from_top,
     greedy_prefix,
+    piece_encoder,
     render_prompt,
     step_piece,
 )
@@ -299,9 +300,12 @@ class OpenAIBackend(OwnLoopBatches):
     def _encoder(self, add_special: bool):
         """`PrefixLedger`'s encoder: the model's tokens, or without a tokenizer one
         placeholder id (-1) per token of the conservative byte bound."""
+        if self.tokenizer is not None:
+            return piece_encoder(self._encode,
+                                 lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=False),
+                                 add_special)
+
         def encode(text: str, is_prompt: bool) -> list[int]:
-            if self.tokenizer is not None:
-                return self._encode(text, add_special and is_prompt)
             return [-1] * (len(text.encode("utf-8")) + (self._special_bound if is_prompt else 0))
         return encode
 

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from decoding.hf import check_model_path
-from decoding.prompting import PrefixLedger, render_prompt, step_piece
+from decoding.prompting import PrefixLedger, piece_encoder, render_prompt, step_piece
 from decoding.types import (
     Backend,
     BackendError,
@@ -113,9 +113,9 @@ class ProcessBackend(Backend):
 
     def _encoder(self, add_special: bool):
         """`PrefixLedger`'s encoder: the prompt with the specials its rendering asks for."""
-        def encode(text: str, is_prompt: bool) -> list[int]:
-            return list(self.tokenizer.encode(text, add_special_tokens=add_special and is_prompt))
-        return encode
+        tokenizer = self.tokenizer
+        return piece_encoder(lambda text, special: list(tokenizer.encode(text, add_special_tokens=special)),
+                             lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False), add_special)
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)

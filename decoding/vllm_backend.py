@@ -53,6 +53,7 @@ from decoding.prompting import (
     decode_after,
     entropy_from_top,
     greedy_prefix,
+    piece_encoder,
     render_prompt,
 )
 from decoding.types import (
@@ -199,7 +200,9 @@ class VLLMBackend(OwnLoopBatches):
 
     def _encoder(self, add_special: bool):
         """`PrefixLedger`'s encoder: the prompt with the specials its rendering asks for."""
-        return lambda text, is_prompt: self._encode(text, add_special and is_prompt)
+        def decode(ids):
+            return self.tokenizer.decode(list(ids), skip_special_tokens=False)
+        return piece_encoder(self._encode, decode, add_special)
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)

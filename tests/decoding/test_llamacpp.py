@@ -146,7 +146,8 @@ def test_kv_states_are_kept_per_request_and_the_prefill_bound_is_exact(smol):
     # The same context from scratch (a fresh request) gives the same step.
     cached = smol.next_steps([StepRequest("kv", PROBLEM, context, 8)])[0]
     fresh = smol.next_steps([StepRequest("fresh", PROBLEM, context, 8)])[0]
-    assert fresh.prefill_tokens == prompt_tokens + len(smol._encode(context)) > cached.prefill_tokens
+    context_tokens = len(smol._encode_piece(context, False))  # the shared rule for new text
+    assert fresh.prefill_tokens == prompt_tokens + context_tokens > cached.prefill_tokens
     assert cached.token_ids == fresh.token_ids
     assert max(abs(a - b) for a, b in zip(cached.logprobs, fresh.logprobs, strict=False)) < ATOL_SELF
     # A diverged context crops back to the last shared boundary: one token re-fed, then the new text.

@@ -129,3 +129,34 @@ def test_a_prompt_without_bos_first_is_refused_not_scored(server, tokenizer):
             b.score_steps([ScoreRequest("r", PROBLEM, "", " Tom has 8 apples.")])
     finally:
         b.close()
+
+
+def test_long_steps_after_a_context_score_as_in_process_llamacpp(server, tokenizer):
+    """Steps of 25-55 tokens, each after the steps before it: the server (the whole text
+    tokenized at once) and in-process llama.cpp (the context by the shared piece rule) give
+    the same log-probabilities. Before the piece rule read a context's trailing delimiter as
+    it reads before a word, the first token after each context differed by 9-13 nats."""
+    from decoding import LlamaCppBackend
+
+    remote = _backend(server, tokenizer=tokenizer, prompt_template=CHAT, prompt_format="text")
+    local = LlamaCppBackend(_gguf(), n_ctx=2048, n_threads=1, prompt_template=CHAT)
+    problem = ("A train travels 60 km in 1.5 hours, then 90 km in 2 hours. What is its average speed? "
+               "Explain step by step.")
+    try:
+        context, lengths = "", []
+        for k in range(3):
+            written = list(local._sessions["writer"].ids) if k else []  # prompt + context, as generated
+            step = local.next_steps([StepRequest("writer", problem, context, 64)])[0]
+            text = step.text.removesuffix("\n\n")
+            here = local.score_steps([ScoreRequest(f"local{k}", problem, context, text)])[0]
+            there = remote.score_steps([ScoreRequest(f"remote{k}", problem, context, text)])[0]
+            assert here.scored_tokens == there.scored_tokens > 0
+            assert max(abs(a - b) for a, b in zip(here.logprobs, there.logprobs, strict=True)) < ATOL
+            # a fresh request reads the context in the very tokens the writer generated
+            assert local._sessions[f"local{k}"].ids[:len(written)] == written
+            lengths.append(here.scored_tokens)
+            context += text + "\n\n"
+        assert max(lengths) >= 25
+    finally:
+        remote.close()
+        local.close()

@@ -30,7 +30,7 @@ import pytest
 import torch
 
 from decoding import BackendError, HFBackend, OpenAIBackend, ScoreRequest, StepRequest
-from decoding.prompting import PrefixLedger, plan_catch_up
+from decoding.prompting import LOOKAHEAD, PrefixLedger, piece_encoder, plan_catch_up
 from tests.model_openai import ModelServer, serving
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -71,6 +71,31 @@ def test_the_rule_keeps_generated_ids_and_encodes_new_text_alone(smol):
     assert fed == 1 + len(encode("It is 5.\n\n", False))
     plan = plan_catch_up("", 0, [(0, 0)], prompt, "x", encode)
     assert plan.keep_tokens == 0 and plan.new_ids == encode(prompt, True) + encode("x", False)
+
+
+def test_a_context_ending_in_whitespace_is_encoded_as_it_reads_before_a_step(smol):
+    tok = smol.tokenizer
+
+    def plain(text: str, special: bool = False) -> list[int]:
+        return list(tok.encode(text, add_special_tokens=special))
+
+    encode = piece_encoder(plain, lambda ids: tok.decode(list(ids), skip_special_tokens=False), False)
+    context, step = "It is 4.\n\n", "The answer is 4."
+    # Alone, the delimiter is one token; before a word, two: the rule takes the latter, so
+    # context + step reads exactly as the text does when encoded whole.
+    assert pieces(tok, plain(context))[-1] == "\n\n"
+    assert pieces(tok, encode(context, False))[-2:] == ["\n", "\n"]
+    assert encode(context, False) + plain(step) == plain(context + step)
+    assert tok.decode(encode(context, False)) == context
+    # Text that does not end in whitespace, and the prompt, are encoded as they are.
+    assert encode("It is 4.", False) == plain("It is 4.")
+    assert encode("Q: 2+2?\n", True) == plain("Q: 2+2?\n", False)
+    # When the lookahead merges with the text's end (' ' + 'A' is one token here), no cut
+    # spells the text: it is encoded alone.
+    assert pieces(tok, plain("It is " + LOOKAHEAD))[-1] == " " + LOOKAHEAD
+    assert encode("It is ", False) == plain("It is ")
+    # Without a decoder there is no lookahead.
+    assert piece_encoder(plain, None, False)(context, False) == plain(context)
 
 
 def _hf_then(smol, run_other, server_prompts):
@@ -308,12 +333,17 @@ def check_state_key_and_adopt(backend) -> None:
         later = first + " of the notebooks.\n\n"  # diverges after `first`: the giver cuts there
         assert backend.prefill_bound("taker", PENS, later) == backend.prefill_bound("twin", PENS, later) \
             > backend.prefill_bound("giver", PENS, later)
-        # PENS's greedy first step ends '.', '\n', '\n', its text re-encoded '.', '\n\n':
-        # other tokens, so no shared key
+        # PENS's greedy first step ends '.', '\n', '\n'; its text encoded alone ends '.', '\n\n',
+        # but a context is encoded as it reads before a step, so a fresh request holds the very
+        # ids generated: one key, the call shared
         generated = backend.next_steps([StepRequest("gen", PENS, "", max_tokens=24)])[0]
         assert generated.token_ids != tuple(encode(generated.text))
-        fresh = ask("fresh", generated.text)
-        assert backend.state_key(ask("gen", generated.text)) != backend.state_key(fresh)
+        key = backend.state_key
+        assert key(ask("gen", generated.text)) == key(ask("fresh", generated.text))
+        # the same text held as other tokens (a scored piece ending in a space, then the rest):
+        # another key
+        backend.score_steps([ScoreRequest("odd", PENS, "", "It is ")])
+        assert key(ask("odd", "It is four.\n\n")) != key(ask("fresh", "It is four.\n\n"))
     finally:
-        for rid in ("giver", "taker", "twin", "gen"):
+        for rid in ("giver", "taker", "twin", "gen", "odd"):
             backend.release(rid)
