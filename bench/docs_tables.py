@@ -404,7 +404,12 @@ def real_pair_gsm8k_advantage(results: Path) -> list[str]:
     return _real_pair(results, "real_pair_gsm8k/paired_advantage.json")
 
 
-def _real_pair(results: Path, relative: str) -> list[str]:
+def real_pair_math500(results: Path) -> list[str]:
+    """The real pair on MATH-500 problems (a pilot of the same policies' run)."""
+    return _real_pair(results, "real_pair_math500/paired.json", "MATH-500 problems")
+
+
+def _real_pair(results: Path, relative: str, what: str = "GSM8K test problems") -> list[str]:
     r = _load(relative, results)
     rows = []
     for name, p in r["policies"].items():
@@ -422,7 +427,7 @@ def _real_pair(results: Path, relative: str) -> list[str]:
     summary = clairvoyant_summary(r, targets["gap"], targets.get("wall")) if targets.get("gap") else ""
     return _table(header, rows) + [
         "",
-        f"{r['n_problems']} GSM8K test problems (the first ones; every policy on each, interleaved), paired "
+        f"{r['n_problems']} {what} (the first ones; every policy on each, interleaved), paired "
         f"bootstrap intervals ({r['n_bootstrap']} draws). Pair "
         f"{' -> '.join(f'`{Path(m).name}`' for m in models)} through llama.cpp, one core. Runs: {runs}. "
         f"Figures: `{r['command']}`. Source: {_source(relative)}."] + (["", summary] if summary else [])
@@ -436,6 +441,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "budget-curve": budget_curve, "budget-curve-independent": budget_curve_independent,
     "budget-curve-seq": budget_curve_seq, "budget-curve-seq-independent": budget_curve_seq_independent,
     "real-pair-gsm8k": real_pair_gsm8k, "real-pair-gsm8k-advantage": real_pair_gsm8k_advantage,
+    "real-pair-math500": real_pair_math500,
 }
 
 

@@ -57,7 +57,7 @@ def test_a_json_changed_without_regenerating_is_caught(tmp_path):
 
 
 # Qwen2.5-Coder 0.5B -> 1.5B (docs/real-models.md)
-REAL_PAIR_TABLES = {"real-pair-gsm8k", "real-pair-gsm8k-advantage"}
+REAL_PAIR_TABLES = {"real-pair-gsm8k", "real-pair-gsm8k-advantage", "real-pair-math500"}
 
 
 def test_each_table_names_its_pair_command_and_commit():
