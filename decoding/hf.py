@@ -377,9 +377,6 @@ class HFBackend(Backend):
     def _encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
-    def _decode_ids(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-
     def _decode_after(self, anchor: int | None, ids: list[int]) -> str:
         return decode_after(self.tokenizer, anchor, ids)
 
@@ -413,7 +410,7 @@ class HFBackend(Backend):
     def _plan(self, session: _Session, problem: str, context: str) -> tuple[str, int, CatchUp]:
         """(prompt, its token count, how the session reaches prompt + context)."""
         prompt, add_special = self.render_prompt(problem)
-        encode = piece_encoder(self._encode, self._decode_ids, add_special)
+        encode = piece_encoder(self._encode, self.tokenizer, add_special)
         plan = plan_catch_up(session.text, len(session.ids), session.boundaries, prompt, context, encode)
         prompt_tokens = len(encode(prompt, True)) if plan.keep_tokens == 0 else 0
         return prompt, prompt_tokens, plan

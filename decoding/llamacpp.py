@@ -36,6 +36,7 @@ import os
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -324,8 +325,7 @@ class LlamaCppBackend(Backend):
         self.eos_ids = self.tokenizer.eog_ids
         # Context text after the prompt: the shared rule (a piece ending in whitespace is
         # encoded as it reads with a step after it).
-        self._encode_piece = piece_encoder(lambda text, special: self.tokenizer.encode(text, special),
-                                           self.tokenizer.decode, False)
+        self._encode_piece = piece_encoder(self.tokenizer.encode, self.tokenizer, False)
         self.info = ModelInfo(name=name or str(model_path), fingerprint=weights_fingerprint(path),
                               num_parameters=int(self._model.n_params()), step_delimiter=step_delimiter,
                               entropy="exact")
@@ -447,13 +447,14 @@ class LlamaCppBackend(Backend):
         """Drop the saved states of the requests that ran longest ago until the rest fit."""
         if self.max_saved_bytes is None:
             return
+        waiting = [s for s in self._sessions.values() if s.saved is not None]
+        holders = Counter(id(s.saved) for s in waiting)  # forked sessions may share one state
         total = self.saved_bytes
-        for session in sorted((s for s in self._sessions.values() if s.saved is not None),
-                              key=lambda s: s.last_active):
+        for session in sorted(waiting, key=lambda s: s.last_active):
             if total <= self.max_saved_bytes:
                 break
-            if not any(other is not session and other.saved is session.saved
-                       for other in self._sessions.values()):
+            holders[id(session.saved)] -= 1
+            if holders[id(session.saved)] == 0:  # its last holder: the memory goes
                 total -= len(session.saved)
             session.saved, session.evicted = None, True
             self.states_evicted += 1

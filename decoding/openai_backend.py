@@ -301,9 +301,7 @@ class OpenAIBackend(OwnLoopBatches):
         """`PrefixLedger`'s encoder: the model's tokens, or without a tokenizer one
         placeholder id (-1) per token of the conservative byte bound."""
         if self.tokenizer is not None:
-            return piece_encoder(self._encode,
-                                 lambda ids: self.tokenizer.decode(list(ids), skip_special_tokens=False),
-                                 add_special)
+            return piece_encoder(self._encode, self.tokenizer, add_special)
 
         def encode(text: str, is_prompt: bool) -> list[int]:
             return [-1] * (len(text.encode("utf-8")) + (self._special_bound if is_prompt else 0))

@@ -115,7 +115,7 @@ class ProcessBackend(Backend):
         """`PrefixLedger`'s encoder: the prompt with the specials its rendering asks for."""
         tokenizer = self.tokenizer
         return piece_encoder(lambda text, special: list(tokenizer.encode(text, add_special_tokens=special)),
-                             lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False), add_special)
+                             tokenizer, add_special)
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)

@@ -73,12 +73,12 @@ Encode = Callable[[str, bool], list[int]]  # (text, is_prompt) -> token ids
 LOOKAHEAD = "A"
 
 
-def piece_encoder(encode: Callable[[str, bool], list[int]], decode: Callable[[Sequence[int]], str] | None,
-                  add_special: bool) -> Encode:
+def piece_encoder(encode: Callable[[str, bool], list[int]], tokenizer, add_special: bool) -> Encode:
     """THE encoder behind `plan_catch_up` for a model: (text, is_prompt) -> token ids.
 
-    encode(text, add_special_tokens) and decode(ids) are the model's tokenizer (decode None:
-    no lookahead). The prompt gets the specials its rendering asks for. Other text that ends
+    encode(text, add_special_tokens): the model's encoding; tokenizer: what decodes its ids
+    (`tokenizer.decode(ids, skip_special_tokens=False)`, as in `decode_after`; None: no
+    lookahead). The prompt gets the specials its rendering asks for. Other text that ends
     in whitespace is encoded followed by `LOOKAHEAD` and cut back to the tokens that spell
     exactly the text; when no cut does (the lookahead merged with the text's end, or the
     decoder does not spell pieces exactly), the text is encoded alone, as before.
@@ -86,11 +86,11 @@ def piece_encoder(encode: Callable[[str, bool], list[int]], decode: Callable[[Se
     def encode_piece(text: str, is_prompt: bool) -> list[int]:
         if is_prompt:
             return encode(text, add_special)
-        if decode is None or not text or not text[-1].isspace():
+        if tokenizer is None or not text or not text[-1].isspace():
             return encode(text, False)
         ids = encode(text + LOOKAHEAD, False)
         for cut in range(len(ids) - 1, 0, -1):
-            head = decode(ids[:cut])
+            head = tokenizer.decode(ids[:cut], skip_special_tokens=False)
             if head == text:
                 return ids[:cut]
             if len(head) < len(text):

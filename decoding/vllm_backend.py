@@ -200,9 +200,7 @@ class VLLMBackend(OwnLoopBatches):
 
     def _encoder(self, add_special: bool):
         """`PrefixLedger`'s encoder: the prompt with the specials its rendering asks for."""
-        def decode(ids):
-            return self.tokenizer.decode(list(ids), skip_special_tokens=False)
-        return piece_encoder(self._encode, decode, add_special)
+        return piece_encoder(self._encode, self.tokenizer, add_special)
 
     def prefill_bound(self, request_id: str, problem: str, context: str) -> int:
         prompt, add_special = self.render_prompt(problem)

@@ -79,7 +79,7 @@ def test_a_context_ending_in_whitespace_is_encoded_as_it_reads_before_a_step(smo
     def plain(text: str, special: bool = False) -> list[int]:
         return list(tok.encode(text, add_special_tokens=special))
 
-    encode = piece_encoder(plain, lambda ids: tok.decode(list(ids), skip_special_tokens=False), False)
+    encode = piece_encoder(plain, tok, False)
     context, step = "It is 4.\n\n", "The answer is 4."
     # Alone, the delimiter is one token; before a word, two: the rule takes the latter, so
     # context + step reads exactly as the text does when encoded whole.
@@ -94,7 +94,7 @@ def test_a_context_ending_in_whitespace_is_encoded_as_it_reads_before_a_step(smo
     # spells the text: it is encoded alone.
     assert pieces(tok, plain("It is " + LOOKAHEAD))[-1] == " " + LOOKAHEAD
     assert encode("It is ", False) == plain("It is ")
-    # Without a decoder there is no lookahead.
+    # Without a tokenizer to decode with there is no lookahead.
     assert piece_encoder(plain, None, False)(context, False) == plain(context)
 
 
