@@ -38,7 +38,7 @@ from cascade.checks import check_budget, check_problem
 from cascade.router import collect_router_data, train_router
 from cascade.scorers import LikelihoodScorer, PRMScorer
 from cascade.sequence_router import train_sequence_router
-from cascade.specs import ModelSpec, load_model
+from cascade.specs import MODES, ModelSpec, load_model
 
 __all__ = ["bench_command", "build_parser", "main"]
 
@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, default=None,
                        help="threshold of the policies named without @T (default 0.5)")
     bench.add_argument("--signal", default=None, help="signal of the confidence policies (default min_prob)")
-    bench.add_argument("--mode", default=None, choices=["route", "speculate"],
+    bench.add_argument("--mode", default=None, choices=MODES,
                        help="mode of the confidence policies (default speculate)")
     bench.add_argument("--budget", type=float, default=None, help="hard cap per problem, in cost units")
     bench.add_argument("--limit", type=positive_int, default=None, help="the first N problems")

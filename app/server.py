@@ -342,6 +342,10 @@ class _App:
         stream_options = body.get("stream_options")
         if stream_options is not None and not isinstance(stream_options, dict):
             raise _BadRequest(400, "stream_options must be an object", "stream_options")
+        if stream and any(gate.mode == "resolve" for gate in (gates or self.runner.gates)):
+            # Steps are sent as they are decided, and a re-solve replaces steps already sent.
+            raise _BadRequest(400, "stream is not supported with a resolve-mode gate (a re-solve replaces "
+                                   "the steps written so far); ask without stream", "stream")
         return _Job(problem, None if budget is None else float(budget), gates, options, stream)
 
     def parse_gates(self, body: dict) -> list | None:
@@ -488,6 +492,8 @@ def _extension(result: Result, state: "_App") -> dict:
         "degraded_reasons": [f"step {s.index}: {f}" for s in result.steps for f in s.failures],
         "dropped_tiers": dropped, "authors": [s.author for s in result.steps],
         "steps": [_step_json(s) for s in result.steps],
+        # resolve mode: the steps a higher tier's re-solve replaced (their cost is in "cost")
+        "set_aside": [_step_json(s) for s in result.set_aside],
         "per_tier": [{"name": name, "prefill_tokens": u.prefill_tokens,
                       "generated_tokens": u.generated_tokens, "cost": u.cost}
                      for name, u in zip(result.tier_names, result.cost.per_tier, strict=False)],

@@ -10,6 +10,12 @@ Modes:
   (STEER-style). If it does not escalate, the lower tier finishes the step.
 - "speculate": the lower tier drafts the whole step; the gate judges the draft; a
   rejected draft is thrown away (its cost still counts).
+- "resolve": the lower tier drafts as in "speculate", but an escalation hands the whole
+  problem to the next tier, which solves it again from the start: the steps so far are set
+  aside (`Result.set_aside`; their cost counts) and every later step starts at that tier. A
+  problem-level cascade decided at the first step the gate doubts, so the lower tier stops
+  as soon as its answer would be replaced. It pays one full solve by the next tier instead
+  of that tier's prefill of the context at every escalated step (see docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ __all__ = [
     "SIGNALS",
 ]
 
-Mode = Literal["route", "speculate"]
+Mode = Literal["route", "speculate", "resolve"]
 Signal = Literal["min_prob", "mean_prob", "entropy", "first_k"]
 SIGNALS: tuple[str, ...] = ("min_prob", "mean_prob", "entropy", "first_k")
 
@@ -174,8 +180,8 @@ def _set_threshold(gate: object, name: str = "threshold", *, low: float = 0.0, h
 
 
 def _check_mode(mode: str, probe_tokens: int) -> None:
-    if mode not in ("route", "speculate"):
-        raise ConfigError(f"mode must be 'route' or 'speculate', got {mode!r}")
+    if mode not in ("route", "speculate", "resolve"):
+        raise ConfigError(f"mode must be 'route', 'speculate' or 'resolve', got {mode!r}")
     if not isinstance(probe_tokens, int) or probe_tokens < 0:
         raise ConfigError(f"probe_tokens must be an integer >= 0, got {probe_tokens!r}")
 
@@ -350,9 +356,9 @@ class AdvantageGate(Gate):
             raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state) and "
                               f"check_models(models) (subclass cascade.gates.AdvantageModel), got "
                               f"{type(self.router).__name__} (load one with cascade.router.load_router)")
-        if self.mode != "speculate" or self.requires_verification or not self.requires_hidden:
+        if self.mode not in ("speculate", "resolve") or self.requires_verification or not self.requires_hidden:
             raise ConfigError("AdvantageGate judges whole drafts from their hidden state: mode must be "
-                              "'speculate', requires_hidden True, requires_verification False")
+                              "'speculate' or 'resolve', requires_hidden True, requires_verification False")
 
     def check_models(self, models: Sequence) -> None:
         """Refuse a router trained for other models than (drafting, next tier) `models`."""

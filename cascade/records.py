@@ -92,6 +92,9 @@ class Result:
     answer: the extracted final answer, or None. stop_reason: why the loop ended.
     cap_intervened: the hard cap changed what happened (an escalation refused, a step
     shortened, or the request stopped). budget: the cap it ran under (None = none).
+    set_aside: the steps a re-solve (a gate in "resolve" mode) replaced, in the order they
+    were written, the draft that triggered it last; their cost is in `cost`. `steps` is
+    the solve that stands.
     """
 
     problem: str
@@ -102,6 +105,12 @@ class Result:
     stop_reason: StopReason
     cap_intervened: bool
     budget: float | None
+    set_aside: tuple[Step, ...] = ()
+
+    @property
+    def resolved(self) -> bool:
+        """A higher tier solved the problem again from the start (resolve mode)."""
+        return bool(self.set_aside)
 
     @property
     def text(self) -> str:
@@ -138,6 +147,7 @@ class Result:
             "stop_reason": self.stop_reason, "cap_intervened": self.cap_intervened,
             "degraded": self.degraded, "degraded_steps": list(self.degraded_steps),
             "budget": self.budget, "steps": [step.to_json() for step in self.steps],
+            "set_aside": [step.to_json() for step in self.set_aside],
         }
 
     def dumps(self) -> str:

@@ -361,6 +361,15 @@ class _StepLog:
     corrections: int = 0
 
 
+@dataclass(frozen=True)
+class _Handover:
+    """A resolve-mode escalation: `tier` solves the problem again; `draft` is the step
+    that triggered it (set aside with the steps before it)."""
+
+    tier: int
+    draft: Step
+
+
 class _Run:
     """State of one request while its step machine runs.
 
@@ -393,6 +402,10 @@ class _Run:
         self.step_usage = [Usage()] * self.n
         self.cap_intervened = False
         self.failed: set[int] = set()  # tiers that failed in this request (degrade mode)
+        # Resolve mode: the tier every step starts at (raised when a tier takes the problem
+        # over) and the steps the re-solves replaced.
+        self.floor = 0
+        self.set_aside: list[Step] = []
         # draft_ahead: the cheapest tier's draft of the next step, written while this step's
         # draft was verified: (the context it continues, the output, what it cost). Its cost
         # counts against the budget at once and joins a step's usage when used or dropped.
@@ -450,6 +463,16 @@ class _Run:
     def fits_step(self, tier: int) -> bool:
         """Does a whole step by `tier` (worst case) fit in what is left?"""
         return self.token_allowance(tier, self.here, self.step_tokens_left()) >= self.step_tokens_left()
+
+    def fits_resolve(self, tier: int) -> bool:
+        """Does the first step of a re-solve by `tier` (worst case, from the problem alone) fit?"""
+        return self.token_allowance(tier, "", self.options.max_step_tokens) >= self.options.max_step_tokens
+
+    def resolves(self, tier: int) -> bool:
+        """Does an escalation by gate `tier` hand the whole problem to the next tier? (resolve
+        mode, from the tier the request's steps start at; below it, after the cap sent a
+        step down, an escalation is a step's)"""
+        return self.gates[tier].mode == "resolve" and tier >= self.floor
 
     def degrades(self, tier: int) -> bool:
         """May the request carry on without `tier` after it failed? (never the cheapest)"""
@@ -574,7 +597,8 @@ class _Run:
             state = dataclasses.replace(state, verification=verification, spent=self.used())
         score, escalate = decide(gate, state)
         unavailable = escalate and tier + 1 in self.failed
-        capped = escalate and not unavailable and not self.fits_step(tier + 1)
+        fits = self.fits_resolve(tier + 1) if self.resolves(tier) else self.fits_step(tier + 1)
+        capped = escalate and not unavailable and not fits
         moves = escalate and not unavailable and not capped
         log.decisions.append(Decision(tier, score, effective_threshold(gate, state), moves, capped,
                                       unavailable))
@@ -695,19 +719,49 @@ class _Run:
 
     def fall_back(self, log: _StepLog, tier: int, error: BackendError) -> tuple[int, StepOutput]:
         """Tier failed while writing: the tier below keeps the output it already has."""
+        if tier - 1 not in log.outputs:
+            raise error  # the step started at `tier` (resolve mode): climb handles it
         self.fail(log, tier, error)
         return tier - 1, log.outputs[tier - 1]
+
+    # -- mechanism: resolve -----------------------------------------------------------------
+
+    def first_tier(self) -> int:
+        """The tier a step starts at: the cheapest, or after a re-solve the tier that took
+        the problem over, unless a whole step by it no longer fits in the budget (the cap:
+        the tier below writes the step, within what is left)."""
+        tier = self.floor
+        while tier > 0 and not self.fits_step(tier):
+            self.cap_intervened = True
+            tier -= 1
+        return tier
+
+    def resolve(self, handover: _Handover) -> None:
+        """The next tier solves the problem again from the start: the steps so far and the
+        draft that triggered it are set aside (their cost stays spent)."""
+        self.set_aside.extend(self.steps)
+        self.set_aside.append(handover.draft)
+        self.steps = []
+        self.context = ""
+        self.floor = handover.tier
 
     # -- one step -------------------------------------------------------------------------
 
     def climb(self, log: _StepLog, index: int):
         """Tiers take the step in turn while their gates escalate; returns (tier, output) of
-        the tier that keeps it. A token fix keeps the drafting tier on the step."""
-        tier = 0
+        the tier that keeps it. A token fix keeps the drafting tier on the step. A resolve-mode
+        escalation returns (tier, None): tier + 1 solves the problem again."""
+        tier = self.first_tier()
         while True:
             try:
                 output = yield from self.attempt(tier)
             except BackendError as error:
+                if tier == self.floor and tier > 0:
+                    # The tier that took the problem over failed: under degrade the tier below
+                    # carries the re-solve on from where it is; else the request fails.
+                    self.fail(log, tier, error)
+                    self.floor = tier = tier - 1
+                    continue
                 tier, output = self.fall_back(log, tier, error)
                 if log.drafts and log.drafts[-1] == output.text:
                     log.drafts.pop()  # the draft stands after all
@@ -718,9 +772,11 @@ class _Run:
             escalate, verification = yield from self.judge(log, index, tier, output)
             if not escalate:
                 return tier, output
+            self.drop_ahead()  # it continued the draft just rejected
+            if self.resolves(tier):
+                return tier, None
             if output.text:
                 log.drafts.append(output.text)
-            self.drop_ahead()  # it continued the draft just rejected
             fix = self.correction(tier, self.gates[tier], verification, log.corrections)
             if fix is None:
                 tier += 1
@@ -728,29 +784,35 @@ class _Run:
                 return tier + 1, _EMPTY
 
     def write_step(self, index: int):
-        """Write step `index`; returns (Step, StepOutput of the accepted text) or None at the cap.
+        """Write step `index`; returns (Step, StepOutput of the accepted text), None at the
+        cap, or a `_Handover` when a resolve-mode gate hands the problem to the next tier.
 
-        Every step starts at the cheapest tier; gate k judges tier k's output and may hand
-        the step to tier k + 1. Under `on_large_failure="degrade"`, a failed tier k > 0 is
-        dropped for the rest of the request and tier k - 1's output stands.
+        Every step starts at the cheapest tier (after a re-solve, at the tier that took the
+        problem over); gate k judges tier k's output and may hand the step to tier k + 1.
+        Under `on_large_failure="degrade"`, a failed tier k > 0 is dropped for the rest of
+        the request and tier k - 1's output stands.
         """
         log = _StepLog()
         self.fixed, self.fixed_tokens = "", 0
         tier, output = yield from self.climb(log, index)
+        if output is None:
+            return _Handover(tier + 1, self.as_step(index, tier, log.outputs[tier], log))
         tier, output = yield from self.keep_lower(log, tier, output)
         if self.fixed:
             tier, output = self.with_fixed_text(tier, output)
         elif output.generated_tokens == 0:
             self.cap_intervened = True  # nothing fits in what is left of the budget
             return None
+        return self.as_step(index, tier, output, log), output
+
+    def as_step(self, index: int, tier: int, output: StepOutput, log: _StepLog) -> Step:
         text = output.text
         if text.endswith(self.cascade.delimiter):
             text = text[: -len(self.cascade.delimiter)]
-        step = Step(index=index, text=text, tier=tier, author=self.cascade.tier_names[tier],
+        return Step(index=index, text=text, tier=tier, author=self.cascade.tier_names[tier],
                     confidence=Confidence.of(output), decisions=tuple(log.decisions),
                     usage=tuple(self.step_usage), drafts=tuple(log.drafts), degraded=log.degraded,
                     failures=tuple(log.failures))
-        return step, output
 
     def settle(self) -> None:
         """Move the step being written into the request's totals (spent work is never lost)."""
@@ -775,7 +837,8 @@ class _Run:
         try:
             self.check_fits()
             stop_reason = "max_steps"
-            for index in range(self.options.max_steps):
+            index = 0
+            while index < self.options.max_steps:  # each solve (a re-solve starts over) has max_steps
                 self.step_usage = [Usage()] * self.n
                 try:
                     written = yield from self.write_step(index)
@@ -792,6 +855,11 @@ class _Run:
                 if written is None:
                     stop_reason = "budget"
                     break
+                if isinstance(written, _Handover):
+                    self.resolve(written)
+                    index = 0
+                    continue
+                index += 1
                 step, output = written
                 self.steps.append(step)
                 self.context += output.text
@@ -817,7 +885,8 @@ class _Run:
         return Result(problem=self.problem, answer=extract_answer(self.context),
                       steps=tuple(self.steps), cost=Cost(tuple(self.spent)),
                       tier_names=self.cascade.tier_names, stop_reason=stop_reason,
-                      cap_intervened=self.cap_intervened, budget=self.budget)
+                      cap_intervened=self.cap_intervened, budget=self.budget,
+                      set_aside=tuple(self.set_aside))
 
 
 def _default_options(models: Sequence[Backend]) -> SolveOptions:

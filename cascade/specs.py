@@ -14,7 +14,7 @@ One grammar for gates and policies (the bench policy grammar)::
   wrong token, with draft-ahead), ``advantage`` (a learned router); the benchmark adds
   ``oracle`` and ``calibrated`` (`BENCH_KINDS`), which only it builds.
 - QUALIFIER: of ``confidence``: a signal (``min_prob``, ``mean_prob``, ``entropy``,
-  ``first_k``) and/or a mode (``route``, ``speculate``), e.g. ``confidence:entropy@0.3``;
+  ``first_k``) and/or a mode (``route``, ``speculate``, ``resolve``), e.g. ``confidence:entropy@0.3``;
   of ``advantage``: NAME, the router given as NAME (``advantage:seq@0.5``); of the verify
   kinds: NAME=S, verify only the drafts router NAME gives P(large better) >= S
   (``verify-fix:seq=0.02@0.3``).
@@ -87,7 +87,7 @@ POLICY_KINDS: tuple[str, ...] = ("small", "large", "confidence", "verify", "veri
 BENCH_KINDS: tuple[str, ...] = ("oracle", "calibrated")  # parsed here, built by bench
 THRESHOLD_KINDS: tuple[str, ...] = ("confidence", "verify", "verify-ahead", "verify-fix", "advantage")
 _VERIFY_KINDS = ("verify", "verify-ahead", "verify-fix")
-MODES: tuple[str, ...] = ("route", "speculate")
+MODES: tuple[str, ...] = ("route", "speculate", "resolve")
 BACKEND_KINDS: tuple[str, ...] = ("hf", "process", "vllm", "openai", "llamacpp")
 
 
@@ -133,7 +133,7 @@ class GateSpec:
     """One gate, by kind and settings; None = the gate's own default.
 
     kind: one of `GATE_KINDS` (an alias in `GATE_ALIASES` is read as its kind).
-    threshold: in [0, 1]. signal: confidence signal. mode: "route" or "speculate".
+    threshold: in [0, 1]. signal: confidence signal. mode: "route", "speculate" or "resolve".
     probe_tokens: tokens the route mode sees. reduce: "mean" or "min" (verify).
     rewrite: "step" or "token" (verify). max_corrections: verify's token fixes.
     router: advantage: its router; verify: the screen (with screen_threshold). A

@@ -119,6 +119,16 @@ def test_streaming_sends_each_step_then_the_summary(client):
     assert final.model_extra["cascade"]["cost"] == pytest.approx(plain.model_extra["cascade"]["cost"])
 
 
+def test_a_resolve_mode_request_reports_the_steps_its_re_solve_replaced(client):
+    # threshold 0: the small model's first step is always doubted, so the large one re-solves
+    response = client.completions.create(model="stepcascade", prompt=PROBLEM, extra_body={
+        "budget": 300, "gate": "confidence", "mode": "resolve", "threshold": 0.0})
+    extension = response.model_extra["cascade"]
+    assert [s["author"] for s in extension["set_aside"]] == ["small"]
+    assert set(extension["authors"]) == {"large"} and extension["answer"] == "30"
+    assert extension["cost"] == pytest.approx(sum(s["cost"] for s in extension["steps"] + extension["set_aside"]))
+
+
 def test_chat_streaming(client):
     chunks = list(client.chat.completions.create(model="stepcascade", stream=True, extra_body={"budget": 300},
                                                  messages=[{"role": "user", "content": PROBLEM}]))
@@ -148,6 +158,8 @@ def test_chat_streaming(client):
     ({"model": "stepcascade", "prompt": [1, 2, 3]}, 400, "token-id prompts"),
     ({"model": "stepcascade", "prompt": PROBLEM, "temperature": -1}, 400, "temperature must be >= 0"),
     ({"model": "stepcascade", "prompt": PROBLEM, "stream": "yes"}, 400, "stream must be true or false"),
+    ({"model": "stepcascade", "prompt": PROBLEM, "stream": True, "gate": "confidence", "mode": "resolve"}, 400,
+     "stream is not supported with a resolve-mode gate"),
 ])
 def test_bad_requests_get_4xx_with_a_message(server, body, status, message):
     response = httpx.post(server + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},

@@ -114,7 +114,7 @@ def test_flops_prices_make_a_large_token_cost_one():
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(budget=st.floats(0, 300), threshold=st.floats(0, 1),
-       kind=st.sampled_from(["route", "speculate", "verify"]),
+       kind=st.sampled_from(["route", "speculate", "resolve", "verify"]),
        tiers=st.sampled_from([2, 3]), steps=st.integers(1, 6))
 def test_hard_cap_is_never_exceeded(budget, threshold, kind, tiers, steps):
     models = [FakeBackend(f"m{k}", 10 ** (k + 2), counting_script(steps, confident=k == tiers - 1))
