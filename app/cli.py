@@ -31,8 +31,8 @@ from bench.datasets import load_dataset
 from bench.progress import progress_printer
 from bench.router_data import ExactStepScorer
 from calibration import product_grid
-from cascade import Cascade, CascadeError, ConfigError
-from cascade.budget import calibrate_budget_curve
+from cascade import AdvantageGate, Cascade, CascadeError, ConfidenceGate, ConfigError
+from cascade.budget import CURVE_METHODS, calibrate_budget_curve
 from cascade.calibrate import calibrate, default_thresholds, sweep_file
 from cascade.checks import check_budget, check_problem
 from cascade.router import collect_router_data, train_router
@@ -148,7 +148,7 @@ def _calibrate_curve(args, problems: list[str]) -> int:
     problems. Without --budgets the grid runs from the small-only to the large-only mean cost
     of a pilot (the first 20 calibration problems run each way)."""
     if args.method != "ltt" or args.objective != "agreement" or args.cost_max is not None or args.grid:
-        raise ConfigError("--curve calibrates every method at once (budget-aware, risk, conformal, ltt) and "
+        raise ConfigError("--curve calibrates every method at once (budget-aware, resolve, risk, conformal, ltt) and "
                           "chooses by agreement; drop --method, --objective, --cost-max and --grid")
     n_fit = args.fit_problems
     if len(problems) < n_fit + 2:
@@ -160,10 +160,13 @@ def _calibrate_curve(args, problems: list[str]) -> int:
     runner = build_runner(args)
     if len(runner.models) != 2:
         raise ConfigError(f"--curve calibrates two-tier cascades, got {len(runner.models)} tiers")
+    # The problem-level re-solve needs a gate with a resolve mode (confidence, advantage).
+    methods = [m for m in CURVE_METHODS
+               if m != "resolve" or isinstance(runner.gates[0], (ConfidenceGate, AdvantageGate))]
     curve = calibrate_budget_curve(runner, problems[n_fit:], budgets=budgets, cap_factor=args.cap_factor,
                                    alpha=args.alpha, delta=args.delta, thresholds=thresholds,
-                                   budget_thresholds=thresholds, fit_problems=problems[:n_fit],
-                                   progress=progress_printer("calibrate --curve"))
+                                   budget_thresholds=thresholds, resolve_thresholds=thresholds, methods=methods,
+                                   fit_problems=problems[:n_fit], progress=progress_printer("calibrate --curve"))
     payload = curve.to_json() | {
         "models": [{"name": m.info.name, "fingerprint": m.info.fingerprint} for m in runner.models],
         "problems": str(args.problems), "fit_problems": n_fit}

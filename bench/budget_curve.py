@@ -41,7 +41,6 @@ from bench.provenance import package_commit
 from bench.tasks import check_answer, generate_split
 from cascade import AdvantageGate, AlwaysLarge, AlwaysSmall, ConfidenceGate, Gate, embedded_cascade, sweep
 from cascade.budget import (
-    CURVE_METHODS,
     BudgetGate,
     budget_grid,
     calibrate_budget_curve,
@@ -53,6 +52,10 @@ from cascade.calibrate import SweepResult, default_thresholds
 from cascade.router import load_router
 
 __all__ = ["main", "check_guarantees"]
+
+# The step-level methods this benchmark sweeps (its committed sweeps predate the "resolve"
+# family; the problem-level re-solve on the same splits is runs/resolve_probe.py).
+CURVE_METHODS: tuple[str, ...] = ("budget", "risk", "conformal", "ltt")
 
 # The budget-aware gate's floor thresholds: finest where the curve bends (0.35-0.6 on the
 # embedded pair), where a 0.1 step moved the mean cost by ~9 units (~0.1x the large model).
@@ -249,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     curve = calibrate_budget_curve(runner, cal_problems, budgets=budgets, cap_factor=args.cap_factor,
                                    alpha=args.alpha, delta=args.delta, thresholds=grid,
-                                   budget_thresholds=floors, gate=gate, swept=cal_swept)
+                                   budget_thresholds=floors, gate=gate, swept=cal_swept, methods=CURVE_METHODS)
     small_test = float(test["correct"][:, 0].mean())  # threshold 1.0 without a cap: small alone
     large_test = float(test["reference_correct"].mean())
     rows = []

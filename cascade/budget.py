@@ -26,7 +26,12 @@ exchangeable problems, E[cost] <= B (Angelopoulos et al., "Conformal Risk Contro
 calibrates, at the same budgets, the single-threshold methods (C3PO's per-query tail
 bound P(cost > B) <= alpha by split conformal or Learn-then-Test, and risk control of
 E[cost] without a cap), and reports each choice's expected accuracy proxy: agreement of
-its answers with the top tier's on the calibration problems.
+its answers with the top tier's on the calibration problems. And, at the same budgets
+and under the same cap and guarantee, the problem-level re-solve (method "resolve"): the
+inner gate in resolve mode, whose first doubted step hands the problem to the large model
+to solve again from the start, threshold certified by the same risk control. It pays one
+full large solve where the step cascade pays the large model's prefill at every escalated
+step, so it is the better policy where budgets are wide enough for whole re-solves.
 
 This module knows the runtime only through `Cascade.solve_many` and `cascade.calibrate.sweep`;
 the statistics are `calibration`'s pure functions.
@@ -51,8 +56,8 @@ from cascade.runtime import Cascade
 __all__ = ["BudgetGate", "fit_budget_gate", "BudgetPoint", "BudgetCurve", "calibrate_budget_curve",
            "budget_grid", "CURVE_METHODS"]
 
-CurveMethod = Literal["budget", "risk", "conformal", "ltt"]
-CURVE_METHODS: tuple[str, ...] = ("budget", "risk", "conformal", "ltt")
+CurveMethod = Literal["budget", "resolve", "risk", "conformal", "ltt"]
+CURVE_METHODS: tuple[str, ...] = ("budget", "resolve", "risk", "conformal", "ltt")
 
 
 class _InnerGate:
@@ -247,8 +252,9 @@ class BudgetCurve:
     """The accuracy-budget curve: for each method and budget, the certified policy.
 
     candidates: per sweep column, (family, threshold, cap): family "threshold" (the inner
-    gate at a threshold, no cap) or "budget" (the BudgetGate at a floor threshold under
-    the cap). swept: the calibration sweep (arrays per problem and column).
+    gate at a threshold, no cap), "budget" (the BudgetGate at a floor threshold under
+    the cap) or "resolve" (the inner gate in resolve mode at a threshold under the cap).
+    swept: the calibration sweep (arrays per problem and column).
     """
 
     gate: BudgetGate
@@ -277,9 +283,7 @@ class BudgetCurve:
             return [AlwaysSmall()], budget
         p = max(usable, key=lambda q: q.budget)
         family, threshold, cap = self.candidates[p.index]
-        gate = dataclasses.replace(self.gate, threshold=threshold) if family == "budget" \
-            else dataclasses.replace(self.gate.inner, threshold=threshold)
-        return [gate], cap
+        return [family_gate(self.gate, family, threshold)], cap
 
     def to_json(self) -> dict:
         """The curve as plain JSON: the fitted gate, the grid, each method's point per budget."""
@@ -311,12 +315,88 @@ class BudgetCurve:
 
 def curve_candidates(budgets: Sequence[float], thresholds: Sequence[float],
                      budget_thresholds: Sequence[float],
-                     cap_factor: float) -> list[tuple[str, float, float | None]]:
-    """The sweep columns: the threshold family (uncapped), then per budget the budget family."""
+                     cap_factor: float, resolve_thresholds: Sequence[float] = ()) -> list[tuple[str, float, float | None]]:
+    """The sweep columns: the threshold family (uncapped), then per budget the budget family,
+    then per budget the resolve family (none when `resolve_thresholds` is empty)."""
     columns: list[tuple[str, float, float | None]] = [("threshold", float(t), None) for t in thresholds]
     for b in budgets:
         columns += [("budget", float(t), float(cap_factor * b)) for t in budget_thresholds]
+    for b in budgets:
+        columns += [("resolve", float(t), float(cap_factor * b)) for t in resolve_thresholds]
     return columns
+
+
+def family_gate(gate: BudgetGate, family: str, threshold: float) -> Gate:
+    """The gate a curve column runs: the BudgetGate at a floor ("budget"), its inner gate at a
+    threshold ("threshold"), or the inner gate in resolve mode ("resolve")."""
+    if family == "budget":
+        return dataclasses.replace(gate, threshold=threshold)
+    if family == "resolve":
+        try:
+            return dataclasses.replace(gate.inner, threshold=threshold, mode="resolve")
+        except (ConfigError, TypeError) as error:
+            raise ConfigError(f"method 'resolve' needs a gate that takes mode='resolve' (a confidence or "
+                              f"advantage gate), got {type(gate.inner).__name__}: {error}") from None
+    return dataclasses.replace(gate.inner, threshold=threshold)
+
+
+def default_resolve_thresholds(gate: BudgetGate) -> list[float]:
+    """The resolve family's default grid: 21 points in [0, 1] and the upper half of the fitted
+    scores of the cheapest tier's steps (levels 0.5, 0.55, ..., 1), where a problem's most
+    doubted step lies."""
+    grid = list(default_thresholds())
+    q = gate.score_quantiles
+    if q:
+        levels = np.linspace(0.5, 1.0, 11)
+        grid += [round(float(v), 6) for v in np.interp(levels, np.linspace(0.0, 1.0, len(q)), q)]
+    return grid
+
+
+def sweep_curve(cascade: Cascade, problems: Sequence[str], candidates: Sequence[tuple[str, float, float | None]],
+                gate: BudgetGate, progress: Callable[[int, int], None] | None = None) -> SweepResult:
+    """Sweep the curve's columns: the BudgetGate columns (both families a BudgetGate runs: without
+    a cap it is its inner gate at the floor) in one sweep, the resolve columns in another (a
+    gate in another mode), joined in the columns' order. Columns of different sweeps share no
+    calls, so the arrays are those of independent runs either way."""
+    groups = {"budget": [j for j, c in enumerate(candidates) if c[0] != "resolve"],
+              "resolve": [j for j, c in enumerate(candidates) if c[0] == "resolve"]}
+    parts = []
+    for family, columns in groups.items():
+        if not columns:
+            continue
+        family_gates = [gate if family == "budget" else family_gate(gate, "resolve", 0.5)]
+        parts.append((columns, sweep(cascade, problems, [(candidates[j][1],) for j in columns],
+                                     gates=family_gates, caps=[candidates[j][2] for j in columns],
+                                     progress=progress)))
+    return join_sweeps(parts, len(candidates))
+
+
+def join_sweeps(parts: Sequence[tuple[Sequence[int], SweepResult]], n_columns: int) -> SweepResult:
+    """One SweepResult of the same problems from sweeps of disjoint columns (column indices given)."""
+    first = parts[0][1]
+    n = len(first.problems)
+    costs, escalation = np.zeros((n, n_columns)), np.zeros((n, n_columns))
+    capped = np.zeros((n, n_columns), dtype=bool)
+    answers: list[list[str | None]] = [[None] * n_columns for _ in range(n)]
+    candidates: list[tuple[float, ...]] = [()] * n_columns
+    for columns, part in parts:
+        if part.problems != first.problems:
+            raise ConfigError("join_sweeps needs sweeps of the same problems")
+        idx = np.asarray(columns, dtype=np.intp)
+        costs[:, idx], escalation[:, idx] = part.costs, part.escalation
+        if part.cap_intervened is not None:
+            capped[:, idx] = part.cap_intervened
+        for i, row in enumerate(part.answers):
+            for j, answer in zip(columns, row, strict=True):
+                answers[i][j] = answer
+        for j, c in zip(columns, part.candidates, strict=True):
+            candidates[j] = c
+    return SweepResult(candidates=tuple(candidates), problems=first.problems, costs=costs, escalation=escalation,
+                       answers=tuple(tuple(r) for r in answers), reference_answers=first.reference_answers,
+                       reference_costs=first.reference_costs,
+                       executed_tokens=sum(p.executed_tokens for _, p in parts),
+                       independent_tokens=sum(p.independent_tokens for _, p in parts),
+                       seconds=sum(p.seconds for _, p in parts), cap_intervened=capped)
 
 
 def _family_columns(candidates, family: str, cap: float | None = None) -> np.ndarray:
@@ -333,10 +413,10 @@ def select_on_curve(costs: np.ndarray, candidates: Sequence[tuple[str, float, fl
     (agreement), maximised among certified columns. Columns of a family are ordered
     cheapest first (thresholds descending). Raises calibration.CalibrationError when
     nothing is certified."""
-    if method == "budget":
-        columns = _family_columns(candidates, "budget", cap_factor * budget)
+    if method in ("budget", "resolve"):
+        columns = _family_columns(candidates, method, cap_factor * budget)
         if columns.size == 0:
-            raise cal.CalibrationError(f"no budget-family columns swept for budget {budget:g}")
+            raise cal.CalibrationError(f"no {method}-family columns swept for budget {budget:g}")
         cap = cap_factor * budget
         selection = cal.select_risk_control(costs[:, columns], budget, np.arange(columns.size), cost_max=cap)
         statement = (f"E[cost] <= {budget:g} (conformal risk control, cost_max = the hard cap {cap:g}; "
@@ -364,6 +444,7 @@ def calibrate_budget_curve(cascade: Cascade, problems: Sequence[str], *,
                            alpha: float = 0.1, delta: float = 0.05,
                            thresholds: Sequence[float] | None = None,
                            budget_thresholds: Sequence[float] | None = None,
+                           resolve_thresholds: Sequence[float] | None = None,
                            gate: BudgetGate | None = None, fit_problems: Sequence[str] | None = None,
                            swept: SweepResult | None = None,
                            progress: Callable[[int, int], None] | None = None) -> BudgetCurve:
@@ -374,12 +455,15 @@ def calibrate_budget_curve(cascade: Cascade, problems: Sequence[str], *,
     and method, the certified policy and its agreement with the top tier:
     - "budget": BudgetGate under the hard cap cap_factor * B, floor threshold certified by
       conformal risk control with cost_max = that cap: E[cost] <= B (exchangeable problems);
+    - "resolve": the inner gate in resolve mode (a doubted step hands the problem to the
+      large model, which solves it again) under the same cap, threshold certified the same way;
     - "risk": one threshold, no cap, conformal risk control with cost_max = the request's
       worst case without a cap: E[cost] <= B;
     - "conformal": one threshold, split conformal (C3PO's setting): P(cost > B) <= alpha;
     - "ltt": one threshold, Learn-then-Test: P(P(cost > B) > alpha) <= delta.
     gate: a fitted BudgetGate (default: `fit_budget_gate` on `fit_problems`, else on `problems`).
     thresholds / budget_thresholds: the two families' grids (default: 21 points in [0, 1]).
+    resolve_thresholds: the resolve family's grid (default: `default_resolve_thresholds`).
     """
     problems = list(problems)
     if not problems:
@@ -402,10 +486,14 @@ def calibrate_budget_curve(cascade: Cascade, problems: Sequence[str], *,
         raise ConfigError(f"budgets must be finite and > 0, got {list(budgets)}")
     grid = sorted({float(t) for t in (thresholds or default_thresholds())}, reverse=True)
     floors = sorted({float(t) for t in (budget_thresholds or default_thresholds())}, reverse=True)
-    candidates = curve_candidates(budgets, grid, floors, cap_factor)
+    resolve_grid = ()
+    if "resolve" in methods:
+        family_gate(gate, "resolve", 0.5)  # refuse a gate without a resolve mode before any work
+        resolve_grid = sorted({float(t) for t in (resolve_thresholds or default_resolve_thresholds(gate))},
+                              reverse=True)
+    candidates = curve_candidates(budgets, grid, floors, cap_factor, resolve_grid)
     if swept is None:
-        swept = sweep(cascade, problems, [(t,) for _, t, _ in candidates], gates=[gate],
-                      caps=[c for _, _, c in candidates], progress=progress)
+        swept = sweep_curve(cascade, problems, candidates, gate, progress=progress)
     elif swept.costs.shape[1] != len(candidates):
         raise ConfigError(f"swept has {swept.costs.shape[1]} columns, the curve needs {len(candidates)}")
     cost_max = uncapped_cost_max(cascade, problems)

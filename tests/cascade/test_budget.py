@@ -10,7 +10,7 @@ import pytest
 from fakes import FakeBackend, counting_script
 
 import calibration as cal
-from cascade import Cascade, ConfidenceGate, ConfigError, Gate, GateState, SolveOptions, decide, sweep
+from cascade import Cascade, ConfidenceGate, ConfigError, Gate, GateState, SolveOptions, VerifyGate, decide, sweep
 from cascade.budget import (
     BudgetGate,
     budget_grid,
@@ -172,21 +172,29 @@ def test_curve_on_fakes_certifies_and_serves():
     problems = [f"p{i}" for i in range(30)]
     curve = calibrate_budget_curve(runner, problems, budgets=[5.0, 20.0, 60.0], cap_factor=2.0,
                                    thresholds=default_thresholds(5), budget_thresholds=(1.0, 0.5, 0.0))
-    assert {p.method for p in curve.points} == {"budget", "risk", "conformal", "ltt"}
-    certified = [p for p in curve.points if p.method == "budget" and p.index is not None]
-    assert certified and all(p.cap == 2.0 * p.budget for p in certified)
-    for p in certified:
-        bound = 30 / 31 * p.mean_cost + p.cap / 31
-        assert bound <= p.budget + 1e-9 and 0 <= p.agreement <= 1
-        gates, cap = curve.policy("budget", p.budget)
-        assert cap == p.cap and isinstance(gates[0], BudgetGate) and gates[0].threshold == p.threshold
-        runs = runner.solve_many(problems, cap, gates=gates)
-        assert np.allclose([r.cost.total for r in runs], curve.swept.costs[:, p.index])
+    assert {p.method for p in curve.points} == {"budget", "resolve", "risk", "conformal", "ltt"}
+    for method in ("budget", "resolve"):
+        certified = [p for p in curve.points if p.method == method and p.index is not None]
+        assert certified and all(p.cap == 2.0 * p.budget for p in certified)
+        for p in certified:
+            bound = 30 / 31 * p.mean_cost + p.cap / 31
+            assert bound <= p.budget + 1e-9 and 0 <= p.agreement <= 1
+            gates, cap = curve.policy(method, p.budget)
+            assert cap == p.cap and gates[0].threshold == p.threshold
+            assert isinstance(gates[0], BudgetGate) if method == "budget" else gates[0].mode == "resolve"
+            runs = runner.solve_many(problems, cap, gates=gates)
+            assert np.allclose([r.cost.total for r in runs], curve.swept.costs[:, p.index])
+            assert [r.answer for r in runs] == [row[p.index] for row in curve.swept.answers]
+    resolve_columns = [j for j, (family, _, _) in enumerate(curve.candidates) if family == "resolve"]
+    assert (curve.swept.costs[:, resolve_columns] > curve.swept.costs[:, [0]]).any()  # some columns re-solve
     assert "budget" in curve.summary()
     with pytest.raises(ConfigError, match="cap_factor"):
         calibrate_budget_curve(runner, problems, budgets=[5.0], cap_factor=0.5)
     with pytest.raises(ConfigError, match="methods"):
         calibrate_budget_curve(runner, problems, budgets=[5.0], methods=("magic",))
+    verify = Cascade(*runner.models, VerifyGate(0.5), options=runner.options)
+    with pytest.raises(ConfigError, match="method 'resolve' needs a gate"):
+        calibrate_budget_curve(verify, problems, budgets=[5.0], methods=("resolve",))
 
 
 def test_sweep_shares_calls_across_branches_whose_model_state_matches():

@@ -26,8 +26,8 @@ import pytest
 from fakes import FakeBackend
 
 import calibration as cal
-from cascade import Cascade, ConfidenceGate, SolveOptions, sweep
-from cascade.budget import BudgetGate, curve_candidates, select_on_curve, uncapped_cost_max
+from cascade import Cascade, ConfidenceGate, SolveOptions
+from cascade.budget import BudgetGate, curve_candidates, select_on_curve, sweep_curve, uncapped_cost_max
 
 N_SPLITS = 300
 N_POOL = 400
@@ -55,10 +55,10 @@ def curve():
     runner = Cascade(small, large, ConfidenceGate(0.5),
                      options=SolveOptions(max_steps=10, max_step_tokens=12))
     gate = BudgetGate(ConfidenceGate(0.5), steps_intercept=5.5, step_cost=0.2)
-    candidates = curve_candidates(BUDGETS, [1.0, 0.8, 0.6, 0.4, 0.2, 0.0], [1.0, 0.6, 0.3, 0.0], CAP_FACTOR)
+    candidates = curve_candidates(BUDGETS, [1.0, 0.8, 0.6, 0.4, 0.2, 0.0], [1.0, 0.6, 0.3, 0.0], CAP_FACTOR,
+                                  resolve_thresholds=[1.0, 0.9, 0.8, 0.7, 0.5, 0.3, 0.0])
     problems = [f"q{i}-" + "x" * (i % 13) for i in range(N_POOL)]
-    swept = sweep(runner, problems, [(t,) for _, t, _ in candidates], gates=[gate],
-                  caps=[c for _, _, c in candidates])
+    swept = sweep_curve(runner, problems, candidates, gate)
     assert np.ptp(swept.costs[:, -1]) > 0  # problems differ in cost
     return {"pool": swept.costs, "candidates": candidates, "budgets": list(BUDGETS), "cap_factor": CAP_FACTOR,
             "n_cal": N_CAL, "cost_max": uncapped_cost_max(runner, problems)}
@@ -85,7 +85,7 @@ def _splits(curve, method: str, budget: float, seed: int, cost_max: float = math
 
 def test_the_hard_cap_holds_on_every_request(curve):
     for j, (family, _, cap) in enumerate(curve["candidates"]):
-        if family == "budget":
+        if family in ("budget", "resolve"):
             assert curve["pool"][:, j].max() <= cap + 1e-9, (j, cap)
     assert curve["pool"].max() <= curve["cost_max"]  # the uncapped bound risk control uses is one
 
@@ -99,6 +99,18 @@ def test_budget_aware_policy_keeps_expected_cost_within_budget(curve):
         assert sum(o is not None for o in outcomes) > N_SPLITS // 2, budget  # certifies, not abstains
         means = np.array([small_only if o is None else o[0] for o in outcomes])
         assert means.mean() <= budget + 3 * means.std(ddof=1) / math.sqrt(N_SPLITS), (budget, means.mean())
+
+
+def test_resolve_policy_keeps_expected_cost_within_budget(curve):
+    """The problem-level re-solve under the same cap and risk control: E[cost] <= B."""
+    small_only = curve["pool"][:, 0].mean()
+    certified = 0
+    for budget in curve["budgets"]:
+        outcomes = _splits(curve, "resolve", budget, seed=3 + int(budget * 10))
+        certified += sum(o is not None for o in outcomes)
+        means = np.array([small_only if o is None else o[0] for o in outcomes])
+        assert means.mean() <= budget + 3 * means.std(ddof=1) / math.sqrt(N_SPLITS), (budget, means.mean())
+    assert certified > N_SPLITS  # it certifies re-solving somewhere, not only abstains
 
 
 def test_single_threshold_risk_control_keeps_expected_cost_within_budget(curve):
