@@ -491,7 +491,9 @@ def calibrate_budget_curve(cascade: Cascade, problems: Sequence[str], *,
         family_gate(gate, "resolve", 0.5)  # refuse a gate without a resolve mode before any work
         resolve_grid = sorted({float(t) for t in (resolve_thresholds or default_resolve_thresholds(gate))},
                               reverse=True)
-    candidates = curve_candidates(budgets, grid, floors, cap_factor, resolve_grid)
+    # Only the families the methods read are swept.
+    candidates = curve_candidates(budgets, grid if set(methods) & {"risk", "conformal", "ltt"} else [],
+                                  floors if "budget" in methods else [], cap_factor, resolve_grid)
     if swept is None:
         swept = sweep_curve(cascade, problems, candidates, gate, progress=progress)
     elif swept.costs.shape[1] != len(candidates):
