@@ -9,6 +9,8 @@
 # (then run the first process with LIMIT=200; bench.paired merges the directories).
 # POLICIES=... runs a subset (the problems past 270 were run with the four main policies only:
 #   START=270 LIMIT=335 POLICIES=small,large,confidence:mean_prob@0.15,verify@0.3 ...).
+# SUFFIX=_resolve names another directory (the resolve-mode policies, run beside the main run:
+#   SUFFIX=_resolve LIMIT=270 CORE=1 POLICIES=confidence:mean_prob:resolve@0.2,confidence:mean_prob:resolve@0.25).
 cd "$(dirname "$0")/../.."
 M=${MODELS:-$HOME/.cache/stepcascade/models}
 exec taskset -c ${CORE:-0} python -m app.cli bench --dataset gsm8k \
@@ -16,4 +18,4 @@ exec taskset -c ${CORE:-0} python -m app.cli bench --dataset gsm8k \
     --large $M/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf --template qwen25-math-cot --delimiter $'\n\n' \
     --policies ${POLICIES:-small,large,confidence:mean_prob@0.15,confidence:mean_prob@0.2,confidence:mean_prob@0.25,verify@0.3,verify-fix@0.3} \
     --max-steps 24 --max-step-tokens 160 --limit ${LIMIT:-400} ${START:+--start $START} \
-    -o runs/real_pair/gsm8k_test${START:+_from$START}
+    -o runs/real_pair/gsm8k_test${SUFFIX}${START:+_from$START}
