@@ -22,6 +22,20 @@ python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_advan
     --target-gap 0.7 --target-wall 0.6 \
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), advantage router" \
     -o bench/results/real_pair_gsm8k/paired_advantage
+# The four main policies over every problem they finished: the main run and its extension
+# past problem 270 (two processes, START=270 LIMIT=335 and START=335 LIMIT=400, four policies).
+python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_from270 \
+    runs/real_pair/gsm8k_test_from335 --policies small,large,confidence:mean_prob@0.15,verify@0.3 \
+    --target-gap 0.7 --target-wall 0.6 \
+    --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), four main policies" \
+    -o bench/results/real_pair_gsm8k/paired_main
+# The resolve-mode policies (SUFFIX=_resolve, run beside the main run on the other core),
+# merged with the main run over the problems both hold.
+python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_resolve \
+    --policies small,large,confidence:mean_prob@0.15,confidence:mean_prob@0.2,confidence:mean_prob@0.25,verify@0.3,confidence:mean_prob:resolve@0.2,confidence:mean_prob:resolve@0.25 \
+    --target-gap 0.7 --target-wall 0.6 \
+    --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), resolve mode" \
+    -o bench/results/real_pair_gsm8k/paired_resolve
 python -c "from bench.harness import summarize; summarize('runs/real_pair/gsm8k_test')"
 # Each label-free calibration's promise checked on the test run's rows of its certified threshold.
 python runs/real_pair/calibration_test.py runs/real_pair/gsm8k_test
