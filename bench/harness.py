@@ -286,6 +286,9 @@ def _row(example: Example, policy: str, result, wall: float, correct: bool | Non
         "reference": example.answer, "predicted": result.answer, "correct": correct,
         "steps": [{"index": s.index, "text": s.text, "author": s.author, "tier": s.tier}
                   for s in result.steps],
+        # resolve mode: the steps a re-solve replaced (their cost is in "cost")
+        "set_aside": [{"index": s.index, "text": s.text, "author": s.author, "tier": s.tier}
+                      for s in result.set_aside],
         "tier_names": list(result.tier_names), "per_tier": per_tier,
         "tokens": {"prefill": [t["prefill_tokens"] for t in per_tier],
                    "generated": [t["generated_tokens"] for t in per_tier]},

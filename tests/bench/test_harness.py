@@ -616,3 +616,14 @@ def test_recorded_bench_command_does_not_name_a_backend_that_did_not_run():
     argv = ["bench", "--dataset", "gsm8k", "--small", "s.gguf", "--large", "l.gguf", "-o", "out"]
     assert "--backend" not in bench_command(build_parser().parse_args(argv))
     assert "--backend llamacpp" in bench_command(build_parser().parse_args([*argv, "--backend", "llamacpp"]))
+
+
+def test_a_resolve_policy_row_keeps_the_steps_its_re_solve_replaced(pair, tmp_path):
+    data = write_dataset(tmp_path / "d.jsonl", [("r0", "a=2;b=a+3;?b", "5")])
+    run_benchmark(pair, "jsonl", path=data, out_dir=tmp_path / "out", progress=False, plots=False,
+                  policies="small,confidence:mean_prob:resolve@0.0", use_math_verify=False)
+    rows = {r["policy"]: r for r in read_lines(tmp_path / "out" / "results.jsonl")}
+    resolved = rows["confidence:mean_prob:resolve@0"]  # threshold 0: the first draft is doubted
+    assert [s["author"] for s in resolved["set_aside"]] == ["small"]
+    assert resolved["set_aside"][0]["text"] == rows["small"]["steps"][0]["text"]
+    assert {s["author"] for s in resolved["steps"]} == {"large"} and rows["small"]["set_aside"] == []
