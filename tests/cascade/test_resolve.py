@@ -133,3 +133,20 @@ def test_a_sweep_over_resolve_thresholds_equals_independent_runs():
 def test_the_spec_grammar_names_the_mode():
     gate = build_gate(parse_gate("confidence:mean_prob:resolve@0.2"))
     assert gate == ConfidenceGate(0.2, signal="mean_prob", mode="resolve")
+
+
+def test_a_calibration_of_a_resolve_gate_saves_loads_and_serves_it(tmp_path):
+    from cascade import Calibration, calibrate
+
+    small = FakeBackend("small", 100, counting_script(4, confident=False))
+    large = FakeBackend("large", 1000, counting_script(4, confident=True))
+    gate = ConfidenceGate(0.5, signal="mean_prob", mode="resolve")
+    runner = Cascade(small, large, gate, options=OPTIONS)
+    result = calibrate(runner, [f"p{i}" for i in range(40)], budgets=[30.0, 60.0], alpha=0.2, delta=0.2,
+                       thresholds=[1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
+    loaded = Calibration.load(result.save(tmp_path / "calib.json"))
+    served = Cascade.from_calibration(tmp_path / "calib.json", models=[small, large], options=OPTIONS)
+    assert served.gates[0].mode == "resolve" and loaded.gates_for(60.0)[0].mode == "resolve"
+    assert loaded.gates_for(60.0)[0].threshold < 1.0  # a budget that buys re-solves
+    expected = runner.solve("p3", budget=60.0, gates=loaded.gates_for(60.0))
+    assert served.solve("p3", budget=60.0).to_json() == expected.to_json()
