@@ -143,6 +143,7 @@ def test_a_calibration_of_a_resolve_gate_saves_loads_and_serves_it(tmp_path):
     gate = ConfidenceGate(0.5, signal="mean_prob", mode="resolve")
     runner = Cascade(small, large, gate, options=OPTIONS)
     result = calibrate(runner, [f"p{i}" for i in range(40)], budgets=[30.0, 60.0], alpha=0.2, delta=0.2,
+                       objective="max_escalation",
                        thresholds=[1.0, 0.8, 0.6, 0.4, 0.2, 0.0])
     loaded = Calibration.load(result.save(tmp_path / "calib.json"))
     served = Cascade.from_calibration(tmp_path / "calib.json", models=[small, large], options=OPTIONS)
