@@ -113,14 +113,14 @@ def test_calibrate_curve_reports_every_method_at_every_budget(capsys, tiny_dirs,
     curve = json.loads((tmp_path / "curve.json").read_text())
     assert curve["n_problems"] == 10 and curve["fit_problems"] == 4 and curve["budgets"] == [5.0, 60.0]
     points = {(p["method"], p["budget"]) for p in curve["points"]}
-    assert points == {(m, b) for m in ("budget", "risk", "conformal", "ltt") for b in (5.0, 60.0)}
+    assert points == {(m, b) for m in ("budget", "resolve", "risk", "conformal", "ltt") for b in (5.0, 60.0)}
     for p in curve["points"]:
         if p["index"] is not None:  # a certified point names its policy and what it promises
             family, threshold, cap = curve["candidates"][p["index"]]
             assert p["threshold"] == threshold and p["cap"] == cap and p["statement"]
             assert 0.0 <= p["agreement"] <= 1.0
-            if p["method"] == "budget":
-                assert family == "budget" and cap == pytest.approx(3.0 * p["budget"])
+            if p["method"] in ("budget", "resolve"):
+                assert family == p["method"] and cap == pytest.approx(3.0 * p["budget"])
         else:
             assert p["reason"]
 
