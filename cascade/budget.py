@@ -125,6 +125,11 @@ class BudgetGate(_InnerGate):
     def __post_init__(self) -> None:
         if isinstance(self.inner, BudgetGate) or not isinstance(self.inner, Gate):
             raise ConfigError(f"BudgetGate wraps a gate (not a BudgetGate), got {type(self.inner).__name__}")
+        if self.inner.mode == "resolve":
+            # Its price of escalating is one step's, not a whole re-solve's.
+            raise ConfigError("BudgetGate spreads step escalations over a request; a resolve-mode gate hands "
+                              "over the whole problem: run it under the hard cap as it is (calibrate_budget_curve "
+                              "method 'resolve' certifies its threshold)")
         if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
             raise ConfigError(f"threshold must be a number, got {self.threshold!r}")
         q = self.score_quantiles
@@ -182,6 +187,8 @@ def fit_budget_gate(cascade: Cascade, problems: Sequence[str], gate: Gate | None
     inner = gate if gate is not None else cascade.gates[0]
     if isinstance(inner, BudgetGate):
         inner = inner.inner
+    if inner.mode == "resolve":  # its step-level form; the curve's resolve family puts the mode back
+        inner = dataclasses.replace(inner, mode="speculate")
     problems = list(problems)
     if len(problems) < 2:
         raise ConfigError(f"fit_budget_gate needs at least 2 problems, got {len(problems)}")

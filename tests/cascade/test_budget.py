@@ -88,6 +88,8 @@ def test_bad_budget_gates_are_refused():
         BudgetGate(ConfidenceGate(), step_cost=-1.0)
     with pytest.raises(ConfigError, match="wraps a gate"):
         BudgetGate(BudgetGate(ConfidenceGate()))
+    with pytest.raises(ConfigError, match="resolve-mode gate hands over the whole problem"):
+        BudgetGate(ConfidenceGate(mode="resolve"))
 
 
 @pytest.mark.parametrize("cap", [5.0, 20.0, 40.0, 80.0, 200.0])
@@ -211,3 +213,14 @@ def test_sweep_shares_calls_across_branches_whose_model_state_matches():
     assert swept_runner.models[0].calls == single.models[0].calls
     for j, (t,) in enumerate(grid):
         assert swept.costs[0, j] == runner.solve("p1", gates=[ConfidenceGate(t)]).cost.total
+
+
+def test_a_cascade_served_in_resolve_mode_calibrates_its_resolve_curve():
+    runner = fake_cascade(gate=ConfidenceGate(0.5, signal="mean_prob", mode="resolve"))
+    problems = [f"p{i}" for i in range(20)]
+    curve = calibrate_budget_curve(runner, problems, budgets=[20.0, 60.0], methods=("resolve",), cap_factor=2.0,
+                                   resolve_thresholds=(1.0, 0.6, 0.3, 0.0))
+    assert curve.gate.inner.mode == "speculate"  # the fitted BudgetGate holds the step-level form
+    assert [c[0] for c in curve.candidates] == ["resolve"] * 8  # only the family its method reads
+    gates, _ = curve.policy("resolve", 60.0)
+    assert gates[0].mode == "resolve"
