@@ -348,15 +348,12 @@ def family_gate(gate: BudgetGate, family: str, threshold: float) -> Gate:
 
 
 def default_resolve_thresholds(gate: BudgetGate) -> list[float]:
-    """The resolve family's default grid: 21 points in [0, 1] and the upper half of the fitted
-    scores of the cheapest tier's steps (levels 0.5, 0.55, ..., 1), where a problem's most
-    doubted step lies."""
-    grid = list(default_thresholds())
+    """The resolve family's default grid: 21 points in [0, 1] and the fitted quantiles of the
+    cheapest tier's step scores from the median up (every level `fit_budget_gate` kept), where
+    a problem's most doubted step lies: fine enough that the certified threshold can use most
+    of a budget."""
     q = gate.score_quantiles
-    if q:
-        levels = np.linspace(0.5, 1.0, 11)
-        grid += [round(float(v), 6) for v in np.interp(levels, np.linspace(0.0, 1.0, len(q)), q)]
-    return grid
+    return list(default_thresholds()) + [round(float(v), 6) for v in q[len(q) // 2:]]
 
 
 def sweep_curve(cascade: Cascade, problems: Sequence[str], candidates: Sequence[tuple[str, float, float | None]],
