@@ -404,6 +404,16 @@ def real_pair_gsm8k_advantage(results: Path) -> list[str]:
     return _real_pair(results, "real_pair_gsm8k/paired_advantage.json")
 
 
+def real_pair_gsm8k_main(results: Path) -> list[str]:
+    """The four main policies over every problem they finished (the main run and its extension)."""
+    return _real_pair(results, "real_pair_gsm8k/paired_main.json")
+
+
+def real_pair_gsm8k_resolve(results: Path) -> list[str]:
+    """The resolve-mode policies, run beside the main run, over the problems both hold."""
+    return _real_pair(results, "real_pair_gsm8k/paired_resolve.json")
+
+
 def real_pair_math500(results: Path) -> list[str]:
     """The real pair on MATH-500 problems (a pilot of the same policies' run)."""
     return _real_pair(results, "real_pair_math500/paired.json", "MATH-500 problems")
@@ -441,6 +451,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "budget-curve": budget_curve, "budget-curve-independent": budget_curve_independent,
     "budget-curve-seq": budget_curve_seq, "budget-curve-seq-independent": budget_curve_seq_independent,
     "real-pair-gsm8k": real_pair_gsm8k, "real-pair-gsm8k-advantage": real_pair_gsm8k_advantage,
+    "real-pair-gsm8k-main": real_pair_gsm8k_main, "real-pair-gsm8k-resolve": real_pair_gsm8k_resolve,
     "real-pair-math500": real_pair_math500,
 }
 

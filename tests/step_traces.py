@@ -134,6 +134,13 @@ def policies() -> dict[str, dict]:
                                                                               probe_tokens=4)],
                                      "faults": True},
         "fail-verify": {"tiers": two, "gates": [VerifyGate(0.3)], "faults": True, "on_failure": "fail"},
+        "resolve": {"tiers": two, "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve")]},
+        "resolve-capped": {"tiers": two, "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve")],
+                           "budget": 75},
+        "three-tier-resolve": {"tiers": three, "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve"),
+                                                         ConfidenceGate(0.3)]},
+        "degrade-resolve": {"tiers": two, "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve")],
+                            "faults": True},
     }
 
 
