@@ -14,11 +14,14 @@ The budget-aware step cascade's certified accuracy at the same budgets comes fro
 curve's reports, for comparison.
 
     python runs/resolve_probe.py   # writes bench/results/resolve_probe/report.{json,md,png}
+    python runs/resolve_probe.py --cap-factor 6 --out bench/results/resolve_probe_cap6
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +37,6 @@ OUT = Path("bench/results/resolve_probe")
 SWEEPS = Path("bench/results/budget_curve/sweeps.npz")
 CURVES = {"test": Path("bench/results/budget_curve/report.json"),
           "independent": Path("bench/results/budget_curve/report_independent.json")}
-CAP_FACTOR = 3.0
 N_CAL, N_TEST, N_FIT = 120, 150, 100
 
 
@@ -43,7 +45,12 @@ def problems_of(split: str, n: int) -> list[str]:
     return [p.problem for p in chosen]
 
 
-def main() -> dict:
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cap-factor", type=float, default=3.0, help="hard cap = this x B (default 3)")
+    parser.add_argument("--out", default=str(OUT))
+    args = parser.parse_args(argv)
+    cap_factor, out = args.cap_factor, Path(args.out)
     started = time.time()
     budgets = [float(b) for b in np.load(SWEEPS)["budgets"]]
     runner = cascade.embedded_cascade(cascade.ConfidenceGate(0.5, signal="mean_prob"))
@@ -52,10 +59,11 @@ def main() -> dict:
     gate = fit_budget_gate(runner, problems_of("train", N_FIT))
     calibration_problems = problems_of("calibration", N_CAL)
     curve = calibrate_budget_curve(runner, calibration_problems, budgets=budgets, methods=("resolve",),
-                                   cap_factor=CAP_FACTOR, gate=gate)
-    result = {"command": "python runs/resolve_probe.py", "commit": package_commit(),
+                                   cap_factor=cap_factor, gate=gate)
+    command = " ".join(["python runs/resolve_probe.py", *(sys.argv[1:] if argv is None else argv)])
+    result = {"command": command, "commit": package_commit(),
               "pair": ["embedded:small", "embedded:large"], "gate": "ConfidenceGate(signal='mean_prob', "
-              "mode='resolve')", "cap_factor": CAP_FACTOR, "n_calibration": N_CAL, "n_test": N_TEST,
+              "mode='resolve')", "cap_factor": cap_factor, "n_calibration": N_CAL, "n_test": N_TEST,
               "sweep_tokens_vs_independent": curve.swept.executed_tokens / max(1, curve.swept.independent_tokens),
               "splits": {}}
     for split, curve_path in CURVES.items():
@@ -93,12 +101,12 @@ def main() -> dict:
         result["splits"][split] = {"small_accuracy": small_acc, "large_accuracy": large_acc,
                                    "large_mean_cost": large_cost, "rows": rows}
     result["seconds"] = time.time() - started
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "report.json").write_text(json.dumps(result, indent=1) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     md = ["# Problem-level re-solve cascade, embedded pair (`embedded:small` -> `embedded:large`)", "",
           f"`ConfidenceGate(signal='mean_prob', mode='resolve')` run by the runtime; threshold certified on "
           f"{N_CAL} unlabeled calibration problems by `calibrate_budget_curve(methods=('resolve',))` (conformal "
-          f"risk control, E[cost] <= B), every request under the hard cap {CAP_FACTOR:g} x B. Command: "
+          f"risk control, E[cost] <= B), every request under the hard cap {cap_factor:g} x B. Command: "
           f"`{result['command']}` at `{result['commit'][:7]}`.", ""]
     for split, data in result["splits"].items():
         md += [f"## {split} ({N_TEST} problems): small alone {data['small_accuracy']:.3f}, large alone "
@@ -115,7 +123,7 @@ def main() -> dict:
                     if st and st.get("test_accuracy") is not None else "none")
             md.append(f"| {row['budget']:.1f} ({row['budget_x_large']:.2f}x) | " + " | ".join(cells) + f" | {step} |")
         md.append("")
-    (OUT / "report.md").write_text("\n".join(md))
+    (out / "report.md").write_text("\n".join(md))
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -139,7 +147,7 @@ def main() -> dict:
     np.atleast_1d(axes)[0].set_ylabel("test accuracy")
     np.atleast_1d(axes)[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "report.png", dpi=120)
+    fig.savefig(out / "report.png", dpi=120)
     print("\n".join(md))
     return result
 
