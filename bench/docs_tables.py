@@ -394,6 +394,53 @@ def budget_curve_seq_independent(results: Path) -> list[str]:
     return _budget_curve(results, "_independent", "budget_curve_seq")
 
 
+def _resolve_probe(results: Path, folder: str) -> list[str]:
+    r = _load(f"{folder}/report.json", results)
+    splits = r["splits"]
+
+    def cell(row: dict) -> str:
+        c = row.get("certified")
+        return (f"{c['test_accuracy']:.3f} ({c['gap_recovered']:.2f}; cost {c['test_mean_cost']:.0f}; "
+                f"cap {c['cap_intervened']:.2f})" if c else "none certified")
+
+    def step(row: dict) -> str:
+        st = row.get("budget_aware_step_cascade")
+        return f"{st['test_accuracy']:.3f} ({st['gap_recovered']:.2f})" if st and st.get("test_accuracy") is not None \
+            else "none certified"
+
+    names = list(splits)
+    rows = []
+    for k, first in enumerate(splits[names[0]]["rows"]):
+        cells = []
+        for name in names:
+            row = splits[name]["rows"][k]
+            cells += [cell(row), step(row)]
+        rows.append((f"{first['budget']:.1f} ({first['budget_x_large']:.2f}x)", *cells))
+    header = ["budget B (x large-only)"]
+    for name in names:
+        header += [f"{name}: re-solve", f"{name}: budget-aware step cascade"]
+    sizes = ", ".join(f"{name} {s['small_accuracy']:.3f} -> {s['large_accuracy']:.3f} (large-only mean cost "
+                      f"{s['large_mean_cost']:.1f})" for name, s in splits.items())
+    return _table(header, rows) + [
+        "",
+        f"Test accuracy (gap recovered; test mean cost; fraction of requests on which the cap intervened) of the label-free "
+        f"certified re-solve, {r['n_calibration']} unlabeled calibration problems, {r['n_test']} problems per test "
+        f"set (small alone -> large alone: {sizes}); E[cost] <= B by conformal risk control, every request under "
+        f"the hard cap {r['cap_factor']:g} x B; the step cascade's column is the budget-aware method of the curve "
+        f"above (cap 3 x B). Gate `{r['gate']}`. Pair `embedded:small` -> `embedded:large`. Run: "
+        f"`{r['command']}` at {_commits([r['commit']])}. Source: {_source(f'{folder}/report.json')}."]
+
+
+def resolve_probe(results: Path) -> list[str]:
+    """The problem-level re-solve (resolve mode) certified at the curve's budgets, cap 3 x B."""
+    return _resolve_probe(results, "resolve_probe")
+
+
+def resolve_probe_cap6(results: Path) -> list[str]:
+    """The same under the hard cap 6 x B."""
+    return _resolve_probe(results, "resolve_probe_cap6")
+
+
 def real_pair_gsm8k(results: Path) -> list[str]:
     """The real pair on GSM8K test problems: paired figures of every policy."""
     return _real_pair(results, "real_pair_gsm8k/paired.json")
@@ -452,7 +499,8 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "budget-curve-seq": budget_curve_seq, "budget-curve-seq-independent": budget_curve_seq_independent,
     "real-pair-gsm8k": real_pair_gsm8k, "real-pair-gsm8k-advantage": real_pair_gsm8k_advantage,
     "real-pair-gsm8k-main": real_pair_gsm8k_main, "real-pair-gsm8k-resolve": real_pair_gsm8k_resolve,
-    "real-pair-math500": real_pair_math500,
+    "real-pair-math500": real_pair_math500, "resolve-probe": resolve_probe,
+    "resolve-probe-cap6": resolve_probe_cap6,
 }
 
 
