@@ -50,6 +50,10 @@ BENCH_BACKENDS = ("hf", "vllm", "openai", "llamacpp")
 
 def _print_result(result, colour: bool) -> None:
     width = max(len(name) for name in result.tier_names)
+    if result.set_aside:  # resolve mode: what the re-solve replaced, then the solve that stands
+        print(f"set aside ({len(result.set_aside)} steps, re-solved by {result.steps[0].author if result.steps else '?'}):")
+        for step in result.set_aside:
+            print(f"  {step.author.ljust(width)}  {step.text}")
     for step in result.steps:
         tag = step.author.ljust(width)
         if colour:
