@@ -51,7 +51,8 @@ BENCH_BACKENDS = ("hf", "vllm", "openai", "llamacpp")
 def _print_result(result, colour: bool) -> None:
     width = max(len(name) for name in result.tier_names)
     if result.set_aside:  # resolve mode: what the re-solve replaced, then the solve that stands
-        print(f"set aside ({len(result.set_aside)} steps, re-solved by {result.steps[0].author if result.steps else '?'}):")
+        solver = result.steps[0].author if result.steps else "?"
+        print(f"set aside ({len(result.set_aside)} steps, re-solved by {solver}):")
         for step in result.set_aside:
             print(f"  {step.author.ljust(width)}  {step.text}")
     for step in result.steps:
@@ -152,8 +153,8 @@ def _calibrate_curve(args, problems: list[str]) -> int:
     problems. Without --budgets the grid runs from the small-only to the large-only mean cost
     of a pilot (the first 20 calibration problems run each way)."""
     if args.method != "ltt" or args.objective != "agreement" or args.cost_max is not None or args.grid:
-        raise ConfigError("--curve calibrates every method at once (budget-aware, resolve, risk, conformal, ltt) and "
-                          "chooses by agreement; drop --method, --objective, --cost-max and --grid")
+        raise ConfigError("--curve calibrates every method at once (budget-aware, resolve, risk, conformal, "
+                          "ltt) and chooses by agreement; drop --method, --objective, --cost-max and --grid")
     n_fit = args.fit_problems
     if len(problems) < n_fit + 2:
         raise ConfigError(f"--curve needs more than --fit-problems {n_fit} problems (those fit the "
@@ -169,8 +170,9 @@ def _calibrate_curve(args, problems: list[str]) -> int:
                if m != "resolve" or isinstance(runner.gates[0], (ConfidenceGate, AdvantageGate))]
     curve = calibrate_budget_curve(runner, problems[n_fit:], budgets=budgets, cap_factor=args.cap_factor,
                                    alpha=args.alpha, delta=args.delta, thresholds=thresholds,
-                                   budget_thresholds=thresholds, resolve_thresholds=thresholds, methods=methods,
-                                   fit_problems=problems[:n_fit], progress=progress_printer("calibrate --curve"))
+                                   budget_thresholds=thresholds, resolve_thresholds=thresholds,
+                                   methods=methods, fit_problems=problems[:n_fit],
+                                   progress=progress_printer("calibrate --curve"))
     payload = curve.to_json() | {
         "models": [{"name": m.info.name, "fingerprint": m.info.fingerprint} for m in runner.models],
         "problems": str(args.problems), "fit_problems": n_fit}

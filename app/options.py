@@ -106,8 +106,8 @@ def add_gate_options(parser: argparse.ArgumentParser, *, threshold: bool = True,
     parser.add_argument("--signal", default=None,
                         help=f"--gate confidence: its signal ({', '.join(SIGNALS)}; default min_prob)")
     parser.add_argument("--mode", default=None, choices=MODES,
-                        help="--gate confidence: route, speculate (default) or resolve (an escalation re-solves the "
-                             "problem on the next tier from the start)")
+                        help="--gate confidence: route, speculate (default) or resolve (an escalation "
+                             "re-solves the problem on the next tier from the start)")
     parser.add_argument("--rewrite", choices=["step", "token"], default=None,
                         help="--gate verify: a rejected draft is rewritten by the large model "
                              "(step, the default) or corrected at its first wrong token (token)")

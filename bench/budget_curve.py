@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     curve = calibrate_budget_curve(runner, cal_problems, budgets=budgets, cap_factor=args.cap_factor,
                                    alpha=args.alpha, delta=args.delta, thresholds=grid,
-                                   budget_thresholds=floors, gate=gate, swept=cal_swept, methods=CURVE_METHODS)
+                                   budget_thresholds=floors, gate=gate, swept=cal_swept,
+                                   methods=CURVE_METHODS)
     small_test = float(test["correct"][:, 0].mean())  # threshold 1.0 without a cap: small alone
     large_test = float(test["reference_correct"].mean())
     rows = []

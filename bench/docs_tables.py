@@ -405,8 +405,9 @@ def _resolve_probe(results: Path, folder: str) -> list[str]:
 
     def step(row: dict) -> str:
         st = row.get("budget_aware_step_cascade")
-        return f"{st['test_accuracy']:.3f} ({st['gap_recovered']:.2f})" if st and st.get("test_accuracy") is not None \
-            else "none certified"
+        if not st or st.get("test_accuracy") is None:
+            return "none certified"
+        return f"{st['test_accuracy']:.3f} ({st['gap_recovered']:.2f})"
 
     names = list(splits)
     rows = []
@@ -423,10 +424,11 @@ def _resolve_probe(results: Path, folder: str) -> list[str]:
                       f"{s['large_mean_cost']:.1f})" for name, s in splits.items())
     return _table(header, rows) + [
         "",
-        f"Test accuracy (gap recovered; test mean cost; fraction of requests on which the cap intervened) of the label-free "
-        f"certified re-solve, {r['n_calibration']} unlabeled calibration problems, {r['n_test']} problems per test "
-        f"set (small alone -> large alone: {sizes}); E[cost] <= B by conformal risk control, every request under "
-        f"the hard cap {r['cap_factor']:g} x B; the step cascade's column is the budget-aware method of the curve "
+        f"Test accuracy (gap recovered; test mean cost; fraction of requests on which the cap intervened) "
+        f"of the label-free certified re-solve, {r['n_calibration']} unlabeled calibration problems, "
+        f"{r['n_test']} problems per test set (small alone -> large alone: {sizes}); E[cost] <= B by "
+        f"conformal risk control, every request under the hard cap {r['cap_factor']:g} x B; the step "
+        f"cascade's column is the budget-aware method of the curve "
         f"above (cap 3 x B). Gate `{r['gate']}`. Pair `embedded:small` -> `embedded:large`. Run: "
         f"`{r['command']}` at {_commits([r['commit']])}. Source: {_source(f'{folder}/report.json')}."]
 

@@ -127,9 +127,9 @@ class BudgetGate(_InnerGate):
             raise ConfigError(f"BudgetGate wraps a gate (not a BudgetGate), got {type(self.inner).__name__}")
         if self.inner.mode == "resolve":
             # Its price of escalating is one step's, not a whole re-solve's.
-            raise ConfigError("BudgetGate spreads step escalations over a request; a resolve-mode gate hands "
-                              "over the whole problem: run it under the hard cap as it is (calibrate_budget_curve "
-                              "method 'resolve' certifies its threshold)")
+            raise ConfigError("BudgetGate spreads step escalations over a request; a resolve-mode gate "
+                              "hands over the whole problem: run it under the hard cap as it is "
+                              "(calibrate_budget_curve method 'resolve' certifies its threshold)")
         if not isinstance(self.threshold, (int, float)) or math.isnan(self.threshold):
             raise ConfigError(f"threshold must be a number, got {self.threshold!r}")
         q = self.score_quantiles
@@ -322,7 +322,8 @@ class BudgetCurve:
 
 def curve_candidates(budgets: Sequence[float], thresholds: Sequence[float],
                      budget_thresholds: Sequence[float],
-                     cap_factor: float, resolve_thresholds: Sequence[float] = ()) -> list[tuple[str, float, float | None]]:
+                     cap_factor: float, resolve_thresholds: Sequence[float] = (),
+                     ) -> list[tuple[str, float, float | None]]:
     """The sweep columns: the threshold family (uncapped), then per budget the budget family,
     then per budget the resolve family (none when `resolve_thresholds` is empty)."""
     columns: list[tuple[str, float, float | None]] = [("threshold", float(t), None) for t in thresholds]
@@ -356,7 +357,8 @@ def default_resolve_thresholds(gate: BudgetGate) -> list[float]:
     return list(default_thresholds()) + [round(float(v), 6) for v in q[len(q) // 2:]]
 
 
-def sweep_curve(cascade: Cascade, problems: Sequence[str], candidates: Sequence[tuple[str, float, float | None]],
+def sweep_curve(cascade: Cascade, problems: Sequence[str],
+                candidates: Sequence[tuple[str, float, float | None]],
                 gate: BudgetGate, progress: Callable[[int, int], None] | None = None) -> SweepResult:
     """Sweep the curve's columns: the BudgetGate columns (both families a BudgetGate runs: without
     a cap it is its inner gate at the floor) in one sweep, the resolve columns in another (a
@@ -395,7 +397,8 @@ def join_sweeps(parts: Sequence[tuple[Sequence[int], SweepResult]], n_columns: i
                 answers[i][j] = answer
         for j, c in zip(columns, part.candidates, strict=True):
             candidates[j] = c
-    return SweepResult(candidates=tuple(candidates), problems=first.problems, costs=costs, escalation=escalation,
+    return SweepResult(candidates=tuple(candidates), problems=first.problems, costs=costs,
+                       escalation=escalation,
                        answers=tuple(tuple(r) for r in answers), reference_answers=first.reference_answers,
                        reference_costs=first.reference_costs,
                        executed_tokens=sum(p.executed_tokens for _, p in parts),

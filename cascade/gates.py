@@ -356,7 +356,8 @@ class AdvantageGate(Gate):
             raise ConfigError(f"AdvantageGate needs a router with advantage_probability(state) and "
                               f"check_models(models) (subclass cascade.gates.AdvantageModel), got "
                               f"{type(self.router).__name__} (load one with cascade.router.load_router)")
-        if self.mode not in ("speculate", "resolve") or self.requires_verification or not self.requires_hidden:
+        if (self.mode not in ("speculate", "resolve") or self.requires_verification
+                or not self.requires_hidden):
             raise ConfigError("AdvantageGate judges whole drafts from their hidden state: mode must be "
                               "'speculate' or 'resolve', requires_hidden True, requires_verification False")
 

@@ -137,8 +137,9 @@ def policies() -> dict[str, dict]:
         "resolve": {"tiers": two, "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve")]},
         "resolve-capped": {"tiers": two, "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve")],
                            "budget": 75},
-        "three-tier-resolve": {"tiers": three, "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve"),
-                                                         ConfidenceGate(0.3)]},
+        "three-tier-resolve": {"tiers": three,
+                               "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve"),
+                                         ConfidenceGate(0.3)]},
         "degrade-resolve": {"tiers": two, "gates": [ConfidenceGate(0.03, signal="mean_prob", mode="resolve")],
                             "faults": True},
     }

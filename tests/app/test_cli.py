@@ -27,8 +27,9 @@ def test_solve_prints_a_trace(capsys, tiny_dirs):
 
 def test_solve_in_resolve_mode_prints_what_the_re_solve_replaced(capsys, tiny_dirs):
     code, out, _ = run(capsys, "solve", "a=1;b=a+2;?b", "--small", tiny_dirs[0], "--large", tiny_dirs[2],
-                       "--delimiter", "\n", "--max-steps", "3", "--max-step-tokens", "6", "--gate", "confidence",
-                       "--mode", "resolve", "--threshold", "0")  # threshold 0: the first draft is doubted
+                       "--delimiter", "\n", "--max-steps", "3", "--max-step-tokens", "6",
+                       # threshold 0: the first draft is doubted
+                       "--gate", "confidence", "--mode", "resolve", "--threshold", "0")
     assert code == 0
     lines = out.strip().splitlines()
     assert lines[0] == "set aside (1 steps, re-solved by large):" and lines[1].split()[0] == "small"

@@ -126,7 +126,8 @@ def test_a_resolve_mode_request_reports_the_steps_its_re_solve_replaced(client):
     extension = response.model_extra["cascade"]
     assert [s["author"] for s in extension["set_aside"]] == ["small"]
     assert set(extension["authors"]) == {"large"} and extension["answer"] == "30"
-    assert extension["cost"] == pytest.approx(sum(s["cost"] for s in extension["steps"] + extension["set_aside"]))
+    every_step = extension["steps"] + extension["set_aside"]
+    assert extension["cost"] == pytest.approx(sum(s["cost"] for s in every_step))
 
 
 def test_chat_streaming(client):
@@ -158,7 +159,8 @@ def test_chat_streaming(client):
     ({"model": "stepcascade", "prompt": [1, 2, 3]}, 400, "token-id prompts"),
     ({"model": "stepcascade", "prompt": PROBLEM, "temperature": -1}, 400, "temperature must be >= 0"),
     ({"model": "stepcascade", "prompt": PROBLEM, "stream": "yes"}, 400, "stream must be true or false"),
-    ({"model": "stepcascade", "prompt": PROBLEM, "stream": True, "gate": "confidence", "mode": "resolve"}, 400,
+    ({"model": "stepcascade", "prompt": PROBLEM, "stream": True, "gate": "confidence", "mode": "resolve"},
+     400,
      "stream is not supported with a resolve-mode gate"),
 ])
 def test_bad_requests_get_4xx_with_a_message(server, body, status, message):

@@ -57,7 +57,8 @@ def test_a_json_changed_without_regenerating_is_caught(tmp_path):
 
 
 # Qwen2.5-Coder 0.5B -> 1.5B (docs/real-models.md)
-REAL_PAIR_TABLES = {"real-pair-gsm8k", "real-pair-gsm8k-advantage", "real-pair-math500"}
+REAL_PAIR_TABLES = {"real-pair-gsm8k", "real-pair-gsm8k-advantage", "real-pair-gsm8k-main",
+                    "real-pair-gsm8k-resolve", "real-pair-math500"}
 
 
 def test_each_table_names_its_pair_command_and_commit():
@@ -67,7 +68,7 @@ def test_each_table_names_its_pair_command_and_commit():
             assert "qwen2.5-coder-0.5b" in text and "qwen2.5-coder-1.5b" in text, name
         else:
             assert "embedded:small" in text and "embedded:large" in text, name
-        assert re.search(r"(python -m bench\.|cascade bench)", text), name
+        assert re.search(r"(python -m bench\.|cascade bench|python runs/|bash runs/)", text), name
         assert re.search(r"at `[0-9a-f]{7}", text), name
 
 

@@ -10,7 +10,17 @@ import pytest
 from fakes import FakeBackend, counting_script
 
 import calibration as cal
-from cascade import Cascade, ConfidenceGate, ConfigError, Gate, GateState, SolveOptions, VerifyGate, decide, sweep
+from cascade import (
+    Cascade,
+    ConfidenceGate,
+    ConfigError,
+    Gate,
+    GateState,
+    SolveOptions,
+    VerifyGate,
+    decide,
+    sweep,
+)
 from cascade.budget import (
     BudgetGate,
     budget_grid,
@@ -218,7 +228,8 @@ def test_sweep_shares_calls_across_branches_whose_model_state_matches():
 def test_a_cascade_served_in_resolve_mode_calibrates_its_resolve_curve():
     runner = fake_cascade(gate=ConfidenceGate(0.5, signal="mean_prob", mode="resolve"))
     problems = [f"p{i}" for i in range(20)]
-    curve = calibrate_budget_curve(runner, problems, budgets=[20.0, 60.0], methods=("resolve",), cap_factor=2.0,
+    curve = calibrate_budget_curve(runner, problems, budgets=[20.0, 60.0], methods=("resolve",),
+                                   cap_factor=2.0,
                                    resolve_thresholds=(1.0, 0.6, 0.3, 0.0))
     assert curve.gate.inner.mode == "speculate"  # the fitted BudgetGate holds the step-level form
     assert [c[0] for c in curve.candidates] == ["resolve"] * 8  # only the family its method reads
