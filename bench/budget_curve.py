@@ -19,6 +19,11 @@
    accuracy among those whose test mean cost is <= B, chosen with the labels.
 4. Checks each guarantee over random calibration draws from the pooled problems.
 Writes report.json, report.md and budget_curve.png.
+
+`--stage overlay --resolve-report R [--resolve-report R2]` adds the problem-level re-solve
+family (`runs/resolve_probe.py`: the same budgets, calibration and test problems, its own
+certificate E[cost] <= B under its own cap) to a written report's table and plot, so that
+every family is compared in one figure without sweeping the step-level columns again.
 """
 
 from __future__ import annotations
@@ -130,10 +135,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="budget-aware gate: its floor thresholds (--stage prepare; kept in plan.json)")
     parser.add_argument("--budgets", type=int, default=7,
                         help="grid points, small-only to large-only mean cost")
-    parser.add_argument("--stage", choices=["all", "prepare", "sweep", "report"], default="all",
+    parser.add_argument("--stage", choices=["all", "prepare", "sweep", "report", "overlay"], default="all",
                         help="run in parts (a busy machine): prepare (fit the gate, set the grid: "
                              "plan.json), "
-                             "sweep --split S --start a --stop b (in parallel processes), report")
+                             "sweep --split S --start a --stop b (in parallel processes), report; "
+                             "overlay: add --resolve-report files to a written report")
     parser.add_argument("--split", choices=["calibration", "test", "independent"], default="calibration",
                         help="--stage sweep: the problems to sweep (independent: bench.independent_task)")
     parser.add_argument("--test-split", choices=["test", "independent"], default="test",
@@ -142,6 +148,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--stop", type=int, default=None)
     parser.add_argument("--out", default="bench/results/budget_curve")
+    parser.add_argument("--resolve-report", action="append", default=[],
+                        help="--stage overlay: a runs/resolve_probe.py report.json to add (repeatable)")
     parser.add_argument("--router", default=None,
                         help="the gate whose score the policies use: the advantage router in this file "
                              "(cascade train-router; AdvantageGate) instead of ConfidenceGate(min_prob)")
@@ -198,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "overlay":  # no model runs
+        return overlay(args, out)
     started = time.perf_counter()
     inner: Gate = ConfidenceGate(threshold=0.5, signal="min_prob")
     runner = embedded_cascade(inner)
@@ -337,6 +347,47 @@ def main(argv: list[str] | None = None) -> dict | None:
     return report
 
 
+def overlay(args, out: Path) -> dict:
+    """Add the re-solve reports' certified points for this report's test split; rewrite the
+    report's JSON, Markdown and plot. A report swept on other budgets is refused."""
+    if not args.resolve_report:
+        raise SystemExit("--stage overlay needs at least one --resolve-report")
+    suffix = "" if args.test_split == "test" else f"_{args.test_split}"
+    report_path = out / f"report{suffix}.json"
+    if not report_path.exists():
+        raise SystemExit(f"{report_path} does not exist: run --stage report first")
+    report = json.loads(report_path.read_text())
+    families = []
+    for path in map(Path, args.resolve_report):
+        try:
+            probe = json.loads(path.read_text())
+            split = probe["splits"][report["test_split"]]
+        except (OSError, ValueError, KeyError) as error:
+            raise SystemExit(f"{path}: not a resolve-probe report with a "
+                             f"{report['test_split']!r} split ({error})") from error
+        budgets = [row["budget"] for row in split["rows"]]
+        if len(budgets) != len(report["budgets"]) or any(
+                abs(a - b) > 1e-6 for a, b in zip(budgets, report["budgets"], strict=True)):
+            raise SystemExit(f"{path} was certified at the budgets {budgets}, not the report's "
+                             f"{report['budgets']}")
+        if probe["n_calibration"] != report["n_cal"] or probe["n_test"] != report["n_test"]:
+            raise SystemExit(f"{path} used {probe['n_calibration']} calibration and {probe['n_test']} test "
+                             f"problems, not the report's {report['n_cal']} and {report['n_test']}")
+        families.append({"source": str(path), "command": probe["command"], "commit": probe["commit"],
+                         "cap_factor": probe["cap_factor"], "gate": probe["gate"],
+                         "test_small_accuracy": split["small_accuracy"],
+                         "test_large_accuracy": split["large_accuracy"],
+                         "rows": [{"budget": row["budget"], **row.get("certified", {})}
+                                  for row in split["rows"]]})
+    report["resolve"] = families
+    report["overlay_command"] = "python -m bench.budget_curve " + shlex.join(sys.argv[1:])
+    report_path.write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"report{suffix}.md").write_text(markdown(report) + "\n")
+    plot(report, out / f"budget_curve{suffix}.png")
+    print(markdown(report))
+    return report
+
+
 def markdown(report: dict) -> str:
     lines = [
         f"# Accuracy vs budget on the embedded pair ({report['n_cal']} unlabeled calibration problems, "
@@ -385,6 +436,24 @@ def markdown(report: dict) -> str:
         lines.append(f"| {g['method']} | {g['budget']:g} | {g['mean_true_cost']:.2f} | "
                      f"{g['mean_true_tail']:.3f} | "
                      f"{g['frac_tail_over_alpha']:.3f} | {g['abstained']} |")
+    for family in report.get("resolve", []):
+        lines += ["", f"Problem-level re-solve (`{family['gate']}`), certified E[cost] <= B by conformal "
+                  f"risk control under the hard cap {family['cap_factor']:g} x B, run by the runtime on the "
+                  f"same test problems (small alone {family['test_small_accuracy']:.3f}, large alone "
+                  f"{family['test_large_accuracy']:.3f}): `{family['command']}` at "
+                  f"`{family['commit'][:7]}`.", "",
+                  "| B | threshold | test accuracy | gap recovered | test mean cost | test P(cost > B) | "
+                  "re-solved | cap intervened |", "|---|---|---|---|---|---|---|---|"]
+        for row in family["rows"]:
+            if "test_accuracy" not in row:
+                lines.append(f"| {row['budget']:g} | none certified | | | | | | |")
+                continue
+            lines.append(f"| {row['budget']:g} | {row['threshold']:.3f} | {row['test_accuracy']:.3f} | "
+                         f"{row['gap_recovered']:.2f} | {row['test_mean_cost']:.1f} | "
+                         f"{row['test_p_cost_over_budget']:.3f} | {row['resolved']:.2f} | "
+                         f"{row['cap_intervened']:.2f} |")
+    if "overlay_command" in report:
+        lines += ["", f"Re-solve rows added by `{report['overlay_command']}`."]
     s = report["sweep"]["calibration"]
     columns = len(report["thresholds"]) + len(report["floors"]) * len(report["budgets"])
     one_pass = s["independent_tokens"] / columns  # the mean tokens of one column run alone
@@ -408,9 +477,14 @@ def plot(report: dict, path: Path) -> None:
         # none certified: small alone
         ys = [r.get("test_accuracy", report["test_small_accuracy"]) for r in rows]
         ax.plot(xs, ys, style, label=LABELS[method])
+    for family, style in zip(report.get("resolve", []), ("D-", "P-"), strict=False):
+        rows = family["rows"]
+        ys = [r.get("test_accuracy", report["test_small_accuracy"]) for r in rows]  # none certified
+        ax.plot([r["budget"] for r in rows], ys, style,
+                label=f"problem-level re-solve, cap = {family['cap_factor']:g} x B (E[cost] <= B)")
     xs = [o["budget"] for o in report["oracle"] if "oracle" in o]
     ax.plot(xs, [o["oracle"]["test_accuracy"] for o in report["oracle"] if "oracle" in o], "k--", lw=1,
-            label="oracle: best column with test mean cost <= B (labels)")
+            label="oracle: best step-level column with test mean cost <= B (labels)")
     rows = [o for o in report["oracle"] if "labelled_calibration" in o]
     ax.plot([o["budget"] for o in rows], [o["labelled_calibration"]["test_accuracy"] for o in rows], "x-",
             color="gray", lw=1, label="labelled choice on the calibration problems (answers used)")
@@ -419,7 +493,7 @@ def plot(report: dict, path: Path) -> None:
     ax.set(xlabel="budget B: mean cost per request (large-token equivalents)", ylabel="test accuracy",
            title="Embedded pair: accuracy vs budget, label-free calibration\n"
                  + report["gate"]["inner"].split("(")[0] + " score")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
