@@ -23,22 +23,36 @@ python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_advan
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), advantage router" \
     -o bench/results/real_pair_gsm8k/paired_advantage
 # The four main policies over every problem they finished: the main run and its extension
-# past problem 270 (two processes, START=270 LIMIT=335 and START=335 LIMIT=400, four policies).
+# past problem 270 (one process per core, four policies: START=270 LIMIT=335, then START=335
+# LIMIT=400 (stopped after problem 371) beside START=372 LIMIT=400).
 python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_from270 \
-    runs/real_pair/gsm8k_test_from335 --policies small,large,confidence:mean_prob@0.15,verify@0.3 \
+    runs/real_pair/gsm8k_test_from335 runs/real_pair/gsm8k_test_from372 --policies small,large,confidence:mean_prob@0.15,verify@0.3 \
     --target-gap 0.7 --target-wall 0.6 \
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), four main policies" \
     -o bench/results/real_pair_gsm8k/paired_main
-# The resolve-mode policies (SUFFIX=_resolve, run beside the main run on the other core),
-# merged with the main run over the problems both hold.
+# The resolve-mode policies (SUFFIX=_resolve, run beside the main run on the other core, problems
+# 0-197; problems 198-269 by the paired-timing runs below), merged with the main run over the
+# problems all hold (the main run's large rows count: its directory comes first).
 python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_resolve \
+    runs/real_pair/gsm8k_test_resolve_paired_from198 runs/real_pair/gsm8k_test_resolve_paired_from234 \
     --policies small,large,confidence:mean_prob@0.15,confidence:mean_prob@0.2,confidence:mean_prob@0.25,verify@0.3,confidence:mean_prob:resolve@0.2,confidence:mean_prob:resolve@0.25 \
     --target-gap 0.7 --target-wall 0.6 \
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), resolve mode" \
     -o bench/results/real_pair_gsm8k/paired_resolve
+# The resolve policies' wall clock against large-only timed in the same process, interleaved per
+# problem (SUFFIX=_resolve_paired POLICIES=large,<the two resolve policies>, START=198 LIMIT=234
+# and START=234 LIMIT=270, one process per core); small's rows are the main run's (their wall
+# ratio is across runs). The paired directories come first so that their large rows count.
+python -m bench.paired runs/real_pair/gsm8k_test_resolve_paired_from198 \
+    runs/real_pair/gsm8k_test_resolve_paired_from234 runs/real_pair/gsm8k_test \
+    --policies small,large,confidence:mean_prob:resolve@0.2,confidence:mean_prob:resolve@0.25 \
+    --target-gap 0.7 --target-wall 0.6 \
+    --title "GSM8K test problems 198-269, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), resolve mode timed beside large" \
+    -o bench/results/real_pair_gsm8k/paired_resolve_wall
 python -c "from bench.harness import summarize; summarize('runs/real_pair/gsm8k_test')"
 # Each label-free calibration's promise checked on the test run's rows of its certified threshold.
-python runs/real_pair/calibration_test.py runs/real_pair/gsm8k_test
+python runs/real_pair/calibration_test.py runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_from270 \
+    runs/real_pair/gsm8k_test_from335 runs/real_pair/gsm8k_test_from372
 # MATH-500 (partial, resumable: bash runs/real_pair/math500.sh), its paired figures and summary.
 python -m bench.paired runs/real_pair/math500 \
     --title "MATH-500 pilot, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core)" \

@@ -10,7 +10,9 @@
 # POLICIES=... runs a subset (the problems past 270 were run with the four main policies only:
 #   START=270 LIMIT=335 POLICIES=small,large,confidence:mean_prob@0.15,verify@0.3 ...).
 # SUFFIX=_resolve names another directory (the resolve-mode policies, run beside the main run:
-#   SUFFIX=_resolve LIMIT=270 CORE=1 POLICIES=confidence:mean_prob:resolve@0.2,confidence:mean_prob:resolve@0.25).
+#   SUFFIX=_resolve LIMIT=270 CORE=1 POLICIES=confidence:mean_prob:resolve@0.2,confidence:mean_prob:resolve@0.25;
+#   problems 198-269 with large interleaved in the same process, so that their wall ratio is paired:
+#   SUFFIX=_resolve_paired START=198 LIMIT=234 POLICIES=large,confidence:mean_prob:resolve@0.2,... ).
 cd "$(dirname "$0")/../.."
 M=${MODELS:-$HOME/.cache/stepcascade/models}
 exec taskset -c ${CORE:-0} python -m app.cli bench --dataset gsm8k \
