@@ -468,7 +468,15 @@ def real_pair_math500(results: Path) -> list[str]:
     return _real_pair(results, "real_pair_math500/paired.json", "MATH-500 problems")
 
 
-def _real_pair(results: Path, relative: str, what: str = "GSM8K test problems") -> list[str]:
+def real_pair_gsm8k_resolve_wall(results: Path) -> list[str]:
+    """The resolve-mode policies timed beside large-only in the same process (problems 198-269)."""
+    return _real_pair(results, "real_pair_gsm8k/paired_resolve_wall.json",
+                      which="problems 198-269; large and the resolve policies interleaved in one process, "
+                            "small's rows from the main run")
+
+
+def _real_pair(results: Path, relative: str, what: str = "GSM8K test problems",
+               which: str = "the first ones; every policy on each, interleaved") -> list[str]:
     r = _load(relative, results)
     rows = []
     for name, p in r["policies"].items():
@@ -486,7 +494,7 @@ def _real_pair(results: Path, relative: str, what: str = "GSM8K test problems") 
     summary = clairvoyant_summary(r, targets["gap"], targets.get("wall")) if targets.get("gap") else ""
     return _table(header, rows) + [
         "",
-        f"{r['n_problems']} {what} (the first ones; every policy on each, interleaved), paired "
+        f"{r['n_problems']} {what} ({which}), paired "
         f"bootstrap intervals ({r['n_bootstrap']} draws). Pair "
         f"{' -> '.join(f'`{Path(m).name}`' for m in models)} through llama.cpp, one core. Runs: {runs}. "
         f"Figures: `{r['command']}`. Source: {_source(relative)}."] + (["", summary] if summary else [])
@@ -501,6 +509,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "budget-curve-seq": budget_curve_seq, "budget-curve-seq-independent": budget_curve_seq_independent,
     "real-pair-gsm8k": real_pair_gsm8k, "real-pair-gsm8k-advantage": real_pair_gsm8k_advantage,
     "real-pair-gsm8k-main": real_pair_gsm8k_main, "real-pair-gsm8k-resolve": real_pair_gsm8k_resolve,
+    "real-pair-gsm8k-resolve-wall": real_pair_gsm8k_resolve_wall,
     "real-pair-math500": real_pair_math500, "resolve-probe": resolve_probe,
     "resolve-probe-cap6": resolve_probe_cap6,
 }

@@ -58,7 +58,7 @@ def test_a_json_changed_without_regenerating_is_caught(tmp_path):
 
 # Qwen2.5-Coder 0.5B -> 1.5B (docs/real-models.md)
 REAL_PAIR_TABLES = {"real-pair-gsm8k", "real-pair-gsm8k-advantage", "real-pair-gsm8k-main",
-                    "real-pair-gsm8k-resolve", "real-pair-math500"}
+                    "real-pair-gsm8k-resolve", "real-pair-gsm8k-resolve-wall", "real-pair-math500"}
 
 
 def test_each_table_names_its_pair_command_and_commit():
