@@ -206,8 +206,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = _parser().parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = "python -m bench.budget_curve " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.stage == "overlay":  # no model runs
-        return overlay(args, out)
+        return overlay(args, out, command)
     started = time.perf_counter()
     inner: Gate = ConfidenceGate(threshold=0.5, signal="min_prob")
     runner = embedded_cascade(inner)
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     guarantees = check_guarantees(pool, candidates, budgets, CURVE_METHODS, args.alpha, args.delta,
                                   args.cap_factor, curve.cost_max_uncapped, args.n_cal, args.splits)
     report = {
-        "command": "python -m bench.budget_curve " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "commit": package_commit(), "sweep_commit": plan.get("commit"),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "n_cal": args.n_cal, "n_test": args.n_test, "test_split": args.test_split,
@@ -347,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     return report
 
 
-def overlay(args, out: Path) -> dict:
+def overlay(args: argparse.Namespace, out: Path, command: str) -> dict:
     """Add the re-solve reports' certified points for this report's test split; rewrite the
     report's JSON, Markdown and plot. A report swept on other budgets is refused."""
     if not args.resolve_report:
@@ -380,11 +381,12 @@ def overlay(args, out: Path) -> dict:
                          "rows": [{"budget": row["budget"], **row.get("certified", {})}
                                   for row in split["rows"]]})
     report["resolve"] = families
-    report["overlay_command"] = "python -m bench.budget_curve " + shlex.join(sys.argv[1:])
+    report["overlay_command"] = command
     report_path.write_text(json.dumps(report, indent=1) + "\n")
-    (out / f"report{suffix}.md").write_text(markdown(report) + "\n")
+    text = markdown(report)
+    (out / f"report{suffix}.md").write_text(text + "\n")
     plot(report, out / f"budget_curve{suffix}.png")
-    print(markdown(report))
+    print(text)
     return report
 
 

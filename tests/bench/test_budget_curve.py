@@ -41,6 +41,8 @@ def test_overlay_adds_the_resolve_family_and_refuses_other_budgets(tmp_path):
         r["certified"]["test_accuracy"] for r in expected if "certified" in r]
     text = (out / "report.md").read_text()
     assert "Problem-level re-solve" in text and "hard cap 6 x B" in text
+    assert report["overlay_command"] == f"python -m bench.budget_curve --stage overlay --out {out} " \
+        f"--resolve-report {probe}"  # the call's own arguments, not the test runner's
     assert (out / "budget_curve.png").stat().st_size > 10_000
     shifted = json.loads(probe.read_text())
     shifted["splits"]["test"]["rows"][1]["budget"] += 1.0
