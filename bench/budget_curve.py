@@ -378,8 +378,8 @@ def overlay(args: argparse.Namespace, out: Path, command: str) -> dict:
                          "cap_factor": probe["cap_factor"], "gate": probe["gate"],
                          "test_small_accuracy": split["small_accuracy"],
                          "test_large_accuracy": split["large_accuracy"],
-                         "rows": [{"budget": row["budget"], **row.get("certified", {})}
-                                  for row in split["rows"]]})
+                         "rows": [{"budget": row["budget"], **row.get("certified", {}),
+                                   "bars": row.get("bars", {})} for row in split["rows"]]})
     report["resolve"] = families
     report["overlay_command"] = command
     report_path.write_text(json.dumps(report, indent=1) + "\n")
@@ -445,15 +445,19 @@ def markdown(report: dict) -> str:
                   f"{family['test_large_accuracy']:.3f}): `{family['command']}` at "
                   f"`{family['commit'][:7]}`.", "",
                   "| B | threshold | test accuracy | gap recovered | test mean cost | test P(cost > B) | "
-                  "re-solved | cap intervened |", "|---|---|---|---|---|---|---|---|"]
+                  "re-solved | cap intervened | re-solve columns: labelled choice on cal., same guarantee | "
+                  "labelled choice on cal., no margin | oracle (test labels) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in family["rows"]:
+            bars = " | ".join(f"{b['test_accuracy']:.3f}" if (b := row.get("bars", {}).get(name)) else "none"
+                              for name in ("labelled_certified", "labelled_calibration", "oracle"))
             if "test_accuracy" not in row:
-                lines.append(f"| {row['budget']:g} | none certified | | | | | | |")
+                lines.append(f"| {row['budget']:g} | none certified | | | | | | | {bars} |")
                 continue
             lines.append(f"| {row['budget']:g} | {row['threshold']:.3f} | {row['test_accuracy']:.3f} | "
                          f"{row['gap_recovered']:.2f} | {row['test_mean_cost']:.1f} | "
                          f"{row['test_p_cost_over_budget']:.3f} | {row['resolved']:.2f} | "
-                         f"{row['cap_intervened']:.2f} |")
+                         f"{row['cap_intervened']:.2f} | {bars} |")
     if "overlay_command" in report:
         lines += ["", f"Re-solve rows added by `{report['overlay_command']}`."]
     s = report["sweep"]["calibration"]

@@ -433,6 +433,51 @@ def _resolve_probe(results: Path, folder: str) -> list[str]:
         f"`{r['command']}` at {_commits([r['commit']])}. Source: {_source(f'{folder}/report.json')}."]
 
 
+def resolve_probe_bars(results: Path) -> list[str]:
+    """The certified re-solve against label-using choices of its own family, on the test split,
+    and over random calibration/test splits of the pooled problems, for each cap."""
+    rows, sources = [], []
+    for folder in ("resolve_probe", "resolve_probe_cap6"):
+        r = _load(f"{folder}/report.json", results)
+        sources.append((r, folder))
+        by_budget = {row["budget"]: row for row in r["random_splits"]}
+        for row in r["splits"]["test"]["rows"]:
+            c, bars = row.get("certified"), row["bars"]
+            spread = by_budget[row["budget"]]
+            cells = [f"{row['budget']:.1f} ({row['budget_x_large']:.2f}x)", f"{r['cap_factor']:g} x B",
+                     (f"{c['test_accuracy']:.3f} ({c['gap_recovered']:.2f})" if c else "none certified")]
+            cells += [f"{b['test_accuracy']:.3f} ({b['gap_recovered']:.2f})"
+                      if (b := bars.get(name)) else "none"
+                      for name in ("labelled_certified", "labelled_calibration", "oracle")]
+            if spread["mean_gap_recovered"] is None:
+                cells += ["none certified", "-"]
+            else:
+                low, high = spread["gap_recovered_5_95"]
+                cells += [f"{spread['mean_gap_recovered']:.2f} ({low:.2f}-{high:.2f})",
+                          f"{spread['mean_test_cost']:.1f}"]
+            rows.append(tuple(cells))
+    header = ["budget B (x large-only)", "cap", "label-free certified: test accuracy (gap)",
+              "labelled choice on cal., same guarantee", "labelled choice on cal., no margin",
+              "oracle: best re-solve column with test mean cost <= B (test labels)",
+              "over random splits: gap recovered, mean (5-95 %)", "over random splits: mean test cost"]
+    r = sources[0][0]
+    test = r["splits"]["test"]
+    runs = "; ".join(f"`{x['command']}` at {_commits([x['commit']])} ({_source(f'{f}/report.json')})"
+                     for x, f in sources)
+    return _table(header, rows) + [
+        "",
+        f"Test split ({r['n_test']} problems; small alone {test['small_accuracy']:.3f}, large alone "
+        f"{test['large_accuracy']:.3f}). The labelled choices and the oracle pick among the same re-solve "
+        f"columns (thresholds) under the same cap: with the {r['n_calibration']} calibration problems' "
+        f"answers and the same conformal risk control, with those answers and no margin (calibration "
+        f"mean cost <= B), and with the test problems' answers and costs. Random splits: "
+        f"{r['random_splits'][0]['splits']} draws of {r['n_calibration']} calibration rows from the pooled "
+        f"{r['n_calibration'] + r['n_test']} calibration and test-split problems, the rest tested; "
+        f"E[cost] <= B is promised over the draw, so the mean test cost is the promise's check. "
+        f"Pair `embedded:small` -> "
+        f"`embedded:large`. Runs: {runs}."]
+
+
 def resolve_probe(results: Path) -> list[str]:
     """The problem-level re-solve (resolve mode) certified at the curve's budgets, cap 3 x B."""
     return _resolve_probe(results, "resolve_probe")
@@ -511,7 +556,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "real-pair-gsm8k-main": real_pair_gsm8k_main, "real-pair-gsm8k-resolve": real_pair_gsm8k_resolve,
     "real-pair-gsm8k-resolve-wall": real_pair_gsm8k_resolve_wall,
     "real-pair-math500": real_pair_math500, "resolve-probe": resolve_probe,
-    "resolve-probe-cap6": resolve_probe_cap6,
+    "resolve-probe-cap6": resolve_probe_cap6, "resolve-probe-bars": resolve_probe_bars,
 }
 
 

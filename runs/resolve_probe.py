@@ -11,7 +11,11 @@ the 120 unlabeled calibration problems by conformal risk control (E[cost] <= B) 
 request under the hard cap 3 x B; the certified policy then runs on 150 test-split problems
 and 150 problems of the independent generator (`bench.independent_task`), under that cap.
 The budget-aware step cascade's certified accuracy at the same budgets comes from the
-curve's reports, for comparison.
+curve's reports, for comparison. Every re-solve column is also swept on the test problems,
+for the bars a label-free choice is measured against (the labelled choice on the calibration
+problems under the same guarantee and with no margin; the oracle with test labels), and the
+family is certified again on `--splits` random calibration/test splits of the pooled
+calibration and test-split problems (mean test cost against B, gap recovered).
 
     python runs/resolve_probe.py   # writes bench/results/resolve_probe/report.{json,md,png}
     python runs/resolve_probe.py --cap-factor 6 --out bench/results/resolve_probe_cap6
@@ -27,11 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
+import calibration as cal
 import cascade
 from bench.independent_task import generate_independent
 from bench.provenance import package_commit
 from bench.tasks import check_answer, generate_split
-from cascade.budget import calibrate_budget_curve, fit_budget_gate
+from cascade.budget import calibrate_budget_curve, fit_budget_gate, select_on_curve, sweep_curve
 
 OUT = Path("bench/results/resolve_probe")
 SWEEPS = Path("bench/results/budget_curve/sweeps.npz")
@@ -45,15 +50,47 @@ def problems_of(split: str, n: int) -> list[str]:
     return [p.problem for p in chosen]
 
 
+def random_splits(pooled, candidates, budgets, cap_factor: float, curve, n_splits: int, seed: int = 0) -> list[dict]:
+    """Certify the resolve family on `n_splits` random calibration sets of N_CAL rows drawn from
+    the pooled rows (costs (n, K), correct (n, K), agreement with the top tier (n, K), small-only
+    and large-only correct (n,)) and measure the certified column on the rest: per budget, the mean test cost (the promise is
+    E[cost] <= B over the draw), the mean gap recovered and its 5-95 % range."""
+    costs, correct, agreement, small, large = pooled
+    rng = np.random.default_rng(seed)
+    out = {b: {"test_cost": [], "gap": [], "abstained": 0} for b in budgets}
+    for _ in range(n_splits):
+        order = rng.permutation(len(costs))
+        cal_rows, test_rows = order[:N_CAL], order[N_CAL:]
+        objective = agreement[cal_rows].mean(axis=0)  # label-free, as in calibrate_budget_curve
+        gap = large[test_rows].mean() - small[test_rows].mean()
+        for b in budgets:
+            try:
+                j, _ = select_on_curve(costs[cal_rows], candidates, objective, "resolve", b, curve.alpha,
+                                       curve.delta, cap_factor, curve.cost_max_uncapped)
+            except cal.CalibrationError:
+                out[b]["abstained"] += 1
+                continue
+            out[b]["test_cost"].append(float(costs[test_rows, j].mean()))
+            out[b]["gap"].append(float((correct[test_rows, j].mean() - small[test_rows].mean()) / gap))
+    return [{"budget": b, "splits": n_splits, "abstained": v["abstained"],
+             "mean_test_cost": float(np.mean(v["test_cost"])) if v["test_cost"] else None,
+             "mean_gap_recovered": float(np.mean(v["gap"])) if v["gap"] else None,
+             "gap_recovered_5_95": [float(q) for q in np.percentile(v["gap"], [5, 95])] if v["gap"] else None}
+            for b, v in out.items()]
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cap-factor", type=float, default=3.0, help="hard cap = this x B (default 3)")
+    parser.add_argument("--signal", default="mean_prob", choices=cascade.gates.SIGNALS,
+                        help="the confidence signal the resolve gate reads (default mean_prob)")
+    parser.add_argument("--splits", type=int, default=300, help="random calibration/test splits (default 300)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     cap_factor, out = args.cap_factor, Path(args.out)
     started = time.time()
     budgets = [float(b) for b in np.load(SWEEPS)["budgets"]]
-    runner = cascade.embedded_cascade(cascade.ConfidenceGate(0.5, signal="mean_prob"))
+    runner = cascade.embedded_cascade(cascade.ConfidenceGate(0.5, signal=args.signal))
     # Label-free throughout: the gate's score quantiles from the small model alone on train
     # problems, the threshold grid from them, the certificate from unlabeled calibration problems.
     gate = fit_budget_gate(runner, problems_of("train", N_FIT))
@@ -62,12 +99,23 @@ def main(argv: list[str] | None = None) -> dict:
                                    cap_factor=cap_factor, gate=gate)
     command = " ".join(["python runs/resolve_probe.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "commit": package_commit(),
-              "pair": ["embedded:small", "embedded:large"], "gate": "ConfidenceGate(signal='mean_prob', "
+              "pair": ["embedded:small", "embedded:large"], "gate": f"ConfidenceGate(signal='{args.signal}', "
               "mode='resolve')", "cap_factor": cap_factor, "n_calibration": N_CAL, "n_test": N_TEST,
               "sweep_tokens_vs_independent": curve.swept.executed_tokens / max(1, curve.swept.independent_tokens),
               "splits": {}}
+    candidates, swept = curve.candidates, curve.swept
+    cal_correct = np.array([[check_answer(p, a) for a in row]
+                            for p, row in zip(calibration_problems, swept.answers, strict=True)])
+    cal_accuracy, cal_mean = cal_correct.mean(axis=0), swept.costs.mean(axis=0)
     for split, curve_path in CURVES.items():
         examples = problems_of(split, N_TEST)
+        # Every column of the curve on the test problems (a sweep: the arrays of independent
+        # runs), for the bars a label-free choice is measured against: what a user with the
+        # calibration problems' answers would certify, and the oracle that sees the test labels.
+        test_swept = sweep_curve(runner, examples, candidates, gate)
+        test_correct = np.array([[check_answer(p, a) for a in row]
+                                 for p, row in zip(examples, test_swept.answers, strict=True)])
+        test_accuracy, test_mean = test_correct.mean(axis=0), test_swept.costs.mean(axis=0)
         small = runner.solve_many(examples, gates=[cascade.AlwaysSmall()])
         large = runner.solve_many(examples, gates=[cascade.AlwaysLarge()])
         small_acc = float(np.mean([check_answer(p, r.answer) for p, r in zip(examples, small, strict=True)]))
@@ -92,19 +140,53 @@ def main(argv: list[str] | None = None) -> dict:
                     "test_p_cost_over_budget": float((costs > budget).mean()),
                     "resolved": float(np.mean([r.resolved for r in runs])),
                     "cap_intervened": float(np.mean([r.cap_intervened for r in runs]))}
+                # The runtime's run and the sweep's column are the same policy on the same problems.
+                assert abs(test_accuracy[point.index] - accuracy) < 1e-9, (budget, test_accuracy[point.index])
             else:
                 row["reason"] = point.reason
+            cap = cap_factor * budget
+            family = [j for j, (f, _, c) in enumerate(candidates) if f == "resolve" and c == cap]
+            bars = {}
+            try:
+                j, _ = select_on_curve(swept.costs, candidates, cal_accuracy, "resolve", budget, curve.alpha,
+                                       curve.delta, cap_factor, curve.cost_max_uncapped)
+                bars["labelled_certified"] = j
+            except cal.CalibrationError:
+                pass
+            for name, mean, score in (("labelled_calibration", cal_mean, cal_accuracy),
+                                      ("oracle", test_mean, test_accuracy)):
+                within = [j for j in family if mean[j] <= budget]
+                if within:
+                    bars[name] = max(within, key=lambda k, score=score, mean=mean: (score[k], -mean[k]))
+            row["bars"] = {name: {"threshold": candidates[j][1], "test_accuracy": float(test_accuracy[j]),
+                                  "gap_recovered": float((test_accuracy[j] - small_acc) / gap),
+                                  "test_mean_cost": float(test_mean[j])} for name, j in bars.items()}
             row["budget_aware_step_cascade"] = next(
                 (p for p in step_curve["points"] if p["method"] == "budget" and abs(p["budget"] - budget) < 1e-2),
                 None)
             rows.append(row)
         result["splits"][split] = {"small_accuracy": small_acc, "large_accuracy": large_acc,
                                    "large_mean_cost": large_cost, "rows": rows}
+        if split == "test":
+            small_correct = [check_answer(p, r.answer) for p, r in zip(examples, small, strict=True)]
+            large_correct = [check_answer(p, a) for p, a in zip(examples, test_swept.reference_answers, strict=True)]
+            pooled_test = (test_swept.costs, test_correct, test_swept.agreement, small_correct, large_correct)
+    # One calibration/test split can be lucky or unlucky; the same certification over many random
+    # splits of the pooled calibration and test-split problems (same size of calibration set)
+    # gives the expected figures and checks E[cost] <= B where it is promised: over the draw.
+    small_cal = runner.solve_many(calibration_problems, gates=[cascade.AlwaysSmall()])
+    pooled = (np.concatenate([swept.costs, pooled_test[0]]), np.concatenate([cal_correct, pooled_test[1]]),
+              np.concatenate([swept.agreement, pooled_test[2]]),
+              np.array([check_answer(p, r.answer) for p, r in zip(calibration_problems, small_cal, strict=True)]
+                       + pooled_test[3]),
+              np.array([check_answer(p, a) for p, a in zip(calibration_problems, swept.reference_answers,
+                                                             strict=True)] + pooled_test[4]))
+    result["random_splits"] = random_splits(pooled, candidates, budgets, cap_factor, curve, args.splits)
     result["seconds"] = time.time() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     md = ["# Problem-level re-solve cascade, embedded pair (`embedded:small` -> `embedded:large`)", "",
-          f"`ConfidenceGate(signal='mean_prob', mode='resolve')` run by the runtime; threshold certified on "
+          f"`{result['gate']}` run by the runtime; threshold certified on "
           f"{N_CAL} unlabeled calibration problems by `calibrate_budget_curve(methods=('resolve',))` (conformal "
           f"risk control, E[cost] <= B), every request under the hard cap {cap_factor:g} x B. Command: "
           f"`{result['command']}` at `{result['commit'][:7]}`.", ""]
@@ -113,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
                f"{data['large_accuracy']:.3f} at mean cost {data['large_mean_cost']:.1f}", "",
                "| budget B (x large-only) | certified t | test accuracy (gap recovered) | test mean cost | "
                "test P(cost > B) | re-solved | cap intervened | budget-aware step cascade, certified: accuracy "
-               "(gap) |", "|---|---|---|---|---|---|---|---|"]
+               "(gap) | labelled choice on cal., same guarantee | labelled choice on cal., no margin | oracle "
+               "(test labels) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in data["rows"]:
             c, st = row.get("certified"), row["budget_aware_step_cascade"]
             cells = ([f"{c['threshold']:.3f}", f"{c['test_accuracy']:.3f} ({c['gap_recovered']:.2f})",
@@ -121,8 +204,24 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{c['cap_intervened']:.2f}"] if c else ["none certified", "-", "-", "-", "-", "-"])
             step = (f"{st['test_accuracy']:.3f} ({st['gap_recovered']:.2f})"
                     if st and st.get("test_accuracy") is not None else "none")
-            md.append(f"| {row['budget']:.1f} ({row['budget_x_large']:.2f}x) | " + " | ".join(cells) + f" | {step} |")
+            bars = [f"{b['test_accuracy']:.3f} (t={b['threshold']:.3f})" if (b := row["bars"].get(name)) else "none"
+                    for name in ("labelled_certified", "labelled_calibration", "oracle")]
+            md.append(f"| {row['budget']:.1f} ({row['budget_x_large']:.2f}x) | " + " | ".join(cells)
+                      + f" | {step} | " + " | ".join(bars) + " |")
         md.append("")
+    md += [f"## Over {args.splits} random splits of the pooled calibration and test-split problems "
+           f"({N_CAL} calibration rows each, the rest test)", "",
+           "| budget B | abstained | mean test cost (E[cost] <= B?) | gap recovered: mean (5-95 %) |",
+           "|---|---|---|---|"]
+    for row in result["random_splits"]:
+        if row["mean_test_cost"] is None:
+            md.append(f"| {row['budget']:.1f} | {row['abstained']} | - | - |")
+            continue
+        low, high = row["gap_recovered_5_95"]
+        md.append(f"| {row['budget']:.1f} | {row['abstained']} | {row['mean_test_cost']:.1f} "
+                  f"({'yes' if row['mean_test_cost'] <= row['budget'] else 'NO'}) | "
+                  f"{row['mean_gap_recovered']:.2f} ({low:.2f}-{high:.2f}) |")
+    md.append("")
     (out / "report.md").write_text("\n".join(md))
     import matplotlib
     matplotlib.use("Agg")

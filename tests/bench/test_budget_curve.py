@@ -39,8 +39,12 @@ def test_overlay_adds_the_resolve_family_and_refuses_other_budgets(tmp_path):
     certified = [r for r in family["rows"] if "test_accuracy" in r]
     assert certified and [r["test_accuracy"] for r in certified] == [
         r["certified"]["test_accuracy"] for r in expected if "certified" in r]
+    # The label-using bars of the re-solve family (same columns, same cap) come along.
+    assert [r["bars"] for r in family["rows"]] == [r["bars"] for r in expected]
+    assert expected[3]["bars"]["labelled_certified"]["test_accuracy"] > 0
     text = (out / "report.md").read_text()
     assert "Problem-level re-solve" in text and "hard cap 6 x B" in text
+    assert "re-solve columns: labelled choice on cal., same guarantee" in text
     assert report["overlay_command"] == f"python -m bench.budget_curve --stage overlay --out {out} " \
         f"--resolve-report {probe}"  # the call's own arguments, not the test runner's
     assert (out / "budget_curve.png").stat().st_size > 10_000
