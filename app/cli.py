@@ -27,15 +27,17 @@ from app.options import (
 )
 from app.server import add_serve_arguments, run_from_args
 from bench import harness
+from bench.curve_bench import CURVE_JSON, CURVE_MD, CURVE_PNG, evaluate_curve, write_curve_report
 from bench.datasets import load_dataset
+from bench.grading import Grader
 from bench.progress import progress_printer
 from bench.router_data import ExactStepScorer
 from calibration import product_grid
 from cascade import AdvantageGate, Cascade, CascadeError, ConfidenceGate, ConfigError
-from cascade.budget import CURVE_METHODS, calibrate_budget_curve
+from cascade.budget import CURVE_METHODS, calibrate_budget_curve, load_budget_curve
 from cascade.calibrate import calibrate, default_thresholds, sweep_file
 from cascade.checks import check_budget, check_problem
-from cascade.router import collect_router_data, train_router
+from cascade.router import collect_router_data, load_router, train_router
 from cascade.scorers import LikelihoodScorer, PRMScorer
 from cascade.sequence_router import train_sequence_router
 from cascade.specs import MODES, ModelSpec, load_model
@@ -46,6 +48,7 @@ _COLOURS = {"small": "\033[32m", "medium": "\033[33m", "large": "\033[35m"}
 _RESET = "\033[0m"
 SOLVE_BACKENDS = ("hf", "vllm", "openai", "llamacpp")
 BENCH_BACKENDS = ("hf", "vllm", "openai", "llamacpp")
+DEFAULT_POLICIES = "small,large,confidence"
 
 
 def _print_result(result, colour: bool) -> None:
@@ -170,7 +173,10 @@ def _calibrate_curve(args, problems: list[str]) -> int:
                if m != "resolve" or isinstance(runner.gates[0], (ConfidenceGate, AdvantageGate))]
     curve = calibrate_budget_curve(runner, problems[n_fit:], budgets=budgets, cap_factor=args.cap_factor,
                                    alpha=args.alpha, delta=args.delta, thresholds=thresholds,
-                                   budget_thresholds=thresholds, resolve_thresholds=thresholds,
+                                   budget_thresholds=thresholds,
+                                   # without --thresholds the re-solve grid adds the fitted score
+                                   # quantiles, fine enough for a certified threshold to use its budget
+                                   resolve_thresholds=thresholds if args.thresholds else None,
                                    methods=methods, fit_problems=problems[:n_fit],
                                    progress=progress_printer("calibrate --curve"))
     payload = curve.to_json() | {
@@ -263,6 +269,8 @@ def bench_command(args: argparse.Namespace) -> str:
 def _bench(args) -> int:
     if args.backend not in BENCH_BACKENDS:
         raise CascadeError(f"unknown backend {args.backend!r}; valid backends: {', '.join(BENCH_BACKENDS)}")
+    if args.curve is not None:
+        return _bench_curve(args)
     threshold = 0.5 if args.threshold is None else args.threshold
     command = bench_command(args)  # as given
     model_specs_from_args(args)  # backend, endpoint and template errors before anything else
@@ -280,6 +288,33 @@ def _bench(args) -> int:
     print((Path(args.output) / harness.SUMMARY_MD).read_text())
     print(f"wrote {args.output}: {summary['n_rows']} result rows, {harness.SUMMARY_JSON}, "
           f"{harness.SUMMARY_MD}, {', '.join(harness.PLOT_FILES)}")
+    return 0
+
+
+def _bench_curve(args) -> int:
+    """bench --curve: every certified point of a curve file and the oracle on labelled problems."""
+    given = [flag for flag, value in (("--policies", args.policies != DEFAULT_POLICIES),
+                                      ("--calibration", args.calibration), ("--budget", args.budget),
+                                      ("--threshold", args.threshold), ("--signal", args.signal),
+                                      ("--mode", args.mode), ("--start", args.start)) if value]
+    if given:
+        raise ConfigError(f"--curve runs the curve's own policies at its budgets; drop {', '.join(given)}")
+    command = bench_command(argparse.Namespace(**(vars(args) | {"policies": None}))) \
+        + f" --curve {shlex.quote(args.curve)}"
+    model_specs_from_args(args)  # backend, endpoint and template errors before anything else
+    examples = load_dataset(args.dataset, args.limit, args.path)
+    runner = build_runner(args, gates=False)
+    if len(runner.models) != 2:
+        raise ConfigError(f"--curve measures a two-tier curve, got {len(runner.models)} models")
+    curve = load_budget_curve(args.curve, models=runner.models,
+                              routers=lambda file: load_router(file, models=runner.models))
+    pair = " -> ".join(m.info.name for m in runner.models)
+    with Grader(use_math_verify=not args.no_math_verify) as grader:
+        report = evaluate_curve(runner, examples, curve, grader=grader, pair=pair, command=command,
+                                progress=progress_printer("bench --curve"))
+    out = write_curve_report(report, args.output)
+    print((out / CURVE_MD).read_text())
+    print(f"wrote {out}: {CURVE_JSON}, {CURVE_MD}, {CURVE_PNG}")
     return 0
 
 
@@ -363,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="embedded, gsm8k, math500, aime24, aime25, jsonl (with --path) "
                             "or hf:<id>[:<config>]")
     bench.add_argument("--path", default=None, help="the JSONL file of --dataset jsonl")
-    bench.add_argument("--policies", default="small,large,confidence",
+    bench.add_argument("--policies", default=DEFAULT_POLICIES,
                        help="comma-separated: small, large, confidence[:SIGNAL][:MODE][@T], verify[@T], "
                             "verify-ahead, verify-fix, advantage[@T] (with --router), advantage:NAME[@T] "
                             "(with --router NAME=FILE), verify:NAME=S[@T] (screened), oracle (embedded "
@@ -371,6 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "budget B, cost units; several side by side); T1/T2 for one "
                             "threshold per gate")
     bench.add_argument("--calibration", default=None, help="calibration file of the 'calibrated' policy")
+    bench.add_argument("--curve", default=None, metavar="FILE",
+                       help="instead of --policies: an accuracy-budget curve (cascade calibrate --curve); "
+                            "every method's certified policy at every budget measured side by side, with "
+                            "the label-using oracle, into curve.json, curve.md and budget_curve.png")
     bench.add_argument("--router", action="append", default=None, metavar="[NAME=]FILE",
                        help="router file of the 'advantage' policies (train-router); NAME=FILE for the "
                             "'advantage:NAME' policies, repeatable to run routers side by side")

@@ -68,7 +68,8 @@ FLOORS = (1.0, 0.7, 0.6, 0.55, 0.5, 0.45, 0.4, 0.35, 0.3, 0.2, 0.1, 0.0)
 LABELS = {"budget": "budget-aware, cap = k x B (E[cost] <= B, risk control)",
           "risk": "one threshold (E[cost] <= B, risk control)",
           "conformal": "one threshold, C3PO setting (P(cost > B) <= alpha, conformal)",
-          "ltt": "one threshold (P(cost > B) <= alpha w.p. 1 - delta, LTT)"}
+          "ltt": "one threshold (P(cost > B) <= alpha w.p. 1 - delta, LTT)",
+          "resolve": "problem-level re-solve, cap = k x B (E[cost] <= B, risk control)"}
 
 
 def _arrays(swept, problems) -> dict[str, np.ndarray]:
@@ -477,7 +478,8 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for method, style in zip(CURVE_METHODS, ("o-", "s-", "^--", "v:"), strict=False):
+    methods = list(dict.fromkeys(r["method"] for r in report["points"]))  # in the report's order
+    for method, style in zip(methods, ("o-", "s-", "^--", "v:", "D-"), strict=False):
         rows = [r for r in report["points"] if r["method"] == method]
         xs = [r["budget"] for r in rows]
         # none certified: small alone
@@ -490,14 +492,16 @@ def plot(report: dict, path: Path) -> None:
                 label=f"problem-level re-solve, cap = {family['cap_factor']:g} x B (E[cost] <= B)")
     xs = [o["budget"] for o in report["oracle"] if "oracle" in o]
     ax.plot(xs, [o["oracle"]["test_accuracy"] for o in report["oracle"] if "oracle" in o], "k--", lw=1,
-            label="oracle: best step-level column with test mean cost <= B (labels)")
+            label=report.get("oracle_label",
+                             "oracle: best step-level column with test mean cost <= B (labels)"))
     rows = [o for o in report["oracle"] if "labelled_calibration" in o]
-    ax.plot([o["budget"] for o in rows], [o["labelled_calibration"]["test_accuracy"] for o in rows], "x-",
-            color="gray", lw=1, label="labelled choice on the calibration problems (answers used)")
+    if rows:
+        ax.plot([o["budget"] for o in rows], [o["labelled_calibration"]["test_accuracy"] for o in rows], "x-",
+                color="gray", lw=1, label="labelled choice on the calibration problems (answers used)")
     ax.axhline(report["test_large_accuracy"], color="gray", ls=":", label="large alone")
     ax.axhline(report["test_small_accuracy"], color="gray", ls="-.", label="small alone")
     ax.set(xlabel="budget B: mean cost per request (large-token equivalents)", ylabel="test accuracy",
-           title="Embedded pair: accuracy vs budget, label-free calibration\n"
+           title=f"{report.get('pair', 'Embedded pair')}: accuracy vs budget, label-free calibration\n"
                  + report["gate"]["inner"].split("(")[0] + " score")
     ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()

@@ -478,6 +478,31 @@ def resolve_probe_bars(results: Path) -> list[str]:
         f"`embedded:large`. Runs: {runs}."]
 
 
+def curve_cli(results: Path) -> list[str]:
+    """`cascade bench --curve`: every method's certified point per budget, and the oracle."""
+    r = _load("curve_cli/curve.json", results)
+    methods = list(dict.fromkeys(p["method"] for p in r["points"]))
+    large = r["test_large_mean_cost"]
+    oracle = {o["budget"]: o.get("oracle") for o in r["oracle"]}
+    rows = []
+    for b in r["budgets"]:
+        cells = [f"{b:.1f} ({b / large:.2f}x)"]
+        for method in methods:
+            p = next(q for q in r["points"] if q["method"] == method and q["budget"] == b)
+            cells.append("none certified" if p["index"] is None else f"{p['test_accuracy']:.3f} "
+                         f"({p['gap_recovered']:.2f}; cost {p['test_mean_cost']:.0f})")
+        cells.append(f"{oracle[b]['test_accuracy']:.3f}" if oracle[b] else "-")
+        rows.append(tuple(cells))
+    return _table(["budget B (x large-only)", *methods, "oracle (test labels)"], rows) + [
+        "",
+        f"Test accuracy (gap recovered between small alone {r['test_small_accuracy']:.3f} and large alone "
+        f"{r['test_large_accuracy']:.3f}; test mean cost) of each method's policy certified on "
+        f"{r['n_calibration']} unlabeled problems, on {r['n_test']} test-split problems; hard cap "
+        f"{r['cap_factor']:g} x B for budget and resolve; gate score `{r['gate']['inner']}`. Pair "
+        f"`embedded:small` -> `embedded:large`. Run: `bash runs/curve_cli.sh` (its second command: "
+        f"`{r['command']}`) at {_commits([r['commit']])}. Source: {_source('curve_cli/curve.json')}."]
+
+
 def resolve_probe(results: Path) -> list[str]:
     """The problem-level re-solve (resolve mode) certified at the curve's budgets, cap 3 x B."""
     return _resolve_probe(results, "resolve_probe")
@@ -557,6 +582,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "real-pair-gsm8k-resolve-wall": real_pair_gsm8k_resolve_wall,
     "real-pair-math500": real_pair_math500, "resolve-probe": resolve_probe,
     "resolve-probe-cap6": resolve_probe_cap6, "resolve-probe-bars": resolve_probe_bars,
+    "curve-cli": curve_cli,
 }
 
 

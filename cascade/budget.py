@@ -52,9 +52,12 @@ from cascade.calibrate import SweepResult, default_thresholds, sweep
 from cascade.errors import ConfigError
 from cascade.gates import AlwaysLarge, AlwaysSmall, Gate, GateState
 from cascade.runtime import Cascade
+from cascade.specs import GateSpec, RouterSource, build_gate, gate_spec_of
 
 __all__ = ["BudgetGate", "fit_budget_gate", "BudgetPoint", "BudgetCurve", "calibrate_budget_curve",
-           "budget_grid", "CURVE_METHODS"]
+           "budget_grid", "load_budget_curve", "CURVE_METHODS"]
+
+CURVE_FORMAT = "stepcascade-budget-curve-v1"
 
 CurveMethod = Literal["budget", "resolve", "risk", "conformal", "ltt"]
 CURVE_METHODS: tuple[str, ...] = ("budget", "resolve", "risk", "conformal", "ltt")
@@ -271,8 +274,13 @@ class BudgetCurve:
     delta: float
     candidates: tuple[tuple[str, float, float | None], ...]
     points: tuple[BudgetPoint, ...]
-    swept: SweepResult
+    swept: SweepResult | None  # None for a curve read back from its JSON (`load_budget_curve`)
     cost_max_uncapped: float
+    n_problems: int = 0  # calibration problems (from `swept` when it is there)
+
+    def __post_init__(self) -> None:
+        if self.swept is not None:
+            object.__setattr__(self, "n_problems", int(self.swept.costs.shape[0]))
 
     def point(self, method: str, budget: float) -> BudgetPoint:
         for p in self.points:
@@ -296,16 +304,67 @@ class BudgetCurve:
         """The curve as plain JSON: the fitted gate, the grid, each method's point per budget."""
         gate = {f.name: getattr(self.gate, f.name) for f in dataclasses.fields(self.gate)
                 if f.name != "inner"}
-        return {"format": "stepcascade-budget-curve-v1",
-                "gate": gate | {"inner": repr(self.gate.inner)}, "budgets": list(self.budgets),
+        try:  # what `from_json` rebuilds the inner gate from (a router by its file and weights)
+            inner_spec = gate_spec_of(self.gate.inner).to_json()
+        except ConfigError:
+            inner_spec = None  # a gate outside the registry, or a router not loaded from a file
+        return {"format": CURVE_FORMAT,
+                "gate": gate | {"inner": repr(self.gate.inner)}, "inner_spec": inner_spec,
+                "budgets": list(self.budgets),
                 "cap_factor": self.cap_factor, "alpha": self.alpha, "delta": self.delta,
-                "n_problems": int(self.swept.costs.shape[0]), "cost_max_uncapped": self.cost_max_uncapped,
+                "n_problems": self.n_problems, "cost_max_uncapped": self.cost_max_uncapped,
                 "candidates": [list(c) for c in self.candidates],
                 "points": [dataclasses.asdict(p) for p in self.points]}
 
+    @classmethod
+    def from_json(cls, payload: object, routers: RouterSource | None = None) -> BudgetCurve:
+        """A curve from its JSON form (`to_json`): the inner gate rebuilt from its recorded
+        spec (routers: what an advantage gate's router file resolves to, as for
+        `cascade.specs.build_gate`; a router whose weights differ from the recorded ones is
+        refused), every certified point checked against the candidates. Raises ConfigError
+        naming what is wrong."""
+        if not isinstance(payload, dict) or payload.get("format") != CURVE_FORMAT:
+            raise ConfigError(f"not an accuracy-budget curve (format {CURVE_FORMAT!r}, written by "
+                              "`cascade calibrate --curve` or BudgetCurve.to_json)")
+        try:
+            spec = payload["inner_spec"]
+            if spec is None:
+                raise ConfigError("the curve does not record its gate in a form that can be rebuilt "
+                                  "(a gate outside the registry, or a router not loaded from a file)")
+            inner_spec = GateSpec.from_json(spec)
+
+            def checked_router(file: str):
+                router = routers(file) if callable(routers) else _router_from(routers, file)
+                if inner_spec.router_weights is not None and repr(router) != inner_spec.router_weights:
+                    raise ConfigError(f"the router at {file} is not the one this curve was calibrated "
+                                      f"with ({inner_spec.router_weights}); calibrate again")
+                return router
+
+            inner = build_gate(inner_spec, checked_router if inner_spec.router is not None else None)
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in payload["gate"].items()
+                      if k != "inner"}
+            gate = BudgetGate(inner, **fields)
+            candidates = tuple((str(f), float(t), None if c is None else float(c))
+                               for f, t, c in payload["candidates"])
+            points = tuple(BudgetPoint(**p) for p in payload["points"])
+            curve = cls(gate=gate, budgets=tuple(float(b) for b in payload["budgets"]),
+                        cap_factor=float(payload["cap_factor"]), alpha=float(payload["alpha"]),
+                        delta=float(payload["delta"]), candidates=candidates, points=points, swept=None,
+                        cost_max_uncapped=float(payload["cost_max_uncapped"]),
+                        n_problems=int(payload["n_problems"]))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ConfigError(f"a malformed accuracy-budget curve: {type(error).__name__}: {error}") from None
+        for p in curve.points:
+            if p.index is not None and not (0 <= p.index < len(candidates)
+                                            and candidates[p.index][1] == p.threshold
+                                            and candidates[p.index][2] == p.cap):
+                raise ConfigError(f"a malformed accuracy-budget curve: the {p.method} point at budget "
+                                  f"{p.budget:g} names candidate {p.index}, which does not match it")
+        return curve
+
     def summary(self) -> str:
         lines = [f"Accuracy-budget curve (alpha={self.alpha}, delta={self.delta}, "
-                 f"n={self.swept.costs.shape[0]}, "
+                 f"n={self.n_problems}, "
                  f"cap = {self.cap_factor:g} x budget for the budget-aware policy)"]
         for method in dict.fromkeys(p.method for p in self.points):
             lines.append(f"  {method}:")
@@ -536,3 +595,36 @@ def uncapped_cost_max(cascade: Cascade, problems: Sequence[str]) -> float:
         model.release("cost-bound")
         total += cascade.cost_model.charge(tier, prompt + 2 * tokens, 2 * tokens)
     return float(total)
+
+
+def _router_from(routers: RouterSource | None, file: str):
+    if routers is None or file not in routers:
+        raise ConfigError(f"the curve's gate needs the router {file}; pass routers= (e.g. "
+                          "{file: cascade.router.load_router(file)})")
+    return routers[file]
+
+
+def load_budget_curve(path, models: Sequence | None = None,
+                      routers: RouterSource | None = None) -> BudgetCurve:
+    """Read a curve written by `cascade calibrate --curve` (or `BudgetCurve.to_json`).
+
+    models: the backends it will run on; refused when the file records other models (name
+    and weight fingerprint). routers: see `BudgetCurve.from_json`. Raises ConfigError for a
+    missing, unreadable or malformed file."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        payload = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no accuracy-budget curve at {str(path)!r}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(f"cannot read the accuracy-budget curve {str(path)!r}: {error}") from None
+    curve = BudgetCurve.from_json(payload, routers)
+    recorded = payload.get("models")
+    if models is not None and recorded is not None:
+        have = [{"name": m.info.name, "fingerprint": m.info.fingerprint} for m in models]
+        if have != recorded:
+            raise ConfigError(f"the curve {str(path)!r} was calibrated for models {recorded}, not {have}")
+    return curve

@@ -147,3 +147,73 @@ def test_calibrate_curve_errors_are_one_clear_line(capsys, tiny_dirs, tmp_path, 
     code, _, err = run(capsys, "calibrate", "--curve", "--problems", str(problems), "--small", tiny_dirs[0],
                        "--large", tiny_dirs[2], "--delimiter", "\n", *extra, "-o", str(tmp_path / "c.json"))
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def _curve_file(capsys, tiny_dirs, tmp_path, model_flags):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text("".join(json.dumps({"problem": f"a={i};b=a+{i % 3};?b"}) + "\n" for i in range(12)))
+    code, _, err = run(capsys, "calibrate", "--curve", "--problems", str(problems), "--fit-problems", "4",
+                       "--budgets", "5,60", "--alpha", "0.3", "--delta", "0.3", *model_flags,
+                       "--thresholds", "1,0.5,0", "-o", str(tmp_path / "curve.json"))
+    assert code == 0, err
+    return tmp_path / "curve.json"
+
+
+def test_bench_curve_measures_every_certified_point_as_an_independent_run(capsys, tiny_dirs, tmp_path):
+    """bench --curve reads each point off one sweep of the test problems; each certified policy,
+    run on its own under its cap, costs and answers the same."""
+    from app.cli import build_parser
+    from app.options import build_runner
+    from cascade.budget import load_budget_curve
+
+    model_flags = ["--small", tiny_dirs[0], "--large", tiny_dirs[2], "--delimiter", "\n", "--max-steps", "3",
+                   "--max-step-tokens", "4"]
+    curve_path = _curve_file(capsys, tiny_dirs, tmp_path, model_flags)
+    labelled = tmp_path / "test.jsonl"
+    labelled.write_text("".join(json.dumps({"problem": f"a={i};b=a+1;?b", "answer": str(i + 1)}) + "\n"
+                                for i in range(5)))
+    argv = ["bench", "--curve", str(curve_path), "--dataset", "jsonl", "--path", str(labelled), *model_flags,
+            "-o", str(tmp_path / "out")]
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert "Accuracy vs budget" in out and (tmp_path / "out" / "budget_curve.png").stat().st_size > 10_000
+    curve = json.loads(curve_path.read_text())
+    assert [(p["method"], p["budget"]) for p in report["points"]] == [
+        (p["method"], p["budget"]) for p in curve["points"]]
+    assert report["command"].startswith("cascade bench --dataset jsonl") and "--curve" in report["command"]
+    assert "--policies" not in report["command"]  # the curve's policies ran, not the default list
+    runner = build_runner(build_parser().parse_args(argv), gates=False)
+    loaded = load_budget_curve(curve_path, models=runner.models)
+    problems = [f"a={i};b=a+1;?b" for i in range(5)]
+    certified = [p for p in report["points"] if p["index"] is not None]
+    assert {p["method"] for p in certified} >= {"budget", "resolve"}
+    for point in certified:
+        gates, cap = loaded.policy(point["method"], point["budget"])
+        results = runner.solve_many(problems, cap, gates=gates)
+        assert point["test_mean_cost"] == pytest.approx(sum(r.cost.total for r in results) / 5, rel=1e-9)
+        if cap is not None:
+            assert all(r.cost.total <= cap + 1e-9 for r in results)
+    for entry in report["oracle"]:  # the oracle is the upper line of every certified point within B
+        within = [p["test_accuracy"] for p in certified
+                  if p["budget"] == entry["budget"] and p["test_mean_cost"] <= entry["budget"]]
+        if within:
+            assert entry["oracle"]["test_accuracy"] >= max(within)
+
+
+def test_bench_curve_errors_are_one_clear_line(capsys, tiny_dirs, tmp_path):
+    model_flags = ["--small", tiny_dirs[0], "--large", tiny_dirs[2], "--delimiter", "\n", "--max-steps", "3",
+                   "--max-step-tokens", "4"]
+    curve_path = _curve_file(capsys, tiny_dirs, tmp_path, model_flags)
+    common = ["bench", "--dataset", "embedded", "--limit", "2", "-o", str(tmp_path / "out")]
+    broken = tmp_path / "broken.json"
+    broken.write_text(curve_path.read_text()[:50])
+    cases = [([*common, "--curve", str(curve_path), "--policies", "small", *model_flags], "drop --policies"),
+             ([*common, "--curve", str(tmp_path / "none.json"), *model_flags], "no accuracy-budget curve at"),
+             ([*common, "--curve", str(broken), *model_flags], "cannot read the accuracy-budget curve"),
+             # other models than the curve was calibrated for
+             ([*common, "--curve", str(curve_path), "--small", tiny_dirs[1], "--large", tiny_dirs[2],
+               "--delimiter", "\n"], "was calibrated for models")]
+    for argv, message in cases:
+        code, _, err = run(capsys, *argv)
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)

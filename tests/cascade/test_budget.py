@@ -22,6 +22,7 @@ from cascade import (
     sweep,
 )
 from cascade.budget import (
+    BudgetCurve,
     BudgetGate,
     budget_grid,
     calibrate_budget_curve,
@@ -200,6 +201,19 @@ def test_curve_on_fakes_certifies_and_serves():
     resolve_columns = [j for j, (family, _, _) in enumerate(curve.candidates) if family == "resolve"]
     assert (curve.swept.costs[:, resolve_columns] > curve.swept.costs[:, [0]]).any()  # some columns re-solve
     assert "budget" in curve.summary()
+    # Its JSON reads back into the same policies (what `cascade bench --curve` serves).
+    loaded = BudgetCurve.from_json(curve.to_json())
+    assert loaded.to_json() == curve.to_json() and loaded.n_problems == 30
+    for p in (q for q in curve.points if q.index is not None):
+        assert repr(loaded.policy(p.method, p.budget)) == repr(curve.policy(p.method, p.budget))
+    bad = curve.to_json()
+    bad["points"][next(i for i, q in enumerate(curve.points) if q.index is not None)]["threshold"] = 0.123
+    with pytest.raises(ConfigError, match="does not match it"):
+        BudgetCurve.from_json(bad)
+    with pytest.raises(ConfigError, match="not an accuracy-budget curve"):
+        BudgetCurve.from_json({"format": "something else"})
+    with pytest.raises(ConfigError, match="malformed"):
+        BudgetCurve.from_json(curve.to_json() | {"candidates": [[1.0]]})
     with pytest.raises(ConfigError, match="cap_factor"):
         calibrate_budget_curve(runner, problems, budgets=[5.0], cap_factor=0.5)
     with pytest.raises(ConfigError, match="methods"):
