@@ -27,7 +27,14 @@ from app.options import (
 )
 from app.server import add_serve_arguments, run_from_args
 from bench import harness
-from bench.curve_bench import CURVE_JSON, CURVE_MD, CURVE_PNG, evaluate_curve, write_curve_report
+from bench.curve_bench import (
+    CURVE_JSON,
+    CURVE_MD,
+    CURVE_PNG,
+    CURVE_SWEEP,
+    evaluate_curve,
+    write_curve_report,
+)
 from bench.datasets import load_dataset
 from bench.grading import Grader
 from bench.progress import progress_printer
@@ -309,9 +316,11 @@ def _bench_curve(args) -> int:
     curve = load_budget_curve(args.curve, models=runner.models,
                               routers=lambda file: load_router(file, models=runner.models))
     pair = " -> ".join(m.info.name for m in runner.models)
-    with Grader(use_math_verify=not args.no_math_verify) as grader:
+    Path(args.output).mkdir(parents=True, exist_ok=True)
+    with Grader(use_math_verify=not args.no_math_verify) as grader:  # resumable: rows kept in -o
         report = evaluate_curve(runner, examples, curve, grader=grader, pair=pair, command=command,
-                                progress=progress_printer("bench --curve"))
+                                progress=progress_printer("bench --curve"),
+                                checkpoint=Path(args.output) / CURVE_SWEEP)
     out = write_curve_report(report, args.output)
     print((out / CURVE_MD).read_text())
     print(f"wrote {out}: {CURVE_JSON}, {CURVE_MD}, {CURVE_PNG}")

@@ -14,7 +14,9 @@ the arrays of independent runs at a fraction of their cost), and read off for
 - the oracle at each budget: the column with the best test accuracy among those whose test
   mean cost is <= B, chosen with the test labels (no method can see them: the upper line).
 
-Writes curve.json, curve.md and budget_curve.png into the output directory.
+Writes curve.json, curve.md and budget_curve.png into the output directory; the sweep's rows
+go to curve.sweep.budget.jsonl and curve.sweep.resolve.jsonl there as problems finish, so an
+interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -35,15 +37,20 @@ from cascade.errors import ConfigError
 from cascade.gates import AlwaysSmall
 from cascade.runtime import Cascade
 
-__all__ = ["evaluate_curve", "write_curve_report", "CURVE_JSON", "CURVE_MD", "CURVE_PNG"]
+__all__ = ["evaluate_curve", "write_curve_report", "CURVE_JSON", "CURVE_MD", "CURVE_PNG", "CURVE_SWEEP"]
 
 CURVE_JSON, CURVE_MD, CURVE_PNG = "curve.json", "curve.md", "budget_curve.png"
+CURVE_SWEEP = "curve.sweep"  # prefix of the resumable sweep rows in the output directory
 
 
 def evaluate_curve(runner: Cascade, examples: Sequence[Example], curve: BudgetCurve, *,
                    grader: Grader, pair: str, command: str = "",
-                   progress: Callable[[int, int], None] | None = None) -> dict:
-    """Every certified point of `curve` and the oracle, measured on labelled `examples`."""
+                   progress: Callable[[int, int], None] | None = None,
+                   checkpoint: str | Path | None = None) -> dict:
+    """Every certified point of `curve` and the oracle, measured on labelled `examples`.
+
+    checkpoint: a path prefix for the sweep's rows (`<prefix>.<family>.jsonl`, appended as
+    problems finish); a rerun with the same curve, models and problems resumes from them."""
     examples = list(examples)
     if not examples:
         raise ConfigError("the curve benchmark needs at least one problem")
@@ -53,7 +60,8 @@ def evaluate_curve(runner: Cascade, examples: Sequence[Example], curve: BudgetCu
                           f"(first: {unlabelled[0]})")
     started = time.perf_counter()
     problems = [e.problem for e in examples]
-    swept = sweep_curve(runner, problems, curve.candidates, curve.gate, progress=progress)
+    swept = sweep_curve(runner, problems, curve.candidates, curve.gate, progress=progress,
+                        checkpoint=checkpoint)
 
     def graded(answers: Sequence[str | None]) -> np.ndarray:
         items = [(a, e.answer, e.kind) for a, e in zip(answers, examples, strict=True)]

@@ -43,12 +43,13 @@ import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
 import calibration as cal
-from cascade.calibrate import SweepResult, default_thresholds, sweep
+from cascade.calibrate import SweepResult, default_thresholds, sweep, sweep_file
 from cascade.errors import ConfigError
 from cascade.gates import AlwaysLarge, AlwaysSmall, Gate, GateState
 from cascade.runtime import Cascade
@@ -418,11 +419,15 @@ def default_resolve_thresholds(gate: BudgetGate) -> list[float]:
 
 def sweep_curve(cascade: Cascade, problems: Sequence[str],
                 candidates: Sequence[tuple[str, float, float | None]],
-                gate: BudgetGate, progress: Callable[[int, int], None] | None = None) -> SweepResult:
+                gate: BudgetGate, progress: Callable[[int, int], None] | None = None,
+                checkpoint: str | Path | None = None) -> SweepResult:
     """Sweep the curve's columns: the BudgetGate columns (both families a BudgetGate runs: without
     a cap it is its inner gate at the floor) in one sweep, the resolve columns in another (a
     gate in another mode), joined in the columns' order. Columns of different sweeps share no
-    calls, so the arrays are those of independent runs either way."""
+    calls, so the arrays are those of independent runs either way.
+
+    checkpoint: a path prefix; each sweep's rows are appended to `<prefix>.<family>.jsonl` as
+    problems finish, and a rerun with the same settings resumes from them (`sweep_file`)."""
     groups = {"budget": [j for j, c in enumerate(candidates) if c[0] != "resolve"],
               "resolve": [j for j, c in enumerate(candidates) if c[0] == "resolve"]}
     parts = []
@@ -430,9 +435,13 @@ def sweep_curve(cascade: Cascade, problems: Sequence[str],
         if not columns:
             continue
         family_gates = [gate if family == "budget" else family_gate(gate, "resolve", 0.5)]
-        parts.append((columns, sweep(cascade, problems, [(candidates[j][1],) for j in columns],
-                                     gates=family_gates, caps=[candidates[j][2] for j in columns],
-                                     progress=progress)))
+        thresholds, caps = [(candidates[j][1],) for j in columns], [candidates[j][2] for j in columns]
+        if checkpoint is None:
+            swept = sweep(cascade, problems, thresholds, gates=family_gates, caps=caps, progress=progress)
+        else:
+            swept = sweep_file(cascade, problems, thresholds, f"{checkpoint}.{family}.jsonl",
+                               gates=family_gates, caps=caps, progress=progress)
+        parts.append((columns, swept))
     return join_sweeps(parts, len(candidates))
 
 
@@ -612,7 +621,6 @@ def load_budget_curve(path, models: Sequence | None = None,
     and weight fingerprint). routers: see `BudgetCurve.from_json`. Raises ConfigError for a
     missing, unreadable or malformed file."""
     import json
-    from pathlib import Path
 
     path = Path(path)
     try:

@@ -417,16 +417,21 @@ def sweep(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequen
 
 
 def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[Sequence[float]],
-               path: str | Path, *, progress: Callable[[int, int], None] | None = None,
+               path: str | Path, *, gates: Sequence[Gate] | None = None,
+               caps: Sequence[float | None] | None = None,
+               progress: Callable[[int, int], None] | None = None,
                on_resume: Callable[[int], None] | None = None) -> SweepResult:
     """`sweep`, resumable through a JSONL file: each finished problem's row is appended to
-    `path` as it comes, and a file written for the same models, gates and candidates is
-    resumed: its rows are reused as far as their problems are these, in order (the file
-    is cut there); a file made with other settings is started afresh. on_resume is called
-    with the number of rows reused."""
+    `path` as it comes, and a file written for the same models, gates, candidates and caps
+    is resumed: its rows are reused as far as their problems are these, in order (the file
+    is cut there); a file made with other settings is started afresh. gates / caps: as for
+    `sweep`. on_resume is called with the number of rows reused."""
     path = Path(path)
     header = {"models": [[m.info.name, m.info.fingerprint] for m in cascade.models],
-              "candidates": [list(c) for c in candidates], "gates": [repr(g) for g in cascade.gates]}
+              "candidates": [list(c) for c in candidates],
+              "gates": [repr(g) for g in (cascade.gates if gates is None else gates)]}
+    if caps is not None:  # absent for uncapped sweeps, so files written before caps existed resume
+        header["caps"] = list(caps)
     rows: list[dict] = []
     lines = path.read_text().splitlines() if path.exists() else []
     if lines and json.loads(lines[0]) == json.loads(json.dumps(header)):
@@ -448,7 +453,8 @@ def sweep_file(cascade: Cascade, problems: Sequence[str], candidates: Sequence[S
         with path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
 
-    return sweep(cascade, problems, candidates, rows=rows, on_row=keep, progress=progress)
+    return sweep(cascade, problems, candidates, gates=gates, caps=caps, rows=rows, on_row=keep,
+                 progress=progress)
 
 
 # ---- calibrate ------------------------------------------------------------------------------

@@ -194,6 +194,15 @@ def test_bench_curve_measures_every_certified_point_as_an_independent_run(capsys
         assert point["test_mean_cost"] == pytest.approx(sum(r.cost.total for r in results) / 5, rel=1e-9)
         if cap is not None:
             assert all(r.cost.total <= cap + 1e-9 for r in results)
+    # Resumable: the sweep's rows are in -o; a run cut short (rows lost) picks up where it stopped
+    # and reports the same points.
+    rows = {f: tmp_path / "out" / f"curve.sweep.{f}.jsonl" for f in ("budget", "resolve")}
+    assert all(len(path.read_text().splitlines()) == 1 + 5 for path in rows.values())
+    rows["budget"].write_text("".join(rows["budget"].read_text().splitlines(keepends=True)[:3]))
+    rows["resolve"].unlink()
+    assert run(capsys, *argv)[0] == 0
+    again = json.loads((tmp_path / "out" / "curve.json").read_text())
+    assert again["points"] == report["points"] and again["oracle"] == report["oracle"]
     for entry in report["oracle"]:  # the oracle is the upper line of every certified point within B
         within = [p["test_accuracy"] for p in certified
                   if p["budget"] == entry["budget"] and p["test_mean_cost"] <= entry["budget"]]
