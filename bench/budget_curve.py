@@ -36,6 +36,7 @@ import pickle
 import shlex
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ from cascade.budget import (
 from cascade.calibrate import SweepResult, default_thresholds
 from cascade.router import load_router
 
-__all__ = ["main", "check_guarantees"]
+__all__ = ["main", "check_guarantees", "best_within_budget"]
 
 # The step-level methods this benchmark sweeps (its committed sweeps predate the "resolve"
 # family; the problem-level re-solve on the same splits is runs/resolve_probe.py).
@@ -80,6 +81,15 @@ def _arrays(swept, problems) -> dict[str, np.ndarray]:
             "reference_correct": np.array([check_answer(p, a)
                                            for p, a in zip(problems, swept.reference_answers, strict=False)]),
             "reference_costs": np.array(swept.reference_costs)}
+
+
+def best_within_budget(mean_cost: np.ndarray, score: np.ndarray, budget: float,
+                       columns: Sequence[int] | None = None) -> int | None:
+    """The column (of `columns`, default all) with the best `score` among those whose mean cost is
+    <= `budget`, the cheaper one on a tie; None when none fits: a label-using choice (oracle or
+    labelled bar) when `score` is an accuracy."""
+    within = [j for j in (range(len(mean_cost)) if columns is None else columns) if mean_cost[j] <= budget]
+    return max(within, key=lambda k: (score[k], -mean_cost[k])) if within else None
 
 
 def check_guarantees(pool_costs: np.ndarray, candidates, budgets, methods, alpha: float, delta: float,
@@ -294,9 +304,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         # What a user with labelled calibration problems would pick (the same problems, their
         # answers used, no margin): the fair bar for a label-free choice. The oracle below
         # picks with the test problems' own labels and costs, an upper line no method can see.
-        cols = [j for j in range(len(candidates)) if cal_mean[j] <= b]
-        if cols:
-            j = max(cols, key=lambda k: (cal_acc[k], -cal_mean[k]))
+        j = best_within_budget(cal_mean, cal_acc, b)
+        if j is not None:
             entry["labelled_calibration"] = {
                 "index": j, "family": candidates[j][0], "threshold": candidates[j][1],
                 "cap": candidates[j][2],
@@ -316,10 +325,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                 "cap": candidates[j][2], "calibration_accuracy": float(cal_acc[j]),
                 "test_accuracy": float(test_acc[j]), "test_mean_cost": float(test_mean[j])}
         for name, family in (("oracle", None), ("oracle_budget_family", "budget")):
-            cols = [j for j, (f, _, c) in enumerate(candidates) if test_mean[j] <= b
-                    and (family is None or (f == family and c == args.cap_factor * b))]
-            if cols:
-                j = max(cols, key=lambda k: (test_acc[k], -test_mean[k]))
+            cols = [j for j, (f, _, c) in enumerate(candidates)
+                    if family is None or (f == family and c == args.cap_factor * b)]
+            j = best_within_budget(test_mean, test_acc, b, cols)
+            if j is not None:
                 entry[name] = {"index": j, "family": candidates[j][0], "threshold": candidates[j][1],
                                "cap": candidates[j][2], "test_accuracy": float(test_acc[j]),
                                "test_mean_cost": float(test_mean[j])}

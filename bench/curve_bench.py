@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.budget_curve import plot
+from bench.budget_curve import best_within_budget, plot
 from bench.datasets import Example
 from bench.grading import Grader
 from bench.provenance import package_commit
@@ -63,16 +63,19 @@ def evaluate_curve(runner: Cascade, examples: Sequence[Example], curve: BudgetCu
     swept = sweep_curve(runner, problems, curve.candidates, curve.gate, progress=progress,
                         checkpoint=checkpoint)
 
-    def graded(answers: Sequence[str | None]) -> np.ndarray:
-        items = [(a, e.answer, e.kind) for a, e in zip(answers, examples, strict=True)]
-        return np.array(grader.grade_many(items))
-
-    correct = np.stack([graded([row[j] for row in swept.answers]) for j in range(len(curve.candidates))],
-                       axis=1)
-    costs = swept.costs
     small = runner.solve_many(problems, gates=[AlwaysSmall()])
-    small_accuracy = float(graded([r.answer for r in small]).mean())
-    large_accuracy = float(graded(swept.reference_answers).mean())
+    # Columns mostly repeat each other's answers: each distinct (problem, answer) is graded
+    # once (math-verify starts a worker per batch and is slow per item).
+    rows = [(*row, reference, s.answer)
+            for row, reference, s in zip(swept.answers, swept.reference_answers, small, strict=True)]
+    distinct = list(dict.fromkeys((i, a) for i, row in enumerate(rows) for a in row))
+    verdicts = grader.grade_many([(a, examples[i].answer, examples[i].kind) for i, a in distinct])
+    grade = dict(zip(distinct, verdicts, strict=True))
+    table = np.array([[grade[(i, a)] for a in row] for i, row in enumerate(rows)])
+    correct, large_correct, small_correct = table[:, :-2], table[:, -2], table[:, -1]
+    costs = swept.costs
+    small_accuracy = float(small_correct.mean())
+    large_accuracy = float(large_correct.mean())
     gap = large_accuracy - small_accuracy
     points = []
     for p in curve.points:
@@ -90,10 +93,9 @@ def evaluate_curve(runner: Cascade, examples: Sequence[Example], curve: BudgetCu
     oracle = []
     mean_cost, accuracy = costs.mean(axis=0), correct.mean(axis=0)
     for b in curve.budgets:
-        within = [j for j in range(len(curve.candidates)) if mean_cost[j] <= b]
+        j = best_within_budget(mean_cost, accuracy, b)
         entry: dict = {"budget": b}
-        if within:
-            j = max(within, key=lambda k: (accuracy[k], -mean_cost[k]))
+        if j is not None:
             family, threshold, cap = curve.candidates[j]
             entry["oracle"] = {"index": j, "family": family, "threshold": threshold, "cap": cap,
                                "test_accuracy": float(accuracy[j]), "test_mean_cost": float(mean_cost[j])}

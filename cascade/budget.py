@@ -40,6 +40,7 @@ the statistics are `calibration`'s pure functions.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -620,8 +621,6 @@ def load_budget_curve(path, models: Sequence | None = None,
     models: the backends it will run on; refused when the file records other models (name
     and weight fingerprint). routers: see `BudgetCurve.from_json`. Raises ConfigError for a
     missing, unreadable or malformed file."""
-    import json
-
     path = Path(path)
     try:
         payload = json.loads(path.read_text())

@@ -33,6 +33,7 @@ import numpy as np
 
 import calibration as cal
 import cascade
+from bench.budget_curve import best_within_budget
 from bench.independent_task import generate_independent
 from bench.provenance import package_commit
 from bench.tasks import check_answer, generate_split
@@ -117,10 +118,11 @@ def main(argv: list[str] | None = None) -> dict:
                                  for p, row in zip(examples, test_swept.answers, strict=True)])
         test_accuracy, test_mean = test_correct.mean(axis=0), test_swept.costs.mean(axis=0)
         small = runner.solve_many(examples, gates=[cascade.AlwaysSmall()])
-        large = runner.solve_many(examples, gates=[cascade.AlwaysLarge()])
-        small_acc = float(np.mean([check_answer(p, r.answer) for p, r in zip(examples, small, strict=True)]))
-        large_acc = float(np.mean([check_answer(p, r.answer) for p, r in zip(examples, large, strict=True)]))
-        large_cost = float(np.mean([r.cost.total for r in large]))
+        small_correct = [check_answer(p, r.answer) for p, r in zip(examples, small, strict=True)]
+        # Large alone is the sweep's reference run (uncapped, the top tier at every step).
+        large_correct = [check_answer(p, a) for p, a in zip(examples, test_swept.reference_answers, strict=True)]
+        small_acc, large_acc = float(np.mean(small_correct)), float(np.mean(large_correct))
+        large_cost = float(np.mean(test_swept.reference_costs))
         gap = large_acc - small_acc
         step_curve = json.loads(curve_path.read_text())
         rows = []
@@ -155,9 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
                 pass
             for name, mean, score in (("labelled_calibration", cal_mean, cal_accuracy),
                                       ("oracle", test_mean, test_accuracy)):
-                within = [j for j in family if mean[j] <= budget]
-                if within:
-                    bars[name] = max(within, key=lambda k, score=score, mean=mean: (score[k], -mean[k]))
+                j = best_within_budget(mean, score, budget, family)
+                if j is not None:
+                    bars[name] = j
             row["bars"] = {name: {"threshold": candidates[j][1], "test_accuracy": float(test_accuracy[j]),
                                   "gap_recovered": float((test_accuracy[j] - small_acc) / gap),
                                   "test_mean_cost": float(test_mean[j])} for name, j in bars.items()}
@@ -168,8 +170,6 @@ def main(argv: list[str] | None = None) -> dict:
         result["splits"][split] = {"small_accuracy": small_acc, "large_accuracy": large_acc,
                                    "large_mean_cost": large_cost, "rows": rows}
         if split == "test":
-            small_correct = [check_answer(p, r.answer) for p, r in zip(examples, small, strict=True)]
-            large_correct = [check_answer(p, a) for p, a in zip(examples, test_swept.reference_answers, strict=True)]
             pooled_test = (test_swept.costs, test_correct, test_swept.agreement, small_correct, large_correct)
     # One calibration/test split can be lucky or unlucky; the same certification over many random
     # splits of the pooled calibration and test-split problems (same size of calibration set)
