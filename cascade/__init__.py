@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from cascade.answer import extract_answer
-from cascade.budget import BudgetCurve, BudgetGate, calibrate_budget_curve, fit_budget_gate
+from cascade.budget import BudgetCurve, BudgetGate, calibrate_budget_curve, fit_budget_gate, load_budget_curve
 from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep, sweep_file
 from cascade.cost import Cost, CostModel, Prices, Usage
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
@@ -95,6 +95,7 @@ __all__ = [
     "embedded_path",
     "extract_answer",
     "fit_budget_gate",
+    "load_budget_curve",
     "make_gate",
     "parse_gate",
     "parse_policy",

@@ -614,7 +614,7 @@ def _router_from(routers: RouterSource | None, file: str):
     return routers[file]
 
 
-def load_budget_curve(path, models: Sequence | None = None,
+def load_budget_curve(path: str | Path, models: Sequence | None = None,
                       routers: RouterSource | None = None) -> BudgetCurve:
     """Read a curve written by `cascade calibrate --curve` (or `BudgetCurve.to_json`).
 
