@@ -51,8 +51,9 @@ def problems_of(split: str, n: int) -> list[str]:
     return [p.problem for p in chosen]
 
 
-def random_splits(pooled, candidates, budgets, cap_factor: float, curve, n_splits: int, seed: int = 0) -> list[dict]:
-    """Certify the resolve family on `n_splits` random calibration sets of N_CAL rows drawn from
+def random_splits(pooled, candidates, budgets, cap_factor: float, curve, n_splits: int, n_cal: int,
+                  seed: int = 0) -> list[dict]:
+    """Certify the resolve family on `n_splits` random calibration sets of `n_cal` rows drawn from
     the pooled rows (costs (n, K), correct (n, K), agreement with the top tier (n, K), small-only
     and large-only correct (n,)) and measure the certified column on the rest: per budget, the mean test cost (the promise is
     E[cost] <= B over the draw), the mean gap recovered and its 5-95 % range."""
@@ -61,7 +62,7 @@ def random_splits(pooled, candidates, budgets, cap_factor: float, curve, n_split
     out = {b: {"test_cost": [], "gap": [], "abstained": 0} for b in budgets}
     for _ in range(n_splits):
         order = rng.permutation(len(costs))
-        cal_rows, test_rows = order[:N_CAL], order[N_CAL:]
+        cal_rows, test_rows = order[:n_cal], order[n_cal:]
         objective = agreement[cal_rows].mean(axis=0)  # label-free, as in calibrate_budget_curve
         gap = large[test_rows].mean() - small[test_rows].mean()
         for b in budgets:
@@ -86,22 +87,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--signal", default="mean_prob", choices=cascade.gates.SIGNALS,
                         help="the confidence signal the resolve gate reads (default mean_prob)")
     parser.add_argument("--splits", type=int, default=300, help="random calibration/test splits (default 300)")
+    parser.add_argument("--n-calibration", type=int, default=N_CAL,
+                        help=f"unlabeled calibration problems (default {N_CAL}); the random splits use as many")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
-    cap_factor, out = args.cap_factor, Path(args.out)
+    cap_factor, out, n_cal = args.cap_factor, Path(args.out), args.n_calibration
     started = time.time()
     budgets = [float(b) for b in np.load(SWEEPS)["budgets"]]
     runner = cascade.embedded_cascade(cascade.ConfidenceGate(0.5, signal=args.signal))
     # Label-free throughout: the gate's score quantiles from the small model alone on train
     # problems, the threshold grid from them, the certificate from unlabeled calibration problems.
     gate = fit_budget_gate(runner, problems_of("train", N_FIT))
-    calibration_problems = problems_of("calibration", N_CAL)
+    calibration_problems = problems_of("calibration", n_cal)
     curve = calibrate_budget_curve(runner, calibration_problems, budgets=budgets, methods=("resolve",),
                                    cap_factor=cap_factor, gate=gate)
     command = " ".join(["python runs/resolve_probe.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"command": command, "commit": package_commit(),
               "pair": ["embedded:small", "embedded:large"], "gate": f"ConfidenceGate(signal='{args.signal}', "
-              "mode='resolve')", "cap_factor": cap_factor, "n_calibration": N_CAL, "n_test": N_TEST,
+              "mode='resolve')", "cap_factor": cap_factor, "n_calibration": n_cal, "n_test": N_TEST,
               "sweep_tokens_vs_independent": curve.swept.executed_tokens / max(1, curve.swept.independent_tokens),
               "splits": {}}
     candidates, swept = curve.candidates, curve.swept
@@ -181,13 +184,13 @@ def main(argv: list[str] | None = None) -> dict:
                        + pooled_test[3]),
               np.array([check_answer(p, a) for p, a in zip(calibration_problems, swept.reference_answers,
                                                              strict=True)] + pooled_test[4]))
-    result["random_splits"] = random_splits(pooled, candidates, budgets, cap_factor, curve, args.splits)
+    result["random_splits"] = random_splits(pooled, candidates, budgets, cap_factor, curve, args.splits, n_cal)
     result["seconds"] = time.time() - started
     out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     md = ["# Problem-level re-solve cascade, embedded pair (`embedded:small` -> `embedded:large`)", "",
           f"`{result['gate']}` run by the runtime; threshold certified on "
-          f"{N_CAL} unlabeled calibration problems by `calibrate_budget_curve(methods=('resolve',))` (conformal "
+          f"{n_cal} unlabeled calibration problems by `calibrate_budget_curve(methods=('resolve',))` (conformal "
           f"risk control, E[cost] <= B), every request under the hard cap {cap_factor:g} x B. Command: "
           f"`{result['command']}` at `{result['commit'][:7]}`.", ""]
     for split, data in result["splits"].items():
@@ -210,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
                       + f" | {step} | " + " | ".join(bars) + " |")
         md.append("")
     md += [f"## Over {args.splits} random splits of the pooled calibration and test-split problems "
-           f"({N_CAL} calibration rows each, the rest test)", "",
+           f"({n_cal} calibration rows each, the rest test)", "",
            "| budget B | abstained | mean test cost (E[cost] <= B?) | gap recovered: mean (5-95 %) |",
            "|---|---|---|---|"]
     for row in result["random_splits"]:
