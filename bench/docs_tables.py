@@ -513,6 +513,48 @@ def resolve_probe_cap6(results: Path) -> list[str]:
     return _resolve_probe(results, "resolve_probe_cap6")
 
 
+def resolve_probe_calibration_size(results: Path) -> list[str]:
+    """What more unlabeled calibration problems buy the certified re-solve (cap 6 x B): the
+    same random splits of one pool of problems at several calibration sizes, and the one run
+    certified on the largest."""
+    folder = "resolve_probe_cap6_cal400"
+    r = _load(f"{folder}/report.json", results)
+    by_size = r["random_splits_by_calibration_size"]
+    sizes = sorted(by_size, key=int)
+    splits = r["splits"]
+    rows = []
+    for k, first in enumerate(splits["test"]["rows"]):
+        cells = [f"{first['budget']:.1f} ({first['budget_x_large']:.2f}x)"]
+        for n in sizes:
+            spread = by_size[n][k]
+            if spread["mean_gap_recovered"] is None:
+                cells.append("none certified")
+            else:
+                low, high = spread["gap_recovered_5_95"]
+                cells.append(f"{spread['mean_gap_recovered']:.2f} ({low:.2f}-{high:.2f}); cost "
+                             f"{spread['mean_test_cost']:.1f}")
+        for name in splits:
+            c = splits[name]["rows"][k].get("certified")
+            cells.append(f"{c['test_accuracy']:.3f} ({c['gap_recovered']:.2f}; cost {c['test_mean_cost']:.0f})"
+                         if c else "none certified")
+        rows.append(tuple(cells))
+    header = (["budget B (x large-only)"]
+              + [f"random splits, {n} calibration rows: gap recovered, mean (5-95 %); mean test cost"
+                 for n in sizes]
+              + [f"{name}, certified on {r['n_calibration']}: accuracy (gap; cost)" for name in splits])
+    pool = r["n_calibration"] + r["n_test"]
+    return _table(header, rows) + [
+        "",
+        f"Re-solve (`{r['gate']}`), E[cost] <= B by conformal risk control, every request under the hard "
+        f"cap {r['cap_factor']:g} x B. Random splits: {r['random_splits'][0]['splits']} draws from one pool "
+        f"of {pool} problems ({r['n_calibration']} calibration-split and {r['n_test']} test-split problems), "
+        f"n calibration rows each, the rest tested (the same draws' seed for every n); E[cost] <= B is "
+        f"promised over the draw. The last columns: the threshold certified on the {r['n_calibration']} "
+        f"calibration-split problems, run on {r['n_test']} problems of each test set. Pair "
+        f"`embedded:small` -> `embedded:large`. Run: `{r['command']}` at {_commits([r['commit']])}. "
+        f"Source: {_source(f'{folder}/report.json')}."]
+
+
 def real_pair_gsm8k(results: Path) -> list[str]:
     """The real pair on GSM8K test problems: paired figures of every policy."""
     return _real_pair(results, "real_pair_gsm8k/paired.json")
@@ -521,6 +563,13 @@ def real_pair_gsm8k(results: Path) -> list[str]:
 def real_pair_gsm8k_advantage(results: Path) -> list[str]:
     """The same with the advantage router's policies, run beside it, over the problems both runs hold."""
     return _real_pair(results, "real_pair_gsm8k/paired_advantage.json")
+
+
+def real_pair_gsm8k_advantage_270(results: Path) -> list[str]:
+    """advantage@0.9 over the first 270 problems (its run and its extension) against the main run."""
+    return _real_pair(results, "real_pair_gsm8k/paired_advantage_270.json",
+                      which="the first ones; advantage@0.9 in two runs of its own beside the main run, "
+                            "their wall seconds not paired in time with it")
 
 
 def real_pair_gsm8k_main(results: Path) -> list[str]:
@@ -578,10 +627,12 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "budget-curve": budget_curve, "budget-curve-independent": budget_curve_independent,
     "budget-curve-seq": budget_curve_seq, "budget-curve-seq-independent": budget_curve_seq_independent,
     "real-pair-gsm8k": real_pair_gsm8k, "real-pair-gsm8k-advantage": real_pair_gsm8k_advantage,
+    "real-pair-gsm8k-advantage-270": real_pair_gsm8k_advantage_270,
     "real-pair-gsm8k-main": real_pair_gsm8k_main, "real-pair-gsm8k-resolve": real_pair_gsm8k_resolve,
     "real-pair-gsm8k-resolve-wall": real_pair_gsm8k_resolve_wall,
     "real-pair-math500": real_pair_math500, "resolve-probe": resolve_probe,
     "resolve-probe-cap6": resolve_probe_cap6, "resolve-probe-bars": resolve_probe_bars,
+    "resolve-probe-calibration-size": resolve_probe_calibration_size,
     "curve-cli": curve_cli,
 }
 

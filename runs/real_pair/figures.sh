@@ -22,6 +22,16 @@ python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_advan
     --target-gap 0.7 --target-wall 0.6 \
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), advantage router" \
     -o bench/results/real_pair_gsm8k/paired_advantage
+# advantage@0.9 over the first 270 problems: its first 81 (above) and its extension
+# (START=81 LIMIT=270 THRESHOLD=0.9 bash runs/real_pair/gsm8k_advantage.sh), against the main
+# run's policies on the same problems. The extension ran while other jobs held the other core:
+# its wall seconds are not comparable with the main run's; its costs are.
+python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_advantage_0.9 \
+    runs/real_pair/gsm8k_test_advantage_0.9_from81 \
+    --policies small,large,confidence:mean_prob@0.15,verify@0.3,advantage@0.9 \
+    --target-gap 0.7 --target-wall 0.6 \
+    --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), advantage@0.9 over 270 problems" \
+    -o bench/results/real_pair_gsm8k/paired_advantage_270
 # The four main policies over every problem they finished: the main run and its extension
 # past problem 270 (one process per core, four policies: START=270 LIMIT=335, then START=335
 # LIMIT=400 (stopped after problem 371) beside START=372 LIMIT=400).
