@@ -14,6 +14,13 @@ tokens of each step (one tier call). The response carries `usage` (tokens read a
 written over every tier) and a `cascade` field: cost, budget, escalation rate, answer,
 per-step authors and costs, cap_intervened, degraded.
 
+Paced serving (`cascade serve --curve FILE --pace B`, `ServerConfig(paced=...)`): every request
+runs the curve's gate at a threshold a `cascade.PacedPolicy` moves as requests finish, so that
+the mean cost of the requests served stays at B whatever the traffic, under the family's hard
+cap; the response's `cascade.pacing` says the threshold it ran and the ceiling the mean cost is
+guaranteed to be under (`calibration.pacing`). Such a server takes no per-request gate fields;
+a request's `budget` can only lower its cap.
+
 Errors are OpenAI-shaped, `{"error": {"message", "type", "param", "code"}}`: 400 bad
 request, 401 bad or missing API key, 404 unknown model or path, 413 body too large,
 502 a model failed (partial result attached), 503 shutting down, 504 request timeout.
@@ -35,10 +42,12 @@ from typing import Any
 
 from app.options import gate_specs_from_args, model_specs_from_args, routers_from_args, solve_options
 from cascade import DEFAULT_EMBEDDED_GATE
+from cascade.budget import PacedPolicy, load_budget_curve
 from cascade.checks import check_threshold
 from cascade.errors import CascadeError, ConfigError, RequestTimeoutError, StepFailedError
 from cascade.gates import GATES, AlwaysSmall
 from cascade.records import Result, Step
+from cascade.router import load_router
 from cascade.runtime import Cascade, SolveOptions, tier_names_for
 from cascade.specs import (
     GATE_ALIASES,
@@ -111,13 +120,17 @@ class ServerConfig:
     log_prompts: also log prompt text (off: logs carry sizes, never bodies).
     tier_retry_seconds: under `on_large_failure="degrade"`, a tier that failed is dropped
     for this long (requests meanwhile do not call it, and say why in their response); the
-    first request after that tries it again."""
+    first request after that tries it again.
+    paced: serve every request with this paced policy (`BudgetCurve.paced`): its gates and cap,
+    and every finished request's cost goes back to it (requests run concurrently; the ceiling
+    on the mean cost holds over the requests it has seen finish)."""
 
     model_name: str = "stepcascade"
     api_key: str | None = None
     log_prompts: bool = False
     limits: ServerLimits = ServerLimits()
     tier_retry_seconds: float = 30.0
+    paced: PacedPolicy | None = None
 
     def __post_init__(self) -> None:
         value = self.tier_retry_seconds
@@ -335,6 +348,12 @@ class _App:
             options = dataclasses.replace(options, **changes)
         except CascadeError as error:
             raise _BadRequest(400, str(error)) from None
+        paced = self.config.paced
+        if paced is not None:
+            given = sorted({"gate", "threshold", "signal", "mode"} & set(body))
+            if given:
+                raise _BadRequest(400, f"this server paces its gate to a mean cost of {paced.budget:g} "
+                                       f"(cascade serve --pace): it takes no {', '.join(given)}", given[0])
         gates = self.parse_gates(body)
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
@@ -342,7 +361,8 @@ class _App:
         stream_options = body.get("stream_options")
         if stream_options is not None and not isinstance(stream_options, dict):
             raise _BadRequest(400, "stream_options must be an object", "stream_options")
-        if stream and any(gate.mode == "resolve" for gate in (gates or self.runner.gates)):
+        served = paced.policy()[0] if paced is not None else (gates or self.runner.gates)
+        if stream and any(gate.mode == "resolve" for gate in served):
             # Steps are sent as they are decided, and a re-solve replaces steps already sent.
             raise _BadRequest(400, "stream is not supported with a resolve-mode gate (a re-solve replaces "
                                    "the steps written so far); ask without stream", "stream")
@@ -434,12 +454,16 @@ class _App:
 
     async def _solve(self, job: _Job, request_id: str, on_step=None) -> Result:
         """Solve, unless the shutdown grace expires first (then 503 with the partial)."""
-        gates = self.health.gates_for(job.gates)
-        if gates is not job.gates:
+        paced, budget, chosen = self.config.paced, job.budget, job.gates
+        if paced is not None:  # the pacer's threshold now; a request's budget only lowers its cap
+            chosen, cap = paced.policy()
+            budget = cap if budget is None or cap is None else min(cap, budget)
+        gates = self.health.gates_for(chosen)
+        if gates is not chosen:
             logger.info("request %s: %s", request_id, "; ".join(
                 f"tier {d.name} ({d.model}) dropped since {d.to_json()['since']}: {d.reason[:200]}"
                 for d in self.health.dropped()))
-        task = asyncio.ensure_future(self.runner.asolve(job.problem, job.budget, gates=gates,
+        task = asyncio.ensure_future(self.runner.asolve(job.problem, budget, gates=gates,
                                                         options=job.options, on_step=on_step))
         expiry = asyncio.ensure_future(self.drain.expired.wait())
         try:
@@ -453,9 +477,14 @@ class _App:
             try:
                 result = task.result()
             except CascadeError as error:
-                self.health.record(getattr(error, "partial", None), request_id)
+                partial = getattr(error, "partial", None)
+                self.health.record(partial, request_id)
+                if paced is not None and isinstance(partial, Result):
+                    paced.observe(partial)  # what a failed request spent counts against the budget too
                 raise
             self.health.record(result, request_id)
+            if paced is not None:
+                paced.observe(result)
             return result
         task.cancel()
         raise _BadRequest(503, "the server is shutting down; this request was cancelled before it finished",
@@ -498,7 +527,19 @@ def _extension(result: Result, state: "_App") -> dict:
                       "generated_tokens": u.generated_tokens, "cost": u.cost}
                      for name, u in zip(result.tier_names, result.cost.per_tier, strict=False)],
         "models": [m.info.name for m in runner.models],
+        "pacing": _pacing(state.config.paced),
     }
+
+
+def _pacing(paced: PacedPolicy | None) -> dict | None:
+    """The pacer's state after this request: its next threshold, the requests it has seen
+    finish, their mean cost and the ceiling that mean is guaranteed to be under."""
+    if paced is None:
+        return None
+    _, threshold, cap = paced.curve.candidates[paced.column]
+    return {"budget": paced.budget, "method": paced.method, "next_threshold": threshold, "cap": cap,
+            "requests": paced.pacer.n, "mean_cost": paced.mean_cost,
+            "ceiling": paced.bound() if paced.pacer.n else None}
 
 
 def _step_json(step: Step) -> dict:
@@ -551,7 +592,8 @@ def create_app(runner: Cascade, config: ServerConfig = ServerConfig()):
         counts = {"inflight": state.inflight, "running": state.running, "waiting": state.waiting}
         if state.drain.draining:
             return JSONResponse({"status": "shutting_down", **counts}, status_code=503)
-        return {"status": "ok", **counts}
+        paced = state.config.paced
+        return {"status": "ok", **counts, **({"pacing": _pacing(paced)} if paced is not None else {})}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -792,6 +834,15 @@ def add_serve_arguments(parser) -> None:
                         help="requests solved at once (bounds the engines' KV memory)")
     parser.add_argument("--max-waiting", type=int, default=ServerLimits.max_waiting,
                         help="requests waiting for a slot beyond --max-running; past both: 429")
+    parser.add_argument("--curve", default=None, metavar="FILE",
+                        help="with --pace: an accuracy-budget curve (cascade calibrate --curve)")
+    parser.add_argument("--pace", type=float, default=None, metavar="B",
+                        help="pace the curve's threshold online so that the mean cost of the requests "
+                             "served stays at B (the curve's largest budget <= B), under its hard cap")
+    parser.add_argument("--pace-method", default="resolve", choices=["resolve", "budget"],
+                        help="--pace: the curve family to move along (default resolve)")
+    parser.add_argument("--pace-step", type=float, default=2.0,
+                        help="--pace: thresholds moved per B of over- or underspend (default 2)")
 
 
 def _parse_remote(specs: list[str], tier_names: tuple[str, ...]) -> dict[int, tuple[str, list[str]]]:
@@ -836,9 +887,19 @@ def run_from_args(args) -> int:
                           require_budget=args.require_budget, request_timeout=args.request_timeout,
                           shutdown_grace=args.shutdown_grace, max_running=args.max_running,
                           max_waiting=args.max_waiting)
-    config = ServerConfig(model_name=args.model_name, api_key=api_key, log_prompts=args.log_prompts,
-                          limits=limits, tier_retry_seconds=args.retry_dropped_tier)
+    if (args.curve is None) != (args.pace is None):
+        raise ConfigError("--curve and --pace go together: --curve FILE --pace B serves the curve's gate "
+                          "paced to a mean cost of B")
+    if args.pace is not None and args.gate is not None:
+        raise ConfigError("--pace serves the curve's own gate; drop --gate")
     runner = build_served_cascade(args)
+    paced = None
+    if args.pace is not None:
+        curve = load_budget_curve(args.curve, models=runner.models,
+                                  routers=lambda file: load_router(file, models=runner.models))
+        paced = curve.paced(args.pace_method, args.pace, step=args.pace_step)
+    config = ServerConfig(model_name=args.model_name, api_key=api_key, log_prompts=args.log_prompts,
+                          limits=limits, tier_retry_seconds=args.retry_dropped_tier, paced=paced)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: reachable from other machines%s", args.host,

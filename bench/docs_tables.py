@@ -535,8 +535,8 @@ def resolve_probe_calibration_size(results: Path) -> list[str]:
                              f"{spread['mean_test_cost']:.1f}")
         for name in splits:
             c = splits[name]["rows"][k].get("certified")
-            cells.append(f"{c['test_accuracy']:.3f} ({c['gap_recovered']:.2f}; cost {c['test_mean_cost']:.0f})"
-                         if c else "none certified")
+            cells.append(f"{c['test_accuracy']:.3f} ({c['gap_recovered']:.2f}; "
+                         f"cost {c['test_mean_cost']:.0f})" if c else "none certified")
         rows.append(tuple(cells))
     header = (["budget B (x large-only)"]
               + [f"random splits, {n} calibration rows: gap recovered, mean (5-95 %); mean test cost"
@@ -553,6 +553,45 @@ def resolve_probe_calibration_size(results: Path) -> list[str]:
         f"calibration-split problems, run on {r['n_test']} problems of each test set. Pair "
         f"`embedded:small` -> `embedded:large`. Run: `{r['command']}` at {_commits([r['commit']])}. "
         f"Source: {_source(f'{folder}/report.json')}."]
+
+
+def pacing(results: Path) -> list[str]:
+    """The certified re-solve served static and paced online, on both test sets."""
+    r = _load("pacing/report.json", results)
+    step = "2.0"
+    rows = []
+    for name, data in r["sets"].items():
+        for row in data["rows"]:
+            if row["certified"] is None:
+                rows.append((name, f"{row['budget']:.1f}", "none certified", "-", "-"))
+                continue
+            c, paced = row["certified"], row["paced"][step]
+            o, many = paced["in_order"], paced["random_orders"]
+            low, high = many["gap_recovered_5_95"]
+            held = "yes" if many["ceiling_held"] else "NO"
+            rows.append((name, f"{row['budget']:.1f}",
+                         f"{c['gap_recovered']:.2f} (cost {c['mean_cost']:.1f})",
+                         f"{o['gap_recovered']:.2f} (cost {o['mean_cost']:.1f}; ceiling {o['ceiling']:.1f})",
+                         f"{many['gap_recovered_mean']:.2f} ({low:.2f}-{high:.2f}); "
+                         f"cost {many['mean_cost_mean']:.1f}, max {many['mean_cost_max']:.1f}; held {held}"))
+    header = ("test set", "budget B", "certified, static: gap recovered (mean cost)",
+              "paced, in order: gap recovered (mean cost; ceiling)",
+              f"paced, {r['orders']} random orders: gap recovered, mean (5-95 %); mean cost, max; "
+              "ceiling held")
+    sizes = ", ".join(f"{name} {data['n']} (small alone {data['small_accuracy']:.3f}, large alone "
+                      f"{data['large_accuracy']:.3f})" for name, data in r["sets"].items())
+    check = r["runtime_check"]
+    return _table(header, rows) + [
+        "",
+        f"Re-solve (`{r['gate']}`), every request under the hard cap {r['cap_factor']:g} x B; the static "
+        f"column runs the threshold certified on {r['n_calibration']} unlabeled calibration problems "
+        f"(E[cost] <= B by conformal risk control); the paced columns start there and move {step[:-2]} "
+        f"thresholds per B of over- or underspend (`calibration.BudgetPacer`); the ceiling is the "
+        f"guaranteed bound on the mean cost for that order. Problems: {sizes}. Replayed on every problem's "
+        f"recorded outcome at every threshold; checked through the runtime (`PacedPolicy`) at B = "
+        f"{check['budget']:.1f} on the {check['problems']} test problems in order: same costs and answers. "
+        f"Pair `embedded:small` -> `embedded:large`. Run: `{r['command']}` at {_commits([r['commit']])}. "
+        f"Source: {_source('pacing/report.json')}."]
 
 
 def real_pair_gsm8k(results: Path) -> list[str]:
@@ -632,7 +671,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "real-pair-gsm8k-resolve-wall": real_pair_gsm8k_resolve_wall,
     "real-pair-math500": real_pair_math500, "resolve-probe": resolve_probe,
     "resolve-probe-cap6": resolve_probe_cap6, "resolve-probe-bars": resolve_probe_bars,
-    "resolve-probe-calibration-size": resolve_probe_calibration_size,
+    "resolve-probe-calibration-size": resolve_probe_calibration_size, "pacing": pacing,
     "curve-cli": curve_cli,
 }
 

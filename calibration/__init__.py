@@ -21,6 +21,8 @@ Methods:
   (:func:`grid_paths` of a :func:`product_grid`), Bonferroni over paths;
   P(P(cost > B) > alpha) <= delta; i.i.d. problems, no monotonicity.
 * :func:`select_risk_control` -- conformal risk control, E[cost] <= B.
+* :class:`BudgetPacer` -- online pacing of a stream of requests along the same ordered
+  settings: mean cost <= B + O(1/n) for any sequence of requests (no exchangeability).
 """
 
 from .conformal import conformal_quantile, min_n_conformal, select_conformal
@@ -28,11 +30,13 @@ from .errors import CalibrationError, InfeasibleBudgetError, InsufficientDataErr
 from .ltt import PValueMethod, bonferroni_ltt, ltt_pvalues, min_n_ltt, select_ltt, select_ltt_path
 from .metrics import auroc
 from .multi import grid_paths, product_grid, select_ltt_paths
+from .pacing import BudgetPacer
 from .risk import risk_control_bound, select_risk_control
 from .selection import Selection, choose_by_objective, order_by_mean_cost
 
 __all__ = [
     "auroc",
+    "BudgetPacer",
     "CalibrationError",
     "InfeasibleBudgetError",
     "InsufficientDataError",

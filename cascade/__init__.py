@@ -11,7 +11,14 @@ from __future__ import annotations
 from functools import lru_cache
 
 from cascade.answer import extract_answer
-from cascade.budget import BudgetCurve, BudgetGate, calibrate_budget_curve, fit_budget_gate, load_budget_curve
+from cascade.budget import (
+    BudgetCurve,
+    BudgetGate,
+    PacedPolicy,
+    calibrate_budget_curve,
+    fit_budget_gate,
+    load_budget_curve,
+)
 from cascade.calibrate import Calibration, CalibrationFileError, SweepResult, calibrate, sweep, sweep_file
 from cascade.cost import Cost, CostModel, Prices, Usage
 from cascade.embedded import EMBEDDED_DELIMITER, EMBEDDED_MAX_STEP_TOKENS, EMBEDDED_MAX_STEPS, embedded_path
@@ -50,6 +57,7 @@ __all__ = [
     "AlwaysLarge",
     "AlwaysSmall",
     "BudgetCurve",
+    "PacedPolicy",
     "BudgetGate",
     "Calibration",
     "CalibrationFileError",

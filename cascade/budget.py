@@ -53,11 +53,12 @@ import calibration as cal
 from cascade.calibrate import SweepResult, default_thresholds, sweep, sweep_file
 from cascade.errors import ConfigError
 from cascade.gates import AlwaysLarge, AlwaysSmall, Gate, GateState
+from cascade.records import Result
 from cascade.runtime import Cascade
 from cascade.specs import GateSpec, RouterSource, build_gate, gate_spec_of
 
-__all__ = ["BudgetGate", "fit_budget_gate", "BudgetPoint", "BudgetCurve", "calibrate_budget_curve",
-           "budget_grid", "load_budget_curve", "CURVE_METHODS"]
+__all__ = ["BudgetGate", "fit_budget_gate", "BudgetPoint", "BudgetCurve", "PacedPolicy",
+           "calibrate_budget_curve", "budget_grid", "load_budget_curve", "CURVE_METHODS"]
 
 CURVE_FORMAT = "stepcascade-budget-curve-v1"
 
@@ -302,6 +303,25 @@ class BudgetCurve:
         family, threshold, cap = self.candidates[p.index]
         return [family_gate(self.gate, family, threshold)], cap
 
+    def paced(self, method: str, budget: float, step: float = 2.0) -> PacedPolicy:
+        """`method`'s family ("budget" or "resolve") at the largest grid budget <= `budget`,
+        paced online over a stream of requests (`PacedPolicy`), starting at its certified
+        setting (the cheapest one when none was certified)."""
+        if method not in ("budget", "resolve"):
+            raise ConfigError(f"pacing moves along a capped family: method 'budget' or 'resolve', "
+                              f"got {method!r}")
+        grid = [b for b in self.budgets if b <= budget]
+        if not grid:
+            raise ConfigError(f"budget {budget!r} is below every budget of the curve {list(self.budgets)}")
+        b = max(grid)
+        columns = _family_columns(self.candidates, method, self.cap_factor * b)
+        if columns.size == 0:
+            raise ConfigError(f"the curve has no {method!r} columns at budget {b:g}; "
+                              f"calibrate with that method")
+        point = self.point(method, b)
+        start = 0 if point.index is None else int(np.flatnonzero(columns == point.index)[0])
+        return PacedPolicy(self, method, b, [int(j) for j in columns], step, start)
+
     def to_json(self) -> dict:
         """The curve as plain JSON: the fitted gate, the grid, each method's point per budget."""
         gate = {f.name: getattr(self.gate, f.name) for f in dataclasses.fields(self.gate)
@@ -379,6 +399,51 @@ class BudgetCurve:
                                  "expected agreement "
                                  f"{p.agreement:.3f}, mean cost {p.mean_cost:.1f}")
         return "\n".join(lines)
+
+
+class PacedPolicy:
+    """A curve family served to a stream of requests with its threshold paced online.
+
+    Each request gets `policy()` (gates, hard cap); its finished cost goes to `observe`. The
+    pacer (`calibration.BudgetPacer`) moves along the family's columns, cheapest first, so
+    that the running mean cost stays at B whatever the traffic: `bound()` is the guaranteed
+    ceiling on the mean cost so far (for any order of requests, no exchangeability; see
+    `calibration.pacing`), and every request stays under the family's hard cap.
+
+        paced = curve.paced("resolve", 40.0)
+        for problem in stream:
+            gates, cap = paced.policy()
+            result = cascade.solve(problem, budget=cap, gates=gates)
+            paced.observe(result)
+    """
+
+    def __init__(self, curve: BudgetCurve, method: str, budget: float, columns: Sequence[int],
+                 step: float, start: int) -> None:
+        self.curve, self.method, self.budget, self.columns = curve, method, float(budget), list(columns)
+        self.pacer = cal.BudgetPacer(len(self.columns), self.budget, step=step, start=float(start))
+
+    @property
+    def column(self) -> int:
+        """The curve column the next request runs."""
+        return self.columns[self.pacer.index]
+
+    def policy(self) -> tuple[list[Gate], float | None]:
+        family, threshold, cap = self.curve.candidates[self.column]
+        return [family_gate(self.curve.gate, family, threshold)], cap
+
+    def observe(self, result: Result | float) -> None:
+        """A finished request: its `Result` (the total cost is read) or its cost in cost units."""
+        self.pacer.observe(float(result) if isinstance(result, (int, float)) else result.cost.total)
+
+    @property
+    def mean_cost(self) -> float:
+        return self.pacer.mean_cost
+
+    def bound(self) -> float:
+        return self.pacer.bound()
+
+    def statement(self) -> str:
+        return self.pacer.statement()
 
 
 def curve_candidates(budgets: Sequence[float], thresholds: Sequence[float],

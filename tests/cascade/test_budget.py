@@ -249,3 +249,27 @@ def test_a_cascade_served_in_resolve_mode_calibrates_its_resolve_curve():
     assert [c[0] for c in curve.candidates] == ["resolve"] * 8  # only the family its method reads
     gates, _ = curve.policy("resolve", 60.0)
     assert gates[0].mode == "resolve"
+
+
+def test_a_paced_policy_starts_where_it_was_certified_and_keeps_its_ceiling():
+    runner = fake_cascade(gate=ConfidenceGate(0.5, signal="mean_prob", mode="resolve"))
+    curve = calibrate_budget_curve(runner, [f"p{i}" for i in range(20)], budgets=[20.0, 60.0],
+                                   methods=("resolve",), cap_factor=2.0,
+                                   resolve_thresholds=(1.0, 0.6, 0.3, 0.0))
+    certified = curve.point("resolve", 60.0)
+    paced = curve.paced("resolve", 70.0, step=1.0)  # the largest grid budget <= 70
+    assert paced.budget == 60.0 and paced.column == certified.index
+    for i in range(40):
+        gates, cap = paced.policy()
+        assert cap == 120.0 and gates[0].mode == "resolve"
+        result = runner.solve(f"q{i}", cap, gates=gates)
+        assert result.cost.total <= cap
+        paced.observe(result)
+    assert paced.pacer.n == 40 and paced.mean_cost <= paced.bound()
+    assert "40 requests" in paced.statement()
+    with pytest.raises(ConfigError, match="capped family"):
+        curve.paced("ltt", 60.0)
+    with pytest.raises(ConfigError, match="below every budget"):
+        curve.paced("resolve", 5.0)
+    with pytest.raises(ConfigError, match="no 'budget' columns"):
+        curve.paced("budget", 60.0)

@@ -1,0 +1,102 @@
+"""`cascade serve --curve FILE --pace B`: a server that paces its gate to a mean cost."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from app.cli import main
+from app.server import ServerConfig, create_app
+from cascade import Cascade, ConfidenceGate, SolveOptions
+from cascade.budget import calibrate_budget_curve
+from tests.app.test_server import start_server, stop, wait_healthy
+from tests.fakes import FakeBackend, counting_script
+
+ROOT = Path(__file__).resolve().parents[2]
+# Calibrated on the embedded pair by `cascade calibrate --curve` (runs/curve_cli.sh).
+CURVE = ROOT / "bench/results/curve_cli/curve_file.json"
+
+
+def paced_app():
+    small = FakeBackend("small", 100, counting_script(5, confident=False))
+    large = FakeBackend("large", 1000, counting_script(5, confident=True))
+    runner = Cascade(small, large, ConfidenceGate(0.5, signal="mean_prob", mode="resolve"),
+                     options=SolveOptions(max_steps=10, max_step_tokens=12))
+    curve = calibrate_budget_curve(runner, [f"p{i}" for i in range(20)], budgets=[20.0, 60.0],
+                                   methods=("resolve",), cap_factor=2.0,
+                                   resolve_thresholds=(1.0, 0.6, 0.3, 0.0))
+    paced = curve.paced("resolve", 60.0, step=1.0)
+    return create_app(runner, ServerConfig(paced=paced)), paced
+
+
+async def post_all(app, bodies: list[dict]) -> list[httpx.Response]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://serve", timeout=60) as client:
+        return list(await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies)))
+
+
+def test_concurrent_requests_are_paced_capped_and_told_the_ceiling():
+    app, paced = paced_app()
+    bodies = [{"model": "stepcascade", "prompt": f"q{i}"} for i in range(11)]
+    bodies.append({"model": "stepcascade", "prompt": "q-low", "budget": 5.0})  # a budget only lowers the cap
+    responses = asyncio.run(post_all(app, bodies))
+    assert [r.status_code for r in responses] == [200] * 12
+    extensions = [r.json()["cascade"] for r in responses]
+    for e in extensions[:-1]:
+        assert e["budget"] == 120.0 and e["cost"] <= 120.0  # the family's hard cap, 2 x 60
+    assert extensions[-1]["budget"] == 5.0 and extensions[-1]["cost"] <= 5.0
+    seen = sorted(e["pacing"]["requests"] for e in extensions)
+    assert seen == list(range(1, 13))  # every finished request went back to the pacer, once
+    assert paced.pacer.n == 12
+    assert paced.mean_cost == pytest.approx(sum(e["cost"] for e in extensions) / 12)
+    assert paced.mean_cost <= paced.bound()
+    last = max(extensions, key=lambda e: e["pacing"]["requests"])["pacing"]
+    assert last["mean_cost"] == pytest.approx(paced.mean_cost)
+    assert last["ceiling"] == pytest.approx(paced.bound())
+    health = asyncio.run(_get(app, "/health"))
+    assert health["pacing"]["requests"] == 12 and health["pacing"]["budget"] == 60.0
+
+
+async def _get(app, path: str) -> dict:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
+        return (await client.get(path)).json()
+
+
+@pytest.mark.parametrize("extra, field", [({"gate": "confidence"}, "gate"), ({"threshold": 0.3}, "threshold"),
+                                          ({"stream": True}, "stream")])
+def test_a_paced_server_refuses_what_would_bypass_or_break_its_pacing(extra, field):
+    app, paced = paced_app()
+    (response,) = asyncio.run(post_all(app, [{"model": "stepcascade", "prompt": "q"} | extra]))
+    assert response.status_code == 400 and response.json()["error"]["param"] == field
+    assert paced.pacer.n == 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--pace", "40"], "--curve and --pace go together"),
+    (["--curve", str(CURVE)], "--curve and --pace go together"),
+    (["--curve", str(CURVE), "--pace", "40", "--gate", "confidence"], "drop --gate"),
+    (["--curve", str(CURVE), "--pace", "5"], "below every budget"),
+])
+def test_serve_pace_flags_are_checked(capsys, flags, message):
+    assert main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_serve_paces_the_embedded_pair_from_a_curve_file():
+    process, url = start_server("--curve", str(CURVE), "--pace", "40.3")
+    try:
+        wait_healthy(process, url)
+        curve = json.loads(CURVE.read_text())
+        body = {"model": "stepcascade", "prompt": "a=17;b=a+38;c=b-25;?c"}
+        served = [httpx.post(url + "/v1/completions", json=body, timeout=120).json()["cascade"]
+                  for _ in range(3)]
+        assert [e["pacing"]["requests"] for e in served] == [1, 2, 3]
+        assert all(e["budget"] == curve["cap_factor"] * 40.283 and e["cost"] <= e["budget"] for e in served)
+        assert served[-1]["pacing"]["mean_cost"] <= served[-1]["pacing"]["ceiling"]
+    finally:
+        stop(process)
