@@ -7,26 +7,27 @@ generator's problems 46 (harder). A pacer moves along the same ordered settings 
 first, e.g. a gate family's thresholds) as requests finish, in the spirit of adaptive
 conformal inference (Gibbs & Candes, 2021):
 
-    position <- clip(position + step * (B - cost) / B, 0, K - 1)
+    position <- min(position + step * (B - cost) / B, K - 1)
 
-and serves the next request at setting `floor(position)`. Overspending moves it toward
-cheaper settings, underspending toward dearer ones.
+and serves the next request at setting `floor(position)` clamped to [0, K - 1].
+Overspending moves it toward cheaper settings, underspending toward dearer ones. Below 0
+the position is a debt: the pacer stays at the cheapest setting until cheaper requests have
+paid back what dearer ones overspent (forgiving it would let the mean cost settle above B
+whenever one request can cost several B). Above K - 1 nothing is kept: a credit the
+dearest setting cannot spend is dropped, which only lowers the mean cost.
 
 Guarantee (deterministic, for ANY sequence of requests, no exchangeability): after n
 requests with costs c_1..c_n,
 
-    sum_i (c_i - B) = (B / step) * (position_0 - position_n) + sum_i clip_i,
+    sum_i (c_i - B) = (B / step) * (start - position_n - dropped) <= (B / step) * (start - position_n),
 
-where clip_i is what the clip at 0 added (it only adds, at the cheapest end, when a request
-overspent by more than the position could absorb) or the clip at K - 1 removed. Hence
-
-    mean cost <= B + (B * position_0 / step + unabsorbed) / n,
-
-with `unabsorbed` the sum of the lower clips' additions (in cost units), which the pacer
-records. It is 0 unless requests at the cheapest settings overspend B; `bound()` returns the
-right-hand side, so a caller can always report what was promised and whether it held. With m
-requests in flight (their costs not yet observed) the sum gains at most m times the largest
-single cost (the hard cap).
+so the mean cost is at most B + B * (start - position_n) / (step * n): at most B whenever the
+position is at or above where it started, and otherwise over B by exactly the debt the pacer
+holds. `bound()` returns it, so a caller can always report what was promised and that it
+held. A priori: if no request at the cheapest setting costs more than B, and none at all
+more than a cap C, the debt never passes step * (C - B) / B, so the mean cost of any n
+requests is at most B + (B * start / step + C - B) / n. Requests in flight (their costs not
+yet observed) are outside the sum until they finish.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class BudgetPacer:
     n_settings: K settings, index 0 the cheapest (e.g. a gate family's thresholds from the
         highest down). budget: B (cost units). step: settings moved per B of over- or
         underspend (larger adapts faster and wanders more). start: the first request's
-        setting (a certified index is a good one; 0 gives the tightest bound).
+        setting (a certified index is a good one).
     """
 
     n_settings: int
@@ -57,7 +58,6 @@ class BudgetPacer:
     position: float = field(init=False)
     n: int = field(default=0, init=False)
     total_cost: float = field(default=0.0, init=False)
-    unabsorbed: float = field(default=0.0, init=False)  # cost units the lower clip let through
 
     def __post_init__(self) -> None:
         if not (isinstance(self.n_settings, int) and self.n_settings >= 1):
@@ -73,17 +73,14 @@ class BudgetPacer:
     @property
     def index(self) -> int:
         """The setting for the next request."""
-        return min(self.n_settings - 1, int(math.floor(self.position)))
+        return min(self.n_settings - 1, max(0, int(math.floor(self.position))))
 
     def observe(self, cost: float) -> None:
         """Record a finished request's cost (cost units, >= 0)."""
         if not (isinstance(cost, (int, float)) and math.isfinite(cost) and cost >= 0):
             raise CalibrationError(f"cost must be finite and >= 0, got {cost!r}")
         moved = self.position + self.step * (self.budget - cost) / self.budget
-        if moved < 0:
-            # The clip at 0 adds -moved positions: cost the pacer could not answer for.
-            self.unabsorbed += -moved * self.budget / self.step
-        self.position = min(float(self.n_settings - 1), max(0.0, moved))
+        self.position = min(float(self.n_settings - 1), moved)  # below 0: a debt, kept
         self.n += 1
         self.total_cost += float(cost)
 
@@ -95,7 +92,7 @@ class BudgetPacer:
         """The guaranteed ceiling on the mean cost of the requests observed so far."""
         if not self.n:
             return math.inf
-        return self.budget + (self.budget * self.start / self.step + self.unabsorbed) / self.n
+        return self.budget + self.budget * (self.start - self.position) / (self.step * self.n)
 
     def statement(self) -> str:
         return (f"mean cost over the {self.n} requests so far <= {fmt(self.bound())} "

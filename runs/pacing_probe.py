@@ -6,7 +6,7 @@ problems like those. The test split's problems are easier (at B = 40.3 the certi
 spent 33.1 there) and the independent generator's harder (45.7). A `PacedPolicy` starts at
 the certified threshold and moves along the same thresholds as requests finish, so that the
 running mean cost stays at B on whatever traffic arrives, with a deterministic ceiling
-(`calibration.pacing`): mean cost <= B + (B * start / step + unabsorbed) / n for ANY order.
+(`calibration.pacing`): mean cost <= B + B * (start - position_n) / (step * n) for ANY order.
 
 This replays the pacer on the recorded per-threshold outcomes of every problem (the probe's
 pooled arrays for the test split, a fresh sweep of the same columns for the independent

@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.harness import RESULTS_FILE, load_results
 from bench.provenance import package_commit
-from calibration import CalibrationError, select_risk_control
+from calibration import BudgetPacer, CalibrationError, select_risk_control
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ROOT / "runs/real_pair/train/calibration_risk.json.sweep.jsonl"
@@ -40,6 +40,7 @@ OUT = ROOT / "bench/results/real_pair_gsm8k/resolve_replay"
 THRESHOLDS = (1.0, 0.25, 0.2, 0.15)  # the sweep's columns, cheapest first
 BUDGETS = (150.0, 200.0, 250.0, 300.0, 350.0, 400.0, 450.0)
 CAP_FACTOR = 3.0
+PACED_STEP, PACED_ORDERS = 2.0, 300
 
 
 def policy_of(t: float, mode: str = "") -> str:
@@ -131,6 +132,44 @@ def main() -> dict:
             item["reason"] = str(error)
         result["budgets"].append(item)
 
+    # Paced (calibration.BudgetPacer, as `curve.paced("resolve", B)` serves it): from the certified
+    # threshold, moved along the four as requests finish, in the test problems' order and over
+    # random orders. The replayed pacer observes the cost bounds; a live one sees the real costs
+    # (no higher), so its ceiling holds for them too.
+    escalated = np.stack([np.zeros(len(ids), dtype=bool)] + [
+        np.array([test[policy_of(t)][i]["escalation_rate"] > 0 for i in ids]) for t in THRESHOLDS[1:]], axis=1)
+    rng = np.random.default_rng(0)
+    orders = [np.arange(len(ids))] + [rng.permutation(len(ids)) for _ in range(PACED_ORDERS)]
+    for item in result["budgets"]:
+        cap = item["cap"]
+        costs = np.minimum(s_cost[:, None] + escalated * l_cost[:, None], cap)
+        correct = np.where(escalated, l_ok[:, None], s_ok[:, None]) & (s_cost[:, None] + escalated
+                                                                        * l_cost[:, None] <= cap)
+        walls = s_wall[:, None] + escalated * l_wall[:, None]
+        start = THRESHOLDS.index(item["threshold"]) if "threshold" in item else 0
+        runs = []
+        for order in orders:
+            pacer = BudgetPacer(len(THRESHOLDS), item["budget"], step=PACED_STEP, start=float(start))
+            right, wall = 0, 0.0
+            for i in order:
+                k = pacer.index
+                right += int(correct[i, k])
+                wall += walls[i, k]
+                pacer.observe(float(costs[i, k]))
+            runs.append((pacer.mean_cost, right / len(order), pacer.bound(), wall / l_wall.sum()))
+        runs = np.array(runs)
+        gaps = (runs[:, 1] - s_ok.mean()) / gap
+        item["paced"] = {"step": PACED_STEP, "start_threshold": THRESHOLDS[start],
+                         "in_order": {"mean_cost_bound": float(runs[0, 0]), "accuracy": float(runs[0, 1]),
+                                      "gap_recovered": float(gaps[0]), "ceiling": float(runs[0, 2]),
+                                      "wall_bound_x_large": float(runs[0, 3])},
+                         "random_orders": {"orders": PACED_ORDERS, "gap_recovered_mean": float(gaps[1:].mean()),
+                                           "gap_recovered_5_95": [float(q) for q in np.percentile(gaps[1:], [5, 95])],
+                                           "mean_cost_bound_mean": float(runs[1:, 0].mean()),
+                                           "mean_cost_bound_max": float(runs[1:, 0].max()),
+                                           "wall_bound_x_large_mean": float(runs[1:, 3].mean()),
+                                           "ceiling_held": bool((runs[:, 0] <= runs[:, 2] + 1e-9).all())}}
+
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     md = ["# Re-solve (resolve mode) on the real pair, GSM8K: replayed, certified label-free", "",
@@ -160,6 +199,18 @@ def main() -> dict:
         md.append(f"| {item['budget']:g} ({item['budget_x_large_test']:.2f}x) | {item['threshold']:g} | "
                   f"{item['calibration_mean_cost_bound']:.1f} | {t['accuracy']:.3f} ({t['gap_recovered']:.2f}) | "
                   f"{t['mean_cost_bound']:.1f} | {'yes' if item['kept'] else 'NO'} | {t['wall_bound_x_large']:.3f} |")
+    md += ["", f"## Paced from the certified threshold (step {PACED_STEP:g}): the running mean cost held at B", "",
+           "| B (x large-only, test) | in order: accuracy (gap recovered), mean cost <= (ceiling), wall <= (x large) | "
+           f"{PACED_ORDERS} random orders: gap recovered mean (5-95 %), mean cost <= mean (max), wall <= mean, "
+           "ceiling held |", "|---|---|---|"]
+    for item in result["budgets"]:
+        o, r = item["paced"]["in_order"], item["paced"]["random_orders"]
+        low, high = r["gap_recovered_5_95"]
+        md.append(f"| {item['budget']:g} ({item['budget_x_large_test']:.2f}x) | {o['accuracy']:.3f} "
+                  f"({o['gap_recovered']:.2f}), {o['mean_cost_bound']:.1f} ({o['ceiling']:.1f}), "
+                  f"{o['wall_bound_x_large']:.3f} | {r['gap_recovered_mean']:.2f} ({low:.2f}-{high:.2f}), "
+                  f"{r['mean_cost_bound_mean']:.1f} ({r['mean_cost_bound_max']:.1f}), "
+                  f"{r['wall_bound_x_large_mean']:.3f}, {'yes' if r['ceiling_held'] else 'NO'} |")
     OUT.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return result
