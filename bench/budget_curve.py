@@ -499,6 +499,11 @@ def plot(report: dict, path: Path) -> None:
         ys = [r.get("test_accuracy", report["test_small_accuracy"]) for r in rows]  # none certified
         ax.plot([r["budget"] for r in rows], ys, style,
                 label=f"problem-level re-solve, cap = {family['cap_factor']:g} x B (E[cost] <= B)")
+    for method, style in zip(("budget", "resolve"), ("o:", "D:"), strict=True):
+        rows = [r for r in report.get("paced", []) if r["method"] == method]
+        if rows:
+            ax.plot([r["budget"] for r in rows], [r["test_accuracy"] for r in rows], style, mfc="none",
+                    label=f"{LABELS[method].split(',')[0]}, paced online (mean cost -> B, any order)")
     xs = [o["budget"] for o in report["oracle"] if "oracle" in o]
     ax.plot(xs, [o["oracle"]["test_accuracy"] for o in report["oracle"] if "oracle" in o], "k--", lw=1,
             label=report.get("oracle_label",

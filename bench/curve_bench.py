@@ -12,7 +12,10 @@ the arrays of independent runs at a fraction of their cost), and read off for
 - each certified point: test accuracy, gap recovered between small alone and large alone,
   mean cost, P(cost > B), how often the hard cap intervened;
 - the oracle at each budget: the column with the best test accuracy among those whose test
-  mean cost is <= B, chosen with the test labels (no method can see them: the upper line).
+  mean cost is <= B, chosen with the test labels (no method can see them: the upper line);
+- each capped family paced online (`BudgetCurve.paced`, what `cascade serve --pace B` serves):
+  the test problems served in order by a pacer starting at the certified threshold, its
+  accuracy, mean cost and the ceiling it guarantees on that mean.
 
 Writes curve.json, curve.md and budget_curve.png into the output directory; the sweep's rows
 go to curve.sweep.budget.jsonl and curve.sweep.resolve.jsonl there as problems finish, so an
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+import calibration as cal
 from bench.budget_curve import best_within_budget, plot
 from bench.datasets import Example
 from bench.grading import Grader
@@ -100,13 +104,32 @@ def evaluate_curve(runner: Cascade, examples: Sequence[Example], curve: BudgetCu
             entry["oracle"] = {"index": j, "family": family, "threshold": threshold, "cap": cap,
                                "test_accuracy": float(accuracy[j]), "test_mean_cost": float(mean_cost[j])}
         oracle.append(entry)
+    paced = []
+    served = np.arange(len(problems))
+    for method in ("budget", "resolve"):
+        if not any(c[0] == method for c in curve.candidates):
+            continue
+        for b in curve.budgets:
+            policy = curve.paced(method, b)
+            columns = np.array(policy.columns)
+            chosen, pacer = cal.replay_pacer(costs[:, columns], b, step=policy.pacer.step,
+                                             start=policy.pacer.start)
+            j = columns[chosen]  # the column each test problem ran, in the order they came
+            accuracy = float(correct[served, j].mean())
+            paced.append({"method": method, "budget": b, "step": policy.pacer.step,
+                          "start_threshold": curve.candidates[policy.column][1],
+                          "cap": curve.candidates[policy.column][2], "test_accuracy": accuracy,
+                          "test_mean_cost": pacer.mean_cost, "ceiling": pacer.bound(),
+                          "thresholds_used": sorted({curve.candidates[k][1] for k in j}, reverse=True),
+                          "test_cap_intervened": float(swept.cap_intervened[served, j].mean()),
+                          "gap_recovered": (accuracy - small_accuracy) / gap if gap > 0 else None})
     return {"command": command, "commit": package_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
             "pair": pair, "n_test": len(examples), "n_calibration": curve.n_problems,
             "budgets": list(curve.budgets), "cap_factor": curve.cap_factor, "alpha": curve.alpha,
             "delta": curve.delta, "gate": {"inner": repr(curve.gate.inner)},
             "test_small_accuracy": small_accuracy, "test_large_accuracy": large_accuracy,
             "test_large_mean_cost": float(np.mean(swept.reference_costs)),
-            "points": points, "oracle": oracle,
+            "points": points, "paced": paced, "oracle": oracle,
             "oracle_label": "oracle: best column of any method with test mean cost <= B (labels)",
             "sweep": {"executed_tokens": swept.executed_tokens,
                       "independent_tokens": swept.independent_tokens, "columns": len(curve.candidates)},
@@ -140,6 +163,19 @@ def markdown(report: dict) -> str:
                      f"{row['expected_agreement']:.3f} | {row['test_accuracy']:.3f} | {gap} | "
                      f"{row['test_mean_cost']:.1f} | {row['test_tail']:.3f} | "
                      f"{row['test_cap_intervened']:.3f} | {best_text} |")
+    if report.get("paced"):
+        lines += ["", "Paced online (`BudgetCurve.paced`, `cascade serve --pace B`): the test problems "
+                  "served in order, the threshold moved as each finished, from the certified one; the "
+                  "ceiling is the guaranteed bound on the mean cost for that order.", "",
+                  "| B | family | start threshold, cap | test accuracy | gap recovered | test mean cost "
+                  "(ceiling) | thresholds used | cap intervened |", "|---|---|---|---|---|---|---|---|"]
+        for row in report["paced"]:
+            gap = "-" if row["gap_recovered"] is None else f"{row['gap_recovered']:.2f}"
+            lines.append(f"| {row['budget']:g} | {row['method']} | {row['start_threshold']:g}, cap "
+                         f"{row['cap']:.0f} | {row['test_accuracy']:.3f} | {gap} | "
+                         f"{row['test_mean_cost']:.1f} ({row['ceiling']:.1f}) | "
+                         f"{len(row['thresholds_used'])} | "
+                         f"{row['test_cap_intervened']:.3f} |")
     s = report["sweep"]
     lines += ["", f"Sweep of the test problems ({s['columns']} columns): {s['executed_tokens']} tokens run "
               f"for {s['independent_tokens']} in independent runs; {report['seconds']:.0f} s in all."]

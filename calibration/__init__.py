@@ -30,13 +30,14 @@ from .errors import CalibrationError, InfeasibleBudgetError, InsufficientDataErr
 from .ltt import PValueMethod, bonferroni_ltt, ltt_pvalues, min_n_ltt, select_ltt, select_ltt_path
 from .metrics import auroc
 from .multi import grid_paths, product_grid, select_ltt_paths
-from .pacing import BudgetPacer
+from .pacing import BudgetPacer, replay_pacer
 from .risk import risk_control_bound, select_risk_control
 from .selection import Selection, choose_by_objective, order_by_mean_cost
 
 __all__ = [
     "auroc",
     "BudgetPacer",
+    "replay_pacer",
     "CalibrationError",
     "InfeasibleBudgetError",
     "InsufficientDataError",

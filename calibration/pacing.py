@@ -35,10 +35,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
+from numpy.typing import ArrayLike
+
 from ._common import fmt
 from .errors import CalibrationError
 
-__all__ = ["BudgetPacer"]
+__all__ = ["BudgetPacer", "replay_pacer"]
 
 
 @dataclass
@@ -97,3 +100,26 @@ class BudgetPacer:
     def statement(self) -> str:
         return (f"mean cost over the {self.n} requests so far <= {fmt(self.bound())} "
                 f"(B = {fmt(self.budget)}; paced, any order of requests)")
+
+
+def replay_pacer(costs: ArrayLike, budget: float, *, step: float = 2.0, start: float = 0.0,
+                 order: ArrayLike | None = None) -> tuple[np.ndarray, BudgetPacer]:
+    """Serve recorded requests through a fresh pacer: what it would have done.
+
+    costs: (n requests, K settings), each request's cost at each setting, cheapest setting
+    first (e.g. a sweep's columns of one family). order: the order requests arrive in
+    (default: row order). Returns the setting each request (by row) ran at, and the pacer
+    after the last one (its `mean_cost`, `bound()`).
+    """
+    arr = np.asarray(costs, dtype=float)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise CalibrationError(f"costs must be a non-empty (n, K) array, got shape {arr.shape}")
+    rows = np.arange(arr.shape[0]) if order is None else np.asarray(order, dtype=np.intp)
+    if rows.shape != (arr.shape[0],) or not np.array_equal(np.sort(rows), np.arange(arr.shape[0])):
+        raise CalibrationError(f"order must be a permutation of the {arr.shape[0]} rows")
+    pacer = BudgetPacer(arr.shape[1], budget, step=step, start=start)
+    chosen = np.full(arr.shape[0], -1, dtype=np.intp)
+    for i in rows:
+        chosen[i] = pacer.index
+        pacer.observe(float(arr[i, chosen[i]]))
+    return chosen, pacer

@@ -47,13 +47,8 @@ DEFAULT_STEP = 2.0
 def replay(costs: np.ndarray, correct: np.ndarray, columns: np.ndarray, budget: float, step: float,
            start: int, order: np.ndarray) -> tuple[float, float, float]:
     """(mean cost, accuracy, ceiling) of the pacer serving the rows in `order`."""
-    pacer = cal.BudgetPacer(len(columns), budget, step=step, start=float(start))
-    right = 0
-    for i in order:
-        j = columns[pacer.index]
-        right += int(correct[i, j])
-        pacer.observe(float(costs[i, j]))
-    return pacer.mean_cost, right / len(order), pacer.bound()
+    chosen, pacer = cal.replay_pacer(costs[:, columns], budget, step=step, start=float(start), order=order)
+    return pacer.mean_cost, float(correct[np.arange(len(costs)), columns[chosen]].mean()), pacer.bound()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.harness import RESULTS_FILE, load_results
 from bench.provenance import package_commit
-from calibration import BudgetPacer, CalibrationError, select_risk_control
+from calibration import CalibrationError, replay_pacer, select_risk_control
 
 ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ROOT / "runs/real_pair/train/calibration_risk.json.sweep.jsonl"
@@ -147,16 +147,11 @@ def main() -> dict:
                                                                         * l_cost[:, None] <= cap)
         walls = s_wall[:, None] + escalated * l_wall[:, None]
         start = THRESHOLDS.index(item["threshold"]) if "threshold" in item else 0
-        runs = []
+        runs, rows = [], np.arange(len(ids))
         for order in orders:
-            pacer = BudgetPacer(len(THRESHOLDS), item["budget"], step=PACED_STEP, start=float(start))
-            right, wall = 0, 0.0
-            for i in order:
-                k = pacer.index
-                right += int(correct[i, k])
-                wall += walls[i, k]
-                pacer.observe(float(costs[i, k]))
-            runs.append((pacer.mean_cost, right / len(order), pacer.bound(), wall / l_wall.sum()))
+            chosen, pacer = replay_pacer(costs, item["budget"], step=PACED_STEP, start=float(start), order=order)
+            runs.append((pacer.mean_cost, correct[rows, chosen].mean(), pacer.bound(),
+                         walls[rows, chosen].sum() / l_wall.sum()))
         runs = np.array(runs)
         gaps = (runs[:, 1] - s_ok.mean()) / gap
         item["paced"] = {"step": PACED_STEP, "start_threshold": THRESHOLDS[start],

@@ -194,6 +194,22 @@ def test_bench_curve_measures_every_certified_point_as_an_independent_run(capsys
         assert point["test_mean_cost"] == pytest.approx(sum(r.cost.total for r in results) / 5, rel=1e-9)
         if cap is not None:
             assert all(r.cost.total <= cap + 1e-9 for r in results)
+    # Each family paced online: the report's row is what a PacedPolicy serving the problems in
+    # order through the runtime does (same mean cost, accuracy and ceiling).
+    assert {(p["method"], p["budget"]) for p in report["paced"]} == {
+        (m, b) for m in ("budget", "resolve") for b in curve["budgets"]}
+    for row in report["paced"]:
+        live = loaded.paced(row["method"], row["budget"])
+        right = 0
+        for i, problem in enumerate(problems):
+            gates, cap = live.policy()
+            result = runner.solve(problem, cap, gates=gates)
+            assert result.cost.total <= cap + 1e-9
+            right += result.answer == str(i + 1)
+            live.observe(result)
+        assert row["test_mean_cost"] == pytest.approx(live.mean_cost, rel=1e-9)
+        assert row["ceiling"] == pytest.approx(live.bound(), rel=1e-9) and live.mean_cost <= live.bound() + 1e-9
+        assert row["test_accuracy"] == pytest.approx(right / 5)
     # Resumable: the sweep's rows are in -o; a run cut short (rows lost) picks up where it stopped
     # and reports the same points.
     rows = {f: tmp_path / "out" / f"curve.sweep.{f}.jsonl" for f in ("budget", "resolve")}
@@ -203,6 +219,7 @@ def test_bench_curve_measures_every_certified_point_as_an_independent_run(capsys
     assert run(capsys, *argv)[0] == 0
     again = json.loads((tmp_path / "out" / "curve.json").read_text())
     assert again["points"] == report["points"] and again["oracle"] == report["oracle"]
+    assert again["paced"] == report["paced"]
     for entry in report["oracle"]:  # the oracle is the upper line of every certified point within B
         within = [p["test_accuracy"] for p in certified
                   if p["budget"] == entry["budget"] and p["test_mean_cost"] <= entry["budget"]]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from calibration import BudgetPacer, CalibrationError
+from calibration import BudgetPacer, CalibrationError, replay_pacer
 
 
 def stream(pacer: BudgetPacer, settings_cost: np.ndarray, noise: np.ndarray, history: list[float]) -> None:
@@ -101,3 +101,19 @@ def test_bad_costs_are_refused():
         with pytest.raises(CalibrationError, match="cost"):
             pacer.observe(bad)
     assert pacer.n == 0
+
+
+def test_replay_is_the_pacer_serving_the_recorded_requests():
+    rng = np.random.default_rng(3)
+    costs = np.sort(rng.uniform(0, 30, size=(50, 6)), axis=1)  # cheapest setting first
+    order = rng.permutation(50)
+    chosen, pacer = replay_pacer(costs, 10.0, step=1.5, start=2, order=order)
+    manual = BudgetPacer(6, 10.0, step=1.5, start=2)
+    for i in order:
+        assert chosen[i] == manual.index
+        manual.observe(float(costs[i, manual.index]))
+    assert pacer == manual and pacer.mean_cost == pytest.approx(costs[np.arange(50), chosen].mean())
+    with pytest.raises(CalibrationError, match="permutation"):
+        replay_pacer(costs, 10.0, order=np.zeros(50, dtype=int))
+    with pytest.raises(CalibrationError, match="shape"):
+        replay_pacer(np.zeros(5), 10.0)
