@@ -484,6 +484,7 @@ def curve_cli(results: Path) -> list[str]:
     methods = list(dict.fromkeys(p["method"] for p in r["points"]))
     large = r["test_large_mean_cost"]
     oracle = {o["budget"]: o.get("oracle") for o in r["oracle"]}
+    paced_methods = list(dict.fromkeys(p["method"] for p in r.get("paced", [])))
     rows = []
     for b in r["budgets"]:
         cells = [f"{b:.1f} ({b / large:.2f}x)"]
@@ -491,14 +492,23 @@ def curve_cli(results: Path) -> list[str]:
             p = next(q for q in r["points"] if q["method"] == method and q["budget"] == b)
             cells.append("none certified" if p["index"] is None else f"{p['test_accuracy']:.3f} "
                          f"({p['gap_recovered']:.2f}; cost {p['test_mean_cost']:.0f})")
+        for method in paced_methods:
+            q = next(q for q in r["paced"] if q["method"] == method and q["budget"] == b)
+            cells.append(f"{q['test_accuracy']:.3f} ({q['gap_recovered']:.2f}; "
+                         f"cost {q['test_mean_cost']:.1f})")
         cells.append(f"{oracle[b]['test_accuracy']:.3f}" if oracle[b] else "-")
         rows.append(tuple(cells))
-    return _table(["budget B (x large-only)", *methods, "oracle (test labels)"], rows) + [
+    header = ["budget B (x large-only)", *methods, *(f"{m}, paced online" for m in paced_methods),
+              "oracle (test labels)"]
+    return _table(header, rows) + [
         "",
         f"Test accuracy (gap recovered between small alone {r['test_small_accuracy']:.3f} and large alone "
         f"{r['test_large_accuracy']:.3f}; test mean cost) of each method's policy certified on "
         f"{r['n_calibration']} unlabeled problems, on {r['n_test']} test-split problems; hard cap "
-        f"{r['cap_factor']:g} x B for budget and resolve; gate score `{r['gate']['inner']}`. Pair "
+        f"{r['cap_factor']:g} x B for budget and resolve; "
+        + ("the paced columns serve the test problems in order from the certified threshold, moving it as "
+           "each finishes (`BudgetCurve.paced`, mean cost held at B); " if paced_methods else "")
+        + f"gate score `{r['gate']['inner']}`. Pair "
         f"`embedded:small` -> `embedded:large`. Run: `bash runs/curve_cli.sh` (its second command: "
         f"`{r['command']}`) at {_commits([r['commit']])}. Source: {_source('curve_cli/curve.json')}."]
 
