@@ -10,6 +10,12 @@ bench/results/serve/, with the exact command and the git commit.
 
     python -m bench.serve_load                      # 1/16/64 clients, 256 requests at 64
     python -m bench.serve_load --levels 1:16,16:64 --budget 300 -o runs/serve_try
+    python -m bench.serve_load --curve bench/results/curve_cli/curve_file.json --pace 40.283 \
+        --levels 1:150,16:150,64:300 -o bench/results/serve_paced   # the server paces its gate
+
+With `--curve FILE --pace B` the server runs `cascade serve --curve FILE --pace B` and the
+requests carry no budget: each level also reports its requests' mean cost and, from
+`/health` after it, the pacer's count, mean cost and ceiling (every request since start).
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ async def _run_level(url: str, clients: int, requests: int, time_limit: float, p
     statuses: dict[str, int] = {}
     lost: list[str] = []
     cap_violations = 0
+    costs: list[float] = []
     issued = 0
     started = time.perf_counter()
     deadline = started + time_limit
@@ -92,9 +99,11 @@ async def _run_level(url: str, clients: int, requests: int, time_limit: float, p
                 continue
             latencies.append(time.perf_counter() - sent)
             statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
-            if response.status_code == 200 and budget is not None:
-                if response.json()["cascade"]["cost"] > budget:
-                    cap_violations += 1
+            if response.status_code == 200:
+                extension = response.json()["cascade"]
+                costs.append(extension["cost"])
+                if extension["budget"] is not None and extension["cost"] > extension["budget"] + 1e-9:
+                    cap_violations += 1  # the cap each request ran under: its own or the pacer's
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(limits=limits) as http:
@@ -110,7 +119,16 @@ async def _run_level(url: str, clients: int, requests: int, time_limit: float, p
         "latency_p50_s": _percentile(latencies, 50), "latency_p99_s": _percentile(latencies, 99),
         "latency_max_s": max(latencies) if latencies else None,
         "time_limit_hit": issued < requests,
+        "mean_cost": sum(costs) / len(costs) if costs else None,
+        "pacing": (await http_health(url)).get("pacing"),
     }
+
+
+async def http_health(url: str) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        return (await http.get(url + "/health", timeout=10)).json()
 
 
 def _wait_healthy(process: subprocess.Popen, url: str, timeout: float = 300) -> None:
@@ -139,8 +157,10 @@ def _write(out: Path, report: dict) -> None:
         f"Commit: `{report['commit']}`  ",
         f"Machine: {report['machine']}  ",
         f"Server: `{report['server_command']}`  ",
-        f"Budget per request: {report['budget']} cost units; client timeout {report['client_timeout_s']} s; "
-        f"time bound per level {report['time_limit_s']} s.",
+        (f"Budget per request: {report['budget']} cost units" if report["budget"] is not None
+         else "Requests carry no budget (the paced server's cap governs each)")
+        + f"; client timeout {report['client_timeout_s']} s; time bound per level "
+        f"{report['time_limit_s']} s.",
         "",
         "| clients | requests sent | 200 | errors | 5xx | lost | cap violations | throughput (req/s) "
         "| p50 (s) | p99 (s) | max (s) | wall (s) |",
@@ -152,6 +172,16 @@ def _write(out: Path, report: dict) -> None:
             f"| {level['server_errors_5xx']} | {level['lost']} | {level['hard_cap_violations']} "
             f"| {level['throughput_rps']:.2f} | {level['latency_p50_s']:.3f} | {level['latency_p99_s']:.3f} "
             f"| {level['latency_max_s']:.3f} | {level['wall_seconds']:.1f} |")
+    if any(level.get("pacing") for level in report["levels"]):
+        lines += ["", "Paced server: each level's requests' mean cost, and the pacer after the level (every "
+                  "request since start, warm-up included): requests, mean cost, guaranteed ceiling.", "",
+                  "| clients | level mean cost | pacer: requests | pacer: mean cost | pacer: ceiling "
+                  "| budget B |",
+                  "|---|---|---|---|---|---|"]
+        for level in report["levels"]:
+            pace = level["pacing"]
+            lines.append(f"| {level['clients']} | {level['mean_cost']:.2f} | {pace['requests']} | "
+                         f"{pace['mean_cost']:.2f} | {pace['ceiling']:.2f} | {pace['budget']:g} |")
     lines += ["", "Closed loop: each client sends its next request when the previous one is answered. "
               "Lost = sent but never answered (dropped connection or client timeout). Latency is "
               "per request, send to full response, nearest-rank percentiles.", ""]
@@ -187,8 +217,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-threads", type=int, default=1, help="torch threads of the server")
     parser.add_argument("--isolate", action="store_true",
                         help="serve with `cascade serve --isolate` (the large model in a process of its own)")
+    parser.add_argument("--curve", default=None, help="with --pace: serve this accuracy-budget curve paced")
+    parser.add_argument("--pace", type=float, default=None, metavar="B",
+                        help="serve with `--curve FILE --pace B`; requests then carry no budget")
+    parser.add_argument("--pace-step", type=float, default=2.0, help="with --pace: the server's --pace-step")
     parser.add_argument("-o", "--output", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    if (args.curve is None) != (args.pace is None):
+        parser.error("--curve and --pace go together")
+    if args.pace is not None:
+        args.budget = None  # the pacer's cap governs each request
     levels = []
     for item in args.levels.split(","):
         clients, _, requests = item.partition(":")
@@ -197,7 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     server_cmd = [sys.executable, "-m", "app.cli", "serve", "--port", str(port)] + \
-        (["--isolate"] if args.isolate else [])
+        (["--isolate"] if args.isolate else []) + \
+        (["--curve", args.curve, "--pace", str(args.pace), "--pace-step", str(args.pace_step)]
+         if args.pace is not None else [])
     env = dict(os.environ, OMP_NUM_THREADS=str(args.server_threads))
     log_path = args.output / "server.log.tmp"
     args.output.mkdir(parents=True, exist_ok=True)
@@ -230,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"{os.getloadavg()[0]:.1f} at the end, "
                    f"Python {platform.python_version()}",
         "server_command": "cascade serve --port <free port>" + (" --isolate" if args.isolate else "")
+                          + (f" --curve {args.curve} --pace {args.pace:g} --pace-step {args.pace_step:g}"
+                             if args.pace is not None else "")
                           + f"  (OMP_NUM_THREADS={args.server_threads})",
         "server_exit_code": server.returncode, "budget": args.budget, "client_timeout_s": args.client_timeout,
         "time_limit_s": args.time_limit, "levels": results,
