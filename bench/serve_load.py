@@ -120,11 +120,11 @@ async def _run_level(url: str, clients: int, requests: int, time_limit: float, p
         "latency_max_s": max(latencies) if latencies else None,
         "time_limit_hit": issued < requests,
         "mean_cost": sum(costs) / len(costs) if costs else None,
-        "pacing": (await http_health(url)).get("pacing"),
+        "pacing": (await _health(url)).get("pacing"),
     }
 
 
-async def http_health(url: str) -> dict:
+async def _health(url: str) -> dict:
     import httpx
 
     async with httpx.AsyncClient() as http:

@@ -22,8 +22,8 @@ requests with costs c_1..c_n,
     sum_i (c_i - B) = (B / step) * (start - position_n - dropped) <= (B / step) * (start - position_n),
 
 so the mean cost is at most B + B * (start - position_n) / (step * n): at most B whenever the
-position is at or above where it started, and otherwise over B by exactly the debt the pacer
-holds. `bound()` returns it, so a caller can always report what was promised and that it
+position is at or above where it started, and otherwise over B by at most the debt the pacer
+holds, divided by n. `bound()` returns it, so a caller can always report what was promised and that it
 held. A priori: if no request at the cheapest setting costs more than B, and none at all
 more than a cap C, the debt never passes step * (C - B) / B, so the mean cost of any n
 requests is at most B + (B * start / step + C - B) / n. Requests in flight (their costs not

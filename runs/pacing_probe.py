@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
               "gate": "ConfidenceGate(signal='mean_prob', mode='resolve')", "cap_factor": CAP_FACTOR,
               "n_calibration": N_CAL, "orders": args.orders, "steps": list(STEPS), "sets": {}}
     rng = np.random.default_rng(0)
+    certified_at: dict[float, int] = {}  # budget -> the column certified on the calibration problems
     for name, data in sets.items():
         costs, correct, small, large = data["costs"], data["correct"], data["small"], data["large"]
         gap = large.mean() - small.mean()
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
             except cal.CalibrationError:
                 rows.append({"budget": b, "certified": None})
                 continue
+            certified_at[b] = certified
             start = int(np.flatnonzero(columns == certified)[0])
             row = {"budget": b, "certified": {
                 "threshold": candidates[certified][1], "mean_cost": float(costs[:, certified].mean()),
@@ -120,23 +122,21 @@ def main(argv: list[str] | None = None) -> dict:
     # the replay's costs and answers (the replay reads the same columns the runtime runs).
     b = budgets[3]
     columns = [j for j, (_, _, c) in enumerate(candidates) if c == CAP_FACTOR * b]
-    certified, _ = select_on_curve(cal_costs, candidates, objective, "resolve", b, 0.1, 0.05, CAP_FACTOR,
-                                   float("inf"))
+    start = columns.index(certified_at[b])
     curve = BudgetCurve(gate=gate, budgets=tuple(budgets), cap_factor=CAP_FACTOR, alpha=0.1, delta=0.05,
                         candidates=tuple(candidates), points=(), swept=None, cost_max_uncapped=float("inf"))
-    paced = PacedPolicy(curve, "resolve", b, columns, DEFAULT_STEP, columns.index(certified))
+    paced = PacedPolicy(curve, "resolve", b, columns, DEFAULT_STEP, start)
     test_problems = problems_of("test", N_TEST)
-    replayed = cal.BudgetPacer(len(columns), b, step=DEFAULT_STEP, start=float(columns.index(certified)))
+    chosen, _ = cal.replay_pacer(sets["test"]["costs"][:, columns], b, step=DEFAULT_STEP, start=float(start))
     for i, problem in enumerate(test_problems):
         j = paced.column
-        assert j == columns[replayed.index]
+        assert j == columns[chosen[i]]
         gates, cap = paced.policy()
         run = runner.solve(problem, cap, gates=gates)
         assert run.cost.total <= cap + 1e-9  # the hard cap, on every request
         assert abs(run.cost.total - sets["test"]["costs"][i, j]) < 1e-6, (i, j)
         assert check_answer(problem, run.answer) == bool(sets["test"]["correct"][i, j]), (i, j)
         paced.observe(run)
-        replayed.observe(float(sets["test"]["costs"][i, j]))
     result["runtime_check"] = {"budget": b, "step": DEFAULT_STEP, "problems": len(test_problems),
                                "mean_cost": paced.mean_cost, "ceiling": paced.bound(),
                                "matches_replay": True}

@@ -83,11 +83,12 @@ def main() -> dict:
               "test_large_mean_cost": float(l_cost.mean()), "test_small_wall_x_large": float(s_wall.sum() / l_wall.sum()),
               "thresholds": [], "budgets": []}
 
+    # Per problem and threshold: did the recorded run at t escalate (t = 1: never)?
+    escalated = np.stack([np.zeros(len(ids), dtype=bool)] + [
+        np.array([test[policy_of(t)][i]["escalation_rate"] > 0 for i in ids]) for t in THRESHOLDS[1:]], axis=1)
+
     def replay(t: float, cap: float | None = None) -> dict:
-        if t >= 1.0:
-            esc = np.zeros(len(ids), dtype=bool)
-        else:
-            esc = np.array([test[policy_of(t)][i]["escalation_rate"] > 0 for i in ids])
+        esc = escalated[:, THRESHOLDS.index(t)]
         cost = s_cost + esc * l_cost
         ok = np.where(esc, l_ok, s_ok)
         if cap is not None:
@@ -136,8 +137,6 @@ def main() -> dict:
     # threshold, moved along the four as requests finish, in the test problems' order and over
     # random orders. The replayed pacer observes the cost bounds; a live one sees the real costs
     # (no higher), so its ceiling holds for them too.
-    escalated = np.stack([np.zeros(len(ids), dtype=bool)] + [
-        np.array([test[policy_of(t)][i]["escalation_rate"] > 0 for i in ids]) for t in THRESHOLDS[1:]], axis=1)
     rng = np.random.default_rng(0)
     orders = [np.arange(len(ids))] + [rng.permutation(len(ids)) for _ in range(PACED_ORDERS)]
     for item in result["budgets"]:

@@ -11,10 +11,8 @@ import pytest
 
 from app.cli import main
 from app.server import ServerConfig, create_app
-from cascade import Cascade, ConfidenceGate, SolveOptions
-from cascade.budget import calibrate_budget_curve
 from tests.app.test_server import start_server, stop, wait_healthy
-from tests.fakes import FakeBackend, counting_script
+from tests.cascade.test_budget import resolve_curve
 
 ROOT = Path(__file__).resolve().parents[2]
 # Calibrated on the embedded pair by `cascade calibrate --curve` (runs/curve_cli.sh).
@@ -22,13 +20,7 @@ CURVE = ROOT / "bench/results/curve_cli/curve_file.json"
 
 
 def paced_app():
-    small = FakeBackend("small", 100, counting_script(5, confident=False))
-    large = FakeBackend("large", 1000, counting_script(5, confident=True))
-    runner = Cascade(small, large, ConfidenceGate(0.5, signal="mean_prob", mode="resolve"),
-                     options=SolveOptions(max_steps=10, max_step_tokens=12))
-    curve = calibrate_budget_curve(runner, [f"p{i}" for i in range(20)], budgets=[20.0, 60.0],
-                                   methods=("resolve",), cap_factor=2.0,
-                                   resolve_thresholds=(1.0, 0.6, 0.3, 0.0))
+    runner, curve = resolve_curve()
     paced = curve.paced("resolve", 60.0, step=1.0)
     return create_app(runner, ServerConfig(paced=paced)), paced
 

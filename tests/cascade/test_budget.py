@@ -239,12 +239,18 @@ def test_sweep_shares_calls_across_branches_whose_model_state_matches():
         assert swept.costs[0, j] == runner.solve("p1", gates=[ConfidenceGate(t)]).cost.total
 
 
-def test_a_cascade_served_in_resolve_mode_calibrates_its_resolve_curve():
+def resolve_curve() -> tuple[Cascade, BudgetCurve]:
+    """A fake cascade served in resolve mode and its resolve curve (20 problems, budgets 20 and
+    60, cap 2 x B, four thresholds)."""
     runner = fake_cascade(gate=ConfidenceGate(0.5, signal="mean_prob", mode="resolve"))
-    problems = [f"p{i}" for i in range(20)]
-    curve = calibrate_budget_curve(runner, problems, budgets=[20.0, 60.0], methods=("resolve",),
-                                   cap_factor=2.0,
+    curve = calibrate_budget_curve(runner, [f"p{i}" for i in range(20)], budgets=[20.0, 60.0],
+                                   methods=("resolve",), cap_factor=2.0,
                                    resolve_thresholds=(1.0, 0.6, 0.3, 0.0))
+    return runner, curve
+
+
+def test_a_cascade_served_in_resolve_mode_calibrates_its_resolve_curve():
+    _, curve = resolve_curve()
     assert curve.gate.inner.mode == "speculate"  # the fitted BudgetGate holds the step-level form
     assert [c[0] for c in curve.candidates] == ["resolve"] * 8  # only the family its method reads
     gates, _ = curve.policy("resolve", 60.0)
@@ -252,10 +258,7 @@ def test_a_cascade_served_in_resolve_mode_calibrates_its_resolve_curve():
 
 
 def test_a_paced_policy_starts_where_it_was_certified_and_keeps_its_ceiling():
-    runner = fake_cascade(gate=ConfidenceGate(0.5, signal="mean_prob", mode="resolve"))
-    curve = calibrate_budget_curve(runner, [f"p{i}" for i in range(20)], budgets=[20.0, 60.0],
-                                   methods=("resolve",), cap_factor=2.0,
-                                   resolve_thresholds=(1.0, 0.6, 0.3, 0.0))
+    runner, curve = resolve_curve()
     certified = curve.point("resolve", 60.0)
     paced = curve.paced("resolve", 70.0, step=1.0)  # the largest grid budget <= 70
     assert paced.budget == 60.0 and paced.column == certified.index
