@@ -89,6 +89,7 @@ class BudgetPacer:
 
     @property
     def mean_cost(self) -> float:
+        """Mean cost of the requests observed so far (0 before the first)."""
         return self.total_cost / self.n if self.n else 0.0
 
     def bound(self) -> float:
@@ -98,6 +99,7 @@ class BudgetPacer:
         return self.budget + self.budget * (self.start - self.position) / (self.step * self.n)
 
     def statement(self) -> str:
+        """The ceiling in words, for logs and reports."""
         return (f"mean cost over the {self.n} requests so far <= {fmt(self.bound())} "
                 f"(B = {fmt(self.budget)}; paced, any order of requests)")
 

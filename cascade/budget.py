@@ -428,6 +428,7 @@ class PacedPolicy:
         return self.columns[self.pacer.index]
 
     def policy(self) -> tuple[list[Gate], float | None]:
+        """(gates, hard cap) for the next request, at the pacer's current threshold."""
         family, threshold, cap = self.curve.candidates[self.column]
         return [family_gate(self.curve.gate, family, threshold)], cap
 
@@ -437,12 +438,15 @@ class PacedPolicy:
 
     @property
     def mean_cost(self) -> float:
+        """Mean cost of the requests observed so far."""
         return self.pacer.mean_cost
 
     def bound(self) -> float:
+        """The guaranteed ceiling on that mean (`calibration.BudgetPacer.bound`)."""
         return self.pacer.bound()
 
     def statement(self) -> str:
+        """The ceiling in words."""
         return self.pacer.statement()
 
 
