@@ -455,9 +455,35 @@ class _App:
     async def _solve(self, job: _Job, request_id: str, on_step=None) -> Result:
         """Solve, unless the shutdown grace expires first (then 503 with the partial)."""
         paced, budget, chosen = self.config.paced, job.budget, job.gates
-        if paced is not None:  # the pacer's threshold now; a request's budget only lowers its cap
-            chosen, cap = paced.policy()
-            budget = cap if budget is None or cap is None else min(cap, budget)
+        if paced is None:
+            return await self._run(job, request_id, budget, chosen, on_step)
+        # The pacer's threshold now (a request's budget only lowers its cap); while the
+        # request runs the pacer is told what it has spent, and however it ends, what it cost.
+        ticket, chosen, cap = paced.begin()
+        budget = cap if budget is None or cap is None else min(cap, budget)
+        spent = [0.0]
+
+        def on_paced_step(step: Step) -> None:
+            spent[0] += step.cost
+            paced.spend(ticket, spent[0])
+            if on_step is not None:
+                on_step(step)
+
+        cost: Result | float = 0.0
+        try:
+            cost = await self._run(job, request_id, budget, chosen, on_paced_step)
+            return cost
+        except CascadeError as error:
+            partial = getattr(error, "partial", None)
+            cost = partial if isinstance(partial, Result) else spent[0]  # a failure's spend counts too
+            raise
+        except BaseException:  # cancelled (client gone, shutdown): what it spent until then
+            cost = spent[0]
+            raise
+        finally:
+            paced.observe(cost, ticket)
+
+    async def _run(self, job: _Job, request_id: str, budget: float | None, chosen, on_step) -> Result:
         gates = self.health.gates_for(chosen)
         if gates is not chosen:
             logger.info("request %s: %s", request_id, "; ".join(
@@ -477,14 +503,9 @@ class _App:
             try:
                 result = task.result()
             except CascadeError as error:
-                partial = getattr(error, "partial", None)
-                self.health.record(partial, request_id)
-                if paced is not None and isinstance(partial, Result):
-                    paced.observe(partial)  # what a failed request spent counts against the budget too
+                self.health.record(getattr(error, "partial", None), request_id)
                 raise
             self.health.record(result, request_id)
-            if paced is not None:
-                paced.observe(result)
             return result
         task.cancel()
         raise _BadRequest(503, "the server is shutting down; this request was cancelled before it finished",

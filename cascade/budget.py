@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,26 +416,52 @@ class PacedPolicy:
             gates, cap = paced.policy()
             result = cascade.solve(problem, budget=cap, gates=gates)
             paced.observe(result)
+
+    Requests served concurrently (a server) use `begin` instead: the pacer then counts what
+    the requests still running are expected to spend when it picks the next threshold (the
+    running ones are the long, dear ones, and a pacer that heard only of finished requests
+    would serve too dear), `spend` reports a running request's cost so far, and `observe`
+    takes its ticket. Calls may come from several threads.
     """
 
     def __init__(self, curve: BudgetCurve, method: str, budget: float, columns: Sequence[int],
                  step: float, start: int) -> None:
         self.curve, self.method, self.budget, self.columns = curve, method, float(budget), list(columns)
         self.pacer = cal.BudgetPacer(len(self.columns), self.budget, step=step, start=float(start))
+        self._lock = threading.Lock()
 
     @property
     def column(self) -> int:
         """The curve column the next request runs."""
-        return self.columns[self.pacer.index]
+        with self._lock:
+            return self.columns[self.pacer.index]
+
+    def _gates(self, column: int) -> tuple[list[Gate], float | None]:
+        family, threshold, cap = self.curve.candidates[column]
+        return [family_gate(self.curve.gate, family, threshold)], cap
 
     def policy(self) -> tuple[list[Gate], float | None]:
         """(gates, hard cap) for the next request, at the pacer's current threshold."""
-        family, threshold, cap = self.curve.candidates[self.column]
-        return [family_gate(self.curve.gate, family, threshold)], cap
+        return self._gates(self.column)
 
-    def observe(self, result: Result | float) -> None:
-        """A finished request: its `Result` (the total cost is read) or its cost in cost units."""
-        self.pacer.observe(float(result) if isinstance(result, (int, float)) else result.cost.total)
+    def begin(self) -> tuple[int, list[Gate], float | None]:
+        """Start a request: (ticket, gates, hard cap). Report its spend so far with
+        `spend(ticket, cost)` and its end, however it ends, with `observe(result, ticket)`."""
+        with self._lock:
+            ticket, setting = self.pacer.begin()
+        return (ticket, *self._gates(self.columns[setting]))
+
+    def spend(self, ticket: int, spent: float) -> None:
+        """A running request's total cost so far (cost units)."""
+        with self._lock:
+            self.pacer.spend(ticket, spent)
+
+    def observe(self, result: Result | float, ticket: int | None = None) -> None:
+        """A finished request: its `Result` (the total cost is read) or its cost in cost units;
+        `ticket`: the one `begin` gave it."""
+        cost = float(result) if isinstance(result, (int, float)) else result.cost.total
+        with self._lock:
+            self.pacer.observe(cost, ticket)
 
     @property
     def mean_cost(self) -> float:
@@ -443,11 +470,13 @@ class PacedPolicy:
 
     def bound(self) -> float:
         """The guaranteed ceiling on that mean (`calibration.BudgetPacer.bound`)."""
-        return self.pacer.bound()
+        with self._lock:
+            return self.pacer.bound()
 
     def statement(self) -> str:
         """The ceiling in words."""
-        return self.pacer.statement()
+        with self._lock:
+            return self.pacer.statement()
 
 
 def curve_candidates(budgets: Sequence[float], thresholds: Sequence[float],

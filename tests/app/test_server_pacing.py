@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
 
 from app.cli import main
-from app.server import ServerConfig, create_app
+from app.server import ServerConfig, _Job, create_app
 from tests.app.test_server import start_server, stop, wait_healthy
 from tests.cascade.test_budget import resolve_curve
 
@@ -43,7 +44,7 @@ def test_concurrent_requests_are_paced_capped_and_told_the_ceiling():
     assert extensions[-1]["budget"] == 5.0 and extensions[-1]["cost"] <= 5.0
     seen = sorted(e["pacing"]["requests"] for e in extensions)
     assert seen == list(range(1, 13))  # every finished request went back to the pacer, once
-    assert paced.pacer.n == 12
+    assert paced.pacer.n == 12 and paced.pacer.running == {}  # every ticket ended
     assert paced.mean_cost == pytest.approx(sum(e["cost"] for e in extensions) / 12)
     assert paced.mean_cost <= paced.bound()
     last = max(extensions, key=lambda e: e["pacing"]["requests"])["pacing"]
@@ -51,6 +52,36 @@ def test_concurrent_requests_are_paced_capped_and_told_the_ceiling():
     assert last["ceiling"] == pytest.approx(paced.bound())
     health = asyncio.run(_get(app, "/health"))
     assert health["pacing"]["requests"] == 12 and health["pacing"]["budget"] == 60.0
+
+
+def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_what_it_spent():
+    # A request that has spent a lot and is still running makes the next request cheaper at
+    # once; when its client goes away its spend still reaches the pacer (no cost is lost).
+    app, paced = paced_app()
+    state = app.state.cascade_app
+    reported = asyncio.Event()
+
+    async def hangs(problem, budget, *, gates, options, on_step):
+        on_step(SimpleNamespace(cost=300.0))  # 5 B spent so far, and not done
+        reported.set()
+        await asyncio.Event().wait()
+
+    state.runner.asolve = hangs
+    paced.pacer.position = float(len(paced.columns) - 1)  # the dearest threshold
+
+    async def scenario() -> None:
+        job = _Job("q", None, None, state.runner.options, False)
+        task = asyncio.ensure_future(state.run(job, "r1"))
+        await reported.wait()
+        assert len(paced.pacer.running) == 1 and paced.pacer.n == 0
+        assert paced.pacer.in_flight_shift() == pytest.approx(1.0 * (60 - 300) / 60)
+        assert paced.column == paced.columns[0]  # the next request: the cheapest threshold
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+    assert paced.pacer.running == {} and paced.pacer.n == 1 and paced.mean_cost == 300.0
 
 
 async def _get(app, path: str) -> dict:

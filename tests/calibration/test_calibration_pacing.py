@@ -117,3 +117,116 @@ def test_replay_is_the_pacer_serving_the_recorded_requests():
         replay_pacer(costs, 10.0, order=np.zeros(50, dtype=int))
     with pytest.raises(CalibrationError, match="shape"):
         replay_pacer(np.zeros(5), 10.0)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_the_ceiling_holds_with_requests_in_flight_whatever_they_report(seed):
+    # Requests begin, report spends (honest or not) and finish in any order: the setting they
+    # run at depends on the estimates, the ceiling on the finished costs does not.
+    rng = np.random.default_rng(100 + seed)
+    k, budget = int(rng.integers(2, 30)), float(rng.uniform(1, 50))
+    settings_cost = np.sort(rng.uniform(0, 4 * budget, size=k))
+    pacer = BudgetPacer(k, budget, step=float(rng.uniform(0.2, 6)), start=float(rng.integers(0, k)))
+    running: list[tuple[int, int]] = []
+    finished: list[float] = []
+    for _ in range(1500):
+        if running and (len(running) >= 40 or rng.random() < 0.5):
+            ticket, setting = running.pop(int(rng.integers(len(running))))
+            finished.append(float(settings_cost[setting] * rng.lognormal(0, 1)))
+            pacer.observe(finished[-1], ticket)
+            assert np.mean(finished) <= pacer.bound() + 1e-9
+        else:
+            running.append(pacer.begin())
+        for ticket, _ in running:
+            if rng.random() < 0.3:
+                pacer.spend(ticket, float(rng.uniform(0, 5 * budget)))
+    assert pacer.n == len(finished) and pacer.mean_cost == pytest.approx(np.mean(finished))
+
+
+def test_running_dear_requests_move_the_next_one_cheaper_before_they_finish():
+    pacer = BudgetPacer(10, 10.0, step=1.0, start=5)
+    for cost in (1.0, 50.0) * 4:  # requests at setting 5 have cost 1 or 50
+        pacer.position = 5.0
+        ticket, setting = pacer.begin()
+        assert setting == 5
+        pacer.observe(cost, ticket)
+    pacer.position = 5.0
+    ticket, setting = pacer.begin()
+    assert setting == 5 and pacer.in_flight_shift() == pytest.approx((10 - 25.5) / 10)  # fresh: 25.5
+    assert pacer.index == 3
+    pacer.spend(ticket, 12.0)  # past every cheap one: one of the 50s
+    assert pacer.in_flight_shift() == pytest.approx((10 - 50) / 10) and pacer.index == 1
+    pacer.spend(ticket, 60.0)  # dearer than any seen: at least what it has spent
+    assert pacer.in_flight_shift() == pytest.approx((10 - 60) / 10) and pacer.index == 0
+    pacer.observe(70.0, ticket)
+    assert pacer.running == {} and pacer.in_flight_shift() == 0.0
+    assert pacer.position == pytest.approx(5.0 - 6.0) and pacer.index == 0
+
+
+def test_credit_that_offsets_running_requests_is_kept_not_dropped():
+    pacer = BudgetPacer(3, 10.0, step=1.0, start=2)
+    ticket, _ = pacer.begin()
+    pacer.observe(40.0, ticket)  # setting 2 costs 40: the next one there is expected to
+    pacer.position = 2.0
+    dear, setting = pacer.begin()
+    assert setting == 2
+    pacer.spend(dear, 20.0)  # expected 40: holds the position down by 3 settings
+    for _ in range(3):
+        pacer.observe(0.0)  # three free requests: +3 settings of credit, past the dearest
+    assert pacer.position == pytest.approx(5.0)  # kept: the running one will spend it
+    pacer.observe(40.0, dear)
+    assert pacer.position == pytest.approx(2.0) and pacer.index == 2
+    pacer.observe(0.0)  # nothing running: credit past the dearest setting is dropped again
+    assert pacer.position == pytest.approx(2.0)
+
+
+def test_tickets_must_be_running():
+    pacer = BudgetPacer(3, 1.0)
+    ticket, _ = pacer.begin()
+    pacer.observe(1.0, ticket)
+    for call in (lambda: pacer.spend(ticket, 1.0), lambda: pacer.observe(1.0, ticket)):
+        with pytest.raises(CalibrationError, match="no running request"):
+            call()
+    assert pacer.n == 1
+
+
+def resolves(n: int, k: int, budget: float, seed: int) -> np.ndarray:
+    """Re-solve-like costs: at setting j the large model solves a request again (cost ~2.5 B)
+    when its difficulty is below j / k, else the small model's answer stands (cost B / 30)."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.uniform(size=(n, 1))
+    again = difficulty < np.arange(k)[None, :] / k
+    return np.where(again, 2.5 * budget * rng.uniform(0.8, 1.2, size=(n, 1)), budget / 30)
+
+
+def test_replay_one_at_a_time_is_the_sequential_pacer_whatever_the_accounting():
+    costs = resolves(80, 12, 10.0, 0)
+    sequential, paced = replay_pacer(costs, 10.0, step=2.0, start=4)
+    for account in (True, False):
+        chosen, pacer = replay_pacer(costs, 10.0, step=2.0, start=4, concurrency=1, account_in_flight=account)
+        assert np.array_equal(chosen, sequential) and pacer == paced
+
+
+def test_accounting_for_running_requests_holds_the_mean_at_b_under_load():
+    # 64 requests at once, each running for as long as it costs: cheap ones report first. A
+    # pacer that waits for finished costs serves too dear; one that counts the running
+    # requests' expected spend stays near B. Each replay keeps its ceiling.
+    budget, costs = 10.0, resolves(600, 72, 10.0, 0)
+    means = {}
+    for account in (False, True):
+        chosen, pacer = replay_pacer(costs, budget, step=2.0, start=28, concurrency=64, durations=costs + 0.3,
+                                     account_in_flight=account)
+        assert pacer.mean_cost == pytest.approx(costs[np.arange(600), chosen].mean())
+        assert pacer.mean_cost <= pacer.bound() + 1e-9
+        means[account] = pacer.mean_cost
+    assert means[False] > 1.05 * budget
+    assert abs(means[True] - budget) < 0.5 * abs(means[False] - budget)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"concurrency": 0}, "concurrency"), ({"concurrency": True}, "concurrency"),
+    ({"durations": np.zeros((4, 2))}, "durations"), ({"durations": -np.ones((5, 3))}, "durations"),
+])
+def test_bad_replay_settings_are_refused(kwargs, match):
+    with pytest.raises(CalibrationError, match=match):
+        replay_pacer(np.ones((5, 3)), 1.0, **kwargs)
