@@ -42,6 +42,10 @@ OUT = Path("bench/results/pacing")
 N_CAL, N_TEST, CAP_FACTOR = 400, 150, 6.0
 STEPS = (1.0, 2.0, 4.0)
 DEFAULT_STEP = 2.0
+# Served under load: closed-loop clients, each request running for as long as it costs (cost
+# units as time: cheap requests finish first); streams of 4 passes over a test set in random
+# order, so that the pacer reaches the steady state a server runs in.
+CLIENTS, PASSES, LOAD_DRAWS = (1, 16, 64), 4, 100
 
 
 def replay(costs: np.ndarray, correct: np.ndarray, columns: np.ndarray, budget: float, step: float,
@@ -51,9 +55,36 @@ def replay(costs: np.ndarray, correct: np.ndarray, columns: np.ndarray, budget: 
     return pacer.mean_cost, float(correct[np.arange(len(costs)), columns[chosen]].mean()), pacer.bound()
 
 
+def load_replays(costs: np.ndarray, correct: np.ndarray, columns: np.ndarray, budget: float, start: int,
+                 rng: np.random.Generator, draws: int) -> dict:
+    """Per number of clients, the pacer that hears only of finished requests ("finished") and the
+    one that counts the running requests' expected spend ("running"), on the same random streams."""
+    n = len(costs)
+    tiled_costs = np.tile(costs[:, columns], (PASSES, 1))
+    tiled_correct = np.tile(correct[:, columns], (PASSES, 1))
+    streams = [np.concatenate([rng.permutation(n) + n * k for k in range(PASSES)]) for _ in range(draws)]
+    out: dict = {}
+    for clients in CLIENTS:
+        out[str(clients)] = {}
+        for name, account in (("finished", False), ("running", True)):
+            runs = []
+            for order in streams:
+                chosen, pacer = cal.replay_pacer(tiled_costs, budget, step=DEFAULT_STEP, start=float(start),
+                                                 order=order, concurrency=clients, account_in_flight=account)
+                runs.append((pacer.mean_cost, tiled_correct[np.arange(len(order)), chosen].mean(),
+                             pacer.mean_cost <= pacer.bound() + 1e-9))
+            arr = np.array(runs, dtype=float)
+            out[str(clients)][name] = {"mean_cost_mean": float(arr[:, 0].mean()),
+                                       "mean_cost_max": float(arr[:, 0].max()),
+                                       "accuracy_mean": float(arr[:, 1].mean()),
+                                       "ceiling_held": bool(arr[:, 2].all())}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--orders", type=int, default=300, help="random orders of each test set")
+    parser.add_argument("--load-draws", type=int, default=LOAD_DRAWS, help="random streams per load level")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
     started = time.time()
@@ -80,8 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"command": " ".join(["python runs/pacing_probe.py", *(sys.argv[1:] if argv is None else argv)]),
               "commit": package_commit(), "pair": ["embedded:small", "embedded:large"],
               "gate": "ConfidenceGate(signal='mean_prob', mode='resolve')", "cap_factor": CAP_FACTOR,
-              "n_calibration": N_CAL, "orders": args.orders, "steps": list(STEPS), "sets": {}}
+              "n_calibration": N_CAL, "orders": args.orders, "steps": list(STEPS),
+              "load": {"clients": list(CLIENTS), "passes": PASSES, "draws": args.load_draws,
+                       "durations": "each request runs for as long as it costs (cost units as time)"},
+              "sets": {}}
     rng = np.random.default_rng(0)
+    load_rng = np.random.default_rng(1)  # its own draws: the random-order rows stay those of earlier runs
     certified_at: dict[float, int] = {}  # budget -> the column certified on the calibration problems
     for name, data in sets.items():
         costs, correct, small, large = data["costs"], data["correct"], data["small"], data["large"]
@@ -115,6 +150,10 @@ def main(argv: list[str] | None = None) -> dict:
                                                              for q in np.percentile(gaps[1:], [5, 95])],
                                       "ceiling_max": float(ceiling[1:].max()),
                                       "ceiling_held": bool((mean_cost <= ceiling + 1e-9).all())}}
+            row["load"] = load_replays(costs, correct, columns, b, start, load_rng, args.load_draws)
+            for levels in row["load"].values():
+                for level in levels.values():
+                    level["gap_recovered_mean"] = float((level.pop("accuracy_mean") - small.mean()) / gap)
             rows.append(row)
         result["sets"][name] = {"n": len(costs), "small_accuracy": float(small.mean()),
                                 "large_accuracy": float(large.mean()), "rows": rows}
@@ -143,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["seconds"] = time.time() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out / "independent.npz", **sets["independent"])  # replays need no re-sweep
     (out / "report.json").write_text(json.dumps(result, indent=1) + "\n")
     md = ["# Online budget pacing of the certified re-solve, embedded pair "
           "(`embedded:small` -> `embedded:large`)",
@@ -168,6 +208,22 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{o['mean_cost']:.1f} ({o['ceiling']:.1f}), {o['gap_recovered']:.2f} | "
                       f"{r['mean_cost_mean']:.1f} ({r['mean_cost_max']:.1f}), {r['gap_recovered_mean']:.2f} "
                       f"({low:.2f}-{high:.2f}) |")
+        md.append("")
+        heads = " | ".join(f"{c} client{'s' if c > 1 else ''}: finished / running" for c in CLIENTS)
+        md += [f"Served under load ({PASSES} passes in random order, {args.load_draws} streams; mean cost "
+               "(max over streams), gap recovered; the pacer that hears only of finished requests / the "
+               "one that counts the running ones):", "", f"| budget B | {heads} |",
+               "|---|" + "---|" * len(CLIENTS)]
+        for row in data["rows"]:
+            if row["certified"] is None:
+                continue
+            cells = []
+            for c in CLIENTS:
+                level = row["load"][str(c)]
+                cells.append(" / ".join(f"{v['mean_cost_mean']:.1f} ({v['mean_cost_max']:.1f}), "
+                                        f"{v['gap_recovered_mean']:.2f}"
+                                        for v in (level["finished"], level["running"])))
+            md.append(f"| {row['budget']:.1f} | " + " | ".join(cells) + " |")
         md.append("")
     (out / "report.md").write_text("\n".join(md))
     print("\n".join(md))
