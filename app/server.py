@@ -864,6 +864,10 @@ def add_serve_arguments(parser) -> None:
                         help="--pace: the curve family to move along (default resolve)")
     parser.add_argument("--pace-step", type=float, default=2.0,
                         help="--pace: thresholds moved per B of over- or underspend (default 2)")
+    parser.add_argument("--pace-state", default=None, metavar="FILE",
+                        help="--pace: keep the pacer's state in FILE after every request and resume from "
+                             "it on the next start, so the mean-cost ceiling covers every request across "
+                             "restarts")
 
 
 def _parse_remote(specs: list[str], tier_names: tuple[str, ...]) -> dict[int, tuple[str, list[str]]]:
@@ -911,6 +915,8 @@ def run_from_args(args) -> int:
     if (args.curve is None) != (args.pace is None):
         raise ConfigError("--curve and --pace go together: --curve FILE --pace B serves the curve's gate "
                           "paced to a mean cost of B")
+    if args.pace_state is not None and args.pace is None:
+        raise ConfigError("--pace-state keeps a pacer's state: it needs --curve FILE --pace B")
     if args.pace is not None and args.gate is not None:
         raise ConfigError("--pace serves the curve's own gate; drop --gate")
     runner = build_served_cascade(args)
@@ -918,10 +924,12 @@ def run_from_args(args) -> int:
     if args.pace is not None:
         curve = load_budget_curve(args.curve, models=runner.models,
                                   routers=lambda file: load_router(file, models=runner.models))
-        paced = curve.paced(args.pace_method, args.pace, step=args.pace_step)
+        paced = curve.paced(args.pace_method, args.pace, step=args.pace_step, state_file=args.pace_state)
     config = ServerConfig(model_name=args.model_name, api_key=api_key, log_prompts=args.log_prompts,
                           limits=limits, tier_retry_seconds=args.retry_dropped_tier, paced=paced)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if paced is not None and paced.pacer.n:
+        logger.info("pacing resumed from %s: %s", args.pace_state, paced.statement())
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("binding %s: reachable from other machines%s", args.host,
                        "" if api_key else " and no API key is set")

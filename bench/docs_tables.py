@@ -604,6 +604,70 @@ def pacing(results: Path) -> list[str]:
         f"Source: {_source('pacing/report.json')}."]
 
 
+def pacing_load(results: Path) -> list[str]:
+    """The paced re-solve replayed under closed-loop load: the pacer that hears only of finished
+    requests against the one that counts the running ones."""
+    r = _load("pacing/report.json", results)
+    load = r["load"]
+    rows = []
+    for name, data in r["sets"].items():
+        for row in data["rows"]:
+            if row["certified"] is None:
+                continue
+            cells = []
+            for clients in load["clients"]:
+                level = row["load"][str(clients)]
+                cells.append(" / ".join(f"{v['gap_recovered_mean']:.2f} (cost {v['mean_cost_mean']:.1f}, max "
+                                        f"{v['mean_cost_max']:.1f})"
+                                        for v in (level["finished"], level["running"])))
+            held = all(v["ceiling_held"] for level in row["load"].values() for v in level.values())
+            rows.append((name, f"{row['budget']:.1f}", *cells, "yes" if held else "NO"))
+    header = ("test set", "budget B", *(f"{c} client{'s' if c > 1 else ''}: finished only / counting running"
+                                        for c in load["clients"]), "ceiling held")
+    return _table(header, rows) + [
+        "",
+        f"Gap recovered, mean over {load['draws']} streams (mean cost over the stream, mean and max), of the "
+        "paced re-solve (step 2) served to closed-loop clients: each stream is "
+        f"{load['passes']} passes over the test set in random order, each request runs for as long as it "
+        "costs (cost units as time, so cheap requests finish first), the next one starts when one finishes. "
+        "'finished only': the pacer moves only when a request finishes; 'counting running': it also counts "
+        "each running request's expected final cost given its spend so far (`BudgetPacer.begin`/`spend`). "
+        f"Hard cap {r['cap_factor']:g} x B; start: the threshold certified on {r['n_calibration']} unlabeled "
+        "problems. Pair `embedded:small` -> `embedded:large`. "
+        f"Run: `{r['command']}` at {_commits([r['commit']])}. Source: {_source('pacing/report.json')}."]
+
+
+# The live paced-server runs: folder -> what the pacer knew of running requests.
+SERVE_PACED = (("step_0.5", "finished only"), ("step_2", "finished only"), ("step_8", "finished only"),
+               ("step_2_running", "counting running"), ("step_8_running", "counting running"))
+
+
+def serve_paced(results: Path) -> list[str]:
+    """`cascade serve --curve --pace` under closed-loop load, before and after the pacer counted
+    running requests."""
+    rows, provenance = [], []
+    for folder, pacer in SERVE_PACED:
+        r = _load(f"serve_paced/{folder}/report.json", results)
+        step = r["command"].split("--pace-step ")[1].split()[0]
+        for level in r["levels"]:
+            paced = level["pacing"]
+            rows.append((pacer, step, str(level["clients"]), f"{level['mean_cost']:.1f}",
+                         f"{paced['requests']}: {paced['mean_cost']:.1f} (ceiling {paced['ceiling']:.1f})",
+                         str(level["hard_cap_violations"]), str(level["errors"] + level["lost"])))
+        provenance.append(f"`{r['command']}` at {_commits([r['commit']])}")
+    budget = r["levels"][0]["pacing"]["budget"]
+    return _table(("pacer", "step", "clients", "level mean cost",
+                   "pacer after the level: requests, mean cost (ceiling)", "hard-cap violations",
+                   "errors + lost"), rows) + [
+        "",
+        f"`cascade serve --curve bench/results/curve_cli/curve_file.json --pace {budget:g}` (B = {budget:g}, "
+        "the re-solve family, cap 6 x B) under closed-loop load: levels of 1, 16 and 64 clients, the same "
+        "150 test-split problems in order per level (300 at 64 clients), one server per run (its pacer's "
+        "count includes 4 warm-up requests). 'finished only': the pacer before it counted running "
+        "requests; 'counting running': after. Pair `embedded:small` -> `embedded:large`, 2 CPU cores. "
+        "Runs: " + "; ".join(provenance) + "."]
+
+
 def real_pair_gsm8k(results: Path) -> list[str]:
     """The real pair on GSM8K test problems: paired figures of every policy."""
     return _real_pair(results, "real_pair_gsm8k/paired.json")
@@ -682,7 +746,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "real-pair-math500": real_pair_math500, "resolve-probe": resolve_probe,
     "resolve-probe-cap6": resolve_probe_cap6, "resolve-probe-bars": resolve_probe_bars,
     "resolve-probe-calibration-size": resolve_probe_calibration_size, "pacing": pacing,
-    "curve-cli": curve_cli,
+    "pacing-load": pacing_load, "serve-paced": serve_paced, "curve-cli": curve_cli,
 }
 
 

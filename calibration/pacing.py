@@ -160,6 +160,29 @@ class BudgetPacer:
         return (f"mean cost over the {self.n} requests so far <= {fmt(self.bound())} "
                 f"(B = {fmt(self.budget)}; paced, any order of requests)")
 
+    def to_json(self) -> dict:
+        """What the ceiling rests on, as plain JSON: the settings, the position and the requests
+        observed (the running requests and recent costs, estimates only, are not kept)."""
+        return {"n_settings": self.n_settings, "budget": self.budget, "step": self.step, "start": self.start,
+                "position": self.position, "n": self.n, "total_cost": self.total_cost}
+
+    @classmethod
+    def from_json(cls, payload: object) -> BudgetPacer:
+        """A pacer resumed from `to_json`: it goes on as if it had never stopped."""
+        keys = ("n_settings", "budget", "step", "start", "position", "n", "total_cost")
+        if not isinstance(payload, dict) or set(payload) != set(keys):
+            raise CalibrationError(f"a pacer's state is a JSON object with the keys {list(keys)}")
+        pacer = cls(payload["n_settings"], payload["budget"], step=payload["step"], start=payload["start"])
+        position, n, total = payload["position"], payload["n"], payload["total_cost"]
+        if isinstance(position, bool) or not (isinstance(position, (int, float)) and math.isfinite(position)):
+            raise CalibrationError(f"position must be a finite number, got {position!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise CalibrationError(f"n must be an integer >= 0, got {n!r}")
+        if not (isinstance(total, (int, float)) and math.isfinite(total) and total >= 0):
+            raise CalibrationError(f"total_cost must be finite and >= 0, got {total!r}")
+        pacer.position, pacer.n, pacer.total_cost = float(position), n, float(total)
+        return pacer
+
 
 def replay_pacer(costs: ArrayLike, budget: float, *, step: float = 2.0, start: float = 0.0,
                  order: ArrayLike | None = None, concurrency: int = 1, durations: ArrayLike | None = None,

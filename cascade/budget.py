@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -61,7 +62,10 @@ from cascade.specs import GateSpec, RouterSource, build_gate, gate_spec_of
 __all__ = ["BudgetGate", "fit_budget_gate", "BudgetPoint", "BudgetCurve", "PacedPolicy",
            "calibrate_budget_curve", "budget_grid", "load_budget_curve", "CURVE_METHODS"]
 
+logger = logging.getLogger(__name__)
+
 CURVE_FORMAT = "stepcascade-budget-curve-v1"
+PACING_FORMAT = "stepcascade-pacing-v1"
 
 CurveMethod = Literal["budget", "resolve", "risk", "conformal", "ltt"]
 CURVE_METHODS: tuple[str, ...] = ("budget", "resolve", "risk", "conformal", "ltt")
@@ -304,10 +308,12 @@ class BudgetCurve:
         family, threshold, cap = self.candidates[p.index]
         return [family_gate(self.gate, family, threshold)], cap
 
-    def paced(self, method: str, budget: float, step: float = 2.0) -> PacedPolicy:
+    def paced(self, method: str, budget: float, step: float = 2.0,
+              state_file: str | Path | None = None) -> PacedPolicy:
         """`method`'s family ("budget" or "resolve") at the largest grid budget <= `budget`,
         paced online over a stream of requests (`PacedPolicy`), starting at its certified
-        setting (the cheapest one when none was certified)."""
+        setting (the cheapest one when none was certified). state_file: where the pacer's
+        state is kept after every request; if it exists, the pacer resumes from it."""
         if method not in ("budget", "resolve"):
             raise ConfigError(f"pacing moves along a capped family: method 'budget' or 'resolve', "
                               f"got {method!r}")
@@ -321,7 +327,7 @@ class BudgetCurve:
                               f"calibrate with that method")
         point = self.point(method, b)
         start = 0 if point.index is None else int(np.flatnonzero(columns == point.index)[0])
-        return PacedPolicy(self, method, b, [int(j) for j in columns], step, start)
+        return PacedPolicy(self, method, b, [int(j) for j in columns], step, start, state_file)
 
     def to_json(self) -> dict:
         """The curve as plain JSON: the fitted gate, the grid, each method's point per budget."""
@@ -421,14 +427,61 @@ class PacedPolicy:
     the requests still running are expected to spend when it picks the next threshold (the
     running ones are the long, dear ones, and a pacer that heard only of finished requests
     would serve too dear), `spend` reports a running request's cost so far, and `observe`
-    takes its ticket. Calls may come from several threads.
+    takes its ticket. Calls may come from several threads. With a `state_file` the pacer's
+    state is kept after every finished request and resumed from on the next start, so the
+    ceiling covers every request across restarts.
     """
 
     def __init__(self, curve: BudgetCurve, method: str, budget: float, columns: Sequence[int],
-                 step: float, start: int) -> None:
+                 step: float, start: int, state_file: str | Path | None = None) -> None:
         self.curve, self.method, self.budget, self.columns = curve, method, float(budget), list(columns)
         self.pacer = cal.BudgetPacer(len(self.columns), self.budget, step=step, start=float(start))
         self._lock = threading.Lock()
+        self.state_file = None if state_file is None else Path(state_file)
+        if self.state_file is not None:
+            if self.state_file.exists():
+                self.pacer = self._resumed(self.state_file)
+            try:
+                self._save()  # now: an unwritable place fails here, not after the first request
+            except OSError as error:
+                raise ConfigError(f"pacing state {self.state_file}: cannot write it ({error})") from None
+
+    def _identity(self) -> dict:
+        """What a kept state must match to be resumed: the family's settings in order."""
+        return {"method": self.method, "budget": self.budget,
+                "settings": [list(self.curve.candidates[j]) for j in self.columns]}
+
+    def _resumed(self, path: Path) -> cal.BudgetPacer:
+        try:
+            payload = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ConfigError(f"pacing state {path}: not readable as JSON ({error}); move it away to start "
+                              f"afresh") from None
+        if not isinstance(payload, dict) or payload.get("format") != PACING_FORMAT:
+            raise ConfigError(f"pacing state {path}: not a pacing state file (format {PACING_FORMAT!r})")
+        if {k: payload.get(k) for k in ("method", "budget", "settings")} != self._identity():
+            raise ConfigError(f"pacing state {path} paces another family (method {payload.get('method')!r}, "
+                              f"budget {payload.get('budget')!r}, or other thresholds) than this one "
+                              f"(method {self.method!r}, budget {self.budget:g}); move it away to start "
+                              f"afresh")
+        try:
+            pacer = cal.BudgetPacer.from_json(payload.get("pacer"))
+        except cal.CalibrationError as error:
+            raise ConfigError(f"pacing state {path}: {error}") from None
+        if (pacer.step, pacer.start) != (self.pacer.step, self.pacer.start):
+            raise ConfigError(f"pacing state {path} was kept with step {pacer.step:g} from setting "
+                              f"{pacer.start:g}, not step {self.pacer.step:g} from {self.pacer.start:g}: its "
+                              f"ceiling would not carry over; use its step or move it away")
+        return pacer
+
+    def _save(self) -> None:
+        """Keep the state (atomically: a crash leaves the previous state, never half of one)."""
+        if self.state_file is None:
+            return
+        payload = {"format": PACING_FORMAT, **self._identity(), "pacer": self.pacer.to_json()}
+        partial = self.state_file.with_name(self.state_file.name + ".partial")
+        partial.write_text(json.dumps(payload) + "\n")
+        partial.replace(self.state_file)
 
     @property
     def column(self) -> int:
@@ -462,6 +515,10 @@ class PacedPolicy:
         cost = float(result) if isinstance(result, (int, float)) else result.cost.total
         with self._lock:
             self.pacer.observe(cost, ticket)
+            try:
+                self._save()
+            except OSError as error:  # the request is served either way; the file falls behind
+                logger.warning("pacing state %s not kept: %s", self.state_file, error)
 
     @property
     def mean_cost(self) -> float:

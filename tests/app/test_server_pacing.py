@@ -104,22 +104,28 @@ def test_a_paced_server_refuses_what_would_bypass_or_break_its_pacing(extra, fie
     (["--curve", str(CURVE)], "--curve and --pace go together"),
     (["--curve", str(CURVE), "--pace", "40", "--gate", "confidence"], "drop --gate"),
     (["--curve", str(CURVE), "--pace", "5"], "below every budget"),
+    (["--pace-state", "pacing.json"], "--pace-state keeps a pacer's state"),
 ])
 def test_serve_pace_flags_are_checked(capsys, flags, message):
     assert main(["serve", *flags]) == 2
     assert message in capsys.readouterr().err
 
 
-def test_serve_paces_the_embedded_pair_from_a_curve_file():
-    process, url = start_server("--curve", str(CURVE), "--pace", "40.3")
-    try:
-        wait_healthy(process, url)
-        curve = json.loads(CURVE.read_text())
-        body = {"model": "stepcascade", "prompt": "a=17;b=a+38;c=b-25;?c"}
-        served = [httpx.post(url + "/v1/completions", json=body, timeout=120).json()["cascade"]
-                  for _ in range(3)]
-        assert [e["pacing"]["requests"] for e in served] == [1, 2, 3]
-        assert all(e["budget"] == curve["cap_factor"] * 40.283 and e["cost"] <= e["budget"] for e in served)
-        assert served[-1]["pacing"]["mean_cost"] <= served[-1]["pacing"]["ceiling"]
-    finally:
-        stop(process)
+def test_serve_paces_the_embedded_pair_from_a_curve_file_and_resumes_after_a_restart(tmp_path):
+    state = tmp_path / "pacing.json"
+    curve = json.loads(CURVE.read_text())
+    body = {"model": "stepcascade", "prompt": "a=17;b=a+38;c=b-25;?c"}
+    served = []
+    for requests in (3, 1):  # a restart between the two: the pacer goes on from its kept state
+        process, url = start_server("--curve", str(CURVE), "--pace", "40.3", "--pace-state", str(state))
+        try:
+            wait_healthy(process, url)
+            served += [httpx.post(url + "/v1/completions", json=body, timeout=120).json()["cascade"]
+                       for _ in range(requests)]
+        finally:
+            stop(process)
+    assert [e["pacing"]["requests"] for e in served] == [1, 2, 3, 4]
+    assert all(e["budget"] == curve["cap_factor"] * 40.283 and e["cost"] <= e["budget"] for e in served)
+    assert served[-1]["pacing"]["mean_cost"] == pytest.approx(sum(e["cost"] for e in served) / 4)
+    assert served[-1]["pacing"]["mean_cost"] <= served[-1]["pacing"]["ceiling"]
+    assert json.loads(state.read_text())["pacer"]["n"] == 4

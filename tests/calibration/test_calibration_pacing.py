@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -230,3 +232,31 @@ def test_accounting_for_running_requests_holds_the_mean_at_b_under_load():
 def test_bad_replay_settings_are_refused(kwargs, match):
     with pytest.raises(CalibrationError, match=match):
         replay_pacer(np.ones((5, 3)), 1.0, **kwargs)
+
+
+def test_a_pacer_resumed_from_its_json_goes_on_as_if_it_never_stopped():
+    rng = np.random.default_rng(7)
+    settings_cost = np.linspace(1.0, 30.0, 8)
+    whole, first = BudgetPacer(8, 10.0, step=1.5, start=3), BudgetPacer(8, 10.0, step=1.5, start=3)
+    noise = rng.lognormal(0, 1, 200)
+    for factor in noise[:120]:
+        whole.observe(float(settings_cost[whole.index] * factor))
+        first.observe(float(settings_cost[first.index] * factor))
+    resumed = BudgetPacer.from_json(json.loads(json.dumps(first.to_json())))
+    assert resumed == first
+    for factor in noise[120:]:
+        whole.observe(float(settings_cost[whole.index] * factor))
+        resumed.observe(float(settings_cost[resumed.index] * factor))
+    assert resumed == whole and resumed.bound() == whole.bound()
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"n": -1}, "n must"), ({"n": 2.5}, "n must"), ({"position": float("nan")}, "position"),
+    ({"total_cost": -3.0}, "total_cost"), ({"step": 0}, "step"), ({"extra": 1}, "keys"),
+])
+def test_a_bad_pacer_state_is_refused(change, match):
+    payload = BudgetPacer(4, 2.0).to_json() | change
+    with pytest.raises(CalibrationError, match=match):
+        BudgetPacer.from_json(payload)
+    with pytest.raises(CalibrationError, match="keys"):
+        BudgetPacer.from_json([1, 2])

@@ -276,3 +276,42 @@ def test_a_paced_policy_starts_where_it_was_certified_and_keeps_its_ceiling():
         curve.paced("resolve", 5.0)
     with pytest.raises(ConfigError, match="no 'budget' columns"):
         curve.paced("budget", 60.0)
+
+
+def test_a_paced_policy_with_a_state_file_resumes_across_restarts(tmp_path):
+    runner, curve = resolve_curve()
+    state = tmp_path / "pacing.json"
+    whole = curve.paced("resolve", 60.0, step=1.0)
+    first = curve.paced("resolve", 60.0, step=1.0, state_file=state)
+    assert state.exists()  # written at once: an unwritable place fails before any request
+    results = [runner.solve(f"q{i}", 120.0, gates=whole.policy()[0]) for i in range(30)]
+    for result in results[:12]:
+        whole.observe(result)
+        first.observe(result)
+    second = curve.paced("resolve", 60.0, step=1.0, state_file=state)  # a restart
+    assert second.pacer == first.pacer and second.column == whole.column
+    for result in results[12:]:
+        whole.observe(result)
+        second.observe(result)
+    assert second.pacer == whole.pacer and second.bound() == whole.bound() and second.pacer.n == 30
+    assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize("kwargs, content, match", [
+    ({}, "{not json", "not readable as JSON"),
+    ({}, '{"format": "other"}', "not a pacing state file"),
+    ({"step": 3.0}, None, "step 1 "),
+    ({"budget": 20.0}, None, "another family"),
+])
+def test_a_pacing_state_that_does_not_fit_is_refused_with_its_file_named(tmp_path, kwargs, content, match):
+    _, curve = resolve_curve()
+    state = tmp_path / "pacing.json"
+    curve.paced("resolve", 60.0, step=1.0, state_file=state).observe(50.0)
+    if content is not None:
+        state.write_text(content)
+    settings = {"budget": 60.0, "step": 1.0} | kwargs
+    with pytest.raises(ConfigError, match=match) as error:
+        curve.paced("resolve", settings["budget"], step=settings["step"], state_file=state)
+    assert str(state) in str(error.value)
+    with pytest.raises(ConfigError, match="cannot write"):
+        curve.paced("resolve", 60.0, state_file=tmp_path / "missing" / "pacing.json")
