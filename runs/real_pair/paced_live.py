@@ -1,0 +1,153 @@
+"""Issue 19 on the real pair, live: the paced re-solve served through the runtime.
+
+`runs/real_pair/resolve_replay.py` replays the pacer on recorded runs, with each re-solve's cost
+bounded by the small model's whole solve plus the large model's. This runs it: GSM8K test
+problems in order, each solved by the real pair (Qwen2.5-Coder-0.5B -> 1.5B-Instruct, Q4_K_M
+GGUF, llama.cpp in process, the same settings as `runs/real_pair/gsm8k_test.sh`) with the gate
+`ConfidenceGate(T, signal="mean_prob", mode="resolve")` at the threshold the pacer
+(`calibration.BudgetPacer`, step 2) gives, every request under the hard cap 3 x B, the pacer
+told each request's real cost. The thresholds: the replay's grid refined (cheapest first), the
+start the one the replay certified label-free at B (conformal risk control on 60 unlabeled
+train problems: T = 0.25 at B = 200-300). Rows are appended as problems finish; a rerun
+resumes (the pacer re-observes the rows already there, in order).
+
+    taskset -c 0 python runs/real_pair/paced_live.py --budget 250 --limit 120
+    python runs/real_pair/paced_live.py --report 250 300   # bench/results/real_pair_gsm8k/paced_live.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+import cascade
+from app.cli import build_parser
+from app.options import build_runner
+from bench.datasets import load_dataset
+from bench.grading import Grader
+from bench.harness import RESULTS_FILE, load_results
+from bench.provenance import package_commit
+from calibration import BudgetPacer
+
+ROOT = Path(__file__).resolve().parents[2]
+MODELS = Path("~/.cache/stepcascade/models").expanduser()
+MAIN = ROOT / "runs/real_pair/gsm8k_test"  # the recorded small and large rows of the same problems
+OUT = ROOT / "bench/results/real_pair_gsm8k/paced_live"
+THRESHOLDS = (1.0, 0.3, 0.275, 0.25, 0.225, 0.2, 0.175, 0.15)  # cheapest first (1.0: never re-solve)
+START_THRESHOLD = 0.25
+CAP_FACTOR, STEP = 3.0, 2.0
+
+
+def rows_path(budget: float) -> Path:
+    return ROOT / f"runs/real_pair/paced_live_B{budget:g}.jsonl"
+
+
+def run(budget: float, limit: int) -> None:
+    args = build_parser().parse_args([
+        "bench", "--dataset", "gsm8k", "--small", str(MODELS / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
+        "--large", str(MODELS / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"), "--template", "qwen25-math-cot",
+        "--delimiter", "\n\n", "--max-steps", "24", "--max-step-tokens", "160", "-o", "/dev/null"])
+    runner = build_runner(args, gates=False)
+    examples = load_dataset("gsm8k", limit)
+    pacer = BudgetPacer(len(THRESHOLDS), budget, step=STEP, start=float(THRESHOLDS.index(START_THRESHOLD)))
+    path = rows_path(budget)
+    done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    for row in done:  # resume: the pacer goes on from the rows already there
+        assert row["setting"] == pacer.index, "the rows do not replay to the same pacer"
+        pacer.observe(row["cost"])
+    cap = CAP_FACTOR * budget
+    with Grader() as grader, path.open("a") as sink:
+        for example in examples[len(done):]:
+            setting = pacer.index
+            gate = cascade.ConfidenceGate(THRESHOLDS[setting], signal="mean_prob", mode="resolve")
+            began = time.perf_counter()
+            result = runner.solve(example.problem, cap, gates=[gate])
+            wall = time.perf_counter() - began
+            assert result.cost.total <= cap + 1e-9, (example.id, result.cost.total)
+            pacer.observe(result.cost.total)
+            row = {"id": example.id, "setting": setting, "threshold": THRESHOLDS[setting],
+                   "cost": result.cost.total, "wall_seconds": wall, "answer": result.answer,
+                   "correct": bool(grader.grade(result.answer, example.answer, example.kind)),
+                   "resolved": bool(result.set_aside), "mean_cost": pacer.mean_cost, "ceiling": pacer.bound(),
+                   "commit": package_commit()}
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            print(f"{example.id}: T={row['threshold']} cost {row['cost']:.1f} {wall:.1f}s "
+                  f"correct={row['correct']} mean {pacer.mean_cost:.1f} ceiling {pacer.bound():.1f}", flush=True)
+
+
+def report(budgets: list[float]) -> dict:
+    recorded = {}
+    for row in load_results(MAIN / RESULTS_FILE):
+        if row.get("error") is None and row["policy"] in ("small", "large"):
+            recorded.setdefault(row["policy"], {})[row["id"]] = row
+    out = {"command": "python runs/real_pair/paced_live.py --report " + " ".join(f"{b:g}" for b in budgets),
+           "commit": package_commit(), "thresholds": list(THRESHOLDS), "start_threshold": START_THRESHOLD,
+           "cap_factor": CAP_FACTOR, "step": STEP,
+           "pair": ["Qwen2.5-Coder-0.5B-Instruct Q4_K_M", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M"], "runs": []}
+    for budget in budgets:
+        rows = [json.loads(line) for line in rows_path(budget).read_text().splitlines()]
+        ids = [r["id"] for r in rows]
+        small = np.array([bool(recorded["small"][i]["correct"]) for i in ids])
+        large = np.array([bool(recorded["large"][i]["correct"]) for i in ids])
+        large_cost = np.array([recorded["large"][i]["cost"] for i in ids])
+        small_cost = np.array([recorded["small"][i]["cost"] for i in ids])
+        paced = np.array([r["correct"] for r in rows])
+        cost = np.array([r["cost"] for r in rows])
+        pacer = BudgetPacer(len(THRESHOLDS), budget, step=STEP, start=float(THRESHOLDS.index(START_THRESHOLD)))
+        for r in rows:
+            pacer.observe(r["cost"])
+        gap = large.mean() - small.mean()
+        out["runs"].append({
+            "budget": budget, "problems": len(rows), "commits": sorted({r["commit"] for r in rows}),
+            "accuracy": float(paced.mean()), "small_accuracy": float(small.mean()),
+            "large_accuracy": float(large.mean()), "gap_recovered": float((paced.mean() - small.mean()) / gap),
+            "mean_cost": float(cost.mean()), "ceiling": pacer.bound(), "budget_x_large": budget / large_cost.mean(),
+            "cost_x_large": float(cost.mean() / large_cost.mean()), "small_cost_x_large": float(
+                small_cost.mean() / large_cost.mean()),
+            "resolved": float(np.mean([r["resolved"] for r in rows])),
+            "max_cost": float(cost.max()), "cap": CAP_FACTOR * budget,
+            "thresholds_used": {f"{t:g}": int(sum(r["threshold"] == t for r in rows)) for t in THRESHOLDS},
+            "mean_wall_seconds": float(np.mean([r["wall_seconds"] for r in rows]))})
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+    md = ["# The paced re-solve on the real pair, live (GSM8K test problems in order)", "",
+          f"Command: `{out['command']}` at `{out['commit'][:7]}` (runs: `taskset -c CORE python "
+          "runs/real_pair/paced_live.py --budget B --limit N`). Pair Qwen2.5-Coder-0.5B-Instruct -> "
+          "1.5B-Instruct (Q4_K_M, llama.cpp, one core). Gate `ConfidenceGate(T, signal='mean_prob', "
+          f"mode='resolve')`, T paced over {list(THRESHOLDS)} (step {STEP:g}) from T = {START_THRESHOLD} (certified "
+          f"label-free at B = 200-300), hard cap {CAP_FACTOR:g} x B. Small and large alone: the recorded rows "
+          "of the same problems (`runs/real_pair/gsm8k_test`).", "",
+          "| B (x large's mean cost) | problems | accuracy (small / large alone) | gap recovered | mean cost "
+          "(ceiling) | cost x large | re-solved | max cost (cap) | thresholds run |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["runs"]:
+        used = ", ".join(f"{t}: {n}" for t, n in r["thresholds_used"].items() if n)
+        md.append(f"| {r['budget']:g} ({r['budget_x_large']:.2f}x) | {r['problems']} | {r['accuracy']:.3f} "
+                  f"({r['small_accuracy']:.3f} / {r['large_accuracy']:.3f}) | {r['gap_recovered']:.2f} | "
+                  f"{r['mean_cost']:.1f} ({r['ceiling']:.1f}) | {r['cost_x_large']:.2f} | {r['resolved']:.2f} | "
+                  f"{r['max_cost']:.1f} ({r['cap']:g}) | {used} |")
+    OUT.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, help="run: the mean budget B (cost units)")
+    parser.add_argument("--limit", type=int, default=120, help="run: the first N GSM8K test problems")
+    parser.add_argument("--report", type=float, nargs="+", metavar="B", help="report the runs of these budgets")
+    args = parser.parse_args()
+    if args.report:
+        report(args.report)
+    elif args.budget:
+        run(args.budget, args.limit)
+    else:
+        parser.error("--budget B or --report B [B ...]")
+
+
+if __name__ == "__main__":
+    main()
