@@ -554,13 +554,14 @@ def _extension(result: Result, state: "_App") -> dict:
 
 def _pacing(paced: PacedPolicy | None) -> dict | None:
     """The pacer's state after this request: its next threshold, the requests it has seen
-    finish, their mean cost and the ceiling that mean is guaranteed to be under."""
+    finish, their mean cost and the ceiling that mean is guaranteed to be under, and the
+    requests still running (which the next threshold already counts)."""
     if paced is None:
         return None
     _, threshold, cap = paced.curve.candidates[paced.column]
     return {"budget": paced.budget, "method": paced.method, "next_threshold": threshold, "cap": cap,
             "requests": paced.pacer.n, "mean_cost": paced.mean_cost,
-            "ceiling": paced.bound() if paced.pacer.n else None}
+            "ceiling": paced.bound() if paced.pacer.n else None, "running": len(paced.pacer.running)}
 
 
 def _step_json(step: Step) -> dict:

@@ -52,6 +52,7 @@ def test_concurrent_requests_are_paced_capped_and_told_the_ceiling():
     assert last["ceiling"] == pytest.approx(paced.bound())
     health = asyncio.run(_get(app, "/health"))
     assert health["pacing"]["requests"] == 12 and health["pacing"]["budget"] == 60.0
+    assert health["pacing"]["running"] == 0
 
 
 def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_what_it_spent():
@@ -76,6 +77,8 @@ def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_what_it_
         assert len(paced.pacer.running) == 1 and paced.pacer.n == 0
         assert paced.pacer.in_flight_shift() == pytest.approx(1.0 * (60 - 300) / 60)
         assert paced.column == paced.columns[0]  # the next request: the cheapest threshold
+        health = await _get(app, "/health")
+        assert health["pacing"]["running"] == 1 and health["pacing"]["next_threshold"] == 1.0
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
