@@ -453,7 +453,7 @@ class _App:
             self._slots.release()
 
     async def _solve(self, job: _Job, request_id: str, on_step=None) -> Result:
-        """Solve, unless the shutdown grace expires first (then 503 with the partial)."""
+        """Solve at the request's gates, or at the pacer's when the server paces its gate."""
         paced, budget, chosen = self.config.paced, job.budget, job.gates
         if paced is None:
             return await self._run(job, request_id, budget, chosen, on_step)
@@ -484,6 +484,8 @@ class _App:
             paced.observe(cost, ticket)
 
     async def _run(self, job: _Job, request_id: str, budget: float | None, chosen, on_step) -> Result:
+        """Solve with `chosen` gates (less the tiers dropped as failed), unless the shutdown
+        grace expires first (then 503 with the partial)."""
         gates = self.health.gates_for(chosen)
         if gates is not chosen:
             logger.info("request %s: %s", request_id, "; ".join(
