@@ -33,8 +33,9 @@ Concurrent requests (`begin` / `spend` / `observe(cost, ticket)`): under load th
 of a request only when it finishes, and cheap requests finish first, so a pacer that waits
 for finished costs sees underspending that the dear requests still running will undo, and
 serves the next ones too dear (the embedded pair's re-solve at B = 40.3, 64 clients: mean
-cost 44.5 over streams of 600 requests in a replay, `runs/pacing_probe.py`). The setting of the next request is therefore chosen from the settled
-position plus each running request's expected contribution step * (B - f) / B, where f is
+cost 44.5 over streams of 600 requests in a replay, `runs/pacing_probe.py`). The setting of
+the next request is therefore chosen from the settled position plus each running request's
+expected contribution step * (B - f) / B, where f is
 its expected final cost given what it has spent so far: the mean of the recent finished
 costs at its setting that exceed that spend (a request still running after spending s is
 one of the dear ones), or, with none of those, the larger of the spend and B (no

@@ -90,6 +90,7 @@ EXAMPLE_HANG_GUARD_S = 1800
     ("benchmark.py", ["--limit", "4", "--out", "{tmp}/bench", "--policies", "small,large,confidence@0.5"]),
     ("train_router.py", ["--n", "40"]),
     ("serve.py", ["a=5;b=a+7;?b", "--budget", "200"]),
+    ("budget_curve.py", ["--n", "12", "--budget", "40", "--stream", "6", "--thresholds", "1,0.3,0.15,0.05"]),
 ])
 def test_examples_run(script, args, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
