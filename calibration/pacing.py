@@ -14,7 +14,8 @@ Overspending moves it toward cheaper settings, underspending toward dearer ones.
 the position is a debt: the pacer stays at the cheapest setting until cheaper requests have
 paid back what dearer ones overspent (forgiving it would let the mean cost settle above B
 whenever one request can cost several B). Above K - 1 nothing is kept: a credit the
-dearest setting cannot spend is dropped, which only lowers the mean cost.
+dearest setting cannot spend is dropped, which only lowers the mean cost (with requests
+running, the limit is raised by what they hold the position down; see the last paragraph).
 
 Guarantee (deterministic, for ANY sequence of requests, no exchangeability): after n
 requests with costs c_1..c_n,
