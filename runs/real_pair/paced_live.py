@@ -12,7 +12,7 @@ train problems: T = 0.25 at B = 200-300). Rows are appended as problems finish; 
 resumes (the pacer re-observes the rows already there, in order).
 
     taskset -c 0 python runs/real_pair/paced_live.py --budget 250 --limit 120
-    python runs/real_pair/paced_live.py --report 250 300   # bench/results/real_pair_gsm8k/paced_live.{json,md}
+    python runs/real_pair/paced_live.py --report 250 300   # -> bench/results/real_pair_gsm8k/paced_live.*
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from calibration import BudgetPacer
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = Path("~/.cache/stepcascade/models").expanduser()
 MAIN = ROOT / "runs/real_pair/gsm8k_test"  # the recorded small and large rows of the same problems
+RESOLVE = ROOT / "runs/real_pair/gsm8k_test_resolve"  # the runtime's static resolve@0.25 and @0.2 rows
+STATIC = ("confidence:mean_prob:resolve@0.25", "confidence:mean_prob:resolve@0.2")
 OUT = ROOT / "bench/results/real_pair_gsm8k/paced_live"
 THRESHOLDS = (1.0, 0.3, 0.275, 0.25, 0.225, 0.2, 0.175, 0.15)  # cheapest first (1.0: never re-solve)
 START_THRESHOLD = 0.25
@@ -60,6 +62,7 @@ def run(budget: float, limit: int) -> None:
         assert row["setting"] == pacer.index, "the rows do not replay to the same pacer"
         pacer.observe(row["cost"])
     cap = CAP_FACTOR * budget
+    commit = package_commit()  # the code this process loaded (HEAD may move while it runs)
     with Grader() as grader, path.open("a") as sink:
         for example in examples[len(done):]:
             setting = pacer.index
@@ -73,17 +76,27 @@ def run(budget: float, limit: int) -> None:
                    "cost": result.cost.total, "wall_seconds": wall, "answer": result.answer,
                    "correct": bool(grader.grade(result.answer, example.answer, example.kind)),
                    "resolved": bool(result.set_aside), "mean_cost": pacer.mean_cost, "ceiling": pacer.bound(),
-                   "commit": package_commit()}
+                   "commit": commit}
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             print(f"{example.id}: T={row['threshold']} cost {row['cost']:.1f} {wall:.1f}s "
-                  f"correct={row['correct']} mean {pacer.mean_cost:.1f} ceiling {pacer.bound():.1f}", flush=True)
+                  f"correct={row['correct']} mean {pacer.mean_cost:.1f} ceiling {pacer.bound():.1f}",
+                  flush=True)
+
+
+def gap_interval(policy: np.ndarray, small: np.ndarray, large: np.ndarray, draws: int = 10000) -> list[float]:
+    """95 % paired bootstrap interval (over problems) of the gap recovered."""
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(policy), size=(draws, len(policy)))
+    p, s, big = policy[picks].mean(1), small[picks].mean(1), large[picks].mean(1)
+    ok = big > s
+    return [float(q) for q in np.percentile(((p - s) / np.where(ok, big - s, 1.0))[ok], [2.5, 97.5])]
 
 
 def report(budgets: list[float]) -> dict:
-    recorded = {}
-    for row in load_results(MAIN / RESULTS_FILE):
-        if row.get("error") is None and row["policy"] in ("small", "large"):
+    recorded: dict[str, dict[str, dict]] = {}
+    for row in [*load_results(MAIN / RESULTS_FILE), *load_results(RESOLVE / RESULTS_FILE)]:
+        if row.get("error") is None and row["policy"] in ("small", "large", *STATIC):
             recorded.setdefault(row["policy"], {})[row["id"]] = row
     out = {"command": "python runs/real_pair/paced_live.py --report " + " ".join(f"{b:g}" for b in budgets),
            "commit": package_commit(), "thresholds": list(THRESHOLDS), "start_threshold": START_THRESHOLD,
@@ -97,21 +110,34 @@ def report(budgets: list[float]) -> dict:
         large_cost = np.array([recorded["large"][i]["cost"] for i in ids])
         small_cost = np.array([recorded["small"][i]["cost"] for i in ids])
         paced = np.array([r["correct"] for r in rows])
+        static = {policy: np.array([bool(recorded[policy][i]["correct"]) for i in ids]) for policy in STATIC}
         cost = np.array([r["cost"] for r in rows])
-        pacer = BudgetPacer(len(THRESHOLDS), budget, step=STEP, start=float(THRESHOLDS.index(START_THRESHOLD)))
+        pacer = BudgetPacer(len(THRESHOLDS), budget, step=STEP,
+                            start=float(THRESHOLDS.index(START_THRESHOLD)))
         for r in rows:
             pacer.observe(r["cost"])
         gap = large.mean() - small.mean()
         out["runs"].append({
-            "budget": budget, "problems": len(rows), "commits": sorted({r["commit"] for r in rows}),
+            # Rows written before the commit was read once per process carry the HEAD of their
+            # moment; the code a run loaded is that of its first row.
+            "budget": budget, "problems": len(rows), "started_at": rows[0]["commit"],
             "accuracy": float(paced.mean()), "small_accuracy": float(small.mean()),
-            "large_accuracy": float(large.mean()), "gap_recovered": float((paced.mean() - small.mean()) / gap),
-            "mean_cost": float(cost.mean()), "ceiling": pacer.bound(), "budget_x_large": budget / large_cost.mean(),
-            "cost_x_large": float(cost.mean() / large_cost.mean()), "small_cost_x_large": float(
-                small_cost.mean() / large_cost.mean()),
+            "large_accuracy": float(large.mean()),
+            "gap_recovered": float((paced.mean() - small.mean()) / gap),
+            "gap_recovered_ci": gap_interval(paced, small, large),
+            "mean_cost": float(cost.mean()), "ceiling": pacer.bound(),
+            "budget_x_large": budget / large_cost.mean(),
+            "cost_x_large": float(cost.mean() / large_cost.mean()),
+            "small_cost_x_large": float(small_cost.mean() / large_cost.mean()),
             "resolved": float(np.mean([r["resolved"] for r in rows])),
             "max_cost": float(cost.max()), "cap": CAP_FACTOR * budget,
             "thresholds_used": {f"{t:g}": int(sum(r["threshold"] == t for r in rows)) for t in THRESHOLDS},
+            "static": {policy: {
+                "accuracy": float(ok.mean()), "gap_recovered": float((ok.mean() - small.mean()) / gap),
+                "gap_recovered_ci": gap_interval(ok, small, large),
+                "cost_x_large": float(np.mean([recorded[policy][i]["cost"] for i in ids])
+                                      / large_cost.mean())}
+                for policy, ok in static.items()},
             "mean_wall_seconds": float(np.mean([r["wall_seconds"] for r in rows]))})
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
@@ -119,17 +145,21 @@ def report(budgets: list[float]) -> dict:
           f"Command: `{out['command']}` at `{out['commit'][:7]}` (runs: `taskset -c CORE python "
           "runs/real_pair/paced_live.py --budget B --limit N`). Pair Qwen2.5-Coder-0.5B-Instruct -> "
           "1.5B-Instruct (Q4_K_M, llama.cpp, one core). Gate `ConfidenceGate(T, signal='mean_prob', "
-          f"mode='resolve')`, T paced over {list(THRESHOLDS)} (step {STEP:g}) from T = {START_THRESHOLD} (certified "
-          f"label-free at B = 200-300), hard cap {CAP_FACTOR:g} x B. Small and large alone: the recorded rows "
-          "of the same problems (`runs/real_pair/gsm8k_test`).", "",
+          f"mode='resolve')`, T paced over {list(THRESHOLDS)} (step {STEP:g}) from T = {START_THRESHOLD} "
+          f"(certified label-free at B = 200-300), hard cap {CAP_FACTOR:g} x B. Small and large alone, and "
+          "the static thresholds: the recorded rows of the same problems (`runs/real_pair/gsm8k_test`, "
+          "`runs/real_pair/gsm8k_test_resolve`).", "",
           "| B (x large's mean cost) | problems | accuracy (small / large alone) | gap recovered | mean cost "
-          "(ceiling) | cost x large | re-solved | max cost (cap) | thresholds run |", "|---|---|---|---|---|---|---|---|---|"]
+          "(ceiling) | cost x large | re-solved | max cost (cap) | thresholds run | static resolve@0.25, "
+          "@0.2 on the same problems: gap (cost x large) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["runs"]:
         used = ", ".join(f"{t}: {n}" for t, n in r["thresholds_used"].items() if n)
         md.append(f"| {r['budget']:g} ({r['budget_x_large']:.2f}x) | {r['problems']} | {r['accuracy']:.3f} "
                   f"({r['small_accuracy']:.3f} / {r['large_accuracy']:.3f}) | {r['gap_recovered']:.2f} | "
-                  f"{r['mean_cost']:.1f} ({r['ceiling']:.1f}) | {r['cost_x_large']:.2f} | {r['resolved']:.2f} | "
-                  f"{r['max_cost']:.1f} ({r['cap']:g}) | {used} |")
+                  f"{r['mean_cost']:.1f} ({r['ceiling']:.1f}) | {r['cost_x_large']:.2f} | "
+                  f"{r['resolved']:.2f} | {r['max_cost']:.1f} ({r['cap']:g}) | {used} | "
+                  + ", ".join(f"{v['gap_recovered']:.2f} ({v['cost_x_large']:.2f}x)"
+                              for v in r["static"].values()) + " |")
     OUT.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
     return out
@@ -139,7 +169,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, help="run: the mean budget B (cost units)")
     parser.add_argument("--limit", type=int, default=120, help="run: the first N GSM8K test problems")
-    parser.add_argument("--report", type=float, nargs="+", metavar="B", help="report the runs of these budgets")
+    parser.add_argument("--report", type=float, nargs="+", metavar="B",
+                        help="report the runs of these budgets")
     args = parser.parse_args()
     if args.report:
         report(args.report)
