@@ -707,6 +707,43 @@ def real_pair_gsm8k_resolve_wall(results: Path) -> list[str]:
                             "small's rows from the main run")
 
 
+def real_pair_paced_live(results: Path) -> list[str]:
+    """The paced re-solve run live on the real pair (runs/real_pair/paced_live.py)."""
+    r = _load("real_pair_gsm8k/paced_live.json", results)
+    rows = []
+    for run in r["runs"]:
+        used = ", ".join(f"{t}: {n}" for t, n in run["thresholds_used"].items() if n)
+        rows.append((f"{run['budget']:g} ({run['budget_x_large']:.2f}x)", str(run["problems"]),
+                     f"{run['accuracy']:.3f} ({run['small_accuracy']:.3f} / {run['large_accuracy']:.3f})",
+                     "{:.2f} ({:.2f} to {:.2f})".format(run["gap_recovered"], *run["gap_recovered_ci"]),
+                     f"{run['mean_cost']:.1f} ({run['ceiling']:.1f})",
+                     f"{run['cost_x_large']:.2f}", f"{run['resolved']:.2f}",
+                     f"{run['max_cost']:.1f} ({run['cap']:g})", used,
+                     *("{:.2f} ({:.2f} to {:.2f}; cost {:.2f}x)".format(
+                         v["gap_recovered"], *v["gap_recovered_ci"], v["cost_x_large"])
+                       for v in run["static"].values())))
+    commits = sorted({run["started_at"] for run in r["runs"]})
+    static = [f"static `{policy}`: gap (95% CI; cost x large)" for policy in r["runs"][0]["static"]]
+    header = ("budget B (x large's mean cost)", "problems", "accuracy (small / large alone)",
+              "gap recovered (95% CI)",
+              "mean cost (ceiling)", "cost x large", "re-solved", "max cost (hard cap)", "thresholds run",
+              *static)
+    return _table(header, rows) + [
+        "",
+        "GSM8K test problems in order, each solved live by the paced re-solve: "
+        f"`ConfidenceGate(T, signal='mean_prob', mode='resolve')`, T paced over {r['thresholds']} "
+        f"(step {r['step']:g}, cheapest first) from T = {r['start_threshold']} (the threshold certified "
+        f"label-free at B = 200-300 in the replay), every request under the hard cap {r['cap_factor']:g} "
+        "x B, the pacer told each request's real cost. Small and large alone, and the static thresholds "
+        "through the runtime: the recorded rows of the same problems (`runs/real_pair/gsm8k_test`, "
+        "`runs/real_pair/gsm8k_test_resolve`). Pair `qwen2.5-coder-0.5b-instruct-q4_k_m.gguf` -> "
+        "`qwen2.5-coder-1.5b-instruct-q4_k_m.gguf` through llama.cpp, one core per run. Runs: "
+        f"`taskset -c CORE python runs/real_pair/paced_live.py --budget B --limit N` at {_commits(commits)}; "
+        f"table: `{r['command']}` at {_commits([r['commit']])}. "
+        "Intervals: paired bootstrap over problems (10000 draws). "
+        f"Source: {_source('real_pair_gsm8k/paced_live.json')}."]
+
+
 def _real_pair(results: Path, relative: str, what: str = "GSM8K test problems",
                which: str = "the first ones; every policy on each, interleaved") -> list[str]:
     r = _load(relative, results)
@@ -747,6 +784,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "resolve-probe-cap6": resolve_probe_cap6, "resolve-probe-bars": resolve_probe_bars,
     "resolve-probe-calibration-size": resolve_probe_calibration_size, "pacing": pacing,
     "pacing-load": pacing_load, "serve-paced": serve_paced, "curve-cli": curve_cli,
+    "real-pair-paced-live": real_pair_paced_live,
 }
 
 
