@@ -30,6 +30,7 @@ from app.options import build_runner
 from bench.datasets import load_dataset
 from bench.grading import Grader
 from bench.harness import RESULTS_FILE, load_results
+from bench.paired import paired_figures
 from bench.provenance import package_commit
 from calibration import BudgetPacer
 
@@ -84,61 +85,42 @@ def run(budget: float, limit: int) -> None:
                   flush=True)
 
 
-def gap_interval(policy: np.ndarray, small: np.ndarray, large: np.ndarray, draws: int = 10000) -> list[float]:
-    """95 % paired bootstrap interval (over problems) of the gap recovered."""
-    rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(policy), size=(draws, len(policy)))
-    p, s, big = policy[picks].mean(1), small[picks].mean(1), large[picks].mean(1)
-    ok = big > s
-    return [float(q) for q in np.percentile(((p - s) / np.where(ok, big - s, 1.0))[ok], [2.5, 97.5])]
-
-
 def report(budgets: list[float]) -> dict:
-    recorded: dict[str, dict[str, dict]] = {}
-    for row in [*load_results(MAIN / RESULTS_FILE), *load_results(RESOLVE / RESULTS_FILE)]:
-        if row.get("error") is None and row["policy"] in ("small", "large", *STATIC):
-            recorded.setdefault(row["policy"], {})[row["id"]] = row
+    recorded = [row for row in [*load_results(MAIN / RESULTS_FILE), *load_results(RESOLVE / RESULTS_FILE)]
+                if row.get("error") is None and row["policy"] in ("small", "large", *STATIC)]
     out = {"command": "python runs/real_pair/paced_live.py --report " + " ".join(f"{b:g}" for b in budgets),
            "commit": package_commit(), "thresholds": list(THRESHOLDS), "start_threshold": START_THRESHOLD,
            "cap_factor": CAP_FACTOR, "step": STEP,
            "pair": ["Qwen2.5-Coder-0.5B-Instruct Q4_K_M", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M"], "runs": []}
     for budget in budgets:
         rows = [json.loads(line) for line in rows_path(budget).read_text().splitlines()]
-        ids = [r["id"] for r in rows]
-        small = np.array([bool(recorded["small"][i]["correct"]) for i in ids])
-        large = np.array([bool(recorded["large"][i]["correct"]) for i in ids])
-        large_cost = np.array([recorded["large"][i]["cost"] for i in ids])
-        small_cost = np.array([recorded["small"][i]["cost"] for i in ids])
-        paced = np.array([r["correct"] for r in rows])
-        static = {policy: np.array([bool(recorded[policy][i]["correct"]) for i in ids]) for policy in STATIC}
-        cost = np.array([r["cost"] for r in rows])
-        pacer = BudgetPacer(len(THRESHOLDS), budget, step=STEP,
-                            start=float(THRESHOLDS.index(START_THRESHOLD)))
-        for r in rows:
-            pacer.observe(r["cost"])
-        gap = large.mean() - small.mean()
+        ids = {r["id"] for r in rows}
+        paced = f"paced@{budget:g}"
+        # The paired figures (bench.paired) over these problems: the live rows beside the recorded
+        # small, large and static rows (their wall ratios are not used: other runs, other times).
+        figures = paired_figures([*(r for r in recorded if r["id"] in ids),
+                                  *({**r, "policy": paced} for r in rows)], policies=[paced, *STATIC])
+        assert figures["n_problems"] == len(rows), "a problem lacks a recorded row"
+        mine, large_cost = figures["policies"][paced], figures["policies"]["large"]["mean_cost"]
         out["runs"].append({
             # Rows written before the commit was read once per process carry the HEAD of their
             # moment; the code a run loaded is that of its first row.
             "budget": budget, "problems": len(rows), "started_at": rows[0]["commit"],
-            "accuracy": float(paced.mean()), "small_accuracy": float(small.mean()),
-            "large_accuracy": float(large.mean()),
-            "gap_recovered": float((paced.mean() - small.mean()) / gap),
-            "gap_recovered_ci": gap_interval(paced, small, large),
-            "mean_cost": float(cost.mean()), "ceiling": pacer.bound(),
-            "budget_x_large": budget / large_cost.mean(),
-            "cost_x_large": float(cost.mean() / large_cost.mean()),
-            "small_cost_x_large": float(small_cost.mean() / large_cost.mean()),
+            "accuracy": mine["accuracy"], "small_accuracy": figures["policies"]["small"]["accuracy"],
+            "large_accuracy": figures["policies"]["large"]["accuracy"],
+            "gap_recovered": mine["gap_recovered"], "gap_recovered_ci": mine["gap_recovered_ci95"],
+            "mean_cost": mine["mean_cost"], "ceiling": rows[-1]["ceiling"],
+            "budget_x_large": budget / large_cost, "cost_x_large": mine["cost_ratio"],
+            "small_cost_x_large": figures["policies"]["small"]["cost_ratio"],
             "resolved": float(np.mean([r["resolved"] for r in rows])),
-            "max_cost": float(cost.max()), "cap": CAP_FACTOR * budget,
+            "max_cost": float(max(r["cost"] for r in rows)), "cap": CAP_FACTOR * budget,
             "thresholds_used": {f"{t:g}": int(sum(r["threshold"] == t for r in rows)) for t in THRESHOLDS},
-            "static": {policy: {
-                "accuracy": float(ok.mean()), "gap_recovered": float((ok.mean() - small.mean()) / gap),
-                "gap_recovered_ci": gap_interval(ok, small, large),
-                "cost_x_large": float(np.mean([recorded[policy][i]["cost"] for i in ids])
-                                      / large_cost.mean())}
-                for policy, ok in static.items()},
-            "mean_wall_seconds": float(np.mean([r["wall_seconds"] for r in rows]))})
+            "static": {policy: {"accuracy": figures["policies"][policy]["accuracy"],
+                                "gap_recovered": figures["policies"][policy]["gap_recovered"],
+                                "gap_recovered_ci": figures["policies"][policy]["gap_recovered_ci95"],
+                                "cost_x_large": figures["policies"][policy]["cost_ratio"]}
+                       for policy in STATIC},
+            "mean_wall_seconds": mine["mean_wall_seconds"]})
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     md = ["# The paced re-solve on the real pair, live (GSM8K test problems in order)", "",
