@@ -28,7 +28,8 @@ holds, divided by n. `bound()` returns it, so a caller can always report what wa
 held. A priori: if no request at the cheapest setting costs more than B, and none at all
 more than a cap C, the debt never passes step * (C - B) / B, so the mean cost of any n
 requests is at most B + (B * start / step + C - B) / n. Requests in flight (their costs not
-yet observed) are outside the sum until they finish.
+yet observed) are outside the sum until they finish; a state kept with `to_json` records what
+each has spent so far, and `from_json` charges it if the process stopped before they finished.
 
 Concurrent requests (`begin` / `spend` / `observe(cost, ticket)`): under load the pacer hears
 of a request only when it finishes, and cheap requests finish first, so a pacer that waits
@@ -163,17 +164,24 @@ class BudgetPacer:
                 f"(B = {fmt(self.budget)}; paced, any order of requests)")
 
     def to_json(self) -> dict:
-        """What the ceiling rests on, as plain JSON: the settings, the position and the requests
-        observed (the running requests and recent costs, estimates only, are not kept)."""
+        """What the ceiling rests on, as plain JSON: the settings, the position, the requests
+        observed and what each request still running has spent (the recent costs, estimates
+        only, are not kept)."""
         return {"n_settings": self.n_settings, "budget": self.budget, "step": self.step, "start": self.start,
-                "position": self.position, "n": self.n, "total_cost": self.total_cost}
+                "position": self.position, "n": self.n, "total_cost": self.total_cost,
+                "running": [[setting, spent] for setting, spent in self.running.values()]}
 
     @classmethod
     def from_json(cls, payload: object) -> BudgetPacer:
-        """A pacer resumed from `to_json`: it goes on as if it had never stopped."""
+        """A pacer resumed from `to_json`: it goes on as if it had never stopped, except that
+        the requests running when the state was kept ended with the process that ran them:
+        each is charged what it had spent (one that had spent nothing is not counted), so that
+        a crash cannot take spent cost out of the ceiling's count. A state kept before
+        running requests were recorded (no "running" key) resumes with none."""
         keys = ("n_settings", "budget", "step", "start", "position", "n", "total_cost")
-        if not isinstance(payload, dict) or set(payload) != set(keys):
-            raise CalibrationError(f"a pacer's state is a JSON object with the keys {list(keys)}")
+        if not isinstance(payload, dict) or set(payload) - {"running"} != set(keys):
+            raise CalibrationError(f"a pacer's state is a JSON object with the keys {list(keys)} "
+                                   "and optionally 'running'")
         pacer = cls(payload["n_settings"], payload["budget"], step=payload["step"], start=payload["start"])
         position, n, total = payload["position"], payload["n"], payload["total_cost"]
         if isinstance(position, bool) or not (isinstance(position, (int, float)) and math.isfinite(position)):
@@ -182,8 +190,22 @@ class BudgetPacer:
             raise CalibrationError(f"n must be an integer >= 0, got {n!r}")
         if not (isinstance(total, (int, float)) and math.isfinite(total) and total >= 0):
             raise CalibrationError(f"total_cost must be finite and >= 0, got {total!r}")
+        running = payload.get("running", [])
+        if not isinstance(running, list) or not all(_is_running_entry(e, pacer.n_settings) for e in running):
+            raise CalibrationError(f"running must be a list of [setting in 0..{pacer.n_settings - 1}, "
+                                   f"spent >= 0] pairs, got {running!r}"[:300])
         pacer.position, pacer.n, pacer.total_cost = float(position), n, float(total)
+        for _, spent in running:
+            if spent > 0:
+                pacer.observe(float(spent))
         return pacer
+
+
+def _is_running_entry(entry: object, n_settings: int) -> bool:
+    return (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int)
+            and not isinstance(entry[0], bool) and 0 <= entry[0] < n_settings
+            and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
+            and math.isfinite(entry[1]) and entry[1] >= 0)
 
 
 def replay_pacer(costs: ArrayLike, budget: float, *, step: float = 2.0, start: float = 0.0,

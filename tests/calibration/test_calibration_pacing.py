@@ -250,6 +250,35 @@ def test_a_pacer_resumed_from_its_json_goes_on_as_if_it_never_stopped():
     assert resumed == whole and resumed.bound() == whole.bound()
 
 
+def test_a_pacer_resumed_after_a_crash_charges_what_its_running_requests_had_spent():
+    pacer = BudgetPacer(6, 10.0, step=2.0, start=2)
+    for cost in (4.0, 25.0, 9.0):
+        pacer.observe(cost)
+    tickets = [pacer.begin()[0] for _ in range(3)]
+    pacer.spend(tickets[0], 7.5)
+    pacer.spend(tickets[1], 31.0)  # the third has spent nothing: nothing to charge
+    kept = json.loads(json.dumps(pacer.to_json()))
+    assert sorted(spent for _, spent in kept["running"]) == [0.0, 7.5, 31.0]
+    resumed = BudgetPacer.from_json(kept)  # the process died with three requests running
+    settled = BudgetPacer(6, 10.0, step=2.0, start=2)  # as if the two that spent had finished so
+    for cost in (4.0, 25.0, 9.0, 7.5, 31.0):
+        settled.observe(cost)
+    assert resumed == settled and not resumed.running
+    assert resumed.n == 5 and resumed.total_cost == 76.5 and resumed.bound() == settled.bound()
+    assert resumed.mean_cost <= resumed.bound()
+    # Without the running record (a state kept before it existed) they would be lost.
+    older = {k: v for k, v in kept.items() if k != "running"}
+    assert BudgetPacer.from_json(older).n == 3
+
+
+@pytest.mark.parametrize("running", [
+    [[6, 1.0]], [[-1, 1.0]], [[0, -2.0]], [[0, float("inf")]], [[True, 1.0]], [[0.5, 1.0]], [[0]], {"0": 1.0},
+])
+def test_a_bad_running_record_is_refused(running):
+    with pytest.raises(CalibrationError, match="running must be"):
+        BudgetPacer.from_json(BudgetPacer(6, 2.0).to_json() | {"running": running})
+
+
 @pytest.mark.parametrize("change, match", [
     ({"n": -1}, "n must"), ({"n": 2.5}, "n must"), ({"position": float("nan")}, "position"),
     ({"total_cost": -3.0}, "total_cost"), ({"step": 0}, "step"), ({"extra": 1}, "keys"),

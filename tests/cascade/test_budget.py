@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
@@ -295,6 +296,34 @@ def test_a_paced_policy_with_a_state_file_resumes_across_restarts(tmp_path):
         second.observe(result)
     assert second.pacer == whole.pacer and second.bound() == whole.bound() and second.pacer.n == 30
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_paced_policy_restarted_after_a_crash_charges_the_requests_it_was_running(tmp_path):
+    runner, curve = resolve_curve()
+    state = tmp_path / "pacing.json"
+    first = curve.paced("resolve", 60.0, step=1.0, state_file=state)
+    first.spend_keep_interval = 0.0  # every spend kept (the default keeps one per 50 ms)
+    first.observe(runner.solve("q0", 120.0, gates=first.policy()[0]))
+    ticket, gates, cap = first.begin()
+    first.spend(ticket, 45.0)
+    first.spend(ticket, 95.0)  # then the process dies: no observe, no clean shutdown
+    second = curve.paced("resolve", 60.0, step=1.0, state_file=state)
+    assert second.pacer.n == 2 and second.pacer.total_cost == first.pacer.total_cost + 95.0
+    assert second.mean_cost <= second.bound()
+    assert json.loads(state.read_text())["pacer"]["running"] == []  # charged once, not again
+
+
+def test_a_paced_policy_keeps_running_spend_at_most_once_per_interval(tmp_path):
+    _, curve = resolve_curve()
+    state = tmp_path / "pacing.json"
+    paced = curve.paced("resolve", 60.0, step=1.0, state_file=state)
+    paced.spend_keep_interval = 3600.0
+    ticket, _, _ = paced.begin()
+    paced.spend(ticket, 30.0)
+    assert json.loads(state.read_text())["pacer"]["running"] == []  # within the interval: not yet
+    other, _, _ = paced.begin()
+    paced.observe(10.0, other)  # a finished request is kept at once, with what runs
+    assert json.loads(state.read_text())["pacer"]["running"] == [[paced.pacer.running[ticket][0], 30.0]]
 
 
 @pytest.mark.parametrize("kwargs, content, match", [
