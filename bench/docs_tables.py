@@ -21,7 +21,7 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from bench.paired import clairvoyant_summary, format_interval
+from bench.paired import clairvoyant_cost_summary, clairvoyant_summary, format_interval
 
 __all__ = ["TABLES", "DOC_FILES", "render", "rewrite", "stale_regions"]
 
@@ -761,6 +761,9 @@ def _real_pair(results: Path, relative: str, what: str = "GSM8K test problems",
     models = next((run["models"] for run in r["runs"] if run.get("models")), [])
     targets = r.get("targets") or {}
     summary = clairvoyant_summary(r, targets["gap"], targets.get("wall")) if targets.get("gap") else ""
+    if targets.get("gap") and targets.get("cost") is not None:
+        by_cost = clairvoyant_cost_summary(r, targets["gap"], targets["cost"])
+        summary = " ".join(filter(None, [summary, by_cost]))
     return _table(header, rows) + [
         "",
         f"{r['n_problems']} {what} ({which}), paired "

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["clairvoyant_frontier", "clairvoyant_summary", "paired_figures", "format_interval", "main"]
+__all__ = ["clairvoyant_cost_summary", "clairvoyant_frontier", "clairvoyant_summary", "paired_figures",
+           "format_interval", "main"]
 
 
 class PairedError(ValueError):
@@ -63,16 +64,18 @@ def _table(rows: Sequence[dict], policies: Sequence[str]) -> tuple[list[str], di
 
 
 def clairvoyant_frontier(small_correct: np.ndarray, large_correct: np.ndarray, small_wall: np.ndarray,
-                         large_wall: np.ndarray) -> list[tuple[float, float]]:
-    """(wall ratio vs large, gap recovered) after routing 0, 1, 2, ... problems to large:
-    only those large solves and small does not, the fewest extra seconds first."""
+                         large_wall: np.ndarray, *, keeps_small: bool = False) -> list[tuple[float, float]]:
+    """(ratio vs large, gap recovered) after routing 0, 1, 2, ... problems to large: only
+    those large solves and small does not, the fewest extra seconds (or cost units: any
+    per-problem measure works) first. A routed problem pays large instead of small, or, with
+    `keeps_small`, small's whole solve and then large (a re-solve decided at its end)."""
     small_correct, large_correct = np.asarray(small_correct, bool), np.asarray(large_correct, bool)
     small_wall, large_wall = np.asarray(small_wall, float), np.asarray(large_wall, float)
     gap = int(large_correct.sum()) - int(small_correct.sum())
     if gap <= 0:
         return []
     only_large = np.flatnonzero(large_correct & ~small_correct)
-    extra = np.sort(large_wall[only_large] - small_wall[only_large])
+    extra = np.sort(large_wall[only_large] - (0.0 if keeps_small else small_wall[only_large]))
     walls = (small_wall.sum() + np.concatenate([[0.0], np.cumsum(extra)])) / large_wall.sum()
     return [(float(w), k / gap) for k, w in enumerate(walls)]
 
@@ -118,6 +121,9 @@ def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = Non
     point_gap = correct[large].mean() - correct[small].mean()
     out["clairvoyant_frontier"] = clairvoyant_frontier(correct[small], correct[large],
                                                        wall[small], wall[large])
+    out["clairvoyant_cost_frontier"] = {
+        mode: clairvoyant_frontier(correct[small], correct[large], cost[small], cost[large],
+                                   keeps_small=mode == "resolve") for mode in ("route", "resolve")}
     for p in shown:
         acc = correct[p][draws].mean(axis=1)
         recovered = np.where(has_gap, (acc - acc_small) / np.where(has_gap, gap, 1.0), np.nan)
@@ -144,7 +150,7 @@ def format_interval(value: float | None, ci: list[float] | None) -> str:
 
 
 def markdown(figures: dict, *, title: str, command: str, target_gap: float | None = None,
-             target_wall: float | None = None) -> str:
+             target_wall: float | None = None, target_cost: float | None = None) -> str:
     """The figures as a Markdown table, with a target column when target_gap is given."""
     lines = [f"# {title}", "", f"Command: `{command}`  ",
              f"{figures['n_problems']} problems on which every policy below has a graded row; 95 % intervals "
@@ -171,6 +177,10 @@ def markdown(figures: dict, *, title: str, command: str, target_gap: float | Non
         line = clairvoyant_summary(figures, target_gap, target_wall)
         if line:
             lines += ["", line]
+    if target_gap and target_cost is not None:
+        line = clairvoyant_cost_summary(figures, target_gap, target_cost)
+        if line:
+            lines += ["", line]
     return "\n".join(lines)
 
 
@@ -188,6 +198,26 @@ def clairvoyant_summary(figures: dict, target_gap: float, target_wall: float | N
         line += (f"; within {target_wall:g}x it recovers "
                  + (f"{within:.2f}" if within is not None else "nothing (small alone is slower)"))
     return line + "."
+
+
+def clairvoyant_cost_summary(figures: dict, target_gap: float, target_cost: float) -> str:
+    """One sentence: the gap the clairvoyant routers recover within a cost ratio, one sending a
+    problem to large instead of small, one re-solving it with large after small's whole solve
+    ("" when there is no gap)."""
+    frontiers = figures.get("clairvoyant_cost_frontier") or {}
+    if not frontiers.get("route"):
+        return ""
+    parts = []
+    for mode, words in (("route", "sends the problems only large solves to large before small writes "
+                                  "anything"),
+                        ("resolve", "has large re-solve them after small's whole solve")):
+        within = max((g for c, g in frontiers[mode] if c <= target_cost), default=None)
+        reach = next((c for c, g in frontiers[mode] if g >= target_gap - 1e-12), None)
+        parts.append(f"{words}: "
+                     + (f"{within:.2f}" if within is not None else "nothing (small alone costs more)")
+                     + (f" ({target_gap:g} at {reach:.3f}x)" if reach is not None else ""))
+    return (f"By cost, the gap a clairvoyant router recovers within {target_cost:g}x large's cost, if it "
+            f"{'; if it '.join(parts)}.")
 
 
 def _target_met(p: dict, target_gap: float, target_wall: float | None) -> bool:
@@ -221,6 +251,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target-gap", type=float, default=None, help="e.g. 0.7")
     parser.add_argument("--target-wall", type=float, default=None, help="e.g. 0.6")
+    parser.add_argument("--target-cost", type=float, default=None,
+                        help="e.g. 0.5: say what a clairvoyant router recovers within this cost ratio")
     parser.add_argument("--title", default="Paired figures")
     parser.add_argument("-o", "--out", required=True, help="writes OUT.json and OUT.md")
     return parser
@@ -252,13 +284,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"bench.paired: {error}") from None
     command = "python -m bench.paired " + shlex.join(argv if argv is not None else sys.argv[1:])
     figures["command"] = command
-    figures["targets"] = {"gap": args.target_gap, "wall": args.target_wall}
+    figures["targets"] = {"gap": args.target_gap, "wall": args.target_wall, "cost": args.target_cost}
     figures["runs"] = [_provenance(Path(run)) for run in args.runs]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(figures, indent=1) + "\n")
     text = markdown(figures, title=args.title, command=command, target_gap=args.target_gap,
-                    target_wall=args.target_wall)
+                    target_wall=args.target_wall, target_cost=args.target_cost)
     out.with_suffix(".md").write_text(text + "\n")
     print(text)
     return figures

@@ -95,6 +95,24 @@ def test_the_clairvoyant_frontier_routes_only_what_large_alone_solves_cheapest_f
     expected = [(5 / total, 0.0), (6 / total, 0.5), (8 / total, 1.0), (11 / total, 1.5)]
     assert frontier == pytest.approx(expected)
     assert clairvoyant_frontier(large_ok, small_ok, small_wall, large_wall) == []  # no gap to recover
+    # A re-solve decided at the end of small's solve pays small too: extras 2, 4, 3 -> 2, 3, 4.
+    resolve = clairvoyant_frontier(small_ok, large_ok, small_wall, large_wall, keeps_small=True)
+    expected = [(5 / total, 0.0), (7 / total, 0.5), (10 / total, 1.0), (14 / total, 1.5)]
+    assert resolve == pytest.approx(expected)
+
+
+def test_the_markdown_says_what_a_clairvoyant_router_recovers_within_a_cost_ratio():
+    from bench.paired import markdown
+
+    figures = paired_figures(_rows(), n_bootstrap=200)
+    n = figures["n_problems"]
+    route, resolve = (figures["clairvoyant_cost_frontier"][m] for m in ("route", "resolve"))
+    assert resolve[0] == route[0] and all(r[0] > q[0] for q, r in zip(route[1:], resolve[1:], strict=True))
+    text = markdown(figures, title="t", command="c", target_gap=0.7, target_wall=0.6, target_cost=0.6)
+    line = next(x for x in text.splitlines() if x.startswith("By cost"))
+    within = {m: max(g for c, g in f if c <= 0.6) for m, f in (("route", route), ("resolve", resolve))}
+    assert f"anything: {within['route']:.2f}" in line and f"solve: {within['resolve']:.2f}" in line
+    assert n and "By cost" not in markdown(figures, title="t", command="c", target_gap=0.7, target_wall=0.6)
 
 
 def test_the_markdown_says_where_the_clairvoyant_router_meets_the_gap_target():
