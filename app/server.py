@@ -458,32 +458,34 @@ class _App:
         if paced is None:
             return await self._run(job, request_id, budget, chosen, on_step)
         # The pacer's threshold now (a request's budget only lowers its cap); while the
-        # request runs the pacer is told what it has spent, and however it ends, what it cost.
+        # request runs the pacer is told what it has spent, and however it ends, what it cost:
+        # a request that fails or is cancelled mid-call is charged as if that call had cost
+        # its most (its work is done or abandoned, not returned), so that no spent unit
+        # escapes the pacer's count.
         ticket, chosen, cap = paced.begin()
         budget = cap if budget is None or cap is None else min(cap, budget)
-        spent = [0.0]
+        at_most = [0.0]
 
-        def on_paced_step(step: Step) -> None:
-            spent[0] += step.cost
-            paced.spend(ticket, spent[0])
-            if on_step is not None:
-                on_step(step)
+        def on_spend(spent: float, most: float) -> None:
+            at_most[0] = most
+            paced.spend(ticket, spent)
 
         cost: Result | float = 0.0
         try:
-            cost = await self._run(job, request_id, budget, chosen, on_paced_step)
+            cost = await self._run(job, request_id, budget, chosen, on_step, on_spend)
             return cost
         except CascadeError as error:
             partial = getattr(error, "partial", None)
-            cost = partial if isinstance(partial, Result) else spent[0]  # a failure's spend counts too
+            cost = max(partial.cost.total, at_most[0]) if isinstance(partial, Result) else at_most[0]
             raise
-        except BaseException:  # cancelled (client gone, shutdown): what it spent until then
-            cost = spent[0]
+        except BaseException:  # cancelled (client gone, shutdown)
+            cost = at_most[0]
             raise
         finally:
             paced.observe(cost, ticket)
 
-    async def _run(self, job: _Job, request_id: str, budget: float | None, chosen, on_step) -> Result:
+    async def _run(self, job: _Job, request_id: str, budget: float | None, chosen, on_step,
+                   on_spend=None) -> Result:
         """Solve with `chosen` gates (less the tiers dropped as failed), unless the shutdown
         grace expires first (then 503 with the partial)."""
         gates = self.health.gates_for(chosen)
@@ -491,8 +493,8 @@ class _App:
             logger.info("request %s: %s", request_id, "; ".join(
                 f"tier {d.name} ({d.model}) dropped since {d.to_json()['since']}: {d.reason[:200]}"
                 for d in self.health.dropped()))
-        task = asyncio.ensure_future(self.runner.asolve(job.problem, budget, gates=gates,
-                                                        options=job.options, on_step=on_step))
+        task = asyncio.ensure_future(self.runner.asolve(job.problem, budget, gates=gates, options=job.options,
+                                                        on_step=on_step, on_spend=on_spend))
         expiry = asyncio.ensure_future(self.drain.expired.wait())
         try:
             done, _ = await asyncio.wait({task, expiry}, return_when=asyncio.FIRST_COMPLETED)

@@ -249,16 +249,22 @@ class Cascade:
 
     async def asolve(self, problem: str, budget: float | None = None, *,
                      gates: Sequence[Gate] | None = None, options: SolveOptions | None = None,
-                     on_step: Callable[[Step], None] | None = None) -> Result:
+                     on_step: Callable[[Step], None] | None = None,
+                     on_spend: Callable[[float, float], None] | None = None) -> Result:
         """Solve one problem on the running event loop; concurrent `asolve` calls on one
         loop advance together and share each backend's batches.
 
         on_step: called with each accepted Step as soon as it is decided (streaming).
+        on_spend: called as the request sends model calls, with (spent, at_most): the cost of
+        the calls it has finished, and that plus the most the calls now sent can cost. A
+        request cancelled or failed mid-call has spent between the two (its last call's work
+        is done or abandoned, not returned): what to charge it when every unit must be counted.
         Cancelling the task frees the request's backend state and disturbs no other request.
         """
         budget, gates, options = self._prepare(budget, gates, options)
         return await self._driver().run(
-            self.step_machine(check_problem(problem), budget, gates, options, on_step=on_step), options)
+            self.step_machine(check_problem(problem), budget, gates, options, on_step=on_step,
+                              on_spend=on_spend), options)
 
     def solve_many(self, problems: Iterable[str], budget: float | None = None, *,
                    gates: Sequence[Gate] | None = None, options: SolveOptions | None = None,
@@ -313,10 +319,12 @@ class Cascade:
 
     def step_machine(self, problem: str, budget: float | None, gates: Sequence[Gate],
                      options: SolveOptions, request_id: str | None = None,
-                     on_step: Callable[[Step], None] | None = None
+                     on_step: Callable[[Step], None] | None = None,
+                     on_spend: Callable[[float, float], None] | None = None
                      ) -> Generator[Call, StepOutput | ScoreOutput, Result]:
         """The generator that solves one problem; see the module docstring."""
-        run = _Run(self, problem, budget, list(gates), options, request_id or uuid.uuid4().hex, on_step)
+        run = _Run(self, problem, budget, list(gates), options, request_id or uuid.uuid4().hex, on_step,
+                   on_spend)
         return run.machine()
 
 
@@ -383,7 +391,8 @@ class _Run:
 
     def __init__(self, cascade: Cascade, problem: str, budget: float | None,
                  gates: list[Gate], options: SolveOptions, request_id: str,
-                 on_step: Callable[[Step], None] | None = None) -> None:
+                 on_step: Callable[[Step], None] | None = None,
+                 on_spend: Callable[[float, float], None] | None = None) -> None:
         self.cascade = cascade
         self.problem = problem
         self.budget = budget
@@ -391,6 +400,7 @@ class _Run:
         self.options = options
         self.request_id = request_id
         self.on_step = on_step
+        self.on_spend = on_spend
         self.n = len(cascade.models)
         self.context = ""
         # Text of the step being written that the verifying tier has already fixed (its
@@ -514,11 +524,24 @@ class _Run:
 
     def generate(self, tier: int, context: str, max_tokens: int):
         request = self.step_request(tier, context, max_tokens)
+        if self.on_spend is not None:
+            self.sending(self.worst(tier, context, max_tokens))
         return self.took_step(tier, request, (yield (tier, request)))
 
     def verify(self, tier: int, text: str):
+        if self.on_spend is not None:
+            self.sending(self.worst_score(tier, self.here + text))
         return self.took_score(tier, (yield (tier, ScoreRequest(self.request_id, self.problem,
                                                                self.here, text))))
+
+    def worst_score(self, tier: int, text: str) -> float:
+        """The most scoring `text` (the context and the step) by `tier` could cost."""
+        return self.cascade.cost_model.charge(tier, self.prefill_bound(tier, text), 0)
+
+    def sending(self, at_most: float) -> None:
+        """Tell `on_spend` of calls about to be sent that can cost at most `at_most`."""
+        spent = self.used()
+        self.on_spend(spent, spent + at_most)
 
     # -- mechanism: draft -----------------------------------------------------------------
 
@@ -675,6 +698,9 @@ class _Run:
         ahead_context = self.here + output.text
         score = ScoreRequest(self.request_id, self.problem, self.here, output.text)
         request = self.step_request(tier, ahead_context, self.options.max_step_tokens)
+        if self.on_spend is not None:
+            self.sending(self.worst_score(tier + 1, ahead_context)
+                         + self.worst(tier, ahead_context, self.options.max_step_tokens))
         verification, ahead = yield [(tier + 1, score), (tier, request)]
         try:
             if isinstance(ahead, BackendError):

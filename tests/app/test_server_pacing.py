@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -55,15 +54,16 @@ def test_concurrent_requests_are_paced_capped_and_told_the_ceiling():
     assert health["pacing"]["running"] == 0
 
 
-def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_what_it_spent():
+def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_its_most():
     # A request that has spent a lot and is still running makes the next request cheaper at
-    # once; when its client goes away its spend still reaches the pacer (no cost is lost).
+    # once; when its client goes away mid-call its spend, and the most its call in flight
+    # could cost, still reach the pacer (no spent unit is lost).
     app, paced = paced_app()
     state = app.state.cascade_app
     reported = asyncio.Event()
 
-    async def hangs(problem, budget, *, gates, options, on_step):
-        on_step(SimpleNamespace(cost=300.0))  # 5 B spent so far, and not done
+    async def hangs(problem, budget, *, gates, options, on_step, on_spend):
+        on_spend(300.0, 340.0)  # 5 B spent so far, a call of at most 40 in flight, not done
         reported.set()
         await asyncio.Event().wait()
 
@@ -84,7 +84,7 @@ def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_what_it_
             await task
 
     asyncio.run(scenario())
-    assert paced.pacer.running == {} and paced.pacer.n == 1 and paced.mean_cost == 300.0
+    assert paced.pacer.running == {} and paced.pacer.n == 1 and paced.mean_cost == 340.0
 
 
 async def _get(app, path: str) -> dict:

@@ -61,6 +61,29 @@ def test_on_step_streams_each_step_as_decided():
     assert [s.text for s in seen] == [s.text for s in result.steps] and len(seen) == 5
 
 
+@pytest.mark.parametrize("gate, options, budget", [
+    (ConfidenceGate(0.5), OPTIONS, None),
+    (ConfidenceGate(0.5), OPTIONS, 9000.0),
+    (VerifyGate(0.5), OPTIONS, None),
+    (VerifyGate(0.5), SolveOptions(max_steps=10, max_step_tokens=12, draft_ahead=True), 20000.0),
+    (ConfidenceGate(0.5, mode="resolve"), OPTIONS, 30000.0),
+])
+def test_on_spend_brackets_what_each_call_costs(gate, options, budget):
+    # Before each call: (spent, at_most). The next report's spent must lie between the two,
+    # and the result's cost under the last at_most: a request cut off mid-call and charged
+    # at_most is never charged less than it spent.
+    reports = []
+    c = Cascade(*pair(), gate, options=options)
+    result = asyncio.run(c.asolve("p", budget, on_spend=lambda spent, most: reports.append((spent, most))))
+    assert len(reports) >= len(result.steps) >= 2
+    for (spent, most), (after, _) in zip(reports, reports[1:], strict=False):
+        assert spent <= after <= most + 1e-9
+    assert reports[-1][0] <= result.cost.total <= reports[-1][1] + 1e-9
+    assert reports[-1][1] > reports[-1][0]
+    if budget is not None:
+        assert all(most <= budget + 1e-9 for _, most in reports)  # the cap admits each call on its worst case
+
+
 def test_cancelling_one_request_frees_it_and_leaves_the_others_alone():
     small, large = pair()
     slow_large = FaultyBackend(large, lambda n, r: "stall", stall_seconds=0.05)
