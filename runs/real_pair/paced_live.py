@@ -49,12 +49,17 @@ def rows_path(budget: float) -> Path:
     return ROOT / f"runs/real_pair/paced_live_B{budget:g}.jsonl"
 
 
-def run(budget: float, limit: int) -> None:
+def real_pair_runner() -> cascade.Cascade:
+    """The real pair with the settings of `runs/real_pair/gsm8k_test.sh`."""
     args = build_parser().parse_args([
         "bench", "--dataset", "gsm8k", "--small", str(MODELS / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
         "--large", str(MODELS / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"), "--template", "qwen25-math-cot",
         "--delimiter", "\n\n", "--max-steps", "24", "--max-step-tokens", "160", "-o", "/dev/null"])
-    runner = build_runner(args, gates=False)
+    return build_runner(args, gates=False)
+
+
+def run(budget: float, limit: int) -> None:
+    runner = real_pair_runner()
     examples = load_dataset("gsm8k", limit)
     pacer = BudgetPacer(len(THRESHOLDS), budget, step=STEP, start=float(THRESHOLDS.index(START_THRESHOLD)))
     path = rows_path(budget)

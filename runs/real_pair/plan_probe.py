@@ -21,8 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.cli import build_parser
-from app.options import build_runner
+from paced_live import real_pair_runner  # the same pair and settings
+
 from bench.datasets import load_dataset
 from bench.grading import Grader
 from bench.harness import RESULTS_FILE, load_results
@@ -31,7 +31,6 @@ from bench.provenance import package_commit
 from cascade.gates import Gate, GateState
 
 ROOT = Path(__file__).resolve().parents[2]
-MODELS = Path("~/.cache/stepcascade/models").expanduser()
 MAIN = ROOT / "runs/real_pair/gsm8k_test"
 OUT = ROOT / "runs/real_pair/plan_probe"
 
@@ -55,11 +54,7 @@ def rows_path(first: int) -> Path:
 
 
 def run(first: int, limit: int) -> None:
-    args = build_parser().parse_args([
-        "bench", "--dataset", "gsm8k", "--small", str(MODELS / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"),
-        "--large", str(MODELS / "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"), "--template", "qwen25-math-cot",
-        "--delimiter", "\n\n", "--max-steps", "24", "--max-step-tokens", "160", "-o", "/dev/null"])
-    runner = build_runner(args, gates=False)
+    runner = real_pair_runner()
     path = rows_path(first)
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     commit = package_commit()
