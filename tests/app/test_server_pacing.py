@@ -87,6 +87,38 @@ def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_its_most
     assert paced.pacer.running == {} and paced.pacer.n == 1 and paced.mean_cost == 340.0
 
 
+def test_a_server_that_dies_mid_request_leaves_its_spend_to_the_next_one(tmp_path):
+    # The server reports a running request's spend to the pacer, the pacer keeps it in the
+    # state file, and the process started after a crash charges it: no spent unit is lost.
+    runner, curve = resolve_curve()
+    state_file = tmp_path / "pacing.json"
+    paced = curve.paced("resolve", 60.0, step=1.0, state_file=state_file)
+    paced.spend_keep_interval = 0.0
+    app = create_app(runner, ServerConfig(paced=paced))
+    state = app.state.cascade_app
+    reported = asyncio.Event()
+
+    async def hangs(problem, budget, *, gates, options, on_step, on_spend):
+        on_spend(75.0, 110.0)
+        reported.set()
+        await asyncio.Event().wait()
+
+    state.runner.asolve = hangs
+
+    async def scenario() -> None:
+        job = _Job("q", None, None, state.runner.options, False)
+        task = asyncio.ensure_future(state.run(job, "r1"))
+        await reported.wait()
+        # The process dies here (nothing more runs in it); the next one reads the file.
+        restarted = curve.paced("resolve", 60.0, step=1.0, state_file=state_file)
+        assert restarted.pacer.n == 1 and restarted.mean_cost == 75.0 and restarted.pacer.running == {}
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(scenario())
+
+
 async def _get(app, path: str) -> dict:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://serve") as client:
