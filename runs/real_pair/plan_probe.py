@@ -32,7 +32,11 @@ from cascade.gates import Gate, GateState
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "runs/real_pair/gsm8k_test"
+RESOLVE = ROOT / "runs/real_pair/gsm8k_test_resolve"
 OUT = ROOT / "runs/real_pair/plan_probe"
+# The runtime's recorded rows of the same problems: the step cascade and the re-solve.
+COMPARED = ("confidence:mean_prob@0.2", "confidence:mean_prob:resolve@0.25",
+            "confidence:mean_prob:resolve@0.2")
 
 
 @dataclass(frozen=True)
@@ -74,12 +78,12 @@ def run(first: int, limit: int) -> None:
 
 
 def report(firsts: list[int]) -> dict:
-    recorded = [r for r in load_results(MAIN / RESULTS_FILE)
-                if r.get("error") is None and r["policy"] in ("small", "large", "confidence:mean_prob@0.2")]
+    recorded = [r for r in [*load_results(MAIN / RESULTS_FILE), *load_results(RESOLVE / RESULTS_FILE)]
+                if r.get("error") is None and r["policy"] in ("small", "large", *COMPARED)]
     mine = [json.loads(line) for k in firsts for line in rows_path(k).read_text().splitlines()]
     ids = set.intersection(*({r["id"] for r in mine if r["policy"] == f"first{k}"} for k in firsts))
     figures = paired_figures([r for r in [*recorded, *mine] if r["id"] in ids],
-                             policies=[*(f"first{k}" for k in firsts), "confidence:mean_prob@0.2"])
+                             policies=[*(f"first{k}" for k in firsts), *COMPARED])
     out = {"command": "python runs/real_pair/plan_probe.py --report " + " ".join(map(str, firsts)),
            "commit": package_commit(), "problems": len(ids), "figures": figures}
     OUT.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
