@@ -45,8 +45,8 @@ START_THRESHOLD = 0.25
 CAP_FACTOR, STEP = 3.0, 2.0
 
 
-def rows_path(budget: float) -> Path:
-    return ROOT / f"runs/real_pair/paced_live_B{budget:g}.jsonl"
+def rows_path(budget: float, beside_large: bool = False) -> Path:
+    return ROOT / f"runs/real_pair/paced_live_B{budget:g}{'_wall' if beside_large else ''}.jsonl"
 
 
 def real_pair_runner() -> cascade.Cascade:
@@ -58,11 +58,13 @@ def real_pair_runner() -> cascade.Cascade:
     return build_runner(args, gates=False)
 
 
-def run(budget: float, limit: int) -> None:
+def run(budget: float, limit: int, beside_large: bool = False) -> None:
+    """With `beside_large`, each problem is also solved by the large model alone in the same
+    process (the order alternating per problem), so that wall clocks compare fairly."""
     runner = real_pair_runner()
     examples = load_dataset("gsm8k", limit)
     pacer = BudgetPacer(len(THRESHOLDS), budget, step=STEP, start=float(THRESHOLDS.index(START_THRESHOLD)))
-    path = rows_path(budget)
+    path = rows_path(budget, beside_large)
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     for row in done:  # resume: the pacer goes on from the rows already there
         assert row["setting"] == pacer.index, "the rows do not replay to the same pacer"
@@ -70,24 +72,68 @@ def run(budget: float, limit: int) -> None:
     cap = CAP_FACTOR * budget
     commit = package_commit()  # the code this process loaded (HEAD may move while it runs)
     with Grader() as grader, path.open("a") as sink:
-        for example in examples[len(done):]:
+        for i, example in enumerate(examples[len(done):], start=len(done)):
             setting = pacer.index
             gate = cascade.ConfidenceGate(THRESHOLDS[setting], signal="mean_prob", mode="resolve")
+            large = {}
+            if beside_large and i % 2:
+                large = solve_large(runner, grader, example)
             began = time.perf_counter()
             result = runner.solve(example.problem, cap, gates=[gate])
             wall = time.perf_counter() - began
+            if beside_large and not i % 2:
+                large = solve_large(runner, grader, example)
             assert result.cost.total <= cap + 1e-9, (example.id, result.cost.total)
             pacer.observe(result.cost.total)
             row = {"id": example.id, "setting": setting, "threshold": THRESHOLDS[setting],
                    "cost": result.cost.total, "wall_seconds": wall, "answer": result.answer,
                    "correct": bool(grader.grade(result.answer, example.answer, example.kind)),
                    "resolved": bool(result.set_aside), "mean_cost": pacer.mean_cost, "ceiling": pacer.bound(),
-                   "commit": commit}
+                   "commit": commit, **large}
             sink.write(json.dumps(row) + "\n")
             sink.flush()
             print(f"{example.id}: T={row['threshold']} cost {row['cost']:.1f} {wall:.1f}s "
                   f"correct={row['correct']} mean {pacer.mean_cost:.1f} ceiling {pacer.bound():.1f}",
                   flush=True)
+
+
+def solve_large(runner: cascade.Cascade, grader: Grader, example) -> dict:
+    """The large model alone on the same problem, timed in the same process."""
+    began = time.perf_counter()
+    result = runner.solve(example.problem, gates=[cascade.AlwaysLarge()])
+    return {"large_wall_seconds": time.perf_counter() - began, "large_cost": result.cost.total,
+            "large_correct": bool(grader.grade(result.answer, example.answer, example.kind))}
+
+
+def report_wall(budget: float) -> dict:
+    """The run beside the large model: paced vs large-alone wall clock, paired by problem."""
+    rows = [json.loads(line) for line in rows_path(budget, True).read_text().splitlines()]
+    small = {r["id"]: r for r in load_results(MAIN / RESULTS_FILE)
+             if r.get("error") is None and r["policy"] == "small"}
+    paced = f"paced@{budget:g}"
+    merged = []
+    for r in rows:
+        merged += [{**small[r["id"]], "wall_seconds": 0.0},  # small's own wall: another run, not used
+                   {"id": r["id"], "policy": "large", "correct": r["large_correct"], "cost": r["large_cost"],
+                    "wall_seconds": r["large_wall_seconds"]},
+                   {"id": r["id"], "policy": paced, "correct": r["correct"], "cost": r["cost"],
+                    "wall_seconds": r["wall_seconds"]}]
+    figures = paired_figures(merged, policies=[paced])
+    mine = figures["policies"][paced]
+    out = {"command": f"python runs/real_pair/paced_live.py --report-wall {budget:g}",
+           "commit": package_commit(),
+           "run": f"taskset -c CORE python runs/real_pair/paced_live.py --budget {budget:g} --beside-large "
+                  f"--limit N", "started_at": rows[0]["commit"], "problems": len(rows), "budget": budget,
+           "accuracy": mine["accuracy"], "large_accuracy": figures["policies"]["large"]["accuracy"],
+           "small_accuracy": figures["policies"]["small"]["accuracy"],
+           "gap_recovered": mine["gap_recovered"], "gap_recovered_ci": mine["gap_recovered_ci95"],
+           "wall_x_large": mine["wall_ratio"], "wall_x_large_ci": mine["wall_ratio_ci95"],
+           "cost_x_large": mine["cost_ratio"], "cost_x_large_ci": mine["cost_ratio_ci95"],
+           "mean_cost": mine["mean_cost"], "ceiling": rows[-1]["ceiling"]}
+    target = ROOT / f"bench/results/real_pair_gsm8k/paced_live_B{budget:g}_wall.json"
+    target.write_text(json.dumps(out, indent=1) + "\n")
+    print(json.dumps(out, indent=1))
+    return out
 
 
 def report(budgets: list[float]) -> dict:
@@ -156,13 +202,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, help="run: the mean budget B (cost units)")
     parser.add_argument("--limit", type=int, default=120, help="run: the first N GSM8K test problems")
+    parser.add_argument("--beside-large", action="store_true",
+                        help="run: also solve each problem with the large model alone, timed in this process")
     parser.add_argument("--report", type=float, nargs="+", metavar="B",
                         help="report the runs of these budgets")
+    parser.add_argument("--report-wall", type=float, metavar="B", help="report the --beside-large run of B")
     args = parser.parse_args()
     if args.report:
         report(args.report)
+    elif args.report_wall:
+        report_wall(args.report_wall)
     elif args.budget:
-        run(args.budget, args.limit)
+        run(args.budget, args.limit, args.beside_large)
     else:
         parser.error("--budget B or --report B [B ...]")
 
