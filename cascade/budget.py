@@ -429,7 +429,7 @@ class PacedPolicy:
     running ones are the long, dear ones, and a pacer that heard only of finished requests
     would serve too dear), `spend` reports a running request's cost so far, and `observe`
     takes its ticket. Calls may come from several threads. With a `state_file` the pacer's
-    state is kept after every finished request (and running requests' spend at least every
+    state is kept after every finished request (and running requests' spend at most once per
     `spend_keep_interval` seconds) and resumed from on the next start, so the ceiling covers
     every request across restarts, crashes included: a request that was running when the
     process died is charged what it had spent when the state was last kept.
