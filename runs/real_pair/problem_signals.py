@@ -18,29 +18,18 @@ import re
 from pathlib import Path
 
 import numpy as np
+from signals_outcome import BOOTSTRAP, auroc_with_interval  # resamples problems (groups of one here)
 
 from bench.harness import RESULTS_FILE, load_results
-from calibration.metrics import auroc
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN = ROOT / "runs/real_pair/gsm8k_test"
 OUT = ROOT / "runs/real_pair/problem_signals"
-BOOTSTRAP = 2000
 FEATURES = {
     "characters": lambda text: len(text),
     "numbers in the text": lambda text: len(re.findall(r"\d+(?:[.,]\d+)*", text)),
     "sentences": lambda text: len(re.findall(r"[.?!](?:\s|$)", text)),
 }
-
-
-def interval(scores: np.ndarray, labels: np.ndarray, seed: int = 0) -> list[float]:
-    rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(BOOTSTRAP):
-        pick = rng.integers(0, len(labels), len(labels))
-        if 0 < labels[pick].sum() < len(pick):
-            draws.append(auroc(scores[pick], labels[pick]))
-    return [float(v) for v in np.percentile(draws, [2.5, 97.5])]
 
 
 def main() -> dict:
@@ -62,7 +51,8 @@ def main() -> dict:
         scores = np.array([feature(by[i, "small"]["problem"]) for i in ids], float)
         cells = {}
         for label, y in labels.items():
-            cells[label] = [float(auroc(scores, y)), interval(scores, y)]
+            point, low, high = auroc_with_interval([(scores[k:k + 1], y[k:k + 1]) for k in range(len(ids))])
+            cells[label] = [point, [low, high]]
         out["features"][name] = cells
         shown = (f"{a:.2f} ({lo:.2f}-{hi:.2f})" for a, (lo, hi) in cells.values())
         lines.append(f"| {name} | " + " | ".join(shown) + " |")
