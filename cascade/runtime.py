@@ -460,6 +460,10 @@ class _Run:
         """The most a step call by `tier` from `context` could cost."""
         return self.cascade.cost_model.worst_case(tier, self.prefill_bound(tier, context), max_tokens)
 
+    def worst_score(self, tier: int, text: str) -> float:
+        """The most scoring `text` (the context and the step) by `tier` could cost."""
+        return self.cascade.cost_model.charge(tier, self.prefill_bound(tier, text), 0)
+
     def prefill_bound(self, tier: int, context: str) -> int:
         return self.cascade.models[tier].prefill_bound(self.request_id, self.problem, context)
 
@@ -534,10 +538,6 @@ class _Run:
         return self.took_score(tier, (yield (tier, ScoreRequest(self.request_id, self.problem,
                                                                self.here, text))))
 
-    def worst_score(self, tier: int, text: str) -> float:
-        """The most scoring `text` (the context and the step) by `tier` could cost."""
-        return self.cascade.cost_model.charge(tier, self.prefill_bound(tier, text), 0)
-
     def sending(self, at_most: float) -> None:
         """Tell `on_spend` of calls about to be sent that can cost at most `at_most`."""
         spent = self.used()
@@ -596,8 +596,7 @@ class _Run:
         if not (gate.requires_verification and output.text and tier + 1 not in self.failed
                 and gate.needs_verification(state)):
             return None
-        bound = self.prefill_bound(tier + 1, self.here + output.text)
-        if self.cascade.cost_model.charge(tier + 1, bound, 0) > self.remaining():
+        if self.worst_score(tier + 1, self.here + output.text) > self.remaining():
             self.cap_intervened = True  # no room to verify: the draft stands
             return None
         try:
@@ -686,8 +685,7 @@ class _Run:
         if self.budget is None:
             return True
         ahead_context = self.here + output.text
-        verification = self.cascade.cost_model.charge(
-            tier + 1, self.prefill_bound(tier + 1, ahead_context), 0)
+        verification = self.worst_score(tier + 1, ahead_context)
         return verification + self.worst(tier, ahead_context, self.options.max_step_tokens) \
             + self.worst(tier + 1, self.here, self.step_tokens_left()) <= self.remaining()
 
