@@ -54,6 +54,17 @@ def test_concurrent_requests_are_paced_capped_and_told_the_ceiling():
     assert health["pacing"]["running"] == 0
 
 
+def hanging_solve(spent: float, at_most: float, reported: asyncio.Event):
+    """An `asolve` that reports (spent, at_most) as it sends a call, then never returns."""
+
+    async def hangs(problem, budget, *, gates, options, on_step, on_spend):
+        on_spend(spent, at_most)
+        reported.set()
+        await asyncio.Event().wait()
+
+    return hangs
+
+
 def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_its_most():
     # A request that has spent a lot and is still running makes the next request cheaper at
     # once; when its client goes away mid-call its spend, and the most its call in flight
@@ -61,13 +72,8 @@ def test_running_requests_move_the_pacer_and_a_cancelled_one_is_charged_its_most
     app, paced = paced_app()
     state = app.state.cascade_app
     reported = asyncio.Event()
-
-    async def hangs(problem, budget, *, gates, options, on_step, on_spend):
-        on_spend(300.0, 340.0)  # 5 B spent so far, a call of at most 40 in flight, not done
-        reported.set()
-        await asyncio.Event().wait()
-
-    state.runner.asolve = hangs
+    # 5 B spent so far, a call of at most 40 in flight, not done
+    state.runner.asolve = hanging_solve(300.0, 340.0, reported)
     paced.pacer.position = float(len(paced.columns) - 1)  # the dearest threshold
 
     async def scenario() -> None:
@@ -97,13 +103,7 @@ def test_a_server_that_dies_mid_request_leaves_its_spend_to_the_next_one(tmp_pat
     app = create_app(runner, ServerConfig(paced=paced))
     state = app.state.cascade_app
     reported = asyncio.Event()
-
-    async def hangs(problem, budget, *, gates, options, on_step, on_spend):
-        on_spend(75.0, 110.0)
-        reported.set()
-        await asyncio.Event().wait()
-
-    state.runner.asolve = hangs
+    state.runner.asolve = hanging_solve(75.0, 110.0, reported)
 
     async def scenario() -> None:
         job = _Job("q", None, None, state.runner.options, False)
