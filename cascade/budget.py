@@ -519,7 +519,7 @@ class PacedPolicy:
         """A running request's total cost so far (cost units)."""
         with self._lock:
             self.pacer.spend(ticket, spent)
-            if time.monotonic() - self._kept_at >= self.spend_keep_interval:
+            if self.state_file is not None and time.monotonic() - self._kept_at >= self.spend_keep_interval:
                 self._keep()
 
     def observe(self, result: Result | float, ticket: int | None = None) -> None:
