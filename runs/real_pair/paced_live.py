@@ -215,7 +215,7 @@ def main() -> None:
     elif args.budget:
         run(args.budget, args.limit, args.beside_large)
     else:
-        parser.error("--budget B or --report B [B ...]")
+        parser.error("--budget B, --report B [B ...] or --report-wall B")
 
 
 if __name__ == "__main__":
