@@ -744,6 +744,42 @@ def real_pair_paced_live(results: Path) -> list[str]:
         f"Source: {_source('real_pair_gsm8k/paced_live.json')}."]
 
 
+def real_pair_what_would_close(results: Path) -> list[str]:
+    """Issues 18 and 19's targets against the signal's quality and the small model's price (replay)."""
+    r = _load("real_pair_gsm8k/what_would_close.json", results)
+    shown = ("0.7", "0.8", "0.9", "1")
+    rows = []
+    for table in r["tables"]:
+        what = (f"{table['policy']}, {table['measure']} <= {table['ratio']:g}x "
+                f"(target {table['target_gap']:.0%})")
+        rows.append((what, f"measured ({r['measured_signal_auroc']:.2f})",
+                     *(f"{c['measured']:.2f}" for c in table["cells"])))
+        for a in shown:
+            rows.append((what, "clairvoyant (1)" if a == "1" else f"AUROC {a}",
+                         *(f"{mean:.2f}" + ("" if a == "1" else f" ({met:.0%})")
+                           for mean, met in (c["synthetic"][a] for c in table["cells"]))))
+    price = r["small_price_x_large"]
+    header = ("policy, ratio vs large (target gap)", "signal (AUROC for \"only large solves it\")",
+              *(f"small's price x{f:g} (wall {f * price['wall']:.2f}x, cost {f * price['cost']:.2f}x)"
+                for f in (c["price_factor"] for c in r["tables"][0]["cells"])))
+    return _table(header, rows) + [
+        "",
+        "Best gap recovered within the ratio, over every number of problems sent to the large model (an "
+        f"upper bound for any threshold on the signal), replayed on the first {r['n_problems']} GSM8K test "
+        f"problems of the main run (small alone {r['small_accuracy']:.3f}, large alone "
+        f"{r['large_accuracy']:.3f}; {r['only_large_fraction']:.3f} solved by the large model only). "
+        "Re-solve: the small model solves every problem and the large model solves the sent ones again "
+        "(the small solve counted whole); route: the sent problems go to the large model instead. "
+        "Signals: the measured one is the small model's mean token probability (the recorded "
+        f"thresholds; AUROC {r['measured_signal_auroc_small_fails']:.2f} for \"the small model fails\"); "
+        f"synthetic ones have the stated AUROC, mean over {r['draws']} draws (share of draws that meet "
+        "the target); the clairvoyant sends the only-large problems, cheapest first. The small model's "
+        "price is its measured seconds or cost units times the factor. Pair "
+        "`qwen2.5-coder-0.5b-instruct-q4_k_m.gguf` -> `qwen2.5-coder-1.5b-instruct-q4_k_m.gguf` through "
+        f"llama.cpp, one core. Command: `{r['command']}` at {_commits([r['commit']])}. "
+        f"Source: {_source('real_pair_gsm8k/what_would_close.json')}."]
+
+
 def _real_pair(results: Path, relative: str, what: str = "GSM8K test problems",
                which: str = "the first ones; every policy on each, interleaved") -> list[str]:
     r = _load(relative, results)
@@ -787,7 +823,7 @@ TABLES: dict[str, Callable[[Path], list[str]]] = {
     "resolve-probe-cap6": resolve_probe_cap6, "resolve-probe-bars": resolve_probe_bars,
     "resolve-probe-calibration-size": resolve_probe_calibration_size, "pacing": pacing,
     "pacing-load": pacing_load, "serve-paced": serve_paced, "curve-cli": curve_cli,
-    "real-pair-paced-live": real_pair_paced_live,
+    "real-pair-paced-live": real_pair_paced_live, "real-pair-what-would-close": real_pair_what_would_close,
 }
 
 
