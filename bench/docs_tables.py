@@ -752,7 +752,7 @@ def real_pair_what_would_close(results: Path) -> list[str]:
     for table in r["tables"]:
         what = (f"{table['policy']}, {table['measure']} <= {table['ratio']:g}x "
                 f"(target {table['target_gap']:.0%})")
-        rows.append((what, f"measured ({r['measured_signal_auroc']:.2f})",
+        rows.append((what, f"measured: {table['measured_signal']} ({table['measured_auroc']:.2f})",
                      *(f"{c['measured']:.2f}" for c in table["cells"])))
         for a in shown:
             rows.append((what, "clairvoyant (1)" if a == "1" else f"AUROC {a}",
@@ -770,8 +770,8 @@ def real_pair_what_would_close(results: Path) -> list[str]:
         f"{r['large_accuracy']:.3f}; {r['only_large_fraction']:.3f} solved by the large model only). "
         "Re-solve: the small model solves every problem and the large model solves the sent ones again "
         "(the small solve counted whole); route: the sent problems go to the large model instead. "
-        "Signals: the measured one is the small model's mean token probability (the recorded "
-        f"thresholds; AUROC {r['measured_signal_auroc_small_fails']:.2f} for \"the small model fails\"); "
+        "Measured signals: the small model's mean token probability for the re-solve (its recorded "
+        "thresholds), the problem's length for the router (which decides before anything is generated); "
         f"synthetic ones have the stated AUROC, mean over {r['draws']} draws (share of draws that meet "
         "the target); the clairvoyant sends the only-large problems, cheapest first. The small model's "
         "price is its measured seconds or cost units times the factor. Pair "

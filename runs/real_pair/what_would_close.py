@@ -33,7 +33,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from resolve_replay import MAIN, THRESHOLDS, policy_of, rows_by_policy  # this script's folder
+from problem_signals import FEATURES  # this script's folder
+from resolve_replay import MAIN, THRESHOLDS, policy_of, rows_by_policy
 from scipy.stats import norm, rankdata
 
 from bench.provenance import package_commit
@@ -76,26 +77,33 @@ def main() -> dict:
     # 0.25 -> 3, at 0.2 only -> 2, at 0.15 only -> 1, never -> 0).
     measured = sum((np.array([rows[policy_of(t)][i]["escalation_rate"] > 0 for i in ids])).astype(float)
                    for t in THRESHOLDS[1:])
+    # A router decides before anything is generated, so its measured signal is one of the problem
+    # text's (runs/real_pair/problem_signals.py; its length is the best of them).
+    length = np.array([FEATURES["characters"](rows["small"][i]["problem"]) for i in ids], float)
+    measured_by_policy = {"re-solve": ("the small model's mean token probability", measured),
+                          "route": ("the problem's length in characters", length)}
     rng = np.random.default_rng(0)
-    jitter = rng.random(len(ids)) * 1e-6  # ties in the measured signal broken at random, once
+    jitter = rng.random(len(ids)) * 1e-6  # ties in the measured signals broken at random, once
 
     result = {"command": "python runs/real_pair/what_would_close.py", "commit": package_commit(),
               "pair": ["Qwen2.5-Coder-0.5B-Instruct Q4_K_M", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M"],
               "n_problems": len(ids), "small_accuracy": float(small_ok.mean()),
               "large_accuracy": float(large_ok.mean()), "only_large_fraction": float(only_large.mean()),
-              "measured_signal_auroc": auroc(measured, only_large),
-              "measured_signal_auroc_small_fails": auroc(measured, ~small_ok), "draws": DRAWS,
+              "draws": DRAWS,
               "small_price_x_large": {m: float(s.sum() / lg.sum()) for m, (s, lg) in price.items()},
               "tables": []}
     for measure, (ratio, target_gap) in TARGETS.items():
         small_price, large_price = price[measure]
         for route in (False, True):
-            table = {"measure": measure, "ratio": ratio, "target_gap": target_gap,
-                     "policy": "route" if route else "re-solve", "cells": []}
+            policy = "route" if route else "re-solve"
+            signal_name, signal = measured_by_policy[policy]
+            table = {"measure": measure, "ratio": ratio, "target_gap": target_gap, "policy": policy,
+                     "measured_signal": signal_name, "measured_auroc": auroc(signal, only_large),
+                     "measured_auroc_small_fails": auroc(signal, ~small_ok), "cells": []}
             for factor in PRICE_FACTORS:
                 scaled = small_price * factor
                 cell = {"price_factor": factor, "small_x_large": float(scaled.sum() / large_price.sum()),
-                        "measured": best_gap(measured + jitter, small_ok, large_ok, scaled, large_price,
+                        "measured": best_gap(signal + jitter, small_ok, large_ok, scaled, large_price,
                                              ratio, route=route), "synthetic": {}}
                 for a in AUROCS:
                     if a >= 1.0:
@@ -122,12 +130,12 @@ def main() -> dict:
           f"{len(ids)} GSM8K test problems of the main run: small alone {small_ok.mean():.3f}, large alone "
           f"{large_ok.mean():.3f}; {only_large.mean():.3f} of the problems are solved by the large model "
           f"only. The small model's whole solve costs {price['wall']:.2f}x the large model's wall clock and "
-          f"{price['cost']:.2f}x its cost. The measured signal (the small model's mean token probability, "
-          f"problems ranked by the lowest threshold that re-solves them) has AUROC "
-          f"{result['measured_signal_auroc']:.2f} for \"only the large model solves it\" (and "
-          f"{result['measured_signal_auroc_small_fails']:.2f} for \"the small model fails\"). A cell: the "
-          "most gap recovered within the target ratio over every number of problems sent to the large "
-          "model, an upper bound for any threshold on that signal; synthetic signals: mean over "
+          f"{price['cost']:.2f}x its cost. Measured signals: for the re-solve the small model's mean token "
+          "probability (problems ranked by the lowest recorded threshold that re-solves them), for the "
+          "router the problem's length (a router has nothing else before generation); their AUROC for "
+          "\"only the large model solves it\" (and for \"the small model fails\") heads each table. A "
+          "cell: the most gap recovered within the target ratio over every number of problems sent to "
+          "the large model, an upper bound for any threshold on that signal; synthetic signals: mean over "
           f"{DRAWS} draws (the share of draws that meet the target). AUROC 1 is the clairvoyant. Command: "
           f"`{result['command']}` at `{result['commit'][:7]}`.", ""]
     for table in result["tables"]:
@@ -136,7 +144,8 @@ def main() -> dict:
                "| signal | " + " | ".join(f"small x{c['price_factor']:g} ({c['small_x_large']:.2f}x)"
                                         for c in table["cells"]) + " |",
                "|---|" + "---|" * len(table["cells"])]
-        md.append(f"| measured ({result['measured_signal_auroc']:.2f}) | "
+        md.append(f"| measured: {table['measured_signal']} ({table['measured_auroc']:.2f}; "
+                  f"{table['measured_auroc_small_fails']:.2f}) | "
                   + " | ".join(f"{c['measured']:.2f}" for c in table["cells"]) + " |")
         for a in AUROCS:
             shown = (c["synthetic"][f"{a:g}"] for c in table["cells"])
@@ -160,7 +169,7 @@ def plot(result: dict) -> None:
         for cell, colour in zip(table["cells"], ("C0", "C1", "C2", "C3"), strict=True):
             ax.plot(AUROCS, [cell["synthetic"][f"{a:g}"][0] for a in AUROCS], "-o", color=colour, ms=3,
                     label=f"small {cell['small_x_large']:.2f}x")
-            ax.plot([result["measured_signal_auroc"]], [cell["measured"]], "s", color=colour, ms=6)
+            ax.plot([table["measured_auroc"]], [cell["measured"]], "s", color=colour, ms=6)
         ax.axhline(table["target_gap"], color="k", ls="--", lw=1)
         ax.set_title(f"{table['policy']}, {table['measure']} <= {table['ratio']:g}x large", fontsize=10)
         ax.set_xlabel("AUROC for \"only large solves it\"")
