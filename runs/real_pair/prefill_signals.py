@@ -15,7 +15,7 @@ header of `qwen25-math-cot`); AUROC with a bootstrap interval over problems for 
 large model solves it" and "the small model fails". Rows are kept as they are computed, so a
 rerun resumes.
 
-    taskset -c 0 python runs/real_pair/prefill_signals.py
+    taskset -c CORE python runs/real_pair/prefill_signals.py
     # writes runs/real_pair/prefill_signals.{jsonl,json,md}
 """
 
@@ -89,7 +89,7 @@ def main() -> dict:
                "large model's mean log-probability of the problem": large_lp,
                "large minus small": large_lp - small_lp}
     labels = {"only large solves it": large_ok & ~small_ok, "small fails": ~small_ok}
-    result = {"command": "taskset -c 0 python runs/real_pair/prefill_signals.py", "commit": package_commit(),
+    result = {"command": "taskset -c CORE python runs/real_pair/prefill_signals.py", "commit": package_commit(),
               "pair": [SMALL, LARGE], "n_problems": len(ids),
               "positives": {k: int(v.sum()) for k, v in labels.items()},
               "large_prefill_seconds_mean": float(np.mean([rows[i]["large"]["seconds"] for i in ids])),
