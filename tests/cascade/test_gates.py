@@ -274,3 +274,41 @@ def test_a_screened_verify_gate_honours_the_hard_cap(tiny_dirs, budget):
         for problem in PROBLEMS:
             result = Cascade(small, large, gate, options=options).solve(problem, budget)
             assert result.cost.total <= budget + 1e-9
+
+
+def test_a_gate_of_your_own_on_the_problem_text_routes_whole_problems_before_anything_is_written():
+    """Query-level routing (docs/concepts.md): a route-mode gate with no probe whose score
+    reads only `state.problem` sends every step of a problem the same way, and the tier it
+    passes over is never called: no draft is written twice, none is paid for."""
+    from dataclasses import dataclass
+
+    from cascade import Gate, GateState
+
+    @dataclass(frozen=True)
+    class LongProblemsToLarge(Gate):
+        threshold: float = 0.5
+        mode: str = "route"
+        probe_tokens: int = 0
+        requires_verification: bool = False
+
+        def score(self, state: GateState) -> float:
+            return 1.0 if state.problem.count(";") >= 3 else 0.0
+
+    def script(answer: str):
+        def write(problem: str, context: str):
+            lines = ["b=1+2=3", f"#### {answer}"]
+            k = context.count("\n")
+            text = (lines[k] if k < len(lines) else f"#### {answer}") + "\n"
+            return text, [-0.01] * len(text)
+        return write
+
+    small, large = FakeBackend("small", 10, script("3")), FakeBackend("large", 100, script("4"))
+    options = SolveOptions(max_steps=5, max_step_tokens=12)
+    cascade = Cascade(small, large, LongProblemsToLarge(), options=options)
+    routed = cascade.solve("a=1;b=a+2;c=b+1;?c")
+    kept = cascade.solve("a=1;?a")
+    assert [s.author for s in routed.steps] == ["large", "large"] and routed.answer == "4"
+    assert [s.author for s in kept.steps] == ["small", "small"] and kept.answer == "3"
+    passed_over = (routed.cost.per_tier[0], kept.cost.per_tier[1])
+    assert all(u.prefill_tokens == u.generated_tokens == 0 and u.cost == 0 for u in passed_over)
+    assert routed.escalation_rate == 1.0 and kept.escalation_rate == 0.0
