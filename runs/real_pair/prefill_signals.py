@@ -26,7 +26,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from signals_outcome import BOOTSTRAP, LARGE, MODELS, SMALL, auroc_with_interval  # this script's folder
+from problem_signals import auroc_cells, shown  # this script's folder
+from signals_outcome import BOOTSTRAP, LARGE, MODELS, SMALL
 
 from bench.harness import RESULTS_FILE, load_results
 from bench.prompts import get_template
@@ -89,8 +90,8 @@ def main() -> dict:
                "large model's mean log-probability of the problem": large_lp,
                "large minus small": large_lp - small_lp}
     labels = {"only large solves it": large_ok & ~small_ok, "small fails": ~small_ok}
-    result = {"command": "taskset -c CORE python runs/real_pair/prefill_signals.py", "commit": package_commit(),
-              "pair": [SMALL, LARGE], "n_problems": len(ids),
+    result = {"command": "taskset -c CORE python runs/real_pair/prefill_signals.py",
+              "commit": package_commit(), "pair": [SMALL, LARGE], "n_problems": len(ids),
               "positives": {k: int(v.sum()) for k, v in labels.items()},
               "large_prefill_seconds_mean": float(np.mean([rows[i]["large"]["seconds"] for i in ids])),
               "problem_tokens_mean": float(np.mean([rows[i]["large"]["tokens"] for i in ids])),
@@ -107,12 +108,8 @@ def main() -> dict:
           f"`{result['command']}` at `{result['commit'][:7]}`.", "",
           "| signal | " + " | ".join(f"AUROC: {k}" for k in labels) + " |", "|---|" + "---|" * len(labels)]
     for name, score in signals.items():
-        cells = []
-        for label, y in labels.items():
-            point, low, high = auroc_with_interval([(score[k:k + 1], y[k:k + 1]) for k in range(len(ids))])
-            result["auroc"].setdefault(name, {})[label] = [point, [low, high]]
-            cells.append(f"{point:.2f} ({low:.2f}-{high:.2f})")
-        md.append(f"| {name} | " + " | ".join(cells) + " |")
+        result["auroc"][name] = auroc_cells(score, labels)
+        md.append(f"| {name} | {shown(result['auroc'][name])} |")
     OUT.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     OUT.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))

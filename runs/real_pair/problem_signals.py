@@ -32,6 +32,21 @@ FEATURES = {
 }
 
 
+def auroc_cells(scores: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, list]:
+    """Per label: [AUROC, [low, high]] of one problem-level signal, the interval from a
+    bootstrap over problems (each its own group)."""
+    cells = {}
+    for label, y in labels.items():
+        point, low, high = auroc_with_interval([(scores[k:k + 1], y[k:k + 1]) for k in range(len(y))])
+        cells[label] = [point, [low, high]]
+    return cells
+
+
+def shown(cells: dict[str, list]) -> str:
+    """A Markdown row's cells: AUROC (low-high) per label."""
+    return " | ".join(f"{a:.2f} ({lo:.2f}-{hi:.2f})" for a, (lo, hi) in cells.values())
+
+
 def main() -> dict:
     rows = [r for r in load_results(RUN / RESULTS_FILE) if r.get("correct") is not None]
     by = {(r["id"], r["policy"]): r for r in rows}
@@ -48,14 +63,9 @@ def main() -> dict:
              "", "| feature | " + " | ".join(f"{k} ({v.sum()})" for k, v in labels.items()) + " |",
              "|---|" + "---|" * len(labels)]
     for name, feature in FEATURES.items():
-        scores = np.array([feature(by[i, "small"]["problem"]) for i in ids], float)
-        cells = {}
-        for label, y in labels.items():
-            point, low, high = auroc_with_interval([(scores[k:k + 1], y[k:k + 1]) for k in range(len(ids))])
-            cells[label] = [point, [low, high]]
+        cells = auroc_cells(np.array([feature(by[i, "small"]["problem"]) for i in ids], float), labels)
         out["features"][name] = cells
-        shown = (f"{a:.2f} ({lo:.2f}-{hi:.2f})" for a, (lo, hi) in cells.values())
-        lines.append(f"| {name} | " + " | ".join(shown) + " |")
+        lines.append(f"| {name} | {shown(cells)} |")
     OUT.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
     OUT.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
