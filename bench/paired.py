@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["clairvoyant_cost_summary", "clairvoyant_frontier", "clairvoyant_summary", "paired_figures",
-           "format_interval", "main"]
+           "format_interval", "main", "routed_gap", "signal_headroom"]
 
 
 class PairedError(ValueError):
@@ -78,6 +78,58 @@ def clairvoyant_frontier(small_correct: np.ndarray, large_correct: np.ndarray, s
     extra = np.sort(large_wall[only_large] - (0.0 if keeps_small else small_wall[only_large]))
     walls = (small_wall.sum() + np.concatenate([[0.0], np.cumsum(extra)])) / large_wall.sum()
     return [(float(w), k / gap) for k, w in enumerate(walls)]
+
+
+def routed_gap(score: np.ndarray, small_correct: np.ndarray, large_correct: np.ndarray,
+               small_price: np.ndarray, large_price: np.ndarray, ratio: float, *,
+               keeps_small: bool = False) -> float:
+    """The most gap recovered by sending problems to large in the order of `score` (highest
+    first, ties in index order), over every number sent whose total price (seconds, or cost
+    units) stays within `ratio` x large's: the best any threshold on that score could do. A
+    sent problem pays large instead of small, or, with `keeps_small`, both (a re-solve).
+    NaN when small alone is already over the ratio, or when there is no gap."""
+    small_correct, large_correct = np.asarray(small_correct, bool), np.asarray(large_correct, bool)
+    small_price, large_price = np.asarray(small_price, float), np.asarray(large_price, float)
+    gap = int(large_correct.sum()) - int(small_correct.sum())
+    order = np.argsort(-np.asarray(score, float), kind="stable")
+    gain = np.concatenate([[0], np.cumsum(large_correct[order].astype(int)
+                                          - small_correct[order].astype(int))])
+    extra = large_price[order] - (0.0 if keeps_small else small_price[order])
+    spent = small_price.sum() + np.concatenate([[0.0], np.cumsum(extra)])
+    within = spent <= ratio * large_price.sum() + 1e-9
+    return float(gain[within].max() / gap) if gap > 0 and within.any() else float("nan")
+
+
+def signal_headroom(small_correct: np.ndarray, large_correct: np.ndarray, small_price: np.ndarray,
+                    large_price: np.ndarray, ratio: float, *, aurocs: Sequence[float], draws: int,
+                    rng: np.random.Generator, keeps_small: bool = False,
+                    target_gap: float | None = None) -> dict[float, tuple[float, float | None]]:
+    """How good a problem-level signal must be: for each AUROC a (for "large solves it and
+    small does not"), the mean `routed_gap` within `ratio` over `draws` synthetic signals of
+    that AUROC (score = sqrt(2) Phi^-1(a) * label + N(0, 1), label 0/1), and the share of
+    draws that reach `target_gap` (None without one). a = 1 is the clairvoyant router
+    (`clairvoyant_frontier`), one value."""
+    from scipy.stats import norm  # here, so that importing bench.paired stays cheap
+
+    small_correct, large_correct = np.asarray(small_correct, bool), np.asarray(large_correct, bool)
+    label = (large_correct & ~small_correct).astype(float)
+    out: dict[float, tuple[float, float | None]] = {}
+    for a in aurocs:
+        if not 0.5 <= a <= 1.0:
+            raise ValueError(f"an AUROC in [0.5, 1] is needed, got {a!r}")
+        if a == 1.0:
+            frontier = clairvoyant_frontier(small_correct, large_correct, small_price, large_price,
+                                            keeps_small=keeps_small)
+            best = max((g for w, g in frontier if w <= ratio + 1e-9), default=float("nan"))
+            out[a] = (best, None if target_gap is None else float(best >= target_gap - 1e-12))
+            continue
+        shift = np.sqrt(2.0) * norm.ppf(a)
+        gaps = np.array([routed_gap(shift * label + rng.standard_normal(len(label)), small_correct,
+                                    large_correct, small_price, large_price, ratio, keeps_small=keeps_small)
+                         for _ in range(draws)])
+        met = None if target_gap is None else float((gaps >= target_gap - 1e-12).mean())
+        out[a] = (float(gaps.mean()), met)
+    return out
 
 
 def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = None, small: str = "small",

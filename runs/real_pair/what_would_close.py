@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from problem_signals import FEATURES  # this script's folder
 from resolve_replay import MAIN, THRESHOLDS, policy_of, rows_by_policy
-from scipy.stats import norm, rankdata
 
+from bench.paired import routed_gap, signal_headroom
 from bench.provenance import package_commit
 from calibration import auroc
 
@@ -46,21 +46,6 @@ AUROCS = (0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
 PRICE_FACTORS = (1.0, 0.5, 0.25, 0.0)
 DRAWS = 200
 TARGETS = {"wall": (0.6, 0.7), "cost": (0.5, 0.6)}  # measure: (ratio vs large, gap) of issues 18 and 19
-
-
-def best_gap(score: np.ndarray, small_ok: np.ndarray, large_ok: np.ndarray, small_price: np.ndarray,
-             large_price: np.ndarray, ratio: float, *, route: bool) -> float:
-    """The most gap recovered by sending the top-k problems by `score` (ties broken at random
-    beforehand by the caller's score) to the large model, over every k whose total price stays
-    within `ratio` x the large model's. Re-solve pays both models on a sent problem, route
-    only the large one."""
-    order = np.argsort(-score, kind="stable")
-    gain = np.concatenate([[0], np.cumsum(large_ok[order].astype(int) - small_ok[order].astype(int))])
-    extra = large_price[order] - (small_price[order] if route else 0.0)
-    spent = small_price.sum() + np.concatenate([[0.0], np.cumsum(extra)])
-    gap = int(large_ok.sum()) - int(small_ok.sum())
-    within = spent <= ratio * large_price.sum() + 1e-9
-    return float(gain[within].max() / gap) if within.any() else float("nan")
 
 
 def main() -> dict:
@@ -103,21 +88,11 @@ def main() -> dict:
             for factor in PRICE_FACTORS:
                 scaled = small_price * factor
                 cell = {"price_factor": factor, "small_x_large": float(scaled.sum() / large_price.sum()),
-                        "measured": best_gap(signal + jitter, small_ok, large_ok, scaled, large_price,
-                                             ratio, route=route), "synthetic": {}}
-                for a in AUROCS:
-                    if a >= 1.0:
-                        # The clairvoyant: the only-large problems first, the cheapest of them first.
-                        extra = large_price - (scaled if route else 0.0)
-                        score = np.where(only_large, 2.0 - rankdata(extra) / (len(ids) + 1), 0.0)
-                        best = best_gap(score, small_ok, large_ok, scaled, large_price, ratio, route=route)
-                        cell["synthetic"][f"{a:g}"] = [best, float(best >= target_gap)]
-                        continue
-                    shift = np.sqrt(2.0) * norm.ppf(a)
-                    gaps = np.array([best_gap(shift * only_large + rng.standard_normal(len(ids)), small_ok,
-                                              large_ok, scaled, large_price, ratio, route=route)
-                                     for _ in range(DRAWS)])
-                    cell["synthetic"][f"{a:g}"] = [float(gaps.mean()), float((gaps >= target_gap).mean())]
+                        "measured": routed_gap(signal + jitter, small_ok, large_ok, scaled, large_price,
+                                               ratio, keeps_small=not route)}
+                headroom = signal_headroom(small_ok, large_ok, scaled, large_price, ratio, aurocs=AUROCS,
+                                           draws=DRAWS, rng=rng, keeps_small=not route, target_gap=target_gap)
+                cell["synthetic"] = {f"{a:g}": list(value) for a, value in headroom.items()}
                 table["cells"].append(cell)
             result["tables"].append(table)
 

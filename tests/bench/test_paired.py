@@ -125,3 +125,51 @@ def test_the_markdown_says_where_the_clairvoyant_router_meets_the_gap_target():
     # small takes 1 s and large 2 s on every problem: routing k problems takes (n + k) / 2n of large's wall
     reach = (n + np.ceil(0.7 * gap)) / (2 * n)
     assert f"at {reach:.3f}x large's wall" in text and "within 0.6x it recovers" in text
+
+
+def test_routed_gap_is_the_best_prefix_of_the_order_within_the_ratio():
+    from bench.paired import routed_gap
+
+    small_ok = np.array([0, 0, 1, 0, 0], bool)
+    large_ok = np.array([1, 1, 0, 0, 1], bool)  # gap 3 - 1 = 2
+    small_p, large_p = np.full(5, 1.0), np.full(5, 4.0)  # large total 20
+    score = np.array([5.0, 4.0, 3.0, 2.0, 1.0])  # problems in index order
+    # Route: each sent problem adds 3. Ratio 0.5 (10): small 5 + 3 sent = 14 > 10, so 1 sent
+    # (8): +1 -> 0.5. Ratio 0.7 (14): 3 sent: +1 +1 -1 -> the best prefix is 2 sent: 1.0.
+    assert routed_gap(score, small_ok, large_ok, small_p, large_p, 0.5) == 0.5
+    assert routed_gap(score, small_ok, large_ok, small_p, large_p, 0.7) == 1.0
+    # Ratio 0.6 (12): routing fits 2 (5 + 6), a re-solve, which pays large on top of small,
+    # only 1 (5 + 4; 5 + 8 > 12).
+    assert routed_gap(score, small_ok, large_ok, small_p, large_p, 0.6) == 1.0
+    assert routed_gap(score, small_ok, large_ok, small_p, large_p, 0.6, keeps_small=True) == 0.5
+    small_alone_over = np.full(5, 5.0)  # 25 > 10
+    assert np.isnan(routed_gap(score, small_ok, large_ok, small_alone_over, large_p, 0.5))
+
+
+def test_signal_headroom_rises_with_the_signal_and_ends_at_the_clairvoyant():
+    from bench.paired import clairvoyant_frontier, signal_headroom
+
+    rng = np.random.default_rng(1)
+    n = 300
+    small_ok, large_ok = rng.random(n) < 0.3, rng.random(n) < 0.65
+    small_p, large_p = rng.uniform(5, 15, n), rng.uniform(20, 40, n)
+    for keeps_small in (False, True):
+        headroom = signal_headroom(small_ok, large_ok, small_p, large_p, 0.6, aurocs=(0.5, 0.7, 0.9, 1.0),
+                                   draws=100, rng=np.random.default_rng(0), keeps_small=keeps_small,
+                                   target_gap=0.3)
+        means = [headroom[a][0] for a in (0.5, 0.7, 0.9, 1.0)]
+        assert means == sorted(means) and means[0] < means[-1]
+        frontier = clairvoyant_frontier(small_ok, large_ok, small_p, large_p, keeps_small=keeps_small)
+        assert headroom[1.0][0] == max(g for w, g in frontier if w <= 0.6 + 1e-9)
+        assert all(0.0 <= met <= 1.0 for _, met in headroom.values())
+    # The synthetic signal has the AUROC asked for (mean over draws; the AUROC of one draw of
+    # 300 problems has a standard error near 0.03, so 400 draws pin the mean to about 0.002).
+    from scipy.stats import norm
+
+    from calibration import auroc
+
+    label = large_ok & ~small_ok
+    draws = [auroc(np.sqrt(2) * norm.ppf(0.8) * label + rng.standard_normal(n), label) for _ in range(400)]
+    assert abs(np.mean(draws) - 0.8) < 0.01
+    with pytest.raises(ValueError, match="AUROC"):
+        signal_headroom(small_ok, large_ok, small_p, large_p, 0.6, aurocs=(0.3,), draws=1, rng=rng)
