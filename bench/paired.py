@@ -3,6 +3,7 @@ same problems, with paired bootstrap intervals.
 
     python -m bench.paired runs/real_pair/gsm8k_test -o runs/real_pair/gsm8k_test/paired
     python -m bench.paired RUN_A RUN_B --alias "calibrated@400=confidence:mean_prob@0.2" -o OUT
+    python -m bench.paired RUN --target-gap 0.7 --target-wall 0.6 --target-cost 0.5 --headroom -o OUT
 
 A run may be partial (stopped, to be resumed) or spread over several directories (policies
 added in a second run over the same problems): rows are merged by (problem id, policy), and
@@ -25,6 +26,11 @@ exactly the problems large solves and small does not (fewest extra seconds first
 everything else to small. When it needs more than the wall target to reach the gap
 target, no gate of this pair can meet both on these problems with problem-level routing,
 and a step-level cascade, which also pays for the small model's drafts, hardly can either.
+
+And short of clairvoyance: `--headroom` (`signal_headroom`) says what the best threshold on
+a problem-level score of AUROC 0.6 ... 0.9 for "large solves it and small does not" would
+recover within the wall and cost targets, routing the problem or re-solving it, so that a
+pair's frontier comes with the router quality it would take to meet them.
 """
 
 from __future__ import annotations
@@ -132,10 +138,18 @@ def signal_headroom(small_correct: np.ndarray, large_correct: np.ndarray, small_
     return out
 
 
+HEADROOM_AUROCS = (0.6, 0.7, 0.8, 0.9, 1.0)
+
+
 def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = None, small: str = "small",
                    large: str = "large", aliases: dict[str, str] | None = None, n_bootstrap: int = 10_000,
-                   seed: int = 0) -> dict:
-    """Per-policy paired figures over the problems every policy finished (see the module doc)."""
+                   seed: int = 0, headroom: dict[str, float] | None = None, target_gap: float | None = None,
+                   headroom_draws: int = 200) -> dict:
+    """Per-policy paired figures over the problems every policy finished (see the module doc).
+
+    headroom: {"wall" or "cost": ratio vs large}: also say, by `signal_headroom`, how much of
+    the gap a problem-level score of each AUROC in HEADROOM_AUROCS recovers within each ratio,
+    routing or re-solving (`target_gap`: the share of draws that reach it)."""
     aliases = dict(aliases or {})
     names = list(dict.fromkeys(policies or [r["policy"] for r in rows if r.get("correct") is not None]))
     for target in aliases.values():
@@ -191,6 +205,21 @@ def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = Non
             "cost_ratio": float(cost[p].sum() / cost[large].sum()), "cost_ratio_ci95": interval(cost_ratio),
             "mean_wall_seconds": float(wall[p].mean()), "mean_cost": float(cost[p].mean()),
         }
+    if headroom:
+        prices = {"wall": wall, "cost": cost}
+        generator = np.random.default_rng([seed, 1])  # its own stream: the bootstrap is unchanged
+        out["headroom"] = {}
+        for measure, ratio in headroom.items():
+            if measure not in prices:
+                raise PairedError(f"headroom is measured in 'wall' or 'cost', got {measure!r}")
+            entry: dict = {"ratio": float(ratio), "draws": headroom_draws, "target_gap": target_gap}
+            for mode in ("route", "resolve"):
+                found = signal_headroom(correct[small], correct[large], prices[measure][small],
+                                        prices[measure][large], ratio, aurocs=HEADROOM_AUROCS,
+                                        draws=headroom_draws, rng=generator, keeps_small=mode == "resolve",
+                                        target_gap=target_gap)
+                entry[mode] = {f"{a:g}": list(value) for a, value in found.items()}
+            out["headroom"][measure] = entry
     return out
 
 
@@ -233,6 +262,30 @@ def markdown(figures: dict, *, title: str, command: str, target_gap: float | Non
         line = clairvoyant_cost_summary(figures, target_gap, target_cost)
         if line:
             lines += ["", line]
+    if figures.get("headroom"):
+        lines += ["", headroom_table(figures["headroom"])]
+    return "\n".join(lines)
+
+
+def headroom_table(headroom: dict) -> str:
+    """`paired_figures(..., headroom=)` as Markdown: a row per AUROC, a column per (mode, ratio)."""
+    columns = [(measure, mode) for measure in headroom for mode in ("route", "resolve")]
+    first = headroom[columns[0][0]]
+    lines = ["How good a problem-level score must be: the gap recovered within each ratio by the best "
+             "threshold on a score of the given AUROC for \"large solves it and small does not\" (mean over "
+             f"{first['draws']} synthetic scores"
+             + (f"; in brackets, the share that reach {first['target_gap']:g}" if first["target_gap"] else "")
+             + "; AUROC 1: the clairvoyant router). Route: sent problems go to large instead of small; "
+             "re-solve: large solves them again after small.", "",
+             "| AUROC | " + " | ".join(f"{'route' if mode == 'route' else 're-solve'}, {measure} <= "
+                                      f"{headroom[measure]['ratio']:g}x" for measure, mode in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for a in first["route"]:
+        cells = []
+        for measure, mode in columns:
+            mean, met = headroom[measure][mode][a]
+            cells.append(f"{mean:.2f}" + (f" ({met:.0%})" if met is not None and a != "1" else ""))
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -305,6 +358,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--target-wall", type=float, default=None, help="e.g. 0.6")
     parser.add_argument("--target-cost", type=float, default=None,
                         help="e.g. 0.5: say what a clairvoyant router recovers within this cost ratio")
+    parser.add_argument("--headroom", action="store_true",
+                        help="also say how good a problem-level score must be to meet the targets given "
+                             "(--target-gap with --target-wall and/or --target-cost)")
     parser.add_argument("--title", default="Paired figures")
     parser.add_argument("-o", "--out", required=True, help="writes OUT.json and OUT.md")
     return parser
@@ -329,9 +385,17 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"bench.paired: --alias takes NAME=POLICY, got {item!r}")
         aliases[name] = target
     policies = args.policies.split(",") if args.policies else None
+    headroom = None
+    if args.headroom:
+        targets = (("wall", args.target_wall), ("cost", args.target_cost))
+        headroom = {measure: ratio for measure, ratio in targets if ratio is not None}
+        if args.target_gap is None or not headroom:
+            raise SystemExit("bench.paired: --headroom needs --target-gap, and --target-wall and/or "
+                             "--target-cost")
     try:
         figures = paired_figures(rows, policies=policies, small=args.small, large=args.large, aliases=aliases,
-                                 n_bootstrap=args.bootstrap, seed=args.seed)
+                                 n_bootstrap=args.bootstrap, seed=args.seed, headroom=headroom,
+                                 target_gap=args.target_gap)
     except PairedError as error:
         raise SystemExit(f"bench.paired: {error}") from None
     command = "python -m bench.paired " + shlex.join(argv if argv is not None else sys.argv[1:])

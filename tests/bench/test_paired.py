@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.paired import PairedError, main, paired_figures
+from bench.paired import PairedError, clairvoyant_frontier, main, paired_figures
 
 
 def _row(pid: str, policy: str, correct: bool, wall: float, cost: float) -> dict:
@@ -147,7 +147,7 @@ def test_routed_gap_is_the_best_prefix_of_the_order_within_the_ratio():
 
 
 def test_signal_headroom_rises_with_the_signal_and_ends_at_the_clairvoyant():
-    from bench.paired import clairvoyant_frontier, signal_headroom
+    from bench.paired import signal_headroom
 
     rng = np.random.default_rng(1)
     n = 300
@@ -173,3 +173,30 @@ def test_signal_headroom_rises_with_the_signal_and_ends_at_the_clairvoyant():
     assert abs(np.mean(draws) - 0.8) < 0.01
     with pytest.raises(ValueError, match="AUROC"):
         signal_headroom(small_ok, large_ok, small_p, large_p, 0.6, aurocs=(0.3,), draws=1, rng=rng)
+
+
+def test_cli_headroom_says_how_good_a_problem_level_score_must_be(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(n=120, seed=3)))
+    common = [str(run), "--bootstrap", "200", "--target-gap", "0.5", "--target-wall", "0.8"]
+    plain = main([*common, "-o", str(tmp_path / "plain")])
+    both = main([*common, "--target-cost", "0.7", "--headroom", "-o", str(tmp_path / "headroom")])
+    assert both["policies"] == plain["policies"]  # the headroom draws leave the bootstrap alone
+    assert set(both["headroom"]) == {"wall", "cost"} and "headroom" not in plain
+    for measure, ratio, price in (("wall", 0.8, "wall_seconds"), ("cost", 0.7, "cost")):
+        entry = both["headroom"][measure]
+        assert entry["ratio"] == ratio and list(entry["route"]) == ["0.6", "0.7", "0.8", "0.9", "1"]
+        rows = _rows(n=120, seed=3)
+        pick = {p: np.array([r[price] for r in rows if r["policy"] == p]) for p in ("small", "large")}
+        ok = {p: np.array([r["correct"] for r in rows if r["policy"] == p]) for p in ("small", "large")}
+        for mode in ("route", "resolve"):
+            frontier = clairvoyant_frontier(ok["small"], ok["large"], pick["small"], pick["large"],
+                                            keeps_small=mode == "resolve")
+            assert entry[mode]["1"][0] == max(g for w, g in frontier if w <= ratio + 1e-9)
+            assert entry[mode]["0.6"][0] <= entry[mode]["1"][0]
+    text = (tmp_path / "headroom.md").read_text()
+    assert "| AUROC | route, wall <= 0.8x | re-solve, wall <= 0.8x | route, cost <= 0.7x |" in text
+    assert "share that reach 0.5" in text
+    with pytest.raises(SystemExit, match="--headroom needs"):
+        main([str(run), "--headroom", "--target-gap", "0.5", "-o", str(tmp_path / "x")])
