@@ -40,49 +40,56 @@ RUNS = [ROOT / "runs/real_pair" / name  # the main run's 400 problems (real_pair
 OUT = ROOT / "runs/real_pair/prefill_signals"
 
 
-def graded(runs: list[Path]) -> tuple[list[str], dict[str, str], np.ndarray, np.ndarray]:
-    """The problems with graded small and large rows, in index order: ids, texts, correctness."""
-    by: dict[tuple[str, str], dict] = {}
+def graded(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, dict]]]:
+    """The problems with graded small and large rows, in index order, and those rows
+    (policy -> id -> row)."""
+    by: dict[str, dict[str, dict]] = {"small": {}, "large": {}}
     for run in runs:
         if (run / RESULTS_FILE).exists():
             for row in load_results(run / RESULTS_FILE):
-                if row.get("correct") is not None and row["policy"] in ("small", "large"):
-                    by[row["id"], row["policy"]] = row
-    ids = sorted({i for i, p in by if (i, "small") in by and (i, "large") in by},
-                 key=lambda i: int(i.rsplit("-", 1)[1]))
-    return (ids, {i: by[i, "small"]["problem"] for i in ids},
-            np.array([bool(by[i, "small"]["correct"]) for i in ids]),
-            np.array([bool(by[i, "large"]["correct"]) for i in ids]))
+                if row.get("correct") is not None and row["policy"] in by:
+                    by[row["policy"]][row["id"]] = row
+    ids = sorted(set(by["small"]) & set(by["large"]), key=lambda i: int(i.rsplit("-", 1)[1]))
+    return ids, by
+
+
+def prefill_rows(texts: dict[str, str], rows_path: Path) -> dict[str, dict]:
+    """Each model's mean log-probability of each problem text (id -> row), computing only the
+    ids `rows_path` does not hold yet and appending their rows as they come."""
+    kept = rows_path.read_text().splitlines() if rows_path.exists() else []
+    rows = {r["id"]: r for r in map(json.loads, kept)}
+    todo = [i for i in texts if i not in rows]
+    if not todo:
+        return rows
+    # The prompt up to the problem: the problem itself becomes the scored text.
+    full = get_template("qwen25-math-cot").format
+    opening = full[:full.index("{problem}")] + "{problem}"
+    backends = {name: LlamaCppBackend(MODELS / path, n_threads=1, name=name, prompt_template=opening)
+                for name, path in (("small", SMALL), ("large", LARGE))}
+    with rows_path.open("a") as sink:
+        for n, i in enumerate(todo):
+            row = {"id": i}
+            for name, backend in backends.items():
+                scored = backend.score_steps([ScoreRequest(i, "", "", texts[i])])[0]
+                backend.release(i)
+                row[name] = {"tokens": len(scored.logprobs),
+                             "mean_logprob": math.fsum(scored.logprobs) / len(scored.logprobs),
+                             "seconds": scored.seconds}
+            sink.write(json.dumps(row) + "\n")
+            sink.flush()
+            rows[i] = row
+            if n % 25 == 0:
+                print(f"{n}/{len(todo)} {i}", flush=True)
+    for backend in backends.values():
+        backend.close()
+    return rows
 
 
 def main() -> dict:
-    ids, texts, small_ok, large_ok = graded(RUNS)
-    rows_path = OUT.with_suffix(".jsonl")
-    kept = rows_path.read_text().splitlines() if rows_path.exists() else []
-    rows = {r["id"]: r for r in map(json.loads, kept)}
-    todo = [i for i in ids if i not in rows]
-    if todo:
-        # The prompt up to the problem: the problem itself becomes the scored text.
-        full = get_template("qwen25-math-cot").format
-        opening = full[:full.index("{problem}")] + "{problem}"
-        backends = {name: LlamaCppBackend(MODELS / path, n_threads=1, name=name, prompt_template=opening)
-                    for name, path in (("small", SMALL), ("large", LARGE))}
-        with rows_path.open("a") as sink:
-            for n, i in enumerate(todo):
-                row = {"id": i}
-                for name, backend in backends.items():
-                    scored = backend.score_steps([ScoreRequest(i, "", "", texts[i])])[0]
-                    backend.release(i)
-                    row[name] = {"tokens": len(scored.logprobs),
-                                 "mean_logprob": math.fsum(scored.logprobs) / len(scored.logprobs),
-                                 "seconds": scored.seconds}
-                sink.write(json.dumps(row) + "\n")
-                sink.flush()
-                rows[i] = row
-                if n % 25 == 0:
-                    print(f"{n}/{len(todo)} {i}", flush=True)
-        for backend in backends.values():
-            backend.close()
+    ids, by = graded(RUNS)
+    texts = {i: by["small"][i]["problem"] for i in ids}
+    small_ok, large_ok = (np.array([bool(by[p][i]["correct"]) for i in ids]) for p in ("small", "large"))
+    rows = prefill_rows(texts, OUT.with_suffix(".jsonl"))
 
     small_lp = np.array([rows[i]["small"]["mean_logprob"] for i in ids])
     large_lp = np.array([rows[i]["large"]["mean_logprob"] for i in ids])
