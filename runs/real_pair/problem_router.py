@@ -43,7 +43,8 @@ TARGETS = {"wall": (0.6, 0.7), "cost": (0.5, 0.6)}  # measure: (ratio vs large, 
 
 def train_labels() -> tuple[dict[str, str], dict[str, tuple[bool, bool]]]:
     """The labelled train problems: id -> text, id -> (small correct, large correct)."""
-    items = {json.loads(line)["id"]: json.loads(line) for line in TRAIN.read_text().splitlines()}
+    # split on newlines only: a problem's text may hold a Unicode line separator
+    items = {item["id"]: item for item in map(json.loads, filter(None, TRAIN.read_text().split("\n")))}
     by_text = {item["problem"]: item for item in items.values()}
     texts, labels = {}, {}
     with Grader() as grader:
