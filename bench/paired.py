@@ -48,6 +48,9 @@ __all__ = ["clairvoyant_cost_summary", "clairvoyant_frontier", "clairvoyant_summ
            "format_interval", "main", "routed_gap", "signal_headroom"]
 
 
+HEADROOM_AUROCS = (0.6, 0.7, 0.8, 0.9, 1.0)  # the scores `--headroom` asks about (1: the clairvoyant)
+
+
 class PairedError(ValueError):
     """The rows cannot be compared as asked (a policy missing, no common problems)."""
 
@@ -136,9 +139,6 @@ def signal_headroom(small_correct: np.ndarray, large_correct: np.ndarray, small_
         met = None if target_gap is None else float((gaps >= target_gap - 1e-12).mean())
         out[a] = (float(gaps.mean()), met)
     return out
-
-
-HEADROOM_AUROCS = (0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 def paired_figures(rows: Sequence[dict], *, policies: Sequence[str] | None = None, small: str = "small",
