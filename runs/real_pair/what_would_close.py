@@ -9,9 +9,11 @@ first 270 GSM8K test problems, where every policy ran):
 
 - The signal is parametrised by its AUROC for the label that decides what a re-solve buys,
   "the large model solves it and the small model does not": score = d * label + N(0, 1),
-  d = sqrt(2) * Phi^-1(AUROC), 200 draws. The measured signal is the small model's own mean
-  token probability at the thresholds the run recorded (problems re-solved at 0.25, 0.2,
-  0.15: four nested sets; its AUROC is computed with ties).
+  d = sqrt(2) * Phi^-1(AUROC), 200 draws (`bench.paired.signal_headroom`). The measured
+  signals: for the re-solve, the small model's own mean token probability at the thresholds
+  the run recorded (problems re-solved at 0.25, 0.2, 0.15: four nested sets; its AUROC is
+  computed with ties); for the router, which decides before anything is generated, the
+  problem's length (the best of the problem-text signals of `problem_signals.py`).
 - The small model's price (its seconds, or its cost units) is scaled by a factor against the
   measured one: 1 is this pair, 0.5 a small model twice as cheap relative to the large one,
   0 a free small model.
