@@ -34,10 +34,13 @@ python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_advan
     -o bench/results/real_pair_gsm8k/paired_advantage_270
 # The four main policies over every problem they finished: the main run and its extension
 # past problem 270 (one process per core, four policies: START=270 LIMIT=335, then START=335
-# LIMIT=400 (stopped after problem 371) beside START=372 LIMIT=400).
+# LIMIT=400 (stopped after problem 371) beside START=372 LIMIT=400; then START=400 LIMIT=490
+# beside START=490 LIMIT=580, both stopped), with what a problem-level score would take.
 python -m bench.paired runs/real_pair/gsm8k_test runs/real_pair/gsm8k_test_from270 \
-    runs/real_pair/gsm8k_test_from335 runs/real_pair/gsm8k_test_from372 --policies small,large,confidence:mean_prob@0.15,verify@0.3 \
-    --target-gap 0.7 --target-wall 0.6 \
+    runs/real_pair/gsm8k_test_from335 runs/real_pair/gsm8k_test_from372 \
+    runs/real_pair/gsm8k_test_from400 runs/real_pair/gsm8k_test_from490 \
+    --policies small,large,confidence:mean_prob@0.15,verify@0.3 \
+    --target-gap 0.7 --target-wall 0.6 --target-cost 0.5 --headroom \
     --title "GSM8K test problems, real pair (Qwen2.5-Coder 0.5B -> 1.5B, llama.cpp, one core), four main policies" \
     -o bench/results/real_pair_gsm8k/paired_main
 # The resolve-mode policies (SUFFIX=_resolve, run beside the main run on the other core, problems
