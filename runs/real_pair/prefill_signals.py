@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from problem_signals import auroc_cells, shown  # this script's folder
+from problem_signals import auroc_cells, outcome_labels, shown  # this script's folder
 from signals_outcome import BOOTSTRAP, LARGE, MODELS, SMALL
 
 from bench.harness import RESULTS_FILE, load_results
@@ -40,9 +40,9 @@ RUNS = [ROOT / "runs/real_pair" / name  # the main run's 400 problems (real_pair
 OUT = ROOT / "runs/real_pair/prefill_signals"
 
 
-def graded(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, dict]]]:
-    """The problems with graded small and large rows, in index order, and those rows
-    (policy -> id -> row)."""
+def graded(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, dict]], np.ndarray, np.ndarray]:
+    """The problems with graded small and large rows, in index order; those rows (policy ->
+    id -> row); whether the small and the large model solved each."""
     by: dict[str, dict[str, dict]] = {"small": {}, "large": {}}
     for run in runs:
         if (run / RESULTS_FILE).exists():
@@ -50,7 +50,8 @@ def graded(runs: list[Path]) -> tuple[list[str], dict[str, dict[str, dict]]]:
                 if row.get("correct") is not None and row["policy"] in by:
                     by[row["policy"]][row["id"]] = row
     ids = sorted(set(by["small"]) & set(by["large"]), key=lambda i: int(i.rsplit("-", 1)[1]))
-    return ids, by
+    small_ok, large_ok = (np.array([bool(by[p][i]["correct"]) for i in ids]) for p in ("small", "large"))
+    return ids, by, small_ok, large_ok
 
 
 def prefill_rows(texts: dict[str, str], rows_path: Path) -> dict[str, dict]:
@@ -86,9 +87,8 @@ def prefill_rows(texts: dict[str, str], rows_path: Path) -> dict[str, dict]:
 
 
 def main() -> dict:
-    ids, by = graded(RUNS)
+    ids, by, small_ok, large_ok = graded(RUNS)
     texts = {i: by["small"][i]["problem"] for i in ids}
-    small_ok, large_ok = (np.array([bool(by[p][i]["correct"]) for i in ids]) for p in ("small", "large"))
     rows = prefill_rows(texts, OUT.with_suffix(".jsonl"))
 
     small_lp = np.array([rows[i]["small"]["mean_logprob"] for i in ids])
@@ -96,7 +96,7 @@ def main() -> dict:
     signals = {"small model's mean log-probability of the problem": small_lp,
                "large model's mean log-probability of the problem": large_lp,
                "large minus small": large_lp - small_lp}
-    labels = {"only large solves it": large_ok & ~small_ok, "small fails": ~small_ok}
+    labels = outcome_labels(small_ok, large_ok)
     result = {"command": "taskset -c CORE python runs/real_pair/prefill_signals.py",
               "commit": package_commit(), "pair": [SMALL, LARGE], "n_problems": len(ids),
               "positives": {k: int(v.sum()) for k, v in labels.items()},

@@ -25,9 +25,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from prefill_signals import RUNS, graded, prefill_rows  # this script's folder
-from problem_signals import FEATURES, auroc_cells, shown
+from prefill_signals import OUT as PREFILL_OUT  # this script's folder
+from prefill_signals import RUNS, graded, prefill_rows
+from problem_signals import FEATURES, auroc_cells, outcome_labels, shown
 from signals_outcome import TRAIN
+from what_would_close import PRICE_FIELDS, TARGETS
 
 from bench.grading import Grader
 from bench.paired import routed_gap
@@ -38,7 +40,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SWEEP = ROOT / "runs/real_pair/train/calibration_risk.json.sweep.jsonl"
 OUTCOME = ROOT / "runs/real_pair/signals_outcome.jsonl"
 OUT = ROOT / "runs/real_pair/problem_router"
-TARGETS = {"wall": (0.6, 0.7), "cost": (0.5, 0.6)}  # measure: (ratio vs large, gap) of issues 18 and 19
 
 
 def train_labels() -> tuple[dict[str, str], dict[str, tuple[bool, bool]]]:
@@ -78,20 +79,19 @@ def main() -> dict:
     names, x_train = features(train_ids, train_texts, train_prefill)
     y_train = np.array([not labels[i][0] and labels[i][1] for i in train_ids])
 
-    test_ids, by = graded(RUNS)
+    test_ids, by, small_ok, large_ok = graded(RUNS)
     test_texts = {i: by["small"][i]["problem"] for i in test_ids}
-    small_ok, large_ok = (np.array([bool(by[p][i]["correct"]) for i in test_ids]) for p in ("small", "large"))
-    test_prefill = prefill_rows(test_texts, ROOT / "runs/real_pair/prefill_signals.jsonl")  # all kept there
+    test_prefill = prefill_rows(test_texts, PREFILL_OUT.with_suffix(".jsonl"))  # all kept there
     _, x_test = features(test_ids, test_texts, test_prefill)
     mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-12
     coef, bias = fit_logistic((x_train - mean) / std, y_train, l2=1e-2)
     score = (x_test - mean) / std @ coef + bias
-    test_labels = {"only large solves it": large_ok & ~small_ok, "small fails": ~small_ok}
+    test_labels = outcome_labels(small_ok, large_ok)
 
     rows = {}
-    for measure, (field, (ratio, target)) in {"wall": ("wall_seconds", TARGETS["wall"]),
-                                              "cost": ("cost", TARGETS["cost"])}.items():
-        prices = {p: np.array([by[p][i][field] for i in test_ids], float) for p in ("small", "large")}
+    for measure, (ratio, target) in TARGETS.items():
+        prices = {p: np.array([by[p][i][PRICE_FIELDS[measure]] for i in test_ids], float)
+                  for p in ("small", "large")}
         rows[measure] = {"ratio": ratio, "target_gap": target,
                          "route_gap": routed_gap(score, small_ok, large_ok, prices["small"], prices["large"],
                                                  ratio)}

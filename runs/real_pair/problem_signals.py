@@ -32,6 +32,11 @@ FEATURES = {
 }
 
 
+def outcome_labels(small_ok: np.ndarray, large_ok: np.ndarray) -> dict[str, np.ndarray]:
+    """The two problem-level labels every signal here is scored against."""
+    return {"only large solves it": large_ok & ~small_ok, "small fails": ~small_ok}
+
+
 def auroc_cells(scores: np.ndarray, labels: dict[str, np.ndarray]) -> dict[str, list]:
     """Per label: [AUROC, [low, high]] of one problem-level signal, the interval from a
     bootstrap over problems (each its own group)."""
@@ -53,7 +58,7 @@ def main() -> dict:
     ids = [i for i in dict.fromkeys(r["id"] for r in rows) if (i, "small") in by and (i, "large") in by]
     small_ok = np.array([bool(by[i, "small"]["correct"]) for i in ids])
     large_ok = np.array([bool(by[i, "large"]["correct"]) for i in ids])
-    labels = {"only large solves it": large_ok & ~small_ok, "small fails": ~small_ok}
+    labels = outcome_labels(small_ok, large_ok)
     out: dict = {"n_problems": len(ids), "positives": {k: int(v.sum()) for k, v in labels.items()},
                  "features": {}}
     lines = ["# Problem-text signals for routing before any generation (real pair, GSM8K test)", "",
