@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import pytest
 from fakes import FakeBackend
 
 from bench.oracle import OracleGate
-from cascade import Cascade, ConfigError, SolveOptions, VerifyGate, make_gate
+from cascade import Cascade, ConfigError, Gate, GateState, SolveOptions, VerifyGate, make_gate
 from cascade.gates import AdvantageModel
 from decoding import HFBackend, ScoreRequest
 
@@ -280,10 +281,6 @@ def test_a_gate_of_your_own_on_the_problem_text_routes_whole_problems_before_any
     """Query-level routing (docs/concepts.md): a route-mode gate with no probe whose score
     reads only `state.problem` sends every step of a problem the same way, and the tier it
     passes over is never called: no draft is written twice, none is paid for."""
-    from dataclasses import dataclass
-
-    from cascade import Gate, GateState
-
     @dataclass(frozen=True)
     class LongProblemsToLarge(Gate):
         threshold: float = 0.5
